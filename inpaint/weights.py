@@ -1,0 +1,171 @@
+"""Where the weights live: find or download the checkpoint folder, and verify every weight file by sha256.
+
+A weights folder is the checkpoint's diffusers layout with fp16 safetensors:
+  model_index.json, scheduler/, tokenizer/, feature_extractor/,
+  unet/diffusion_pytorch_model.fp16.safetensors, vae/diffusion_pytorch_model.fp16.safetensors,
+  text_encoder/model.fp16.safetensors (each beside its config.json).
+The files are checked against a sha256 manifest: the folder's own `weights-sha256.json` if it has one
+(test weights written by script/make-tiny-weights do), else the published checkpoint's manifest
+shipped in this package. Hashing 2.6 GB takes seconds, so a successful check is remembered in
+`.verified.json` (size and mtime per file) and repeated only when a file changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "weights-sha256.json"
+STAMP_NAME = ".verified.json"
+PACKAGE_MANIFEST = Path(__file__).with_name(MANIFEST_NAME)
+VARIANT = "fp16"
+# The files of the checkpoint this project loads: fp16 weights, configs, tokenizer.
+DOWNLOAD_PATTERNS = (
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "feature_extractor/*.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    f"*.{VARIANT}.safetensors",
+)
+_FIX = "run script/download-weights (or set COG_WEIGHTS to a folder or URL holding the checkpoint)"
+
+
+class WeightsError(RuntimeError):
+    """The weights are missing, incomplete or corrupt; the message says what to run."""
+
+
+def read_manifest(folder: Path) -> dict[str, dict]:
+    """{relative path: {"sha256", "size"}} of every weight file the folder must hold."""
+    own = folder / MANIFEST_NAME
+    if own.is_file():
+        entries = json.loads(own.read_text())
+    else:
+        published = json.loads(PACKAGE_MANIFEST.read_text())
+        entries = {path: entry for path, entry in published.items() if f".{VARIANT}." in path}
+    return {path: entry for path, entry in entries.items() if not path.startswith("_")}
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(folder: Path, *, force: bool = False) -> None:
+    """Raise WeightsError unless every manifest file is present with its size and sha256."""
+    if not (folder / "model_index.json").is_file():
+        raise WeightsError(f"no checkpoint in {folder} (model_index.json is missing); {_FIX}")
+    manifest = read_manifest(folder)
+    stamp_path = folder / STAMP_NAME
+    try:
+        stamp = {} if force else json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    verified = {}
+    for relative, entry in sorted(manifest.items()):
+        path = folder / relative
+        if not path.is_file():
+            raise WeightsError(f"weight file {relative} is missing from {folder}; {_FIX}")
+        stat = path.stat()
+        if stat.st_size != entry["size"]:
+            raise WeightsError(
+                f"weight file {relative} is {stat.st_size:,} bytes, expected {entry['size']:,} "
+                f"(incomplete or wrong file); {_FIX}"
+            )
+        fingerprint = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
+        if stamp.get(relative) != fingerprint:
+            log.info("verifying sha256 of %s (%.0f MB)", relative, stat.st_size / 1e6)
+            actual = sha256_file(path)
+            if actual != entry["sha256"]:
+                raise WeightsError(
+                    f"weight file {relative} is corrupt: sha256 {actual} does not match the manifest's "
+                    f"{entry['sha256']}; delete it and {_FIX}"
+                )
+        verified[relative] = fingerprint
+    try:
+        stamp_path.write_text(json.dumps(verified, indent=1))
+    except OSError:
+        pass  # a read-only folder is fine: it is simply hashed again next time
+
+
+def download_checkpoint(repo_id: str, revision: str, dest: Path) -> Path:
+    """Download the checkpoint's fp16 files from the Hugging Face hub into dest, then verify them all."""
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s@%s into %s", repo_id, revision, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        snapshot_download(
+            repo_id=repo_id, revision=revision, local_dir=dest, allow_patterns=list(DOWNLOAD_PATTERNS)
+        )
+    except Exception as error:  # the hub client raises many types (HTTP, offline, auth); all mean the same here
+        raise WeightsError(
+            f"could not download {repo_id}@{revision} ({type(error).__name__}: {error}); check the network, "
+            f"or set INPAINT_WEIGHTS_REPO / INPAINT_WEIGHTS_REVISION, or put the checkpoint in {dest}"
+        ) from error
+    verify_weights(dest, force=True)
+    return dest
+
+
+def download_tar(url: str, cache_root: Path) -> Path:
+    """Fetch a tar (optionally compressed) of a weights folder from COG_WEIGHTS and unpack it once."""
+    dest = cache_root / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if not _checkpoint_root(dest):
+        log.info("downloading weights archive %s", url)
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="weights-", dir=cache_root))
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, tarfile.open(fileobj=response, mode="r|*") as tar:
+                tar.extractall(tmp, filter="data")  # "data" refuses absolute paths, links out and devices
+        except (OSError, tarfile.TarError) as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WeightsError(f"could not fetch the weights archive COG_WEIGHTS={url} ({error})") from error
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    root = _checkpoint_root(dest)
+    if root is None:
+        raise WeightsError(f"the archive COG_WEIGHTS={url} holds no model_index.json")
+    return root
+
+
+def _checkpoint_root(folder: Path) -> Path | None:
+    """folder itself, or its single subfolder, when it holds model_index.json."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    if folder.is_dir():
+        children = [child for child in folder.iterdir() if child.is_dir()]
+        if len(children) == 1 and (children[0] / "model_index.json").is_file():
+            return children[0]
+    return None
+
+
+def resolve_weights(weights: str | os.PathLike | None, default_dir: Path, repo_id: str, revision: str) -> Path:
+    """The verified checkpoint folder: COG_WEIGHTS (folder or URL) if given, else default_dir, downloaded if empty."""
+    if weights:
+        text = str(weights)
+        if text.startswith(("http://", "https://")):
+            folder = download_tar(text, Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inpaint")
+        else:
+            folder = Path(text)
+            if not folder.is_dir():
+                raise WeightsError(f"COG_WEIGHTS={text} is not a folder; point it at a checkpoint folder or tar URL")
+    else:
+        folder = default_dir
+        if not (folder / "model_index.json").is_file():
+            download_checkpoint(repo_id, revision, folder)
+    verify_weights(folder)
+    return folder
