@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random weights written once per session, images, the real Cog server."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "script"))  # cogserver: the helper that runs Cog's server from this checkout
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    has_weights = (ROOT / "weights" / "model_index.json").is_file()
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "real_weights" in item.keywords and not has_weights:
+            item.add_marker(pytest.mark.skip(reason="needs the real checkpoint in weights/ (script/download-weights)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """The tiny random checkpoint, written by the same script users run."""
+    out = tmp_path_factory.mktemp("tiny-weights")
+    subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def inpainter(tiny_weights):
+    from inpaint.config import Settings
+    from inpaint.service import Inpainter
+
+    return Inpainter.load(str(tiny_weights), Settings())
+
+
+def make_photo(path: Path, size=(200, 120), mode="RGB", fmt=None) -> Path:
+    """A deterministic, textured test photo."""
+    width, height = size
+    image = Image.new("RGB", size)
+    pixels = image.load()
+    for x in range(width):
+        for y in range(height):
+            pixels[x, y] = ((x * 7) % 256, (y * 5) % 256, ((x + y) * 3) % 256)
+    image.convert(mode).save(path, format=fmt)
+    return path
+
+
+def make_mask(path: Path, size=(200, 120), box=None) -> Path:
+    width, height = size
+    box = box or (width // 4, height // 4, width // 2, height // 2)
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    mask.save(path)
+    return path
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    return make_photo(tmp_path / "photo.png")
+
+
+@pytest.fixture
+def mask(tmp_path) -> Path:
+    return make_mask(tmp_path / "mask.png")
+
+
+class WebhookReceiver:
+    """A real HTTP endpoint on loopback collecting the webhook events Cog's server sends."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.arrived:
+                    receiver.events.append(json.loads(body))
+                    receiver.arrived.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/webhook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> dict:
+        with self.arrived:
+            found = self.arrived.wait_for(lambda: next((e for e in self.events if predicate(e)), None), timeout)
+        if not found:
+            raise TimeoutError(f"no matching webhook in {timeout}s; got {[e.get('status') for e in self.events]}")
+        return found
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def webhook():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_weights, tmp_path_factory):
+    """The real Cog server (coglet) started from the repo root with the tiny weights."""
+    from cogserver import CogServer
+
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with CogServer(tiny_weights, log_path=log_path) as running:
+        yield running

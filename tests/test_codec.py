@@ -1,0 +1,117 @@
+"""Decoding uploads safely, and encoding outputs."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_photo
+from inpaint.codec import decode_image, decode_mask, encode_png
+
+LIMIT = 4096 * 4096
+
+
+def test_undecodable_file_names_the_input(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_text("this is not an image")
+    with pytest.raises(ValueError, match="^image could not be read as an image") as error:
+        decode_image(path, LIMIT)
+    assert str(tmp_path) not in str(error.value)  # no temporary paths in messages
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="^mask could not be read"):
+        decode_mask(path, (10, 10), LIMIT)
+
+
+def test_truncated_png_is_reported_as_damaged(tmp_path):
+    data = make_photo(tmp_path / "p.png").read_bytes()
+    path = tmp_path / "truncated.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="^image could not be (decoded|read)"):
+        decode_image(path, LIMIT)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_oversized_header_is_rejected_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(50000, 50000))
+    with pytest.raises(ValueError, match="^image is too large|over the limit"):
+        decode_image(path, LIMIT)
+    path.write_bytes(_png_header_only(5000, 5000))
+    with pytest.raises(ValueError, match="image is 5000x5000 = 25,000,000 pixels, over the limit"):
+        decode_image(path, LIMIT)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "1"])
+def test_every_mode_decodes_to_rgb(tmp_path, mode):
+    source = make_photo(tmp_path / "p.png")
+    image = Image.open(source)
+    if mode == "I;16":
+        converted = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)  # 16-bit grayscale
+    else:
+        converted = image.convert(mode)
+    path = tmp_path / ("p.jpg" if mode == "CMYK" else "p.tiff" if mode == "I" else "p.png")
+    converted.save(path)
+    decoded = decode_image(path, LIMIT)
+    assert decoded.mode == "RGB" and decoded.size == (200, 120)
+    if mode == "I;16":  # scaled, not clipped to white
+        assert abs(int(np.asarray(decoded).mean()) - int(np.asarray(image.convert("L")).mean())) <= 2
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert decode_image(path, LIMIT).size == (20, 40)
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (30, 20), color) for color in ("red", "blue")]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    decoded = decode_image(path, LIMIT)
+    assert decoded.getpixel((5, 5))[0] > 200
+
+
+def test_mask_is_thresholded_and_resized_with_nearest_neighbour(tmp_path, caplog):
+    mask = Image.new("RGB", (10, 10), (0, 0, 0))
+    mask.paste((200, 200, 200), (0, 0, 5, 10))  # light grey: over 50%
+    mask.paste((100, 100, 100), (5, 0, 10, 10))  # dark grey: under 50%
+    path = tmp_path / "m.png"
+    mask.save(path)
+    with caplog.at_level("INFO"):
+        decoded = decode_mask(path, (20, 20), LIMIT)
+    assert decoded.mode == "L" and decoded.size == (20, 20)
+    assert set(np.unique(np.asarray(decoded))) == {0, 255}
+    assert decoded.getpixel((2, 2)) == 255 and decoded.getpixel((18, 2)) == 0
+    assert "resizing the mask" in caplog.text
+
+
+def test_transparent_mask_pixels_mean_keep(tmp_path):
+    mask = Image.new("RGBA", (10, 10), (255, 255, 255, 0))
+    mask.paste((255, 255, 255, 255), (0, 0, 5, 10))
+    path = tmp_path / "m.png"
+    mask.save(path)
+    decoded = np.asarray(decode_mask(path, (10, 10), LIMIT))
+    assert decoded[:, :5].min() == 255 and decoded[:, 5:].max() == 0
+
+
+def test_encode_png_round_trips(tmp_path):
+    image = Image.open(make_photo(tmp_path / "p.png")).convert("RGB")
+    path = encode_png(image, tmp_path / "out.png")
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))

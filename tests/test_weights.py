@@ -1,0 +1,115 @@
+"""Finding, downloading and verifying weights, on the tiny checkpoint and real local servers."""
+
+import functools
+import hashlib
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from inpaint.weights import PACKAGE_MANIFEST, WeightsError, read_manifest, resolve_weights, verify_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
+
+
+@pytest.fixture
+def weights_copy(tiny_weights, tmp_path) -> Path:
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    (folder / ".verified.json").unlink(missing_ok=True)
+    return folder
+
+
+def test_published_manifest_is_the_reference_one():
+    manifest = json.loads(PACKAGE_MANIFEST.read_text())
+    assert manifest[UNET] == {
+        "sha256": "29a698f37775d5904a958c9cebed98184483dfb441729a8e5f98dd5b65df70c8",
+        "size": 1731933536,
+    }
+
+
+def test_a_folder_without_its_own_manifest_is_checked_against_the_published_fp16_files(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    assert set(read_manifest(tmp_path)) == {
+        UNET,
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.fp16.safetensors",
+    }
+    with pytest.raises(WeightsError, match="weight file text_encoder/model.fp16.safetensors is missing .*script/download-weights"):
+        verify_weights(tmp_path)
+
+
+def test_tiny_weights_verify_and_the_check_is_remembered(weights_copy):
+    verify_weights(weights_copy)
+    stamp = json.loads((weights_copy / ".verified.json").read_text())
+    assert UNET in stamp
+    verify_weights(weights_copy)  # the stamp matches: no hashing, no error
+
+
+def test_corrupt_file_is_caught_even_with_a_stamp(weights_copy):
+    verify_weights(weights_copy)
+    path = weights_copy / UNET
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, new mtime
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=f"{UNET} is corrupt: sha256 .* delete it and run script/download-weights"):
+        verify_weights(weights_copy)
+
+
+def test_truncated_file_is_caught_by_size(weights_copy):
+    path = weights_copy / UNET
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WeightsError, match="is 100 bytes, expected"):
+        verify_weights(weights_copy)
+
+
+def test_missing_checkpoint_says_what_to_run(tmp_path):
+    with pytest.raises(WeightsError, match="model_index.json is missing.*script/download-weights"):
+        verify_weights(tmp_path)
+
+
+def test_cog_weights_must_be_a_folder(tmp_path):
+    with pytest.raises(WeightsError, match="is not a folder"):
+        resolve_weights(str(tmp_path / "nope"), tmp_path, "repo", "main")
+
+
+def test_make_tiny_weights_is_deterministic(tiny_weights, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tmp_path / "again")], check=True)
+    first = json.loads((tiny_weights / "weights-sha256.json").read_text())
+    second = json.loads((tmp_path / "again" / "weights-sha256.json").read_text())
+    assert first == second
+
+
+def test_cog_weights_url_of_a_tar_is_fetched_unpacked_and_verified(weights_copy, tmp_path, monkeypatch):
+    archive = tmp_path / "served" / "weights.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(weights_copy, arcname="checkpoint")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/weights.tar.gz"
+        folder = resolve_weights(url, tmp_path / "unused", "repo", "main")
+        assert (folder / UNET).is_file()
+        assert hashlib.sha256((folder / UNET).read_bytes()).digest() == hashlib.sha256((weights_copy / UNET).read_bytes()).digest()
+        assert resolve_weights(url, tmp_path / "unused", "repo", "main") == folder  # unpacked once
+        with pytest.raises(WeightsError, match="could not fetch the weights archive"):
+            resolve_weights(url.replace("weights.tar.gz", "missing.tar"), tmp_path / "unused", "repo", "main")
+    finally:
+        httpd.shutdown()
+
+
+def test_download_failure_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="could not download sd2-community/stable-diffusion-2-inpainting@main"):
+        resolve_weights(None, tmp_path / "weights", "sd2-community/stable-diffusion-2-inpainting", "main")
