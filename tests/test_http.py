@@ -1,0 +1,125 @@
+"""The real Cog server (coglet) started from the repo root, driven over HTTP on 127.0.0.1."""
+
+import io
+import json
+import time
+import uuid
+from pathlib import Path
+
+from PIL import Image
+
+from cogserver import data_uri, decode_data_uri
+from conftest import make_mask, make_photo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def inputs_for(tmp_path, size=(120, 80), **extra):
+    image = make_photo(tmp_path / "photo.png", size)
+    mask = make_mask(tmp_path / "mask.png", size)
+    return {"image": data_uri(image), "mask": data_uri(mask), "num_inference_steps": 2, "width": 64, "height": 64,
+            "seed": 3, **extra}
+
+
+def test_health_check_is_ready_and_openapi_is_the_committed_schema(server):
+    assert server.health()["status"] == "READY"
+    served = server.get("/openapi.json")
+    committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    assert served["components"]["schemas"]["Input"] == committed["components"]["schemas"]["Input"]
+
+
+def test_server_start_logs_no_deprecation_warning(server):
+    assert "deprecat" not in server.log_path.read_text(errors="replace").lower()
+
+
+def test_sync_prediction_with_data_uris(server, tmp_path):
+    status, response = server.predict(inputs_for(tmp_path, num_outputs=2))
+    assert status == 200, response
+    assert response["status"] == "succeeded", response.get("error")
+    assert len(response["output"]) == 2
+    for uri in response["output"]:
+        with Image.open(io.BytesIO(decode_data_uri(uri))) as image:
+            assert image.format == "PNG" and image.size == (120, 80)
+    assert response["metrics"]["seed"] == 3
+    assert "denoising" in response["logs"] and "seed 3" in response["logs"]
+
+
+def test_random_seed_is_logged_and_recorded(server, tmp_path):
+    body = inputs_for(tmp_path)
+    del body["seed"]
+    status, response = server.predict(body)
+    assert response["status"] == "succeeded"
+    seed = response["metrics"]["seed"]
+    assert 0 <= seed < 2**32 and f"seed {seed}" in response["logs"]
+
+
+def test_whole_number_float_seed_is_accepted(server, tmp_path):
+    status, response = server.predict(inputs_for(tmp_path, seed=5.0))
+    assert response["status"] == "succeeded", response.get("error")
+    assert response["metrics"]["seed"] == 5
+
+
+def test_out_of_range_values_get_422(server, tmp_path):
+    for bad in ({"num_outputs": 5}, {"width": 100}, {"scheduler": "Euler"}, {"guidance_scale": 25}):
+        status, response = server.predict(inputs_for(tmp_path, **bad))
+        assert status == 422, (bad, response)
+        assert next(iter(bad)) in json.dumps(response["detail"])
+
+
+def test_undecodable_image_fails_naming_the_input_and_the_server_keeps_serving(server, tmp_path):
+    body = inputs_for(tmp_path)
+    body["image"] = "data:image/png;base64," + "aGVsbG8gd29ybGQ="  # "hello world"
+    status, response = server.predict(body)
+    assert status == 200 and response["status"] == "failed"
+    assert "image could not be read as an image" in response["error"]
+    assert "Traceback" not in response["error"] and "/tmp/" not in response["error"]
+    server.wait_ready(10)
+    status, response = server.predict(inputs_for(tmp_path))
+    assert response["status"] == "succeeded"
+
+
+def test_undecodable_mask_names_the_mask(server, tmp_path):
+    body = inputs_for(tmp_path)
+    body["mask"] = "data:image/png;base64," + "aGVsbG8gd29ybGQ="
+    status, response = server.predict(body)
+    assert response["status"] == "failed" and "mask could not be read" in response["error"]
+
+
+def test_async_prediction_sends_start_and_completed_webhooks(server, tmp_path, webhook):
+    prediction_id = f"async-{uuid.uuid4().hex[:8]}"
+    server.wait_ready(10)
+    status, response = server.request(
+        "POST",
+        "/predictions",
+        {"id": prediction_id, "input": inputs_for(tmp_path), "webhook": webhook.url,
+         "webhook_events_filter": ["start", "completed"]},
+        {"Prefer": "respond-async"},
+    )
+    assert status == 202, response
+    done = webhook.wait_for(lambda event: event.get("status") == "succeeded", timeout=60)
+    assert done["id"] == prediction_id and len(done["output"]) == 1
+    assert any(event.get("status") == "processing" for event in webhook.events)  # the start event
+
+
+def test_cancel_stops_a_running_prediction(server, tmp_path, webhook):
+    prediction_id = f"cancel-{uuid.uuid4().hex[:8]}"
+    server.wait_ready(10)
+    long_run = inputs_for(tmp_path, num_inference_steps=500, width=512, height=512)
+    status, response = server.request(
+        "POST",
+        "/predictions",
+        {"id": prediction_id, "input": long_run, "webhook": webhook.url},
+        {"Prefer": "respond-async"},
+    )
+    assert status == 202, response
+    # Cancel once denoising has visibly started.
+    webhook.wait_for(lambda event: "denoising" in (event.get("logs") or ""), timeout=60)
+    started = time.monotonic()
+    status, _ = server.request("POST", f"/predictions/{prediction_id}/cancel")
+    assert status == 200
+    final = webhook.wait_for(lambda event: event.get("status") in ("canceled", "succeeded", "failed"), timeout=30)
+    assert final["status"] == "canceled"
+    assert time.monotonic() - started < 10
+    server.wait_ready(30)
+    status, response = server.predict(inputs_for(tmp_path))
+    assert response["status"] == "succeeded"
