@@ -1,4 +1,4 @@
-"""Cog adapter: typed inputs in, one call into the `inpaint` package, PNG files out."""
+"""Cog adapter: typed inputs in, one call into the `inpaint` package, image files out."""
 
 import logging
 import sys
@@ -8,6 +8,7 @@ from typing import List, Optional
 from cog import BaseRunner, Input, Path
 
 from inpaint import inputs
+from inpaint.codec import OUTPUT_FORMATS
 from inpaint.schedulers import SCHEDULER_NAMES
 
 
@@ -25,16 +26,42 @@ class Predictor(BaseRunner):
         prompt: str = Input(description="What to paint into the masked region.", default=inputs.DEFAULT_PROMPT),
         negative_prompt: Optional[str] = Input(description="What the painted region should not show.", default=None),
         image: Path = Input(description="The photo to inpaint. The output has its size."),
-        mask: Path = Input(description="Black-and-white mask of the photo: white is repainted, black is kept."),
-        width: int = Input(
-            description="Width the model works at; the result is brought back to the photo's own size.",
-            choices=list(inputs.SIZE_CHOICES),
-            default=inputs.DEFAULT_SIZE,
+        mask: Optional[Path] = Input(
+            description="Mask of the photo: white is repainted, black is kept. Without one, the photo's "
+            "transparent pixels are repainted.",
+            default=None,
         ),
-        height: int = Input(
-            description="Height the model works at; the result is brought back to the photo's own size.",
+        invert_mask: bool = Input(description="Repaint the black part of the mask instead.", default=False),
+        mask_grow: int = Input(
+            description="Grow the mask by this many pixels (negative shrinks it) before feathering.",
+            ge=inputs.MASK_GROW_RANGE[0],
+            le=inputs.MASK_GROW_RANGE[1],
+            default=inputs.DEFAULT_MASK_GROW,
+        ),
+        mask_blur: int = Input(
+            description="Feather width in pixels: the result blends into the photo over this band outside the "
+            "mask; pixels farther away are untouched.",
+            ge=inputs.MASK_BLUR_RANGE[0],
+            le=inputs.MASK_BLUR_RANGE[1],
+            default=inputs.DEFAULT_MASK_BLUR,
+        ),
+        mask_padding: int = Input(
+            description="Pixels of context around each masked region that the model sees when it works on a "
+            "crop of a large photo.",
+            ge=inputs.MASK_PADDING_RANGE[0],
+            le=inputs.MASK_PADDING_RANGE[1],
+            default=inputs.DEFAULT_MASK_PADDING,
+        ),
+        width: Optional[int] = Input(
+            description="Width the model works at. Default: automatic (about 512x512 in area, following the "
+            "masked region's shape). The result always comes back at the photo's own size.",
             choices=list(inputs.SIZE_CHOICES),
-            default=inputs.DEFAULT_SIZE,
+            default=None,
+        ),
+        height: Optional[int] = Input(
+            description="Height the model works at. Default: automatic, as for width.",
+            choices=list(inputs.SIZE_CHOICES),
+            default=None,
         ),
         num_outputs: int = Input(
             description="Number of images to return.",
@@ -54,10 +81,28 @@ class Predictor(BaseRunner):
             le=inputs.GUIDANCE_RANGE[1],
             default=inputs.DEFAULT_GUIDANCE,
         ),
+        strength: float = Input(
+            description="1 paints the masked region from scratch; below 1 it starts from the original content, "
+            "noised to this level (0 keeps it).",
+            ge=inputs.STRENGTH_RANGE[0],
+            le=inputs.STRENGTH_RANGE[1],
+            default=inputs.DEFAULT_STRENGTH,
+        ),
         scheduler: str = Input(
             description="Denoising scheduler.", choices=list(SCHEDULER_NAMES), default=inputs.DEFAULT_SCHEDULER
         ),
         seed: Optional[int] = Input(description="Random seed. Leave blank to randomize the seed.", default=None),
+        output_format: str = Input(
+            description="File format of the outputs; only png is lossless.",
+            choices=list(OUTPUT_FORMATS),
+            default=inputs.DEFAULT_OUTPUT_FORMAT,
+        ),
+        output_quality: int = Input(
+            description="Quality of webp and jpg outputs.",
+            ge=inputs.OUTPUT_QUALITY_RANGE[0],
+            le=inputs.OUTPUT_QUALITY_RANGE[1],
+            default=inputs.DEFAULT_OUTPUT_QUALITY,
+        ),
     ) -> List[Path]:
         request = inputs.check_inputs(
             prompt=prompt,
@@ -69,9 +114,16 @@ class Predictor(BaseRunner):
             guidance_scale=guidance_scale,
             scheduler=scheduler,
             seed=seed,
+            invert_mask=invert_mask,
+            mask_grow=mask_grow,
+            mask_blur=mask_blur,
+            mask_padding=mask_padding,
+            strength=strength,
+            output_format=output_format,
+            output_quality=output_quality,
         )
         out_dir = Path(tempfile.mkdtemp(prefix="inpaint-"))
-        prediction = self.inpainter.inpaint(Path(image), Path(mask), request, out_dir)
+        prediction = self.inpainter.inpaint(Path(image), Path(mask) if mask else None, request, out_dir)
         for key, value in prediction.metrics.items():
             self.record_metric(key, value)
         return [Path(path) for path in prediction.paths]

@@ -71,25 +71,31 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+
+
 def decode_image(path: Path, max_pixels: int, name: str = "image") -> Image.Image:
-    """The uploaded photo as upright 8-bit RGB."""
+    """The uploaded photo, upright, as 8-bit "RGB", or "RGBA" when it has transparency."""
     image = _to_8bit(_load(_open(path, name, max_pixels), name))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels carry undefined colour; flatten onto white like a viewer would.
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(flat, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image.convert("RGBA" if _has_alpha(image) else "RGB")
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB for the model: transparent pixels carry undefined colour, so they are laid onto white."""
+    if image.mode != "RGBA":
+        return image
+    return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
 
 
 def decode_mask(path: Path, size: tuple[int, int], max_pixels: int, name: str = "mask") -> Image.Image:
-    """The uploaded mask as a binary "L" image of `size`: 255 = repaint, 0 = keep.
+    """The uploaded mask as a grey "L" image of `size` (white = repaint); thresholding is the caller's.
 
-    Colour is reduced to luminance and thresholded at 50%; transparent pixels count as keep (black);
-    a mask of another size than the image is resized to it with nearest neighbour, and logged.
+    Colour is reduced to luminance; transparent pixels count as keep (black); a mask of another size
+    than the image is resized to it with nearest neighbour, and logged.
     """
     mask = _to_8bit(_load(_open(path, name, max_pixels), name))
-    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+    if _has_alpha(mask):
         rgba = mask.convert("RGBA")
         mask = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     mask = mask.convert("L")
@@ -100,9 +106,23 @@ def decode_mask(path: Path, size: tuple[int, int], max_pixels: int, name: str = 
             *size,
         )
         mask = mask.resize(size, Image.Resampling.NEAREST)
-    return mask.point(lambda value: 255 if value >= 128 else 0)
+    return mask
 
 
-def encode_png(image: Image.Image, path: Path) -> Path:
-    image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+OUTPUT_FORMATS = ("png", "webp", "jpg")
+
+
+def encode_image(image: Image.Image, path_stem: Path, output_format: str, quality: int) -> Path:
+    """Write one output; PNG is lossless (bit-exact outside the mask), WebP and JPEG use `quality`."""
+    if output_format == "png":
+        path = path_stem.with_suffix(".png")
+        image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif output_format == "webp":
+        path = path_stem.with_suffix(".webp")
+        image.save(path, format="WEBP", quality=quality, method=4)
+    elif output_format == "jpg":
+        path = path_stem.with_suffix(".jpg")
+        image.convert("RGB").save(path, format="JPEG", quality=quality)  # JPEG has no alpha
+    else:
+        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     return path

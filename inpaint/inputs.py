@@ -10,11 +10,12 @@ import math
 import secrets
 from dataclasses import dataclass
 
+from .codec import OUTPUT_FORMATS
 from .schedulers import SCHEDULER_NAMES
 
 DEFAULT_PROMPT = "a vision of paradise. unreal engine"
 SIZE_CHOICES = tuple(range(64, 1024 + 1, 64))  # working width/height, pixels
-DEFAULT_SIZE = 512
+DEFAULT_SIZE = None  # automatic: the working size follows the masked region's aspect at about 512x512
 NUM_OUTPUTS_RANGE = (1, 4)
 DEFAULT_NUM_OUTPUTS = 1
 STEPS_RANGE = (1, 500)
@@ -24,19 +25,37 @@ DEFAULT_GUIDANCE = 7.5
 DEFAULT_SCHEDULER = "DPMSolverMultistep"
 # torch.Generator.manual_seed accepts exactly this range.
 SEED_RANGE = (-(2**63), 2**64 - 1)
+MASK_GROW_RANGE = (-64, 64)  # pixels of dilation (negative erodes)
+DEFAULT_MASK_GROW = 0
+MASK_BLUR_RANGE = (0, 64)  # feather width, pixels
+DEFAULT_MASK_BLUR = 8
+MASK_PADDING_RANGE = (0, 512)  # context around each masked region, pixels
+DEFAULT_MASK_PADDING = 32
+STRENGTH_RANGE = (0.0, 1.0)
+DEFAULT_STRENGTH = 1.0
+DEFAULT_OUTPUT_FORMAT = "png"
+OUTPUT_QUALITY_RANGE = (1, 100)
+DEFAULT_OUTPUT_QUALITY = 90
 
 
 @dataclass(frozen=True)
 class InpaintRequest:
     prompt: str
     negative_prompt: str | None
-    width: int
-    height: int
+    width: int | None  # None: automatic
+    height: int | None
     num_outputs: int
     num_inference_steps: int
     guidance_scale: float
     scheduler: str
     seed: int
+    invert_mask: bool = False
+    mask_grow: int = DEFAULT_MASK_GROW
+    mask_blur: int = DEFAULT_MASK_BLUR
+    mask_padding: int = DEFAULT_MASK_PADDING
+    strength: float = DEFAULT_STRENGTH
+    output_format: str = DEFAULT_OUTPUT_FORMAT
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
 
 
 def _as_int(name: str, value: object) -> int:
@@ -56,6 +75,28 @@ def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
         raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
 
 
+def _as_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _as_float(name: str, value: object, bounds: tuple[float, float]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    _check_range(name, value, bounds)
+    return value
+
+
+def _as_int_in(name: str, value: object, bounds: tuple[int, int]) -> int:
+    number = _as_int(name, value)
+    _check_range(name, number, bounds)
+    return number
+
+
 def check_inputs(
     *,
     prompt: str | None = DEFAULT_PROMPT,
@@ -67,6 +108,13 @@ def check_inputs(
     guidance_scale: object = DEFAULT_GUIDANCE,
     scheduler: str = DEFAULT_SCHEDULER,
     seed: object = None,
+    invert_mask: object = False,
+    mask_grow: object = DEFAULT_MASK_GROW,
+    mask_blur: object = DEFAULT_MASK_BLUR,
+    mask_padding: object = DEFAULT_MASK_PADDING,
+    strength: object = DEFAULT_STRENGTH,
+    output_format: str = DEFAULT_OUTPUT_FORMAT,
+    output_quality: object = DEFAULT_OUTPUT_QUALITY,
 ) -> InpaintRequest:
     """Validate and normalise the inputs; raise ValueError naming the input, its value and what is accepted."""
     prompt = "" if prompt is None else prompt
@@ -77,6 +125,9 @@ def check_inputs(
 
     sizes = {}
     for name, value in (("width", width), ("height", height)):
+        if value is None:
+            sizes[name] = None
+            continue
         size = _as_int(name, value)
         if size not in SIZE_CHOICES:
             raise ValueError(
@@ -84,17 +135,22 @@ def check_inputs(
             )
         sizes[name] = size
 
-    num_outputs = _as_int("num_outputs", num_outputs)
-    _check_range("num_outputs", num_outputs, NUM_OUTPUTS_RANGE)
-    num_inference_steps = _as_int("num_inference_steps", num_inference_steps)
-    _check_range("num_inference_steps", num_inference_steps, STEPS_RANGE)
-
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
-    guidance_scale = float(guidance_scale)
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    _check_range("guidance_scale", guidance_scale, GUIDANCE_RANGE)
+    num_outputs = _as_int_in("num_outputs", num_outputs, NUM_OUTPUTS_RANGE)
+    num_inference_steps = _as_int_in("num_inference_steps", num_inference_steps, STEPS_RANGE)
+    guidance_scale = _as_float("guidance_scale", guidance_scale, GUIDANCE_RANGE)
+    strength = _as_float("strength", strength, STRENGTH_RANGE)
+    if 0 < strength and int(num_inference_steps * strength) < 1:
+        raise ValueError(
+            f"strength x num_inference_steps must be at least 1 (the steps actually run), got "
+            f"{strength} x {num_inference_steps}; raise strength or num_inference_steps"
+        )
+    invert_mask = _as_bool("invert_mask", invert_mask)
+    mask_grow = _as_int_in("mask_grow", mask_grow, MASK_GROW_RANGE)
+    mask_blur = _as_int_in("mask_blur", mask_blur, MASK_BLUR_RANGE)
+    mask_padding = _as_int_in("mask_padding", mask_padding, MASK_PADDING_RANGE)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    output_quality = _as_int_in("output_quality", output_quality, OUTPUT_QUALITY_RANGE)
 
     if scheduler not in SCHEDULER_NAMES:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {scheduler!r}")
@@ -115,4 +171,11 @@ def check_inputs(
         guidance_scale=guidance_scale,
         scheduler=scheduler,
         seed=seed,
+        invert_mask=invert_mask,
+        mask_grow=mask_grow,
+        mask_blur=mask_blur,
+        mask_padding=mask_padding,
+        strength=strength,
+        output_format=output_format,
+        output_quality=output_quality,
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,29 @@ from .schedulers import make_scheduler
 from .weights import VARIANT
 
 log = logging.getLogger(__name__)
+
+# Seconds spent in VAE encode/decode during the current prediction, filled by the wrappers below.
+_vae_seconds: ContextVar[dict[str, float] | None] = ContextVar("vae_seconds", default=None)
+
+
+def _timed(method, key: str, device: torch.device):
+    """Wrap a module method so its wall time (GPU work included) adds up under `key` while a prediction runs."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        seconds = _vae_seconds.get()
+        if seconds is None:
+            return method(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = method(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+        return result
+
+    return wrapper
 
 
 def pick_device(requested: str = "") -> tuple[torch.device, torch.dtype]:
@@ -35,6 +61,8 @@ def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype) -> Sta
     )
     pipe.to(device)
     optimize(pipe, device)
+    for name in ("encode", "decode"):
+        setattr(pipe.vae, name, _timed(getattr(pipe.vae, name), f"vae_{name}", device))
     return pipe
 
 
@@ -53,6 +81,7 @@ class Generation:
     num_outputs: int
     num_inference_steps: int
     guidance_scale: float
+    strength: float
     scheduler: str
     seed: int
 
@@ -63,10 +92,19 @@ def count_prompt_tokens(pipe: StableDiffusionInpaintPipeline, prompt: str) -> in
 
 
 def generate(
-    pipe: StableDiffusionInpaintPipeline, image: Image.Image, mask: Image.Image, job: Generation
-) -> list[Image.Image]:
-    """Inpaint `image` (RGB) where `mask` (L, 255 = repaint) is white; both already at the working size."""
-    width, height = image.size
+    pipe: StableDiffusionInpaintPipeline,
+    images: list[Image.Image],
+    masks: list[Image.Image],
+    job: Generation,
+    timings: dict[str, float] | None = None,
+) -> list[list[Image.Image]]:
+    """Inpaint each image (RGB) where its mask (L, 255 = repaint) is white, all in one batch.
+
+    All images share one working size. Returns, for each image, `job.num_outputs` results.
+    `timings`, if given, receives the seconds of vae_encode, vae_decode and denoise (the rest).
+    """
+    width, height = images[0].size
+    count = len(images)
     # A pipeline per prediction shares the loaded modules but owns its scheduler, so no request
     # changes state another one sees.
     run = StableDiffusionInpaintPipeline(
@@ -75,18 +113,29 @@ def generate(
     )
     run.set_progress_bar_config(desc="denoising", mininterval=1.0, ascii=True)
     generator = torch.Generator("cpu").manual_seed(job.seed)  # CPU noise: the same seed gives the same image anywhere
-    with torch.inference_mode():
-        result = run(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            image=image,
-            mask_image=mask,
-            height=height,
-            width=width,
-            num_inference_steps=job.num_inference_steps,
-            guidance_scale=job.guidance_scale,
-            num_images_per_prompt=job.num_outputs,
-            generator=generator,
-            output_type="pil",
-        )
-    return list(result.images)
+    vae_seconds: dict[str, float] = {}
+    token = _vae_seconds.set(vae_seconds)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            result = run(
+                prompt=[job.prompt] * count,
+                negative_prompt=[job.negative_prompt] * count if job.negative_prompt else None,
+                image=images,
+                mask_image=masks,
+                height=height,
+                width=width,
+                strength=job.strength,
+                num_inference_steps=job.num_inference_steps,
+                guidance_scale=job.guidance_scale,
+                num_images_per_prompt=job.num_outputs,
+                generator=generator,
+                output_type="pil",
+            )
+    finally:
+        _vae_seconds.reset(token)
+    if timings is not None:
+        timings.update(vae_seconds)
+        timings["denoise"] = time.perf_counter() - start - sum(vae_seconds.values())
+    # diffusers tiles the images through the batch: entry b belongs to image b % count.
+    return [result.images[index::count] for index in range(count)]

@@ -1,4 +1,4 @@
-"""One prediction end to end: decode the files, run the model at the working size, paste back, encode."""
+"""One prediction end to end: decode the files, crop around the mask, run the model, paste back, encode."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from . import codec, compositing, pipeline
+from . import codec, compositing, geometry, pipeline
 from .config import Settings
 from .inputs import InpaintRequest
 from .weights import resolve_weights
@@ -36,7 +37,10 @@ class _Timer:
         try:
             yield
         finally:
-            self.seconds[name] = round(time.perf_counter() - start, 4)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(seconds, 4) for name, seconds in self.seconds.items()}
 
 
 class Inpainter:
@@ -53,51 +57,115 @@ class Inpainter:
         log.info("loading %s on %s in %s", folder, device, str(dtype).removeprefix("torch."))
         return cls(pipeline.load_pipeline(folder, device, dtype), settings)
 
-    def inpaint(self, image_path: Path, mask_path: Path, request: InpaintRequest, out_dir: Path) -> Prediction:
+    def _read_mask(self, mask_path: Path | None, image: Image.Image) -> Image.Image:
+        if mask_path is not None:
+            return codec.decode_mask(mask_path, image.size, self.settings.max_input_pixels, "mask")
+        if image.mode == "RGBA":
+            log.info("no mask given: repainting the image's transparent pixels")
+            return image.getchannel("A").point(lambda value: 255 if value < 128 else 0)
+        raise ValueError(
+            "mask is missing: give a mask (white = repaint, black = keep), "
+            "or an image whose transparent pixels mark the region to repaint"
+        )
+
+    def inpaint(
+        self, image_path: Path, mask_path: Path | None, request: InpaintRequest, out_dir: Path
+    ) -> Prediction:
         timer = _Timer()
         log.info("seed %d", request.seed)
         with timer.stage("decode"):
-            original = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
-            mask = codec.decode_mask(mask_path, original.size, self.settings.max_input_pixels, "mask")
+            image = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
+            mask = self._read_mask(mask_path, image)
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:
             self._log_truncation("negative_prompt", request.negative_prompt)
 
-        with timer.stage("mask"):
-            alpha = compositing.feather_mask(mask, self.settings.mask_feather)  # (H, W) in [0, 1]
-            model_mask = compositing.grow_mask(alpha)
-        working = (request.width, request.height)
-        with timer.stage("denoise"):
-            generated = pipeline.generate(
-                self.pipe,
-                original.resize(working, Image.Resampling.LANCZOS),
-                model_mask.resize(working, Image.Resampling.NEAREST),
-                pipeline.Generation(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    num_outputs=request.num_outputs,
-                    num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale,
-                    scheduler=request.scheduler,
-                    seed=request.seed,
-                ),
-            )
-        with timer.stage("composite"):
-            results = [
-                compositing.composite_over(original, image.resize(original.size, Image.Resampling.LANCZOS), alpha)
-                for image in generated
-            ]
-        with timer.stage("encode"):
-            paths = [codec.encode_png(image, out_dir / f"out-{index}.png") for index, image in enumerate(results)]
-
-        metrics = {
+        with timer.stage("prepare"):
+            binary = compositing.prepare_mask(mask, request.invert_mask, request.mask_grow)  # (H, W) bool
+        metrics: dict[str, object] = {
             "seed": request.seed,
-            "working_size": list(working),
-            "image_size": list(original.size),
-            "mask_coverage": round(float((alpha >= 1).mean()), 4),
-            "timings": timer.seconds,
+            "image_size": list(image.size),
+            "mask_coverage": round(float(binary.mean()), 4),
         }
+        canvas = np.array(image)  # (H, W, 3 or 4) uint8: the original, painted over in place
+        if not binary.any() or request.strength == 0:
+            reason = "the mask is empty" if not binary.any() else "strength is 0"
+            log.info("%s: returning the image unchanged without running the model", reason)
+            results = [canvas] * request.num_outputs
+        else:
+            results = self._paint(image, binary, mask_path is None, canvas, request, timer, metrics)
+
+        with timer.stage("encode"):
+            paths = [
+                codec.encode_image(
+                    Image.fromarray(result), out_dir / f"out-{index}", request.output_format, request.output_quality
+                )
+                for index, result in enumerate(results)
+            ]
+        metrics["timings"] = timer.rounded()
         return Prediction(paths, metrics)
+
+    def _paint(
+        self,
+        image: Image.Image,
+        binary: np.ndarray,
+        mask_from_alpha: bool,
+        canvas: np.ndarray,
+        request: InpaintRequest,
+        timer: _Timer,
+        metrics: dict[str, object],
+    ) -> list[np.ndarray]:
+        with timer.stage("prepare"):
+            weight = compositing.feather_mask(binary, request.mask_blur)  # (H, W) in [0, 1]
+            touched = weight > 0  # every pixel the composite changes: what the model repaints
+            # Context around each region; at least the feather band, so the whole band lies inside a crop.
+            padding = max(request.mask_padding, request.mask_blur + 1)
+            plan = geometry.plan_crops(touched, padding, request.width, request.height)
+            flat = codec.flatten(image)
+            crops = [flat.crop(box).resize(plan.working_size, Image.Resampling.LANCZOS) for box in plan.boxes]
+            crop_masks = [
+                Image.fromarray(np.where(touched[top:bottom, left:right], 255, 0).astype(np.uint8), "L").resize(
+                    plan.working_size, Image.Resampling.NEAREST
+                )
+                for left, top, right, bottom in plan.boxes
+            ]
+        metrics["working_size"] = list(plan.working_size)
+        metrics["crop_boxes"] = [list(box) for box in plan.boxes]
+        log.info(
+            "working at %dx%d on %d region(s): %s", *plan.working_size, len(plan.boxes), metrics["crop_boxes"]
+        )
+        model_seconds: dict[str, float] = {}
+        generated = pipeline.generate(
+            self.pipe,
+            crops,
+            crop_masks,
+            pipeline.Generation(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_outputs=request.num_outputs,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                strength=request.strength,
+                scheduler=request.scheduler,
+                seed=request.seed,
+            ),
+            model_seconds,
+        )
+        timer.seconds.update(model_seconds)
+
+        results = []
+        with timer.stage("composite"):
+            for output in range(request.num_outputs):
+                result = canvas.copy()
+                for box, outputs in zip(plan.boxes, generated):
+                    size = (box[2] - box[0], box[3] - box[1])
+                    patch = np.asarray(outputs[output].resize(size, Image.Resampling.LANCZOS))
+                    compositing.composite_over(result, patch, weight, box)
+                if mask_from_alpha and result.shape[2] == 4:
+                    # The repainted region was transparent: make it as opaque as it is painted.
+                    result[..., 3] = np.maximum(result[..., 3], np.rint(weight * 255).astype(np.uint8))
+                results.append(result)
+        return results
 
     def _log_truncation(self, name: str, text: str) -> None:
         tokens = pipeline.count_prompt_tokens(self.pipe, text)

@@ -1,12 +1,13 @@
 """The compositing code is plain image code: tested without the model."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from inpaint.compositing import composite_over, feather_mask, grow_mask, mask_box
+from inpaint.compositing import composite_over, feather_mask, prepare_mask
 
 
 @st.composite
@@ -17,54 +18,71 @@ def scenes(draw):
     for _ in range(draw(st.integers(0, 3))):
         x0, x1 = sorted(draw(st.tuples(st.integers(0, width - 1), st.integers(0, width - 1))))
         y0, y1 = sorted(draw(st.tuples(st.integers(0, height - 1), st.integers(0, height - 1))))
-        mask[y0 : y1 + 1, x0 : x1 + 1] = 255
-    radius = draw(st.integers(0, 12))
-    seed = draw(st.integers(0, 2**16))
-    return Image.fromarray(mask, "L"), radius, seed
+        mask[y0 : y1 + 1, x0 : x1 + 1] = draw(st.integers(0, 255))
+    return Image.fromarray(mask, "L"), draw(st.integers(0, 12)), draw(st.integers(-6, 6)), draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=150, deadline=None)
 @given(scenes())
-def test_pixels_farther_than_the_radius_are_bit_identical_and_the_mask_is_fully_generated(scene):
-    mask, radius, seed = scene
+def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene):
+    mask, blur, grow, seed = scene
     rng = np.random.default_rng(seed)
     shape = (mask.height, mask.width, 3)
-    original = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), "RGB")
-    generated = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), "RGB")
-    alpha = feather_mask(mask, radius)
-    result = np.asarray(composite_over(original, generated, alpha))
-    binary = np.asarray(mask) >= 128
-    assert result.shape == shape
-    if binary.any():
-        distance = ndimage.distance_transform_edt(~binary)
-        far = distance > radius
-    else:
-        far = np.ones(binary.shape, bool)
-    assert np.array_equal(result[far], np.asarray(original)[far])
-    assert np.array_equal(result[binary], np.asarray(generated)[binary])
-    assert ((alpha >= 0) & (alpha <= 1)).all()
+    original = rng.integers(0, 256, shape, dtype=np.uint8)
+    generated = rng.integers(0, 256, shape, dtype=np.uint8)
+    binary = prepare_mask(mask, grow=grow)
+    weight = feather_mask(binary, blur)
+    result = original.copy()
+    composite_over(result, generated, weight, (0, 0, mask.width, mask.height))
+    far = ndimage.distance_transform_edt(~binary) > blur if binary.any() else np.ones(binary.shape, bool)
+    assert np.array_equal(result[far], original[far])
+    assert np.array_equal(result[binary], generated[binary])  # the mask itself is fully repainted
+    assert ((weight >= 0) & (weight <= 1)).all()
+
+
+def test_threshold_is_50_percent_and_invert_flips():
+    mask = Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8), "L")
+    assert prepare_mask(mask).tolist() == [[False, False, True, True]]
+    assert prepare_mask(mask, invert=True).tolist() == [[True, True, False, False]]
+
+
+def _disc_mask(radius=10, size=41):
+    yy, xx = np.mgrid[:size, :size]
+    return Image.fromarray(np.where((xx - 20) ** 2 + (yy - 20) ** 2 <= radius**2, 255, 0).astype(np.uint8), "L")
+
+
+@pytest.mark.parametrize("grow", [3, 7])
+def test_grow_dilates_by_euclidean_distance(grow):
+    mask = _disc_mask()
+    base = prepare_mask(mask)
+    grown = prepare_mask(mask, grow=grow)
+    distance = ndimage.distance_transform_edt(~base)
+    assert np.array_equal(grown, distance <= grow)
+
+
+def test_negative_grow_erodes_but_not_from_the_image_border():
+    mask = Image.new("L", (30, 20), 0)
+    mask.paste(255, (0, 0, 15, 20))  # touches the left, top and bottom edges
+    shrunk = prepare_mask(mask, grow=-4)
+    assert shrunk[:, :11].all() and not shrunk[:, 11:].any()
 
 
 def test_feather_eases_monotonically_away_from_the_mask():
-    mask = Image.new("L", (64, 8), 0)
-    mask.paste(255, (0, 0, 20, 8))
-    alpha = feather_mask(mask, 8)[4]
+    binary = np.zeros((8, 64), bool)
+    binary[:, :20] = True
+    alpha = feather_mask(binary, 8)[4]
     assert alpha[19] == 1.0 and alpha[28] == 0.0
     assert all(alpha[i] >= alpha[i + 1] for i in range(19, 30))
     assert 0 < alpha[24] < 1
 
 
-def test_grow_mask_covers_every_touched_pixel():
-    mask = Image.new("L", (32, 32), 0)
-    mask.paste(255, (10, 10, 20, 20))
-    alpha = feather_mask(mask, 4)
-    grown = np.asarray(grow_mask(alpha))
-    assert np.array_equal(grown > 0, alpha > 0)
-
-
-def test_mask_box():
-    mask = Image.new("L", (50, 40), 0)
-    assert mask_box(mask) is None
-    mask.paste(255, (10, 5, 20, 15))
-    assert mask_box(mask) == (10, 5, 20, 15)
-    assert mask_box(mask, 8) == (2, 0, 28, 23)
+def test_composite_inside_a_box_keeps_alpha_and_everything_else():
+    original = np.zeros((10, 12, 4), np.uint8)
+    original[..., 3] = 77
+    weight = np.zeros((10, 12), np.float32)
+    weight[2:4, 3:5] = 1.0
+    patch = np.full((6, 6, 3), 200, np.uint8)
+    composite_over(original, patch, weight, (2, 1, 8, 7))
+    assert (original[2:4, 3:5, :3] == 200).all()
+    assert original[..., :3].sum() == 200 * 3 * 4
+    assert (original[..., 3] == 77).all()

@@ -69,11 +69,11 @@ def test_openapi_schema_is_up_to_date():
 def test_openapi_schema_has_replicates_inputs():
     schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]
     properties = schema["Input"]["properties"]
-    assert schema["Input"]["required"] == ["image", "mask"]
+    assert schema["Input"]["required"] == ["image"]  # the mask may come from the image's transparency
     assert properties["prompt"]["default"] == "a vision of paradise. unreal engine"
     assert properties["negative_prompt"]["nullable"] is True
     assert schema["width"]["enum"] == list(range(64, 1025, 64)) == schema["height"]["enum"]
-    assert properties["width"]["default"] == 512 == properties["height"]["default"]
+    assert properties["width"]["default"] is None and properties["width"]["nullable"] is True  # automatic
     assert (properties["num_outputs"]["minimum"], properties["num_outputs"]["maximum"]) == (1, 4)
     assert (properties["num_inference_steps"]["minimum"], properties["num_inference_steps"]["maximum"]) == (1, 500)
     assert (properties["guidance_scale"]["minimum"], properties["guidance_scale"]["maximum"]) == (1, 20)
@@ -81,6 +81,13 @@ def test_openapi_schema_has_replicates_inputs():
     assert schema["scheduler"]["enum"] == ["DDIM", "K_EULER", "DPMSolverMultistep", "K_EULER_ANCESTRAL", "PNDM", "KLMS"]
     assert properties["scheduler"]["default"] == "DPMSolverMultistep"
     assert properties["seed"]["nullable"] is True and properties["seed"]["type"] == "integer"
+    for name, low, high, default in [
+        ("mask_grow", -64, 64, 0), ("mask_blur", 0, 64, 8), ("mask_padding", 0, 512, 32),
+        ("strength", 0, 1, 1.0), ("output_quality", 1, 100, 90),
+    ]:
+        assert (properties[name]["minimum"], properties[name]["maximum"], properties[name]["default"]) == (low, high, default)
+    assert properties["invert_mask"]["default"] is False
+    assert schema["output_format"]["enum"] == ["png", "webp", "jpg"]
     assert schema["Output"] == {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}
 
 

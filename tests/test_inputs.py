@@ -3,10 +3,11 @@ import pytest
 from inpaint.inputs import SCHEDULER_NAMES, check_inputs
 
 
-def test_defaults_are_replicates():
+def test_defaults_are_replicates_and_the_working_size_is_automatic():
     request = check_inputs(seed=1)
     assert request.prompt == "a vision of paradise. unreal engine"
-    assert (request.width, request.height, request.num_outputs) == (512, 512, 1)
+    assert (request.width, request.height, request.num_outputs) == (None, None, 1)
+    assert check_inputs(width=512, height=512).width == 512
     assert (request.num_inference_steps, request.guidance_scale, request.scheduler) == (50, 7.5, "DPMSolverMultistep")
 
 
@@ -41,6 +42,18 @@ def test_whole_number_floats_become_ints(name, value):
         ({"seed": 2**64}, ["seed", "between"]),
         ({"seed": True}, ["seed", "whole number"]),
         ({"prompt": 5}, ["prompt", "text"]),
+        ({"mask_grow": 65}, ["mask_grow", "between -64 and 64", "65"]),
+        ({"mask_grow": -65}, ["mask_grow", "-65"]),
+        ({"mask_blur": -1}, ["mask_blur", "between 0 and 64"]),
+        ({"mask_blur": 2.5}, ["mask_blur", "whole number"]),
+        ({"mask_padding": 513}, ["mask_padding", "between 0 and 512"]),
+        ({"strength": 1.5}, ["strength", "between 0.0 and 1.0"]),
+        ({"strength": -0.1}, ["strength", "-0.1"]),
+        ({"strength": 0.01, "num_inference_steps": 50}, ["strength x num_inference_steps", "at least 1"]),
+        ({"invert_mask": "yes"}, ["invert_mask", "true or false"]),
+        ({"output_format": "gif"}, ["output_format", "png, webp, jpg", "'gif'"]),
+        ({"output_quality": 0}, ["output_quality", "between 1 and 100"]),
+        ({"output_quality": 101}, ["output_quality", "101"]),
     ],
 )
 def test_bad_values_name_the_input_and_the_accepted_range(kwargs, words):

@@ -1,0 +1,131 @@
+"""Sizes and boxes only: where the model works (crops around the mask) and at what working size.
+
+A box is (left, top, right, bottom) in pixels of the input image, right/bottom exclusive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+Box = tuple[int, int, int, int]
+
+NATIVE_AREA = 512 * 512  # the area SD2-inpainting was trained at
+SIDE_MULTIPLE = 64  # working sides are multiples of this (VAE factor 8 x UNet depth 8)
+SIDE_RANGE = (64, 1024)  # smallest and largest working side
+WHOLE_IMAGE_FRACTION = 0.5  # crops covering at least this much of the image: use the whole image
+MAX_CROPS = 4  # more separate regions than this: use the whole image
+
+
+@dataclass(frozen=True)
+class Plan:
+    boxes: list[Box]  # regions of the input the model repaints, one batch entry each
+    working_size: tuple[int, int]  # (width, height) every box is resized to for the model
+
+
+def box_area(box: Box) -> int:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _round_side(value: float) -> int:
+    low, high = SIDE_RANGE
+    return int(min(high, max(low, round(value / SIDE_MULTIPLE) * SIDE_MULTIPLE)))
+
+
+def fit_working_size(aspect: float, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """(width, height), multiples of 64, for a region of `aspect` = width / height.
+
+    Explicit sides are kept; a missing one follows the aspect; with neither, the area is about
+    512x512, the model's native area.
+    """
+    if width and height:
+        return width, height
+    if width:
+        return width, _round_side(width / aspect)
+    if height:
+        return _round_side(height * aspect), height
+    return _round_side(math.sqrt(NATIVE_AREA * aspect)), _round_side(math.sqrt(NATIVE_AREA / aspect))
+
+
+def _pad(box: Box, padding: int, size: tuple[int, int]) -> Box:
+    left, top, right, bottom = box
+    return max(0, left - padding), max(0, top - padding), min(size[0], right + padding), min(size[1], bottom + padding)
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _union(a: Box, b: Box) -> Box:
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
+
+
+def _merge_overlapping(boxes: list[Box]) -> list[Box]:
+    boxes = list(boxes)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                if _overlap(boxes[i], boxes[j]):
+                    boxes[i] = _union(boxes[i], boxes.pop(j))
+                    merged = True
+                    break
+            if merged:
+                break
+    return boxes
+
+
+def _expand_1d(low: int, high: int, length: int, limit: int) -> tuple[int, int]:
+    """Grow [low, high) to `length` around its centre, shifted to stay inside [0, limit)."""
+    length = min(length, limit)
+    if high - low >= length:
+        return low, high
+    start = (low + high - length) // 2
+    start = min(max(0, start), limit - length)
+    return start, start + length
+
+
+def fit_box_to_aspect(box: Box, aspect: float, size: tuple[int, int]) -> Box:
+    """Grow the box's short side so that width / height == aspect (as far as the image allows)."""
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    if width / height < aspect:
+        left, right = _expand_1d(left, right, math.ceil(height * aspect), size[0])
+    else:
+        top, bottom = _expand_1d(top, bottom, math.ceil(width / aspect), size[1])
+    return left, top, right, bottom
+
+
+def mask_regions(binary: np.ndarray) -> list[Box]:
+    """Bounding boxes of the mask's connected regions (8-connected)."""
+    labels, count = ndimage.label(binary, structure=np.ones((3, 3), bool))
+    return [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels) if s is not None]
+
+
+def plan_crops(
+    binary: np.ndarray, padding: int, width: int | None = None, height: int | None = None
+) -> Plan:
+    """Where the model works: crops around the mask's regions, or the whole image.
+
+    `binary` (H, W) is True where pixels will change. Each region's box is grown by `padding` pixels
+    of context; overlapping boxes merge; all boxes share one working size so they run as one
+    batch, and each box is grown to that working size's aspect so nothing is stretched.
+    """
+    size = (binary.shape[1], binary.shape[0])
+    whole: Box = (0, 0, size[0], size[1])
+    boxes = _merge_overlapping([_pad(box, padding, size) for box in mask_regions(binary)]) or [whole]
+    for _ in range(8):
+        if len(boxes) > MAX_CROPS or sum(map(box_area, boxes)) >= WHOLE_IMAGE_FRACTION * box_area(whole):
+            boxes = [whole]
+        largest = max(boxes, key=box_area)
+        working = fit_working_size((largest[2] - largest[0]) / (largest[3] - largest[1]), width, height)
+        fitted = [fit_box_to_aspect(box, working[0] / working[1], size) for box in boxes]
+        merged = _merge_overlapping(fitted)
+        if len(merged) == len(fitted):
+            return Plan(fitted, working)
+        boxes = merged
+    return Plan([whole], fit_working_size(size[0] / size[1], width, height))

@@ -1,0 +1,59 @@
+"""One prediction through inpaint.service with the tiny model: crops, batches, metrics."""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from conftest import make_photo
+from inpaint.inputs import check_inputs
+
+
+def _mask(tmp_path, size, boxes):
+    mask = Image.new("L", size, 0)
+    for box in boxes:
+        ImageDraw.Draw(mask).rectangle(box, fill=255)
+    mask.save(tmp_path / "m.png")
+    return tmp_path / "m.png"
+
+
+def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, tmp_path):
+    photo = make_photo(tmp_path / "big.png", (1600, 1200))
+    mask = _mask(tmp_path, (1600, 1200), [(700, 500, 760, 580)])
+    result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2), tmp_path)
+    (box,) = result.metrics["crop_boxes"]
+    left, top, right, bottom = box
+    assert left <= 700 - 32 and top <= 500 - 32 and right >= 761 + 32 and bottom >= 581 + 32
+    assert (right - left) * (bottom - top) < 0.05 * 1600 * 1200
+    width, height = result.metrics["working_size"]
+    assert 0.8 < width * height / 512**2 < 1.25  # the crop runs at the model's native area
+    assert Image.open(result.paths[0]).size == (1600, 1200)
+    for stage in ("decode", "prepare", "vae_encode", "denoise", "vae_decode", "composite", "encode"):
+        assert stage in result.metrics["timings"]
+    assert 0 < result.metrics["mask_coverage"] < 0.01
+
+
+def test_distant_regions_run_as_one_batch_of_crops(inpainter, tmp_path):
+    photo = make_photo(tmp_path / "big.png", (2000, 1000))
+    mask = _mask(tmp_path, (2000, 1000), [(100, 100, 160, 160), (1800, 800, 1880, 880)])
+    result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2, num_outputs=2), tmp_path)
+    assert len(result.metrics["crop_boxes"]) == 2
+    assert len(result.paths) == 2
+    original = np.asarray(Image.open(photo).convert("RGB"))
+    for path in result.paths:
+        changed = (np.asarray(Image.open(path)) != original).any(axis=2)
+        assert changed[100:161, 100:161].all() and changed[800:881, 1800:1881].all()
+        assert not changed[400:600].any()
+
+
+def test_all_white_mask_generates_the_whole_image(inpainter, tmp_path):
+    photo = make_photo(tmp_path / "p.png", (300, 200))
+    Image.new("L", (300, 200), 255).save(tmp_path / "white.png")
+    result = inpainter.inpaint(photo, tmp_path / "white.png", check_inputs(seed=1, num_inference_steps=2), tmp_path)
+    assert result.metrics["crop_boxes"] == [[0, 0, 300, 200]]
+    assert result.metrics["mask_coverage"] == 1.0
+
+
+def test_explicit_working_size_is_used(inpainter, tmp_path):
+    photo = make_photo(tmp_path / "p.png", (300, 200))
+    mask = _mask(tmp_path, (300, 200), [(0, 0, 299, 199)])
+    result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2, width=256, height=128), tmp_path)
+    assert result.metrics["working_size"] == [256, 128]
