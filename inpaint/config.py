@@ -19,8 +19,6 @@ class Settings:
     weights_revision: str = "main"
     # Largest input image, in pixels; checked from the header, before any pixel is decoded.
     max_input_pixels: int = 4096 * 4096
-    # Feather width, in pixels, of the seam where the generated region meets the original photo.
-    mask_feather: int = 8
     # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
     device: str = ""
 

@@ -6,6 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from cogserver import data_uri, decode_data_uri
@@ -123,3 +124,55 @@ def test_cancel_stops_a_running_prediction(server, tmp_path, webhook):
     server.wait_ready(30)
     status, response = server.predict(inputs_for(tmp_path))
     assert response["status"] == "succeeded"
+
+
+def test_fidelity_inputs_through_the_server(server, tmp_path):
+    photo = make_photo(tmp_path / "big.png", (900, 700))
+    mask = make_mask(tmp_path / "m.png", (900, 700), box=(400, 300, 450, 360))
+    base = {"image": data_uri(photo), "mask": data_uri(mask), "num_inference_steps": 2, "seed": 9}
+    status, response = server.predict({**base, "output_format": "webp", "output_quality": 70, "mask_blur": 4,
+                                       "mask_grow": 3, "mask_padding": 16, "strength": 0.75, "num_outputs": 2})
+    assert response["status"] == "succeeded", response.get("error")
+    metrics = response["metrics"]
+    assert len(metrics["crop_boxes"]) == 1 and metrics["working_size"][0] % 64 == 0
+    assert set(metrics["timings"]) >= {"decode", "prepare", "vae_encode", "denoise", "vae_decode", "composite", "encode"}
+    for uri in response["output"]:
+        assert uri.startswith("data:image/webp")
+        assert Image.open(io.BytesIO(decode_data_uri(uri))).size == (900, 700)
+
+
+def test_png_output_is_bit_identical_outside_the_band_through_the_server(server, tmp_path):
+    photo = make_photo(tmp_path / "p.png", (333, 211))
+    mask = make_mask(tmp_path / "m.png", (333, 211), box=(100, 50, 180, 120))
+    status, response = server.predict({"image": data_uri(photo), "mask": data_uri(mask), "num_inference_steps": 2,
+                                       "mask_blur": 8})
+    output = Image.open(io.BytesIO(decode_data_uri(response["output"][0]))).convert("RGB")
+    assert output.size == (333, 211)
+    changed = (np.asarray(output) != np.asarray(Image.open(photo).convert("RGB"))).any(axis=2)
+    assert changed[50:121, 100:181].all()
+    assert not changed[:40].any() and not changed[130:].any() and not changed[:, :90].any() and not changed[:, 190:].any()
+
+
+def test_transparent_image_without_mask_and_empty_mask(server, tmp_path):
+    image = Image.open(make_photo(tmp_path / "p.png", (120, 80))).convert("RGBA")
+    alpha = Image.new("L", image.size, 255)
+    alpha.paste(0, (30, 20, 60, 50))
+    image.putalpha(alpha)
+    image.save(tmp_path / "hole.png")
+    status, response = server.predict({"image": data_uri(tmp_path / "hole.png"), "num_inference_steps": 2})
+    assert response["status"] == "succeeded", response.get("error")
+    assert Image.open(io.BytesIO(decode_data_uri(response["output"][0]))).mode == "RGBA"
+
+    Image.new("L", (120, 80), 0).save(tmp_path / "black.png")
+    status, response = server.predict({"image": data_uri(tmp_path / "p.png"), "mask": data_uri(tmp_path / "black.png")})
+    assert response["status"] == "succeeded" and "returning the image unchanged" in response["logs"]
+
+    status, response = server.predict({"image": data_uri(tmp_path / "p.png")})
+    assert response["status"] == "failed" and "mask is missing" in response["error"]
+
+
+def test_new_inputs_are_validated_by_the_schema(server, tmp_path):
+    for bad in ({"mask_blur": 65}, {"mask_grow": -100}, {"strength": 2}, {"output_format": "gif"},
+                {"output_quality": 0}, {"mask_padding": -1}):
+        status, response = server.predict(inputs_for(tmp_path, **bad))
+        assert status == 422, (bad, response)
