@@ -103,6 +103,9 @@ class Predictor(BaseRunner):
             le=inputs.OUTPUT_QUALITY_RANGE[1],
             default=inputs.DEFAULT_OUTPUT_QUALITY,
         ),
+        disable_safety_checker: bool = Input(
+            description="Disable safety checker for generated images.", default=False
+        ),
     ) -> List[Path]:
         request = inputs.check_inputs(
             prompt=prompt,
@@ -121,6 +124,7 @@ class Predictor(BaseRunner):
             strength=strength,
             output_format=output_format,
             output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
         )
         out_dir = Path(tempfile.mkdtemp(prefix="inpaint-"))
         prediction = self.inpainter.inpaint(Path(image), Path(mask) if mask else None, request, out_dir)

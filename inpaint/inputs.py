@@ -56,6 +56,7 @@ class InpaintRequest:
     strength: float = DEFAULT_STRENGTH
     output_format: str = DEFAULT_OUTPUT_FORMAT
     output_quality: int = DEFAULT_OUTPUT_QUALITY
+    disable_safety_checker: bool = False
 
 
 def _as_int(name: str, value: object) -> int:
@@ -115,6 +116,7 @@ def check_inputs(
     strength: object = DEFAULT_STRENGTH,
     output_format: str = DEFAULT_OUTPUT_FORMAT,
     output_quality: object = DEFAULT_OUTPUT_QUALITY,
+    disable_safety_checker: object = False,
 ) -> InpaintRequest:
     """Validate and normalise the inputs; raise ValueError naming the input, its value and what is accepted."""
     prompt = "" if prompt is None else prompt
@@ -145,6 +147,7 @@ def check_inputs(
             f"{strength} x {num_inference_steps}; raise strength or num_inference_steps"
         )
     invert_mask = _as_bool("invert_mask", invert_mask)
+    disable_safety_checker = _as_bool("disable_safety_checker", disable_safety_checker)
     mask_grow = _as_int_in("mask_grow", mask_grow, MASK_GROW_RANGE)
     mask_blur = _as_int_in("mask_blur", mask_blur, MASK_BLUR_RANGE)
     mask_padding = _as_int_in("mask_padding", mask_padding, MASK_PADDING_RANGE)
@@ -178,4 +181,5 @@ def check_inputs(
         strength=strength,
         output_format=output_format,
         output_quality=output_quality,
+        disable_safety_checker=disable_safety_checker,
     )

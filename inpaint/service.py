@@ -14,6 +14,7 @@ from PIL import Image
 from . import codec, compositing, geometry, pipeline
 from .config import Settings
 from .inputs import InpaintRequest
+from .safety import AllOutputsFlagged, SafetyChecker
 from .weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,25 @@ class _Timer:
 class Inpainter:
     """The loaded model and the settings it runs under; `inpaint` serves one request."""
 
-    def __init__(self, pipe, settings: Settings) -> None:
+    def __init__(self, pipe, settings: Settings, safety: SafetyChecker | None = None) -> None:
         self.pipe = pipe
         self.settings = settings
+        self.safety = safety
 
     @classmethod
     def load(cls, weights: str | None, settings: Settings) -> Inpainter:
-        folder = resolve_weights(weights, settings.weights_dir, settings.weights_repo, settings.weights_revision)
+        folder = resolve_weights(weights, settings)
         device, dtype = pipeline.pick_device(settings.device)
         log.info("loading %s on %s in %s", folder, device, str(dtype).removeprefix("torch."))
-        return cls(pipeline.load_pipeline(folder, device, dtype), settings)
+        safety = None
+        if settings.safety_checker:
+            safety = SafetyChecker.load(folder, device, dtype)
+        else:
+            log.warning(
+                "the safety checker is off for this deployment (INPAINT_SAFETY_CHECKER=0): no output is "
+                "checked, and the disable_safety_checker input has no effect"
+            )
+        return cls(pipeline.load_pipeline(folder, device, dtype), settings, safety)
 
     def _read_mask(self, mask_path: Path | None, image: Image.Image) -> Image.Image:
         if mask_path is not None:
@@ -152,10 +162,11 @@ class Inpainter:
             model_seconds,
         )
         timer.seconds.update(model_seconds)
+        kept = self._check_safety(generated, request, timer, metrics)
 
         results = []
         with timer.stage("composite"):
-            for output in range(request.num_outputs):
+            for output in kept:
                 result = canvas.copy()
                 for box, outputs in zip(plan.boxes, generated):
                     size = (box[2] - box[0], box[3] - box[1])
@@ -166,6 +177,33 @@ class Inpainter:
                     result[..., 3] = np.maximum(result[..., 3], np.rint(weight * 255).astype(np.uint8))
                 results.append(result)
         return results
+
+    def _check_safety(
+        self, generated: list[list[Image.Image]], request: InpaintRequest, timer: _Timer, metrics: dict[str, object]
+    ) -> list[int]:
+        """Indices of the outputs to return: those the checker did not flag (all when it is off)."""
+        outputs = list(range(request.num_outputs))
+        if self.safety is None or request.disable_safety_checker:
+            return outputs
+        with timer.stage("safety"):
+            # What the model painted is checked: every crop of an output; one flagged crop flags the output.
+            crop_flags = self.safety.flags([crops[output] for output in outputs for crops in generated])
+        per_output = len(generated)
+        flagged = [output for output in outputs if any(crop_flags[output * per_output : (output + 1) * per_output])]
+        metrics["nsfw_flagged"] = len(flagged)
+        metrics["nsfw_flagged_indices"] = flagged
+        if len(flagged) == len(outputs):
+            raise AllOutputsFlagged(
+                f"the safety checker flagged all {len(outputs)} output(s) as potentially NSFW, so none is returned; "
+                "try another prompt or seed"
+            )
+        if flagged:
+            log.warning(
+                "the safety checker flagged output(s) %s of %d as potentially NSFW; they are left out",
+                flagged,
+                len(outputs),
+            )
+        return [output for output in outputs if output not in flagged]
 
     def _log_truncation(self, name: str, text: str) -> None:
         tokens = pipeline.count_prompt_tokens(self.pipe, text)

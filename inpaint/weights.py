@@ -22,12 +22,20 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from .config import Settings
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "weights-sha256.json"
 STAMP_NAME = ".verified.json"
 PACKAGE_MANIFEST = Path(__file__).with_name(MANIFEST_NAME)
+SAFETY_MANIFEST = Path(__file__).with_name("safety-checker-sha256.json")
+SAFETY_CONFIG = Path(__file__).with_name("reference") / "safety_checker" / "config.json"
 VARIANT = "fp16"
+# The checker's fp16 file as published (runwayml SD 1.5 layout) -> where it lives here, named so that
+# transformers' `variant="fp16"` finds it.
+SAFETY_REMOTE = "safety_checker/pytorch_model.fp16.safetensors"
+SAFETY_LOCAL = "safety_checker/model.fp16.safetensors"
 # The files of the checkpoint this project loads: fp16 weights, configs, tokenizer.
 DOWNLOAD_PATTERNS = (
     "model_index.json",
@@ -54,6 +62,7 @@ def read_manifest(folder: Path) -> dict[str, dict]:
     else:
         published = json.loads(PACKAGE_MANIFEST.read_text())
         entries = {path: entry for path, entry in published.items() if f".{VARIANT}." in path}
+        entries[SAFETY_LOCAL] = json.loads(SAFETY_MANIFEST.read_text())[SAFETY_REMOTE]
     return {path: entry for path, entry in entries.items() if not path.startswith("_")}
 
 
@@ -65,11 +74,16 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_weights(folder: Path, *, force: bool = False) -> None:
-    """Raise WeightsError unless every manifest file is present with its size and sha256."""
+def verify_weights(folder: Path, *, force: bool = False, safety_checker: bool = True) -> None:
+    """Raise WeightsError unless every manifest file is present with its size and sha256.
+
+    With safety_checker False the checker's files are not required.
+    """
     if not (folder / "model_index.json").is_file():
         raise WeightsError(f"no checkpoint in {folder} (model_index.json is missing); {_FIX}")
     manifest = read_manifest(folder)
+    if not safety_checker:
+        manifest = {path: entry for path, entry in manifest.items() if not path.startswith("safety_checker/")}
     stamp_path = folder / STAMP_NAME
     try:
         stamp = {} if force else json.loads(stamp_path.read_text())
@@ -79,7 +93,8 @@ def verify_weights(folder: Path, *, force: bool = False) -> None:
     for relative, entry in sorted(manifest.items()):
         path = folder / relative
         if not path.is_file():
-            raise WeightsError(f"weight file {relative} is missing from {folder}; {_FIX}")
+            hint = " (or set INPAINT_SAFETY_CHECKER=0 to run without the checker)" if relative == SAFETY_LOCAL else ""
+            raise WeightsError(f"weight file {relative} is missing from {folder}; {_FIX}{hint}")
         stat = path.stat()
         if stat.st_size != entry["size"]:
             raise WeightsError(
@@ -102,22 +117,27 @@ def verify_weights(folder: Path, *, force: bool = False) -> None:
         pass  # a read-only folder is fine: it is simply hashed again next time
 
 
-def download_checkpoint(repo_id: str, revision: str, dest: Path) -> Path:
-    """Download the checkpoint's fp16 files from the Hugging Face hub into dest, then verify them all."""
-    from huggingface_hub import snapshot_download
+def download_checkpoint(settings: Settings, dest: Path) -> Path:
+    """Download the checkpoint's fp16 files (and the safety checker's) from the Hugging Face hub, then verify all."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
-    log.info("downloading %s@%s into %s", repo_id, revision, dest)
     dest.mkdir(parents=True, exist_ok=True)
+    repo, revision = settings.weights_repo, settings.weights_revision
     try:
-        snapshot_download(
-            repo_id=repo_id, revision=revision, local_dir=dest, allow_patterns=list(DOWNLOAD_PATTERNS)
-        )
+        log.info("downloading %s@%s into %s", repo, revision, dest)
+        snapshot_download(repo_id=repo, revision=revision, local_dir=dest, allow_patterns=list(DOWNLOAD_PATTERNS))
+        if settings.safety_checker:
+            repo, revision = settings.safety_repo, settings.safety_revision
+            log.info("downloading the safety checker from %s@%s", repo, revision)
+            fetched = hf_hub_download(repo, SAFETY_REMOTE, revision=revision, local_dir=dest)
+            os.replace(fetched, dest / SAFETY_LOCAL)
+            shutil.copyfile(SAFETY_CONFIG, dest / "safety_checker" / "config.json")
     except Exception as error:  # the hub client raises many types (HTTP, offline, auth); all mean the same here
         raise WeightsError(
-            f"could not download {repo_id}@{revision} ({type(error).__name__}: {error}); check the network, "
-            f"or set INPAINT_WEIGHTS_REPO / INPAINT_WEIGHTS_REVISION, or put the checkpoint in {dest}"
+            f"could not download {repo}@{revision} ({type(error).__name__}: {error}); check the network, "
+            f"or set INPAINT_WEIGHTS_REPO / INPAINT_SAFETY_REPO and their _REVISION, or put the checkpoint in {dest}"
         ) from error
-    verify_weights(dest, force=True)
+    verify_weights(dest, force=True, safety_checker=settings.safety_checker)
     return dest
 
 
@@ -153,8 +173,9 @@ def _checkpoint_root(folder: Path) -> Path | None:
     return None
 
 
-def resolve_weights(weights: str | os.PathLike | None, default_dir: Path, repo_id: str, revision: str) -> Path:
-    """The verified checkpoint folder: COG_WEIGHTS (folder or URL) if given, else default_dir, downloaded if empty."""
+def resolve_weights(weights: str | os.PathLike | None, settings: Settings) -> Path:
+    """The verified checkpoint folder: COG_WEIGHTS (folder or URL) if given, else settings.weights_dir,
+    downloaded there if empty."""
     if weights:
         text = str(weights)
         if text.startswith(("http://", "https://")):
@@ -164,8 +185,8 @@ def resolve_weights(weights: str | os.PathLike | None, default_dir: Path, repo_i
             if not folder.is_dir():
                 raise WeightsError(f"COG_WEIGHTS={text} is not a folder; point it at a checkpoint folder or tar URL")
     else:
-        folder = default_dir
+        folder = settings.weights_dir
         if not (folder / "model_index.json").is_file():
-            download_checkpoint(repo_id, revision, folder)
-    verify_weights(folder)
+            download_checkpoint(settings, folder)
+    verify_weights(folder, safety_checker=settings.safety_checker)
     return folder

@@ -176,3 +176,49 @@ def test_new_inputs_are_validated_by_the_schema(server, tmp_path):
                 {"output_quality": 0}, {"mask_padding": -1}):
         status, response = server.predict(inputs_for(tmp_path, **bad))
         assert status == 422, (bad, response)
+
+
+def test_safety_checker_runs_by_default(server, tmp_path):
+    status, response = server.predict(inputs_for(tmp_path, num_outputs=2))
+    assert response["metrics"]["nsfw_flagged"] == 0 and response["metrics"]["nsfw_flagged_indices"] == []
+    status, response = server.predict(inputs_for(tmp_path, disable_safety_checker=True))
+    assert response["status"] == "succeeded" and "nsfw_flagged" not in response["metrics"]
+
+
+def _tiny(tmp_path, *args):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "weights"
+    subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder), *args], check=True)
+    return folder
+
+
+def test_all_flagged_fails_and_disable_safety_checker_lets_outputs_through(tmp_path):
+    from cogserver import CogServer
+
+    with CogServer(_tiny(tmp_path, "--safety", "always"), log_path=tmp_path / "server.log") as flagging:
+        status, response = flagging.predict(inputs_for(tmp_path, num_outputs=2))
+        assert response["status"] == "failed"
+        assert "flagged all 2 output(s) as potentially NSFW" in response["error"]
+        assert "try another prompt or seed" in response["error"]
+        flagging.wait_ready(10)
+        status, response = flagging.predict(inputs_for(tmp_path, num_outputs=2, disable_safety_checker=True))
+        assert response["status"] == "succeeded" and len(response["output"]) == 2
+
+
+def test_missing_checker_weights_fail_setup_unless_the_deployment_turns_it_off(tmp_path):
+    import shutil
+
+    import pytest
+    from cogserver import CogServer
+
+    weights = _tiny(tmp_path)
+    shutil.rmtree(weights / "safety_checker")
+    with pytest.raises(RuntimeError, match="safety_checker/model.fp16.safetensors is missing.*INPAINT_SAFETY_CHECKER=0"):
+        CogServer(weights, log_path=tmp_path / "failing.log").start().stop()
+    server = CogServer(weights, log_path=tmp_path / "off.log", env={"INPAINT_SAFETY_CHECKER": "0"})
+    with server:
+        assert "the safety checker is off for this deployment" in server.health()["setup"]["logs"]
+        status, response = server.predict(inputs_for(tmp_path))
+        assert response["status"] == "succeeded" and "nsfw_flagged" not in response["metrics"]

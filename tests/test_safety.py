@@ -1,0 +1,103 @@
+"""The safety checker: the real StableDiffusionSafetyChecker class with tiny random weights.
+
+Its thresholds (concept_embeds_weights) decide what it flags; the tests set them to flag nothing,
+everything, or exactly the images whose similarity lies above a chosen value.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+from PIL import Image
+
+from conftest import make_mask, make_photo
+from inpaint.inputs import check_inputs
+from inpaint.safety import AllOutputsFlagged
+
+
+@contextlib.contextmanager
+def thresholds(checker, value):
+    weights = checker.model.concept_embeds_weights
+    saved = weights.detach().clone()
+    with torch.no_grad():
+        weights.copy_(torch.as_tensor(value, dtype=weights.dtype).expand_as(weights))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weights.copy_(saved)
+
+
+def top_similarity(checker, images):
+    """Each image's highest cosine similarity to the concept embeddings, as the checker computes it."""
+    pixels = checker.processor(images=images, return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        pooled = checker.model.vision_model(pixels.to(checker.dtype))[1]
+        cos = cosine_distance(checker.model.visual_projection(pooled), checker.model.concept_embeds)
+    return cos.max(dim=1).values.float().numpy()
+
+
+@pytest.fixture
+def files(tmp_path):
+    return make_photo(tmp_path / "p.png", (96, 64)), make_mask(tmp_path / "m.png", (96, 64))
+
+
+def predict(inpainter, files, tmp_path, **kwargs):
+    image, mask = files
+    request = check_inputs(seed=3, num_inference_steps=2, width=64, height=64, **kwargs)
+    return inpainter.inpaint(image, mask, request, tmp_path)
+
+
+def test_none_flagged(inpainter, files, tmp_path):
+    result = predict(inpainter, files, tmp_path, num_outputs=3)
+    assert len(result.paths) == 3
+    assert result.metrics["nsfw_flagged"] == 0 and result.metrics["nsfw_flagged_indices"] == []
+    assert "safety" in result.metrics["timings"]
+
+
+def test_some_flagged_are_left_out_and_named(inpainter, files, tmp_path, caplog):
+    checker = inpainter.safety
+    with thresholds(checker, 2.0):  # nothing flagged: look at what the model made
+        crops = []
+        original = checker.flags
+
+        def spy(images):
+            crops.extend(images)
+            return original(images)
+
+        checker.flags = spy
+        try:
+            predict(inpainter, files, tmp_path, num_outputs=4)
+        finally:
+            del checker.flags
+    scores = top_similarity(checker, crops)
+    assert len(set(np.round(scores, 4))) == 4, scores  # distinct, so a threshold can split them
+    cut = float(np.sort(scores)[1] + np.sort(scores)[2]) / 2
+    expected = sorted(int(index) for index in np.flatnonzero(scores > cut))
+    with thresholds(checker, cut), caplog.at_level("WARNING"):
+        result = predict(inpainter, files, tmp_path, num_outputs=4)
+    assert result.metrics["nsfw_flagged_indices"] == expected and result.metrics["nsfw_flagged"] == 2
+    assert len(result.paths) == 2
+    assert f"flagged output(s) {expected} of 4" in caplog.text
+
+
+def test_all_flagged_fails_with_a_clear_message(inpainter, files, tmp_path):
+    with thresholds(inpainter.safety, -2.0), pytest.raises(AllOutputsFlagged) as error:
+        predict(inpainter, files, tmp_path, num_outputs=2)
+    assert "flagged all 2 output(s)" in str(error.value) and "try another prompt or seed" in str(error.value)
+
+
+def test_disabled_per_request(inpainter, files, tmp_path):
+    with thresholds(inpainter.safety, -2.0):
+        result = predict(inpainter, files, tmp_path, num_outputs=2, disable_safety_checker=True)
+    assert len(result.paths) == 2 and "nsfw_flagged" not in result.metrics
+
+
+def test_empty_mask_is_not_checked(inpainter, tmp_path):
+    image = make_photo(tmp_path / "p.png", (40, 30))
+    Image.new("L", (40, 30), 0).save(tmp_path / "black.png")
+    with thresholds(inpainter.safety, -2.0):
+        result = inpainter.inpaint(image, tmp_path / "black.png", check_inputs(seed=1), tmp_path)
+    assert len(result.paths) == 1  # nothing was generated, so nothing can be flagged
