@@ -1,6 +1,7 @@
 """Cog adapter: typed inputs in, one call into the `inpaint` package, image files out."""
 
 import logging
+import shutil
 import sys
 import tempfile
 from typing import List, Optional
@@ -20,6 +21,7 @@ class Predictor(BaseRunner):
 
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.inpainter = Inpainter.load(weights, Settings.from_env())
+        self.out_dir: Optional[Path] = None
 
     def run(
         self,
@@ -126,8 +128,11 @@ class Predictor(BaseRunner):
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
         )
-        out_dir = Path(tempfile.mkdtemp(prefix="inpaint-"))
-        prediction = self.inpainter.inpaint(Path(image), Path(mask) if mask else None, request, out_dir)
+        # A fresh folder per prediction; the previous one is removed now that Cog's server has sent its files.
+        if self.out_dir is not None:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+        self.out_dir = Path(tempfile.mkdtemp(prefix="inpaint-"))
+        prediction = self.inpainter.inpaint(Path(image), Path(mask) if mask else None, request, self.out_dir)
         for key, value in prediction.metrics.items():
             self.record_metric(key, value)
         return [Path(path) for path in prediction.paths]

@@ -25,6 +25,10 @@ class Settings:
     safety_revision: str = "main"
     # Largest input image, in pixels; checked from the header, before any pixel is decoded.
     max_input_pixels: int = 4096 * 4096
+    # Largest working size (width x height the model runs at), in pixels.
+    max_working_pixels: int = 1024 * 1024
+    # Largest batch: num_outputs x regions x working pixels of one prediction (4 x 1024x1024 fits a 16 GB GPU).
+    max_batch_pixels: int = 4 * 1024 * 1024
     # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
     device: str = ""
 

@@ -74,6 +74,15 @@ def optimize(pipe: StableDiffusionInpaintPipeline, device: torch.device) -> None
     pipe.vae.to(memory_format=torch.channels_last)
 
 
+def release_memory(device: torch.device) -> None:
+    """Hand cached GPU memory back after a failed or cancelled run, so the next prediction starts clean."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @dataclass(frozen=True)
 class Generation:
     prompt: str

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import codec, compositing, geometry, pipeline
@@ -42,6 +43,10 @@ class _Timer:
 
     def rounded(self) -> dict[str, float]:
         return {name: round(seconds, 4) for name, seconds in self.seconds.items()}
+
+
+class GPUOutOfMemory(RuntimeError):
+    """The model ran out of GPU memory; the message says what to lower."""
 
 
 class Inpainter:
@@ -141,26 +146,32 @@ class Inpainter:
             ]
         metrics["working_size"] = list(plan.working_size)
         metrics["crop_boxes"] = [list(box) for box in plan.boxes]
+        self._check_limits(plan, request)
         log.info(
             "working at %dx%d on %d region(s): %s", *plan.working_size, len(plan.boxes), metrics["crop_boxes"]
         )
         model_seconds: dict[str, float] = {}
-        generated = pipeline.generate(
-            self.pipe,
-            crops,
-            crop_masks,
-            pipeline.Generation(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                num_outputs=request.num_outputs,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                strength=request.strength,
-                scheduler=request.scheduler,
-                seed=request.seed,
-            ),
-            model_seconds,
+        job = pipeline.Generation(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            num_outputs=request.num_outputs,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            strength=request.strength,
+            scheduler=request.scheduler,
+            seed=request.seed,
         )
+        try:
+            generated = pipeline.generate(self.pipe, crops, crop_masks, job, model_seconds)
+        except torch.OutOfMemoryError:
+            pipeline.release_memory(self.pipe.device)
+            raise GPUOutOfMemory(
+                f"the GPU ran out of memory painting {request.num_outputs} output(s) x {len(plan.boxes)} region(s) "
+                f"at {plan.working_size[0]}x{plan.working_size[1]}; lower num_outputs or width/height and try again"
+            ) from None
+        except BaseException:  # cancelled, or any other failure: leave no memory behind for the next prediction
+            pipeline.release_memory(self.pipe.device)
+            raise
         timer.seconds.update(model_seconds)
         kept = self._check_safety(generated, request, timer, metrics)
 
@@ -177,6 +188,21 @@ class Inpainter:
                     result[..., 3] = np.maximum(result[..., 3], np.rint(weight * 255).astype(np.uint8))
                 results.append(result)
         return results
+
+    def _check_limits(self, plan: geometry.Plan, request: InpaintRequest) -> None:
+        width, height = plan.working_size
+        if width * height > self.settings.max_working_pixels:
+            raise ValueError(
+                f"width x height = {width}x{height} = {width * height:,} pixels is over this deployment's limit of "
+                f"{self.settings.max_working_pixels:,}; lower width and height"
+            )
+        batch = request.num_outputs * len(plan.boxes) * width * height
+        if batch > self.settings.max_batch_pixels:
+            raise ValueError(
+                f"num_outputs x regions x working size = {request.num_outputs} x {len(plan.boxes)} x {width}x{height} "
+                f"= {batch:,} pixels is over this deployment's limit of {self.settings.max_batch_pixels:,}; "
+                "lower num_outputs, or width and height"
+            )
 
     def _check_safety(
         self, generated: list[list[Image.Image]], request: InpaintRequest, timer: _Timer, metrics: dict[str, object]

@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Speed, load-time and memory measurements: bench/bench.py [--cpu] [--tiny] [--runs N]
+
+On a GPU (default when CUDA is present): builds full-size random weights from the real configs,
+then times diffusers' StableDiffusionInpaintPipeline (fp16, SDPA, eager) and this project's
+prediction path on the same inputs in one run (warm-up, then the median of --runs runs, CUDA
+events), checks that the outputs agree, and prints one table: shape, reference ms, ours ms,
+ratio, peak memory, agreement.
+
+With --cpu: what needs no GPU: load time of the full-size weights (ours vs from_pretrained), the
+pre/post-processing time of a 4096x4096 input (decode, mask work, composite, encode), and the
+safety checker's added time per output.
+
+--tiny runs the GPU comparison's code on the tiny test weights (on whatever device is present):
+a smoke test of this script, not a measurement.
+
+Results are appended to bench/RESULTS.md with the machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from fullsize import build_full_size, size_report  # noqa: E402
+
+CACHE = ROOT / ".cache"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+def machine() -> str:
+    import diffusers
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{datetime.date.today().isoformat()}; {gpu}; CPU {cpu} x{os.cpu_count()}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+    )
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CPU measurements
+
+
+def _load_in_subprocess(code: str) -> float:
+    """Seconds a fresh interpreter spends in the timed load, the files already in the page cache."""
+    script = f"""
+import sys, time, json, logging
+sys.path.insert(0, {str(ROOT)!r})
+logging.disable(logging.WARNING)
+import torch, diffusers
+from diffusers.utils import logging as dl
+dl.set_verbosity_error(); dl.disable_progress_bar()
+{code}
+print(json.dumps(elapsed))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def bench_load(folder: Path, runs: int) -> list[list[object]]:
+    for path in folder.rglob("*.safetensors"):  # warm the page cache: measure loading, not the disk
+        with open(path, "rb") as file:
+            while file.read(64 << 20):
+                pass
+    ours = f"""
+from inpaint.config import Settings
+from inpaint.service import Inpainter
+start = time.perf_counter()
+Inpainter.load({str(folder)!r}, Settings(device="cpu"))
+elapsed = time.perf_counter() - start
+"""
+    reference = f"""
+from diffusers import StableDiffusionInpaintPipeline
+start = time.perf_counter()
+StableDiffusionInpaintPipeline.from_pretrained({str(folder)!r}, variant="fp16", dtype=torch.float32, safety_checker=None)
+elapsed = time.perf_counter() - start
+"""
+    (folder / ".verified.json").unlink(missing_ok=True)
+    first = _load_in_subprocess(ours)  # includes the sha256 check of every file
+    rows = [["ours, first start (sha256 of every file, then load; checker included)", f"{first:.2f}"]]
+    ours_times = [_load_in_subprocess(ours) for _ in range(runs)]
+    reference_times = [_load_in_subprocess(reference) for _ in range(runs)]
+    rows.append(["ours, later starts (verified stamp; checker included)", f"{statistics.median(ours_times):.2f}"])
+    rows.append(["diffusers from_pretrained (no checker, no verification)", f"{statistics.median(reference_times):.2f}"])
+    return rows
+
+
+def _photo_4096(path: Path) -> Path:
+    """A realistic 4096x4096 photo: the example, upscaled (compresses like a photo, not like noise)."""
+    if not path.is_file():
+        Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((4096, 4096), Image.Resampling.LANCZOS).save(
+            path, compress_level=6
+        )
+    return path
+
+
+def bench_prepost(runs: int) -> list[list[object]]:
+    from inpaint import codec, compositing, geometry
+
+    CACHE.mkdir(exist_ok=True)
+    photo = _photo_4096(CACHE / "photo-4096.png")
+    mask_path = CACHE / "mask-4096.png"
+    mask = Image.new("L", (4096, 4096), 0)
+    ImageDraw.Draw(mask).ellipse((1500, 1200, 2300, 1800), fill=255)
+    mask.save(mask_path)
+    stages: dict[str, list[float]] = {}
+
+    def timed(name, function, *args):
+        start = time.perf_counter()
+        value = function(*args)
+        stages.setdefault(name, []).append(time.perf_counter() - start)
+        return value
+
+    out = Path(tempfile.mkdtemp())
+    for _ in range(runs):
+        image = timed("decode image + mask", lambda: (
+            codec.decode_image(photo, 4096 * 4096), codec.decode_mask(mask_path, (4096, 4096), 4096 * 4096)))
+        image, mask_image = image
+
+        def prepare():
+            binary = compositing.prepare_mask(mask_image, grow=8)
+            weight = compositing.feather_mask(binary, 8)
+            plan = geometry.plan_crops(weight > 0, 32)
+            crops = [image.crop(box).resize(plan.working_size, Image.Resampling.LANCZOS) for box in plan.boxes]
+            return weight, plan, crops
+
+        weight, plan, crops = timed("mask work + crops", prepare)
+        generated = crops  # stands in for the model's output: same size, same type
+
+        def composite():
+            canvas = np.array(image)
+            for box, patch in zip(plan.boxes, generated):
+                size = (box[2] - box[0], box[3] - box[1])
+                compositing.composite_over(canvas, np.asarray(patch.resize(size, Image.Resampling.LANCZOS)), weight, box)
+            return Image.fromarray(canvas)
+
+        result = timed("composite", composite)
+        timed("encode PNG", lambda: codec.encode_image(result, out / "out", "png", 90))
+    rows = [[name, f"{1000 * statistics.median(times):.0f}"] for name, times in stages.items()]
+    total = sum(statistics.median(times) for times in stages.values())
+    rows.append(["total", f"{1000 * total:.0f}"])
+    return rows
+
+
+def bench_safety(folder: Path, runs: int) -> list[list[object]]:
+    from inpaint.safety import SafetyChecker
+
+    checker = SafetyChecker.load(folder, torch.device("cpu"), torch.float32)
+    crop = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((512, 512))
+    rows = []
+    for count in (1, 4):
+        images = [crop] * count
+        checker.flags(images)  # warm-up
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            checker.flags(images)
+            times.append(time.perf_counter() - start)
+        rows.append([f"{count} output(s)", f"{1000 * statistics.median(times):.0f}", f"{1000 * statistics.median(times) / count:.0f}"])
+    return rows
+
+
+def run_cpu(runs: int) -> str:
+    torch.set_num_threads(os.cpu_count() or 1)
+    folder = build_full_size(CACHE / "full-size-weights")
+    sections = [f"## CPU run: {machine()}"]
+    sections.append("Full-size random weights (fp16 safetensors) against the published sizes:\n\n" + table(
+        ["file", "bytes", "published", "same"],
+        [[name, f"{ours:,}", f"{published:,}" if published else "-", ours == published] for name, ours, published in size_report(folder)],
+    ))
+    sections.append(f"Load time to a ready model on the CPU (fp32), seconds, median of {runs} fresh processes:\n\n"
+                    + table(["loader", "seconds"], bench_load(folder, runs)))
+    sections.append(f"Pre/post-processing of a 4096x4096 photo with an 800x600 mask, ms, median of {runs}:\n\n"
+                    + table(["stage", "ms"], bench_prepost(runs)))
+    sections.append(f"Safety checker (full-size ViT-L/14, fp32 on the CPU), ms, median of {runs}:\n\n"
+                    + table(["batch", "ms", "ms per output"], bench_safety(folder, runs)))
+    return "\n\n".join(sections)
+
+
+# ---------------------------------------------------------------- GPU comparison
+
+
+def _inputs(size: int):
+    image = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).ellipse((size // 5, size // 6, size * 4 // 5, size * 2 // 3), fill=255)
+    return image, mask
+
+
+def _time(function, device: torch.device, runs: int) -> tuple[float, object]:
+    function()  # warm-up (and compile, where the fast path compiles)
+    times, value = [], None
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            value = function()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            value = function()
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times), value
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = np.mean((x - y) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def run_gpu(runs: int, tiny: bool) -> str:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
+
+    from inpaint import pipeline as ours
+
+    device, dtype = ours.pick_device()
+    if tiny:
+        folder = CACHE / "tiny-weights"
+        if not (folder / "model_index.json").is_file():
+            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
+        shapes, steps = [(64, 1), (128, 2)], 3
+    else:
+        folder = build_full_size(CACHE / "full-size-weights")
+        shapes, steps = [(512, 1), (768, 1), (1024, 1), (512, 4)], 50
+    reference = StableDiffusionInpaintPipeline.from_pretrained(
+        folder, variant="fp16", dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
+    reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    fast = ours.load_pipeline(folder, device, dtype)
+    rows = []
+    for size, count in shapes:
+        image, mask = _inputs(size)
+        job = ours.Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+
+        def run_reference():
+            return reference(
+                prompt=job.prompt, image=image, mask_image=mask, height=size, width=size,
+                num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=count,
+                generator=torch.Generator("cpu").manual_seed(42),
+            ).images
+
+        def run_ours():
+            return ours.generate(fast, [image], [mask], job)[0]
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        reference_ms, reference_images = _time(run_reference, device, runs)
+        reference_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ours_ms, our_images = _time(run_ours, device, runs)
+        ours_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        psnr = min(_psnr(a, b) for a, b in zip(reference_images, our_images))
+        rows.append([f"{size}x{size} x{count}", f"{reference_ms:.0f}", f"{ours_ms:.0f}", f"{reference_ms / ours_ms:.2f}",
+                     f"{reference_peak:.2f} / {ours_peak:.2f}", f"PSNR {psnr:.1f} dB"])
+    title = "Smoke test on tiny weights (not a measurement)" if tiny else "GPU run"
+    return f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median of {runs} after a warm-up:\n\n" + table(
+        ["shape", "reference ms", "ours ms", "ratio", "peak GiB (ref / ours)", "agreement"], rows
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="the CPU measurements (load time, pre/post, safety)")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+    if args.cpu:
+        report = run_cpu(args.runs)
+    elif torch.cuda.is_available() or args.tiny:
+        report = run_gpu(args.runs, args.tiny)
+    else:
+        print("no CUDA GPU here: run with --cpu for the CPU measurements (or --tiny for a smoke test)", file=sys.stderr)
+        return 2
+    print(report)
+    if not args.no_record and not args.tiny:
+        with open(RESULTS, "a") as file:
+            file.write("\n\n" + report + "\n")
+        print(f"\nappended to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Full-size random SD2-inpainting weights from the real configs, for speed and load-time work.
+
+Speed does not depend on the weights' values, and the fp16 files come out at exactly the published
+sizes (checked here against inpaint/weights-sha256.json), so load times on them are representative.
+The folder gets its own weights-sha256.json, so the project's loader verifies it as it would the real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+REFERENCE = Path(__file__).resolve().parent.parent / "inpaint" / "reference"
+PUBLISHED = json.loads((REFERENCE.parent / "weights-sha256.json").read_text())
+PUBLISHED_SAFETY = json.loads((REFERENCE.parent / "safety-checker-sha256.json").read_text())
+
+
+def build_full_size(out: Path, safety_checker: bool = True) -> Path:
+    """Write the checkpoint folder (about 2.6 GB, plus 0.6 GB for the checker) unless it is already there."""
+    if (out / "weights-sha256.json").is_file():
+        return out
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    started = time.perf_counter()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model_index.json", "scheduler", "tokenizer", "feature_extractor"):
+        source = REFERENCE / name
+        if source.is_dir():
+            shutil.copytree(source, tmp / name, copy_function=shutil.copyfile)
+        else:
+            shutil.copyfile(source, tmp / name)
+    torch.manual_seed(0)
+    models = {
+        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(REFERENCE / "unet")),
+        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(REFERENCE / "vae")),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(REFERENCE / "text_encoder")),
+    }
+    if safety_checker:
+        models["safety_checker"] = StableDiffusionSafetyChecker(CLIPConfig.from_pretrained(REFERENCE / "safety_checker"))
+    manifest = {"_source": "bench/fullsize.py: full-size random weights from the real configs"}
+    for name, model in models.items():
+        model.to(torch.float16).save_pretrained(tmp / name, variant="fp16", safe_serialization=True)
+        del model
+    models.clear()
+    for path in sorted(tmp.rglob("*.fp16.safetensors")):
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            while block := file.read(16 << 20):
+                digest.update(block)
+        manifest[path.relative_to(tmp).as_posix()] = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+    (tmp / "weights-sha256.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"built full-size random weights in {out} in {time.perf_counter() - started:.0f}s")
+    return out
+
+
+def size_report(folder: Path) -> list[tuple[str, int, int | None]]:
+    """(file, our size, published size) for every fp16 weight file."""
+    published = {path: entry["size"] for path, entry in PUBLISHED.items()}
+    published["safety_checker/model.fp16.safetensors"] = PUBLISHED_SAFETY["safety_checker/pytorch_model.fp16.safetensors"]["size"]
+    rows = []
+    for path in sorted(folder.rglob("*.fp16.safetensors")):
+        relative = path.relative_to(folder).as_posix()
+        rows.append((relative, path.stat().st_size, published.get(relative)))
+    return rows
