@@ -16,6 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "script"))  # cogserver: the helper that runs Cog's server from this checkout
 
 
+_MEASURED: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """Record a measured figure; all of them are printed at the end of the run."""
+    return _MEASURED.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASURED:
+        terminalreporter.section("measured")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -1,0 +1,61 @@
+"""What the code may and may not do with a request: static checks over the package and predict.py."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CODE = sorted((ROOT / "inpaint").glob("*.py")) + [ROOT / "predict.py"]
+NETWORK_MODULES = {"urllib", "urllib.request", "requests", "httpx", "http.client", "huggingface_hub", "socket"}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_weights_module_can_reach_the_network():
+    """Inputs given as URLs are downloaded by Cog's server; this code never fetches a URL from a request."""
+    for path in MODEL_CODE:
+        network = _imports(path) & NETWORK_MODULES
+        if path.name == "weights.py":
+            continue  # COG_WEIGHTS / hub download at setup, from deployment settings, never from a request
+        assert not network, f"{path.name} imports {network}"
+
+
+def test_no_pickle_no_remote_code_no_shell():
+    for path in MODEL_CODE:
+        text = path.read_text()
+        assert "trust_remote_code" not in text, path.name
+        assert "torch.load(" not in text and "import pickle" not in text, path.name
+        assert not _imports(path) & {"subprocess", "pickle", "shelve"}, path.name
+        assert "os.system(" not in text, path.name
+
+
+def test_every_loader_is_local_and_weights_are_safetensors():
+    calls = 0
+    for path in (ROOT / "inpaint" / "pipeline.py", ROOT / "inpaint" / "safety.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
+                calls += 1
+                keywords = {keyword.arg: keyword.value for keyword in node.keywords}
+                assert ast.literal_eval(keywords["local_files_only"]) is True
+                if "variant" in keywords:  # a weights loader, not a config-only one
+                    assert ast.literal_eval(keywords["use_safetensors"]) is True
+    assert calls == 3
+
+
+def test_output_paths_are_fixed_names_in_a_fresh_folder(tmp_path):
+    """File names never come from a request: out-<index> in a folder made for the prediction."""
+    from inpaint.codec import encode_image
+    from PIL import Image
+
+    path = encode_image(Image.new("RGB", (4, 4)), tmp_path / "out-0", "webp", 50)
+    assert path == tmp_path / "out-0.webp"
+    source = (ROOT / "predict.py").read_text()
+    assert 'tempfile.mkdtemp(prefix="inpaint-")' in source
+    assert 'out_dir / f"out-{index}"' in (ROOT / "inpaint" / "service.py").read_text()
