@@ -11,7 +11,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-PNG_COMPRESS_LEVEL = 3  # zlib level: 3 is several times faster than Pillow's 6 for a few % more bytes
 
 
 def _open(path: Path, name: str, max_pixels: int) -> Image.Image:
@@ -88,25 +87,26 @@ def flatten(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
 
 
-def decode_mask(path: Path, size: tuple[int, int], max_pixels: int, name: str = "mask") -> Image.Image:
-    """The uploaded mask as a grey "L" image of `size` (white = repaint); thresholding is the caller's.
+def decode_mask(path: Path, max_pixels: int, name: str = "mask") -> Image.Image:
+    """The uploaded mask as a grey "L" image (white = repaint); thresholding is the caller's.
 
-    Colour is reduced to luminance; transparent pixels count as keep (black); a mask of another size
-    than the image is resized to it with nearest neighbour, and logged.
+    Colour is reduced to luminance; transparent pixels count as keep (black).
     """
     mask = _to_8bit(_load(_open(path, name, max_pixels), name))
     if _has_alpha(mask):
         rgba = mask.convert("RGBA")
         mask = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    mask = mask.convert("L")
-    if mask.size != size:
-        log.info(
-            "mask is %dx%d but the image is %dx%d: resizing the mask to the image (nearest neighbour)",
-            *mask.size,
-            *size,
-        )
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-    return mask
+    return mask.convert("L")
+
+
+def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A mask of another size than the image is resized to it with nearest neighbour, and logged."""
+    if mask.size == size:
+        return mask
+    log.info(
+        "mask is %dx%d but the image is %dx%d: resizing the mask to the image (nearest neighbour)", *mask.size, *size
+    )
+    return mask.resize(size, Image.Resampling.NEAREST)
 
 
 OUTPUT_FORMATS = ("png", "webp", "jpg")
@@ -115,8 +115,10 @@ OUTPUT_FORMATS = ("png", "webp", "jpg")
 def encode_image(image: Image.Image, path_stem: Path, output_format: str, quality: int) -> Path:
     """Write one output; PNG is lossless (bit-exact outside the mask), WebP and JPEG use `quality`."""
     if output_format == "png":
+        import fpng  # fpng: ~9x faster than Pillow's PNG writer, ~30% larger files, still lossless
+
         path = path_stem.with_suffix(".png")
-        image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        path.write_bytes(fpng.from_pil(image))
     elif output_format == "webp":
         path = path_stem.with_suffix(".webp")
         image.save(path, format="WEBP", quality=quality, method=4)

@@ -2,28 +2,34 @@
 
 The model's output is always composited into the original, never the other way round: a pixel
 farther than `blur` pixels (Euclidean) from the grown mask is copied from the input bit for bit.
+Everything past thresholding works on the box around the mask only, so a small mask in a large
+photo costs little.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .geometry import Box
+from .geometry import Box, bounding_box, intersect
 
 
-def _bounds(binary: np.ndarray, margin: int) -> tuple[slice, slice] | None:
-    """Row and column slices around the True pixels, grown by margin and clipped; None if there are none."""
-    rows = np.flatnonzero(binary.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(binary.any(axis=0))
-    height, width = binary.shape
-    return (
-        slice(max(0, rows[0] - margin), min(height, rows[-1] + 1 + margin)),
-        slice(max(0, cols[0] - margin), min(width, cols[-1] + 1 + margin)),
-    )
+@dataclass(frozen=True)
+class Feather:
+    """Blend weights of the paste: `weight` (h, w) in [0, 1] over `box`; 0 everywhere outside it."""
+
+    box: Box
+    weight: np.ndarray
+
+    def touched(self, size: tuple[int, int]) -> np.ndarray:
+        """(H, W) bool of every pixel the paste changes: what the model must repaint."""
+        full = np.zeros((size[1], size[0]), bool)
+        left, top, right, bottom = self.box
+        full[top:bottom, left:right] = self.weight > 0
+        return full
 
 
 def prepare_mask(mask: Image.Image, invert: bool = False, grow: int = 0) -> np.ndarray:
@@ -31,45 +37,48 @@ def prepare_mask(mask: Image.Image, invert: bool = False, grow: int = 0) -> np.n
     binary = np.asarray(mask.convert("L")) >= 128
     if invert:
         binary = ~binary
-    if grow > 0:
-        region = _bounds(binary, grow + 1)
-        if region is not None:
-            grown = binary.copy()
-            grown[region] = ndimage.distance_transform_edt(~binary[region]) <= grow
-            binary = grown
-    elif grow < 0:
-        region = _bounds(binary, 1)
-        if region is not None:
-            # Distance to the nearest unmasked pixel; the image border does not count as unmasked.
-            shrunk = binary.copy()
-            shrunk[region] = ndimage.distance_transform_edt(binary[region]) > -grow
-            binary = shrunk
-    return binary
-
-
-def feather_mask(binary: np.ndarray, radius: int) -> np.ndarray:
-    """Blend weights (H, W) in [0, 1]: 1 on the mask, easing to 0 at `radius` pixels outside it, 0 beyond."""
-    alpha = binary.astype(np.float32)
-    region = _bounds(binary, radius + 1) if radius > 0 else None
-    if region is None:
-        return alpha
-    # Distance of each pixel near the mask to the nearest mask pixel; only the box around the mask is computed.
-    distance = ndimage.distance_transform_edt(~binary[region])
-    ramp = np.clip(1.0 - distance / radius, 0.0, 1.0)
-    alpha[region] = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep: no visible edge at either end
-    return alpha
-
-
-def composite_over(original: np.ndarray, patch: np.ndarray, alpha: np.ndarray, box: Box) -> None:
-    """Blend `patch` (h, w, 3) into `original` (H, W, C) inside `box`, weighted by `alpha` (H, W); in place.
-
-    Where alpha is 0 the original is left exactly as it was; colour channels only (alpha kept).
-    """
+    box = bounding_box(binary, max(grow, 0) + 1)
+    if grow == 0 or box is None:
+        return binary
     left, top, right, bottom = box
-    weight = alpha[top:bottom, left:right, None]  # (h, w, 1)
-    touched = weight[..., 0] > 0
-    if not touched.any():
+    region = binary[top:bottom, left:right]
+    result = binary.copy()
+    if grow > 0:
+        result[top:bottom, left:right] = ndimage.distance_transform_edt(~region) <= grow
+    else:
+        # Distance to the nearest unmasked pixel; the image border does not count as unmasked.
+        result[top:bottom, left:right] = ndimage.distance_transform_edt(region) > -grow
+    return result
+
+
+def feather_mask(binary: np.ndarray, radius: int) -> Feather:
+    """1 on the mask, easing (smoothstep) to 0 at `radius` pixels outside it, 0 beyond."""
+    box = bounding_box(binary, radius + 1 if radius > 0 else 0)
+    if box is None:
+        return Feather((0, 0, 0, 0), np.zeros((0, 0), np.float32))
+    left, top, right, bottom = box
+    region = binary[top:bottom, left:right]
+    if radius <= 0:
+        return Feather(box, region.astype(np.float32))
+    distance = ndimage.distance_transform_edt(~region)  # to the nearest mask pixel
+    ramp = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
+    return Feather(box, ramp * ramp * (3.0 - 2.0 * ramp))  # smoothstep: no visible edge at either end
+
+
+def composite_over(canvas: Image.Image, patch: Image.Image, feather: Feather, box: Box) -> None:
+    """Blend `patch` (RGB, the size of `box`) into `canvas` at `box`, weighted by the feather; in place.
+
+    Where the weight is 0 the canvas keeps its pixels exactly; colour channels only (alpha is kept).
+    """
+    region = intersect(box, feather.box)
+    if region is None:
         return
-    base = original[top:bottom, left:right, :3]
-    blended = np.rint(base + (patch.astype(np.float32) - base) * weight).astype(np.uint8)
-    base[touched] = blended[touched]
+    left, top, right, bottom = region
+    weight = feather.weight[top - feather.box[1] : bottom - feather.box[1], left - feather.box[0] : right - feather.box[0]]
+    weight = weight[..., None]  # (h, w, 1)
+    base = np.array(canvas.crop(region))  # (h, w, 3 or 4) uint8
+    new = np.asarray(patch.crop((left - box[0], top - box[1], right - box[0], bottom - box[1])), dtype=np.float32)
+    colour = base[..., :3].astype(np.float32)
+    blended = np.rint(colour + (new - colour) * weight).astype(np.uint8)
+    base[..., :3] = np.where(weight > 0, blended, base[..., :3])
+    canvas.paste(Image.fromarray(base, canvas.mode), (left, top))

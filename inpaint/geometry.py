@@ -26,6 +26,26 @@ class Plan:
     working_size: tuple[int, int]  # (width, height) every box is resized to for the model
 
 
+def bounding_box(binary: np.ndarray, margin: int = 0) -> Box | None:
+    """Box of the True pixels of (H, W) `binary`, grown by margin and clipped to it; None if there are none."""
+    rows = np.flatnonzero(binary.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(binary[rows[0] : rows[-1] + 1].any(axis=0))
+    height, width = binary.shape
+    return (
+        max(0, int(cols[0]) - margin),
+        max(0, int(rows[0]) - margin),
+        min(width, int(cols[-1]) + 1 + margin),
+        min(height, int(rows[-1]) + 1 + margin),
+    )
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    box = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return box if box[0] < box[2] and box[1] < box[3] else None
+
+
 def box_area(box: Box) -> int:
     return (box[2] - box[0]) * (box[3] - box[1])
 
@@ -101,9 +121,17 @@ def fit_box_to_aspect(box: Box, aspect: float, size: tuple[int, int]) -> Box:
 
 
 def mask_regions(binary: np.ndarray) -> list[Box]:
-    """Bounding boxes of the mask's connected regions (8-connected)."""
-    labels, count = ndimage.label(binary, structure=np.ones((3, 3), bool))
-    return [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels) if s is not None]
+    """Bounding boxes of the mask's connected regions (8-connected); only the box around the mask is labelled."""
+    box = bounding_box(binary)
+    if box is None:
+        return []
+    left, top, right, bottom = box
+    labels, _ = ndimage.label(binary[top:bottom, left:right], structure=np.ones((3, 3), bool))
+    return [
+        (left + s[1].start, top + s[0].start, left + s[1].stop, top + s[0].stop)
+        for s in ndimage.find_objects(labels)
+        if s is not None
+    ]
 
 
 def plan_crops(

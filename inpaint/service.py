@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class Inpainter:
         self.pipe = pipe
         self.settings = settings
         self.safety = safety
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # Pillow decodes without the GIL
 
     @classmethod
     def load(cls, weights: str | None, settings: Settings) -> Inpainter:
@@ -72,9 +74,21 @@ class Inpainter:
             )
         return cls(pipeline.load_pipeline(folder, device, dtype), settings, safety)
 
-    def _read_mask(self, mask_path: Path | None, image: Image.Image) -> Image.Image:
-        if mask_path is not None:
-            return codec.decode_mask(mask_path, image.size, self.settings.max_input_pixels, "mask")
+    def _decode(self, image_path: Path, mask_path: Path | None) -> tuple[Image.Image, Image.Image]:
+        """The photo and its mask, at the photo's size; the two files are decoded at the same time."""
+        if mask_path is None:
+            image = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
+            return image, self._mask_from_alpha(image)
+        mask_job = self._decoder.submit(codec.decode_mask, mask_path, self.settings.max_input_pixels, "mask")
+        try:
+            image = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
+        finally:
+            mask_error = mask_job.exception()  # wait for it either way; an image error is reported first
+        if mask_error is not None:
+            raise mask_error
+        return image, codec.fit_mask(mask_job.result(), image.size)
+
+    def _mask_from_alpha(self, image: Image.Image) -> Image.Image:
         if image.mode == "RGBA":
             log.info("no mask given: repainting the image's transparent pixels")
             return image.getchannel("A").point(lambda value: 255 if value < 128 else 0)
@@ -89,8 +103,7 @@ class Inpainter:
         timer = _Timer()
         log.info("seed %d", request.seed)
         with timer.stage("decode"):
-            image = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
-            mask = self._read_mask(mask_path, image)
+            image, mask = self._decode(image_path, mask_path)
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:
             self._log_truncation("negative_prompt", request.negative_prompt)
@@ -102,19 +115,16 @@ class Inpainter:
             "image_size": list(image.size),
             "mask_coverage": round(float(binary.mean()), 4),
         }
-        canvas = np.array(image)  # (H, W, 3 or 4) uint8: the original, painted over in place
         if not binary.any() or request.strength == 0:
             reason = "the mask is empty" if not binary.any() else "strength is 0"
             log.info("%s: returning the image unchanged without running the model", reason)
-            results = [canvas] * request.num_outputs
+            results = [image] * request.num_outputs
         else:
-            results = self._paint(image, binary, mask_path is None, canvas, request, timer, metrics)
+            results = self._paint(image, binary, mask_path is None, request, timer, metrics)
 
         with timer.stage("encode"):
             paths = [
-                codec.encode_image(
-                    Image.fromarray(result), out_dir / f"out-{index}", request.output_format, request.output_quality
-                )
+                codec.encode_image(result, out_dir / f"out-{index}", request.output_format, request.output_quality)
                 for index, result in enumerate(results)
             ]
         metrics["timings"] = timer.rounded()
@@ -125,14 +135,14 @@ class Inpainter:
         image: Image.Image,
         binary: np.ndarray,
         mask_from_alpha: bool,
-        canvas: np.ndarray,
         request: InpaintRequest,
         timer: _Timer,
         metrics: dict[str, object],
-    ) -> list[np.ndarray]:
+    ) -> list[Image.Image]:
+        """The outputs: the model's work on each region pasted over `image` (which the last output reuses)."""
         with timer.stage("prepare"):
-            weight = compositing.feather_mask(binary, request.mask_blur)  # (H, W) in [0, 1]
-            touched = weight > 0  # every pixel the composite changes: what the model repaints
+            feather = compositing.feather_mask(binary, request.mask_blur)
+            touched = feather.touched(image.size)  # (H, W) bool: every pixel the paste changes
             # Context around each region; at least the feather band, so the whole band lies inside a crop.
             padding = max(request.mask_padding, request.mask_blur + 1)
             plan = geometry.plan_crops(touched, padding, request.width, request.height)
@@ -177,15 +187,18 @@ class Inpainter:
 
         results = []
         with timer.stage("composite"):
-            for output in kept:
-                result = canvas.copy()
+            for position, output in enumerate(kept):
+                result = image if position == len(kept) - 1 else image.copy()  # no copy for the last one
                 for box, outputs in zip(plan.boxes, generated):
                     size = (box[2] - box[0], box[3] - box[1])
-                    patch = np.asarray(outputs[output].resize(size, Image.Resampling.LANCZOS))
-                    compositing.composite_over(result, patch, weight, box)
-                if mask_from_alpha and result.shape[2] == 4:
+                    compositing.composite_over(result, outputs[output].resize(size, Image.Resampling.LANCZOS), feather, box)
+                if mask_from_alpha and result.mode == "RGBA":
                     # The repainted region was transparent: make it as opaque as it is painted.
-                    result[..., 3] = np.maximum(result[..., 3], np.rint(weight * 255).astype(np.uint8))
+                    alpha = result.getchannel("A")
+                    painted = np.rint(feather.weight * 255).astype(np.uint8)
+                    opaque = np.maximum(np.asarray(alpha.crop(feather.box)), painted)
+                    alpha.paste(Image.fromarray(opaque, "L"), feather.box[:2])
+                    result.putalpha(alpha)
                 results.append(result)
         return results
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_photo
-from inpaint.codec import decode_image, decode_mask, encode_image, flatten
+from inpaint.codec import decode_image, decode_mask, encode_image, fit_mask, flatten
 
 LIMIT = 4096 * 4096
 
@@ -26,7 +26,7 @@ def test_empty_file(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="^mask could not be read"):
-        decode_mask(path, (10, 10), LIMIT)
+        decode_mask(path, LIMIT)
 
 
 def test_truncated_png_is_reported_as_damaged(tmp_path):
@@ -96,7 +96,7 @@ def test_mask_is_reduced_to_grey_and_resized_with_nearest_neighbour(tmp_path, ca
     path = tmp_path / "m.png"
     mask.save(path)
     with caplog.at_level("INFO"):
-        decoded = decode_mask(path, (20, 20), LIMIT)
+        decoded = fit_mask(decode_mask(path, LIMIT), (20, 20))
     assert decoded.mode == "L" and decoded.size == (20, 20)
     assert decoded.getpixel((2, 2)) >= 128 > decoded.getpixel((18, 2))
     assert "resizing the mask" in caplog.text
@@ -107,7 +107,7 @@ def test_transparent_mask_pixels_mean_keep(tmp_path):
     mask.paste((255, 255, 255, 255), (0, 0, 5, 10))
     path = tmp_path / "m.png"
     mask.save(path)
-    decoded = np.asarray(decode_mask(path, (10, 10), LIMIT))
+    decoded = np.asarray(decode_mask(path, LIMIT))
     assert decoded[:, :5].min() == 255 and decoded[:, 5:].max() == 0
 
 

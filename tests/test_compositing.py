@@ -31,13 +31,17 @@ def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene):
     original = rng.integers(0, 256, shape, dtype=np.uint8)
     generated = rng.integers(0, 256, shape, dtype=np.uint8)
     binary = prepare_mask(mask, grow=grow)
-    weight = feather_mask(binary, blur)
-    result = original.copy()
-    composite_over(result, generated, weight, (0, 0, mask.width, mask.height))
+    feather = feather_mask(binary, blur)
+    canvas = Image.fromarray(original)
+    composite_over(canvas, Image.fromarray(generated), feather, (0, 0, mask.width, mask.height))
+    result = np.asarray(canvas)
     far = ndimage.distance_transform_edt(~binary) > blur if binary.any() else np.ones(binary.shape, bool)
     assert np.array_equal(result[far], original[far])
     assert np.array_equal(result[binary], generated[binary])  # the mask itself is fully repainted
-    assert ((weight >= 0) & (weight <= 1)).all()
+    assert ((feather.weight >= 0) & (feather.weight <= 1)).all()
+    if binary.any():
+        near = ndimage.distance_transform_edt(~binary) < blur  # the ramp reaches 0 at exactly `blur`
+        assert np.array_equal(feather.touched(mask.size), near | binary)
 
 
 def test_threshold_is_50_percent_and_invert_flips():
@@ -70,19 +74,26 @@ def test_negative_grow_erodes_but_not_from_the_image_border():
 def test_feather_eases_monotonically_away_from_the_mask():
     binary = np.zeros((8, 64), bool)
     binary[:, :20] = True
-    alpha = feather_mask(binary, 8)[4]
+    feather = feather_mask(binary, 8)
+    assert feather.box == (0, 0, 29, 8)
+    alpha = feather.weight[4]
     assert alpha[19] == 1.0 and alpha[28] == 0.0
-    assert all(alpha[i] >= alpha[i + 1] for i in range(19, 30))
+    assert all(alpha[i] >= alpha[i + 1] for i in range(19, 28))
     assert 0 < alpha[24] < 1
 
 
 def test_composite_inside_a_box_keeps_alpha_and_everything_else():
-    original = np.zeros((10, 12, 4), np.uint8)
-    original[..., 3] = 77
-    weight = np.zeros((10, 12), np.float32)
-    weight[2:4, 3:5] = 1.0
-    patch = np.full((6, 6, 3), 200, np.uint8)
-    composite_over(original, patch, weight, (2, 1, 8, 7))
-    assert (original[2:4, 3:5, :3] == 200).all()
-    assert original[..., :3].sum() == 200 * 3 * 4
-    assert (original[..., 3] == 77).all()
+    canvas = Image.new("RGBA", (12, 10), (0, 0, 0, 77))
+    binary = np.zeros((10, 12), bool)
+    binary[2:4, 3:5] = True
+    patch = Image.new("RGB", (6, 6), (200, 200, 200))
+    composite_over(canvas, patch, feather_mask(binary, 0), (2, 1, 8, 7))
+    result = np.asarray(canvas)
+    assert (result[2:4, 3:5, :3] == 200).all()
+    assert result[..., :3].sum() == 200 * 3 * 4
+    assert (result[..., 3] == 77).all()
+
+
+def test_empty_mask_feathers_to_nothing():
+    feather = feather_mask(np.zeros((5, 5), bool), 4)
+    assert not feather.touched((5, 5)).any()
