@@ -31,6 +31,10 @@ class Settings:
     max_batch_pixels: int = 4 * 1024 * 1024
     # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
     device: str = ""
+    # The GPU fast path (pipeline.optimize): channels_last, fused QKV, sliced VAE decode. Off: plain diffusers.
+    fast_path: bool = True
+    # Also torch.compile the UNet (part of the fast path, opt-in: its compile time is not yet measured on a GPU).
+    compile: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -37,10 +37,15 @@ class SafetyChecker:
         # Its own warning promises black images; this project leaves flagged outputs out instead, and says so.
         logging.getLogger(StableDiffusionSafetyChecker.__module__).setLevel(logging.ERROR)
         model = StableDiffusionSafetyChecker.from_pretrained(
-            folder / FOLDER, variant="fp16", dtype=dtype, use_safetensors=True, local_files_only=True
+            folder / FOLDER,
+            variant="fp16",
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            device_map=device.type,  # straight to the device, no copy in CPU memory first
         )
         processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor", local_files_only=True)
-        return cls(model.to(device).eval(), processor, device, dtype)
+        return cls(model.eval(), processor, device, dtype)
 
     def flags(self, images: list[Image.Image]) -> list[bool]:
         """True for each image the checker flags as potentially NSFW."""

@@ -72,7 +72,8 @@ class Inpainter:
                 "the safety checker is off for this deployment (INPAINT_SAFETY_CHECKER=0): no output is "
                 "checked, and the disable_safety_checker input has no effect"
             )
-        return cls(pipeline.load_pipeline(folder, device, dtype), settings, safety)
+        pipe = pipeline.load_pipeline(folder, device, dtype, settings.fast_path, settings.compile)
+        return cls(pipe, settings, safety)
 
     def _decode(self, image_path: Path, mask_path: Path | None) -> tuple[Image.Image, Image.Image]:
         """The photo and its mask, at the photo's size; the two files are decoded at the same time."""

@@ -41,3 +41,26 @@ def test_real_model_on_the_gpu_paints_the_example(tmp_path):
     result = np.asarray(Image.open(outputs[0]), dtype=np.float32)
     assert result.shape == (300, 451, 3)
     assert 20 < result.std() < 120  # a picture, not black or noise-free grey
+
+
+@pytest.mark.gpu
+def test_fast_path_matches_plain_diffusers_on_the_gpu(tiny_weights):
+    import torch
+    from PIL import Image as PILImage
+
+    from inpaint import pipeline
+
+    device, dtype = pipeline.pick_device()
+    image = PILImage.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((256, 256))
+    mask = PILImage.new("L", (256, 256), 0)
+    mask.paste(255, (64, 64, 192, 160))
+    job = pipeline.Generation("a cat", None, 2, 10, 7.5, 1.0, "DPMSolverMultistep", 7)
+    results = []
+    for fast in (False, True):
+        pipe = pipeline.load_pipeline(tiny_weights, device, dtype, fast=fast)
+        results.append([np.asarray(out, dtype=np.float64) for out in pipeline.generate(pipe, [image], [mask], job)[0]])
+        del pipe
+        torch.cuda.empty_cache()
+    for plain, fast in zip(*results):
+        mse = np.mean((plain - fast) ** 2)
+        assert mse == 0 or 10 * np.log10(255**2 / mse) > 35
