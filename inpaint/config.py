@@ -27,7 +27,7 @@ class Settings:
     max_input_pixels: int = 4096 * 4096
     # Largest working size (width x height the model runs at), in pixels.
     max_working_pixels: int = 1024 * 1024
-    # Largest batch: num_outputs x regions x working pixels of one prediction (4 x 1024x1024 fits a 16 GB GPU).
+    # Largest batch: num_outputs x regions x working pixels of one prediction (4 x 1024x1024, aimed at 16 GB GPUs).
     max_batch_pixels: int = 4 * 1024 * 1024
     # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
     device: str = ""

@@ -77,7 +77,7 @@ def optimize(pipe: StableDiffusionInpaintPipeline, device: torch.device, fast: b
     None of these changes what is computed beyond fp16 rounding (the bench checks agreement with
     plain diffusers): fp16 weights loaded straight to the GPU (load_pipeline), SDPA attention
     (diffusers' default), channels_last convolutions, fused QKV projections, and a VAE that decodes
-    a batch one image at a time so that 4 outputs at 1024x1024 fit a 16 GB GPU.
+    a batch one image at a time, for a lower peak memory (aimed at 4 outputs at 1024x1024 in 16 GB).
     """
     if device.type != "cuda" or not fast:
         return
