@@ -109,25 +109,9 @@ class Predictor(BaseRunner):
             description="Disable safety checker for generated images.", default=False
         ),
     ) -> List[Path]:
-        request = inputs.check_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            num_outputs=num_outputs,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler,
-            seed=seed,
-            invert_mask=invert_mask,
-            mask_grow=mask_grow,
-            mask_blur=mask_blur,
-            mask_padding=mask_padding,
-            strength=strength,
-            output_format=output_format,
-            output_quality=output_quality,
-            disable_safety_checker=disable_safety_checker,
-        )
+        # Every input but the two files goes, by name, to the one function that validates them all.
+        settings = {name: value for name, value in locals().items() if name not in ("self", "image", "mask")}
+        request = inputs.check_inputs(**settings)
         # A fresh folder per prediction; the previous one is removed now that Cog's server has sent its files.
         if self.out_dir is not None:
             shutil.rmtree(self.out_dir, ignore_errors=True)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inpaint import inputs
 from inpaint.weights import verify_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,18 +24,13 @@ def test_real_model_on_the_gpu_paints_the_example(tmp_path):
     predictor = Predictor()
     predictor.setup(weights=None)
     assert predictor.inpainter.pipe.unet.dtype.itemsize == 2  # fp16 on CUDA
+    from test_predict import DEFAULTS
+
     outputs = predictor.run(
         image=ROOT / "examples" / "chelsea.png",
         mask=ROOT / "examples" / "chelsea-mask.png",
-        prompt="a cat wearing round sunglasses, photo",
-        negative_prompt=None,
-        width=512,
-        height=512,
-        num_outputs=1,
-        num_inference_steps=25,
-        guidance_scale=inputs.DEFAULT_GUIDANCE,
-        scheduler=inputs.DEFAULT_SCHEDULER,
-        seed=42,
+        **{**DEFAULTS, "prompt": "a cat wearing round sunglasses, photo", "width": None, "height": None,
+           "num_inference_steps": 25, "seed": 42},
     )
     result = np.asarray(Image.open(outputs[0]), dtype=np.float32)
     assert result.shape == (300, 451, 3)
