@@ -270,6 +270,19 @@ def _latent_error(reference, fast, image, mask, job) -> float:
     return float((latents[0] - latents[1]).norm() / latents[0].norm())
 
 
+def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int) -> str:
+    """Added time per output of the safety checker on this device, for 1 and 4 outputs."""
+    from inpaint.safety import SafetyChecker
+
+    checker = SafetyChecker.load(folder, device, dtype)
+    crop = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((512, 512))
+    figures = []
+    for count in (1, 4):
+        milliseconds, _ = _time(lambda: checker.flags([crop] * count), device, runs)
+        figures.append(f"{milliseconds:.1f} ms for {count} output(s) ({milliseconds / count:.1f} ms each)")
+    return "; ".join(figures)
+
+
 def _cold_start(folder: Path) -> str:
     """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place."""
     try:
@@ -340,10 +353,12 @@ def run_gpu(runs: int, tiny: bool) -> str:
         rows.append([f"{size}x{size} x{count}", f"{reference_ms:.0f}", f"{ours_ms:.0f}", f"{reference_ms / ours_ms:.2f}",
                      f"{reference_peak:.2f} / {ours_peak:.2f}", agreement])
     cold = _cold_start(folder) if not tiny else "not measured on tiny weights"
+    safety = _safety_on(folder, device, dtype, runs)
     title = "Smoke test on tiny weights (not a measurement)" if tiny else "GPU run"
     return f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median of {runs} after a warm-up:\n\n" + table(
         ["shape", "reference ms", "ours ms", "ratio", "peak GiB (ref / ours)", "agreement"], rows
-    ) + f"\n\nCold start, process start to READY through Cog's server, weights on local disk: {cold}"
+    ) + (f"\n\nCold start, process start to READY through Cog's server, weights on local disk: {cold}"
+         f"\n\nSafety checker added time: {safety}")
 
 
 def main() -> int:
