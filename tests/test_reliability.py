@@ -350,9 +350,13 @@ def test_schemathesis_fuzzes_the_api_without_a_server_error(server, report):
     def shape(case, mode) -> None:
         """Keep valid heavy values cheap on a CPU (few steps, small working size). For positive cases,
         also send an input with its image: Cog's PredictionRequest does not mark `input` required, and
-        leave out explicit nulls, which Cog 0.23.1's validator rejects (see the README)."""
+        leave out explicit nulls, which Cog 0.23.1's validator rejects (see the README). Prediction ids
+        with a NUL or over 255 bytes are replaced: they hit a bug of Cog's server, tested on its own below."""
         if not isinstance(case.body, dict):
             return
+        prediction_id = case.body.get("id")
+        if isinstance(prediction_id, str) and ("\0" in prediction_id or len(prediction_id.encode()) > 64):
+            case.body["id"] = uuid.uuid4().hex  # such ids wedge Cog 0.23.1's server (tested below)
         inputs = case.body.setdefault("input", {}) if mode is GenerationMode.POSITIVE else case.body.get("input")
         if not isinstance(inputs, dict):
             return
@@ -374,7 +378,7 @@ def test_schemathesis_fuzzes_the_api_without_a_server_error(server, report):
             shape(case, mode)
             server.wait_ready(30)
             for _ in range(100):
-                response = case.call(base_url=server.url, timeout=120)
+                response = case.call(base_url=server.url, timeout=60)
                 if response.status_code != 409:
                     break
                 time.sleep(0.05)
@@ -384,3 +388,19 @@ def test_schemathesis_fuzzes_the_api_without_a_server_error(server, report):
         fuzz()
     report(f"schemathesis: 80 generated requests (positive and negative), responses by status {dict(sorted(seen.items()))}")
     assert seen.get(200) and seen.get(422)
+
+
+@pytest.mark.xfail(strict=True, reason="coglet 0.23.1: an id with a NUL or over 255 bytes leaves the server BUSY for good")
+@pytest.mark.parametrize("bad_id", ["bad\u0000id", "x" * 256], ids=["NUL", "256 bytes"])
+def test_a_bad_prediction_id_does_not_wedge_the_server(tiny_weights, tmp_path, bad_id):
+    """Found by the fuzzer. The id never reaches this project's code: Cog's Rust server drops the
+    prediction's slot without a final state, and every later request gets 409. When Cog fixes it,
+    this test passes, strict xfail turns that into a failure, and the README's warning can go."""
+    server = CogServer(tiny_weights, log_path=tmp_path / "server.log").start()
+    try:
+        server.request("POST", "/predictions", {"id": bad_id, "input": _base()})
+        time.sleep(1)
+        status, response = server.request("POST", "/predictions", {"input": _base()})
+        assert status == 200 and response["status"] == "succeeded", (status, response)
+    finally:
+        server.stop()
