@@ -1,6 +1,5 @@
 """Decoding uploads safely, and encoding outputs."""
 
-import io
 import struct
 import zlib
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cogserver import CogServer, data_uri, decode_data_uri
+from cogserver import CogServer, decode_data_uri
 from conftest import make_mask, make_photo
 
 ROOT = Path(__file__).resolve().parent.parent
