@@ -19,7 +19,8 @@ class Predictor(BaseRunner):
         from inpaint.config import Settings
         from inpaint.service import Inpainter
 
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("inpaint").setLevel(logging.INFO)
         self.inpainter = Inpainter.load(weights, Settings.from_env())
         self.out_dir: Optional[Path] = None
 

@@ -30,7 +30,6 @@ MANIFEST_NAME = "weights-sha256.json"
 STAMP_NAME = ".verified.json"
 PACKAGE_MANIFEST = Path(__file__).with_name(MANIFEST_NAME)
 SAFETY_MANIFEST = Path(__file__).with_name("safety-checker-sha256.json")
-SAFETY_CONFIG = Path(__file__).with_name("reference") / "safety_checker" / "config.json"
 VARIANT = "fp16"
 # The checker's fp16 file as published (runwayml SD 1.5 layout) -> where it lives here, named so that
 # transformers' `variant="fp16"` finds it.
@@ -129,9 +128,9 @@ def download_checkpoint(settings: Settings, dest: Path) -> Path:
         if settings.safety_checker:
             repo, revision = settings.safety_repo, settings.safety_revision
             log.info("downloading the safety checker from %s@%s", repo, revision)
+            hf_hub_download(repo, "safety_checker/config.json", revision=revision, local_dir=dest)
             fetched = hf_hub_download(repo, SAFETY_REMOTE, revision=revision, local_dir=dest)
             os.replace(fetched, dest / SAFETY_LOCAL)
-            shutil.copyfile(SAFETY_CONFIG, dest / "safety_checker" / "config.json")
     except Exception as error:  # the hub client raises many types (HTTP, offline, auth); all mean the same here
         raise WeightsError(
             f"could not download {repo}@{revision} ({type(error).__name__}: {error}); check the network, "

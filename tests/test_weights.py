@@ -2,6 +2,7 @@
 
 import functools
 import hashlib
+import os
 import http.server
 import json
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -113,12 +115,6 @@ def test_cog_weights_url_of_a_tar_is_fetched_unpacked_and_verified(weights_copy,
         httpd.shutdown()
 
 
-def test_download_failure_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsError, match="could not download sd2-community/stable-diffusion-2-inpainting@main"):
-        resolve_weights(None, Settings(weights_dir=tmp_path / "weights"))
-
-
 def test_safety_checker_files_are_required_unless_the_checker_is_off(weights_copy):
     (weights_copy / "safety_checker" / "model.fp16.safetensors").unlink()
     with pytest.raises(WeightsError, match="safety_checker/model.fp16.safetensors is missing.*INPAINT_SAFETY_CHECKER=0"):
@@ -132,3 +128,105 @@ def test_settings_parse_booleans_and_numbers():
     assert Settings.from_env({"INPAINT_SAFETY_CHECKER": "true"}).safety_checker is True
     with pytest.raises(ValueError, match="INPAINT_SAFETY_CHECKER='maybe' is not a valid bool"):
         Settings.from_env({"INPAINT_SAFETY_CHECKER": "maybe"})
+
+
+# ---------------------------------------------------------------- downloads, against a local hub
+
+
+@pytest.fixture
+def hub(tiny_weights, tmp_path):
+    """The tiny checkpoint served as two hub repositories, laid out as the real ones are."""
+    from fakehub import FakeHub
+
+    sd2 = tmp_path / "repos" / "sd2"
+    shutil.copytree(tiny_weights, sd2, ignore=shutil.ignore_patterns("safety_checker", "weights-sha256.json", ".verified.json"))
+    (sd2 / "README.md").write_text("model card")
+    (sd2 / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"an fp32 file this project never downloads")
+    sd15 = tmp_path / "repos" / "sd15" / "safety_checker"
+    sd15.mkdir(parents=True)
+    shutil.copyfile(tiny_weights / "safety_checker" / "model.fp16.safetensors", sd15 / "pytorch_model.fp16.safetensors")
+    shutil.copyfile(tiny_weights / "safety_checker" / "config.json", sd15 / "config.json")
+    server = FakeHub({"test/sd2": sd2, "test/sd15": sd15.parent})
+    yield server
+    server.close()
+
+
+def _weight_files(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and ".cache" not in path.parts}
+
+
+def test_download_weights_fetches_the_fp16_layout_and_rejects_files_that_are_not_the_published_ones(hub, tmp_path):
+    """script/download-weights, end to end against a hub on 127.0.0.1: the right files land in place,
+    and since these are not the published weights, the sha256 manifest rejects them with a clear message."""
+    dest = tmp_path / "weights"
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "INPAINT_WEIGHTS_REPO": "test/sd2",
+        "INPAINT_SAFETY_REPO": "test/sd15",
+    }
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "script" / "download-weights"), "--dest", str(dest)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "expected 1,731,933,536" in result.stderr or "expected 608,018,440" in result.stderr, result.stderr
+    files = _weight_files(dest)
+    assert {UNET, "text_encoder/model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+            "safety_checker/model.fp16.safetensors", "safety_checker/config.json", "model_index.json",
+            "tokenizer/vocab.json", "scheduler/scheduler_config.json"} <= files
+    assert "unet/diffusion_pytorch_model.safetensors" not in files and "README.md" not in files  # fp16 only
+    assert "HTTP Request" not in result.stderr  # the hub client's chatter stays out of the output
+
+
+def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub, tiny_weights, tmp_path):
+    """An empty weights/ is filled at setup, checked against the manifests, then loaded; a second
+    setup finds it and downloads nothing. Runs in its own process: huggingface_hub reads
+    HF_ENDPOINT at import."""
+    from inpaint import weights
+
+    tiny_manifest = json.loads((tiny_weights / "weights-sha256.json").read_text())
+    published = tmp_path / "published.json"
+    published.write_text(json.dumps({path: entry for path, entry in tiny_manifest.items() if not path.startswith("safety")}))
+    published_safety = tmp_path / "published-safety.json"
+    published_safety.write_text(json.dumps({weights.SAFETY_REMOTE: tiny_manifest[weights.SAFETY_LOCAL]}))
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from inpaint import weights
+from inpaint.config import Settings
+from inpaint.service import Inpainter
+# The published manifests name the real checkpoint's hashes; here they name the tiny one's.
+weights.PACKAGE_MANIFEST = Path({str(published)!r})
+weights.SAFETY_MANIFEST = Path({str(published_safety)!r})
+settings = Settings(weights_dir=Path({str(tmp_path / "weights")!r}), weights_repo="test/sd2", safety_repo="test/sd15")
+assert Inpainter.load(None, settings).safety is not None
+print("loaded")
+"""
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(tmp_path / "hf-home")}
+    for attempt in (1, 2):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
+        if attempt == 1:
+            requests = len(hub.requests)
+            assert requests > 0 and (tmp_path / "weights" / weights.SAFETY_LOCAL).is_file()
+    assert len(hub.requests) == requests  # the second setup found the weights: no download at all
+
+
+def test_a_missing_repository_is_a_clear_error_not_a_hang(hub, tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(tmp_path / "hf-home"), "INPAINT_WEIGHTS_REPO": "test/no-such-repo"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "script" / "download-weights"), "--dest", str(tmp_path / "weights")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "could not download test/no-such-repo@main" in result.stderr
+    assert "INPAINT_WEIGHTS_REPO" in result.stderr  # says what to change
+    assert time.monotonic() - started < 30
