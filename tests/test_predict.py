@@ -1,6 +1,7 @@
 """The Cog Predictor in-process: setup with the tiny weights through the real loading code, then run."""
 
 import hashlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,7 +42,9 @@ DEFAULTS = dict(
 def predictor(tiny_weights):
     runner = Predictor()
     runner.setup(weights=str(tiny_weights))
-    return runner
+    yield runner
+    if runner.out_dir is not None:  # the last prediction's folder (each run removes the one before)
+        shutil.rmtree(runner.out_dir, ignore_errors=True)
 
 
 def run(predictor, image, mask, **overrides):
