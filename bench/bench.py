@@ -362,11 +362,14 @@ def run_gpu(runs: int, tiny: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU measurements (load time, pre/post, safety)")
+    parser.add_argument("--prepost", action="store_true", help="only the 4096x4096 pre/post-processing timings (CPU)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
-    if args.cpu:
+    if args.prepost:
+        report = run_prepost_only(args.runs)
+    elif args.cpu:
         report = run_cpu(args.runs)
     elif torch.cuda.is_available() or args.tiny:
         report = run_gpu(args.runs, args.tiny)

@@ -11,6 +11,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
+# 8-bit PNG layouts libspng decodes straight to the mode Pillow would give (same names); it has no LA output.
+_SPNG_MODES = ("L", "RGB", "RGBA")
 
 
 def _open(path: Path, name: str, max_pixels: int) -> Image.Image:
@@ -45,16 +47,46 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
-def _load(image: Image.Image, name: str) -> Image.Image:
+def _load(image: Image.Image, path: Path, name: str) -> Image.Image:
     """Decode the pixels (first frame of an animation), applying EXIF orientation."""
+    fast = _load_png(image, path)
+    if fast is not None:
+        return fast
     try:
         image.seek(0)
         image.load()
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels when there is nothing to turn
+        return image
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ValueError(
             f"{name} could not be decoded ({_reason(error)}); the file may be truncated or damaged, upload it again"
         ) from None
+
+
+def _load_png(image: Image.Image, path: Path) -> Image.Image | None:
+    """A still 8-bit PNG through libspng (pyspng), about twice as fast as Pillow at 4096x4096.
+
+    None, for Pillow to decode instead, when the file is anything else, carries EXIF (orientation is
+    Pillow's to apply), or libspng cannot decode it (Pillow then reports the damage in its own words).
+    """
+    if image.format != "PNG" or image.mode not in _SPNG_MODES or image.tile[0].args != image.mode:
+        return None
+    if getattr(image, "n_frames", 1) != 1:
+        return None
+    data = path.read_bytes()
+    if b"eXIf" in data or b"Raw profile type exif" in data:
+        return None
+    import pyspng
+
+    try:
+        pixels = pyspng.load(data, format=image.mode)
+    except (RuntimeError, ValueError):
+        return None
+    decoded = Image.fromarray(pixels)
+    if decoded.mode != image.mode or decoded.size != image.size:
+        return None
+    image.close()
+    return decoded
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -76,8 +108,9 @@ def _has_alpha(image: Image.Image) -> bool:
 
 def decode_image(path: Path, max_pixels: int, name: str = "image") -> Image.Image:
     """The uploaded photo, upright, as 8-bit "RGB", or "RGBA" when it has transparency."""
-    image = _to_8bit(_load(_open(path, name, max_pixels), name))
-    return image.convert("RGBA" if _has_alpha(image) else "RGB")
+    image = _to_8bit(_load(_open(path, name, max_pixels), path, name))
+    mode = "RGBA" if _has_alpha(image) else "RGB"
+    return image if image.mode == mode else image.convert(mode)
 
 
 def flatten(image: Image.Image) -> Image.Image:
@@ -92,7 +125,7 @@ def decode_mask(path: Path, max_pixels: int, name: str = "mask") -> Image.Image:
 
     Colour is reduced to luminance; transparent pixels count as keep (black).
     """
-    mask = _to_8bit(_load(_open(path, name, max_pixels), name))
+    mask = _to_8bit(_load(_open(path, name, max_pixels), path, name))
     if _has_alpha(mask):
         rgba = mask.convert("RGBA")
         mask = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

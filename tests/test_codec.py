@@ -2,6 +2,7 @@
 
 import struct
 import zlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -78,6 +79,67 @@ def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif)
     assert decode_image(path, LIMIT).size == (20, 40)
+
+
+def _pillow_pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGBA" if "A" in image.mode else "RGB"))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+def test_8bit_png_decodes_exactly_as_pillow_decodes_it(tmp_path, mode):
+    # RGB, RGBA and L go through libspng, LA through Pillow: the pixels are the same either way.
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)).convert(mode)
+    path = tmp_path / "p.png"
+    noise.save(path)
+    import pyspng
+
+    with mock.patch.object(pyspng, "load", wraps=pyspng.load) as spng:
+        decoded = decode_image(path, LIMIT)
+    assert spng.call_count == (mode != "LA")
+    assert decoded.size == (53, 37)
+    assert np.array_equal(np.asarray(decoded), _pillow_pixels(path))
+    mask = decode_mask(path, LIMIT)
+    assert mask.mode == "L" and mask.size == (53, 37)
+
+
+def test_png_with_exif_orientation_is_turned(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.png"
+    Image.new("RGB", (40, 20), "red").save(path, exif=exif)
+    assert decode_image(path, LIMIT).size == (20, 40)
+
+
+def test_16bit_rgb_png_is_reduced_to_8bit(tmp_path):
+    # 16-bit RGB goes to Pillow (libspng would give uint16): the high byte of each sample.
+    rng = np.random.default_rng(1)
+    samples = rng.integers(0, 65536, (12, 10, 3), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    _write_png(path, 10, 12, 16, 2, samples.astype(">u2").tobytes(), row_bytes=10 * 6)
+    decoded = decode_image(path, LIMIT)
+    assert decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded), (samples >> 8).astype(np.uint8))
+
+
+def _write_png(path, width, height, depth, color_type, raw: bytes, row_bytes: int) -> None:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + raw[y * row_bytes : (y + 1) * row_bytes] for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_png_with_damaged_pixel_data_is_reported_as_damaged(tmp_path):
+    data = bytearray(make_photo(tmp_path / "p.png").read_bytes())
+    start = data.index(b"IDAT") + 4
+    data[start + 10 : start + 60] = bytes(50)  # zlib stream broken, chunk length intact
+    path = tmp_path / "damaged.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="^image could not be decoded"):
+        decode_image(path, LIMIT)
 
 
 def test_animated_gif_uses_the_first_frame(tmp_path):
