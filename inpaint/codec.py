@@ -129,7 +129,7 @@ def decode_mask(path: Path, max_pixels: int, name: str = "mask") -> Image.Image:
     if _has_alpha(mask):
         rgba = mask.convert("RGBA")
         mask = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    return mask.convert("L")
+    return mask if mask.mode == "L" else mask.convert("L")
 
 
 def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
