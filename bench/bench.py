@@ -20,6 +20,7 @@ Results are appended to bench/RESULTS.md with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -300,11 +301,68 @@ def _cold_start(folder: Path) -> str:
         server.stop()
 
 
+def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, runs: int, steps: int, tiny: bool,
+                 deadline: float) -> list[list[object]]:
+    """Each lever alone at 512x512 x1 (64x64 on tiny weights), our prediction path, median ms.
+
+    The fast path against itself switched off; torch.compile of the UNet on top (the first call,
+    which compiles, is reported apart); and the sync-free loop, on PNDM, the scheduler whose step
+    reads the timestep back from the GPU in plain diffusers (DPMSolverMultistep never does).
+    Compile levers are skipped on tiny weights and once `deadline` (time.monotonic) has passed.
+    """
+    from inpaint import pipeline as ours
+    from inpaint import schedulers
+
+    size = 64 if tiny else 512
+    image, mask = _inputs(size)
+    job = ours.Generation("a cat wearing round sunglasses, photo", None, 1, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+
+    def timed(pipe, scheduler: str = "DPMSolverMultistep") -> float:
+        run_job = dataclasses.replace(job, scheduler=scheduler)
+        milliseconds, _ = _time(lambda: ours.generate(pipe, [image], [mask], run_job), device, runs)
+        return milliseconds
+
+    rows = []
+    baseline = timed(fast)
+    rows.append(["fast path (the default: channels_last, fused QKV, sliced VAE)", f"{baseline:.0f}", "1.00"])
+    plain = ours.load_pipeline(folder, device, dtype, fast=False)
+    unoptimized = timed(plain)
+    rows.append(["fast path off (INPAINT_FAST_PATH=0): fp16 + SDPA only", f"{unoptimized:.0f}", f"{unoptimized / baseline:.2f}"])
+    del plain
+    with_host = timed(fast, "PNDM")
+    original = schedulers._INDEXED_BY_TIMESTEP
+    schedulers._INDEXED_BY_TIMESTEP = ()
+    try:
+        read_back = timed(fast, "PNDM")
+    finally:
+        schedulers._INDEXED_BY_TIMESTEP = original
+    rows.append(["PNDM, timestep read back from the GPU each step (plain diffusers)", f"{read_back:.0f}", f"{read_back / baseline:.2f}"])
+    rows.append(["PNDM, host timesteps (ours: no sync in the loop)", f"{with_host:.0f}", f"{with_host / baseline:.2f}"])
+    for mode in ("default", "reduce-overhead"):
+        label = f"+ torch.compile(unet, mode={mode})" + (" (CUDA graphs)" if mode == "reduce-overhead" else "")
+        if tiny or device.type != "cuda" or time.monotonic() > deadline:
+            rows.append([label, "not run (" + ("tiny weights" if tiny else "no CUDA" if device.type != "cuda" else "time budget") + ")", "-"])
+            continue
+        compiled = ours.load_pipeline(folder, device, dtype)
+        compiled.unet = torch.compile(compiled.unet, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
+        begin = time.perf_counter()
+        ours.generate(compiled, [image], [mask], job)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - begin
+        milliseconds = timed(compiled)
+        rows.append([f"{label}; first call {first:.0f} s", f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
+        del compiled
+        torch._dynamo.reset()
+    ours.release_memory(device)
+    return rows
+
+
 def run_gpu(runs: int, tiny: bool) -> str:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
 
     from inpaint import pipeline as ours
 
+    started = time.monotonic()
     device, dtype = ours.pick_device()
     if tiny:
         folder = CACHE / "tiny-weights"
@@ -352,11 +410,15 @@ def run_gpu(runs: int, tiny: bool) -> str:
                      f"{reference_peak:.2f} / {ours_peak:.2f}", agreement])
     cold = _cold_start(folder) if not tiny else "not measured on tiny weights"
     safety = _safety_on(folder, device, dtype, runs)
+    levers = bench_levers(folder, fast, device, dtype, runs, steps, tiny, deadline=started + 240)
     title = "Smoke test on tiny weights (not a measurement)" if tiny else "GPU run"
     return f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median of {runs} after a warm-up:\n\n" + table(
         ["shape", "reference ms", "ours ms", "ratio", "peak GiB (ref / ours)", "agreement"], rows
     ) + (f"\n\nCold start, process start to READY through Cog's server, weights on local disk: {cold}"
-         f"\n\nSafety checker added time: {safety}")
+         f"\n\nSafety checker added time: {safety}"
+         f"\n\nLevers one at a time, {'64x64' if tiny else '512x512'} x1, {steps} steps, our prediction path, "
+         f"median ms (ratio to the default fast path; under 1 is faster):\n\n"
+         + table(["configuration", "ms", "ratio"], levers))
 
 
 def main() -> int:

@@ -1,0 +1,22 @@
+"""The GPU benchmark stays runnable while no GPU is at hand: its smoke test on the tiny weights."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_test_prints_every_table():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--runs", "1", "--no-record"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "| shape | reference ms | ours ms | ratio |" in out
+    assert "| 64x64 x1 |" in out and "| 128x128 x2 |" in out
+    assert "latents rel. err" in out
+    assert "Safety checker added time:" in out
+    for lever in ("fast path off", "PNDM, timestep read back", "PNDM, host timesteps", "torch.compile"):
+        assert lever in out, lever
