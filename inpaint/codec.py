@@ -11,8 +11,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-# 8-bit PNG layouts libspng decodes straight to the mode Pillow would give (same names); it has no LA output.
-_SPNG_MODES = ("L", "RGB", "RGBA")
+# 8-bit PNG layouts that libpng (through imagecodecs) decodes to exactly the pixels Pillow gives for that mode.
+_PNG_FAST_MODES = ("L", "LA", "RGB", "RGBA")
 
 
 def _open(path: Path, name: str, max_pixels: int) -> Image.Image:
@@ -64,23 +64,24 @@ def _load(image: Image.Image, path: Path, name: str) -> Image.Image:
 
 
 def _load_png(image: Image.Image, path: Path) -> Image.Image | None:
-    """A still 8-bit PNG through libspng (pyspng), about twice as fast as Pillow at 4096x4096.
+    """A still 8-bit PNG through libpng (imagecodecs): ~3x faster than Pillow at 4096x4096, and it
+    lets go of the GIL, so the image and its mask decode side by side.
 
     None, for Pillow to decode instead, when the file is anything else, carries EXIF (orientation is
-    Pillow's to apply), or libspng cannot decode it (Pillow then reports the damage in its own words).
+    Pillow's to apply), or libpng cannot decode it (Pillow then reports the damage in its own words).
     """
-    if image.format != "PNG" or image.mode not in _SPNG_MODES or image.tile[0].args != image.mode:
+    if image.format != "PNG" or image.mode not in _PNG_FAST_MODES or image.tile[0].args != image.mode:
         return None
     if getattr(image, "n_frames", 1) != 1:
         return None
     data = path.read_bytes()
     if b"eXIf" in data or b"Raw profile type exif" in data:
         return None
-    import pyspng
+    import imagecodecs
 
     try:
-        pixels = pyspng.load(data, format=image.mode)
-    except (RuntimeError, ValueError):
+        pixels = imagecodecs.png_decode(data)  # (H, W) or (H, W, C) uint8
+    except (imagecodecs.PngError, ValueError):
         return None
     decoded = Image.fromarray(pixels)
     if decoded.mode != image.mode or decoded.size != image.size:
