@@ -345,12 +345,15 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
             continue
         compiled = ours.load_pipeline(folder, device, dtype)
         compiled.unet = torch.compile(compiled.unet, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
-        begin = time.perf_counter()
-        ours.generate(compiled, [image], [mask], job)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - begin
-        milliseconds = timed(compiled)
-        rows.append([f"{label}; first call {first:.0f} s", f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
+        try:
+            begin = time.perf_counter()
+            ours.generate(compiled, [image], [mask], job)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - begin
+            milliseconds = timed(compiled)
+            rows.append([f"{label}; first call {first:.0f} s", f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
+        except Exception as error:  # report it and keep the rest of the run
+            rows.append([label, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
         del compiled
         torch._dynamo.reset()
     ours.release_memory(device)

@@ -34,7 +34,7 @@ class Feather:
 
 def prepare_mask(mask: Image.Image, invert: bool = False, grow: int = 0) -> np.ndarray:
     """(H, W) bool, True = repaint: thresholded at 50%, optionally inverted, then grown (or shrunk if grow < 0)."""
-    binary = np.asarray(mask.convert("L")) >= 128
+    binary = np.asarray(mask if mask.mode == "L" else mask.convert("L")) >= 128
     if invert:
         binary = ~binary
     box = bounding_box(binary, max(grow, 0) + 1)
