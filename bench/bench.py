@@ -323,11 +323,16 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         return milliseconds
 
     rows = []
+
+    def add(row: list[object]) -> None:
+        rows.append(row)
+        _progress("lever: " + " | ".join(str(cell) for cell in row))
+
     baseline = timed(fast)
-    rows.append(["fast path (the default: channels_last, fused QKV, sliced VAE)", f"{baseline:.0f}", "1.00"])
+    add(["fast path (the default: channels_last, fused QKV, sliced VAE)", f"{baseline:.0f}", "1.00"])
     plain = ours.load_pipeline(folder, device, dtype, fast=False)
     unoptimized = timed(plain)
-    rows.append(["fast path off (INPAINT_FAST_PATH=0): fp16 + SDPA only", f"{unoptimized:.0f}", f"{unoptimized / baseline:.2f}"])
+    add(["fast path off (INPAINT_FAST_PATH=0): fp16 + SDPA only", f"{unoptimized:.0f}", f"{unoptimized / baseline:.2f}"])
     del plain
     with_host = timed(fast, "PNDM")
     original = schedulers._INDEXED_BY_TIMESTEP
@@ -336,12 +341,12 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         read_back = timed(fast, "PNDM")
     finally:
         schedulers._INDEXED_BY_TIMESTEP = original
-    rows.append(["PNDM, timestep read back from the GPU each step (plain diffusers)", f"{read_back:.0f}", f"{read_back / baseline:.2f}"])
-    rows.append(["PNDM, host timesteps (ours: no sync in the loop)", f"{with_host:.0f}", f"{with_host / baseline:.2f}"])
+    add(["PNDM, timestep read back from the GPU each step (plain diffusers)", f"{read_back:.0f}", f"{read_back / baseline:.2f}"])
+    add(["PNDM, host timesteps (ours: no sync in the loop)", f"{with_host:.0f}", f"{with_host / baseline:.2f}"])
     for mode in ("default", "reduce-overhead"):
         label = f"+ torch.compile(unet, mode={mode})" + (" (CUDA graphs)" if mode == "reduce-overhead" else "")
         if tiny or device.type != "cuda" or time.monotonic() > deadline:
-            rows.append([label, "not run (" + ("tiny weights" if tiny else "no CUDA" if device.type != "cuda" else "time budget") + ")", "-"])
+            add([label, "not run (" + ("tiny weights" if tiny else "no CUDA" if device.type != "cuda" else "time budget") + ")", "-"])
             continue
         compiled = ours.load_pipeline(folder, device, dtype)
         compiled.unet = torch.compile(compiled.unet, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
@@ -351,16 +356,21 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
             torch.cuda.synchronize()
             first = time.perf_counter() - begin
             milliseconds = timed(compiled)
-            rows.append([f"{label}; first call {first:.0f} s", f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
+            add([f"{label}; first call {first:.0f} s", f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
         except Exception as error:  # report it and keep the rest of the run
-            rows.append([label, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
+            add([label, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
         del compiled
         torch._dynamo.reset()
     ours.release_memory(device)
     return rows
 
 
-def run_gpu(runs: int, tiny: bool) -> str:
+def _progress(text: str) -> None:
+    """A line on stderr as soon as a figure exists, so a run cut short still leaves what it measured."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def run_gpu(runs: int, tiny: bool, quick: bool = False) -> str:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
 
     from inpaint import pipeline as ours
@@ -374,7 +384,10 @@ def run_gpu(runs: int, tiny: bool) -> str:
         shapes, steps = [(64, 1), (128, 2)], 3
     else:
         folder = build_full_size(CACHE / "full-size-weights")
+        _progress(f"full-size weights ready after {time.monotonic() - started:.0f} s")
         shapes, steps = [(512, 1), (768, 1), (1024, 1), (512, 4), (1024, 4)], 50
+        if quick:
+            shapes = shapes[:1]
     reference = StableDiffusionInpaintPipeline.from_pretrained(
         folder, variant="fp16", dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(device)
@@ -411,9 +424,14 @@ def run_gpu(runs: int, tiny: bool) -> str:
             agreement += f", latents rel. err {_latent_error(reference, fast, image, mask, job):.1e}"
         rows.append([f"{size}x{size} x{count}", f"{reference_ms:.0f}", f"{ours_ms:.0f}", f"{reference_ms / ours_ms:.2f}",
                      f"{reference_peak:.2f} / {ours_peak:.2f}", agreement])
+        _progress(" | ".join(rows[-1]))
+    levers = bench_levers(folder, fast, device, dtype, runs, steps, tiny, deadline=started + 270)
+    del reference
+    ours.release_memory(device)
     cold = _cold_start(folder) if not tiny else "not measured on tiny weights"
+    _progress(f"cold start: {cold}")
     safety = _safety_on(folder, device, dtype, runs)
-    levers = bench_levers(folder, fast, device, dtype, runs, steps, tiny, deadline=started + 240)
+    _progress(f"safety checker: {safety}; whole run {time.monotonic() - started:.0f} s")
     title = "Smoke test on tiny weights (not a measurement)" if tiny else "GPU run"
     return f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median of {runs} after a warm-up:\n\n" + table(
         ["shape", "reference ms", "ours ms", "ratio", "peak GiB (ref / ours)", "agreement"], rows
@@ -428,6 +446,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU measurements (load time, pre/post, safety)")
     parser.add_argument("--prepost", action="store_true", help="only the 4096x4096 pre/post-processing timings (CPU)")
+    parser.add_argument("--quick", action="store_true", help="GPU: only 512x512 x1 in the main table (a shorter rerun)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -437,7 +456,7 @@ def main() -> int:
     elif args.cpu:
         report = run_cpu(args.runs)
     elif torch.cuda.is_available() or args.tiny:
-        report = run_gpu(args.runs, args.tiny)
+        report = run_gpu(args.runs, args.tiny, args.quick)
     else:
         print("no CUDA GPU here: run with --cpu for the CPU measurements (or --tiny for a smoke test)", file=sys.stderr)
         return 2
