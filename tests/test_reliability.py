@@ -7,6 +7,7 @@ import io
 import os
 import struct
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -328,6 +329,46 @@ def test_sigterm_exits_cleanly_and_promptly_while_a_prediction_runs(tiny_weights
     assert running.stop(timeout=30) == 0  # SIGTERM; stop() kills only if it has not exited within 30 s
     assert time.monotonic() - started < 15
     assert not Path(f"/proc/{worker}").exists() or "zombie" in Path(f"/proc/{worker}/status").read_text()
+
+
+def test_sigterm_during_a_sync_prediction_finishes_it_then_exits(tiny_weights, tmp_path):
+    running = CogServer(tiny_weights, log_path=tmp_path / "server.log").start()
+    body = {**_base(), "num_inference_steps": 60, "width": 256, "height": 256}
+    answer: dict = {}
+
+    def post() -> None:
+        answer["response"] = running.request("POST", "/predictions", {"input": body})
+
+    client = threading.Thread(target=post)
+    client.start()
+    deadline = time.monotonic() + 60
+    while "denoising" not in running.log_path.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running.stop(timeout=60) == 0  # SIGTERM while the prediction runs
+    client.join(60)
+    status, response = answer["response"]
+    assert status == 200 and response["status"] == "succeeded", (status, response.get("error"))
+    assert Image.open(io.BytesIO(decode_data_uri(response["output"][0]))).size == Image.open(io.BytesIO(GOOD_PNG)).size
+
+
+@pytest.mark.xfail(
+    strict=True, raises=TimeoutError,
+    reason="coglet 0.23.1 drops a running async prediction on SIGTERM, without a final webhook",
+)
+def test_sigterm_during_an_async_prediction_still_ends_it_with_a_webhook(tiny_weights, tmp_path, webhook):
+    """Cog's server finishes a sync prediction before it exits (the test above), but an async one is
+    dropped: it logs "Slot dropped while InUse with non-terminal prediction" and sends no final
+    webhook (replicate/cog#896 leaves that to the orchestrator). The model's code never sees the
+    shutdown, so it cannot help. When Cog fixes it, strict xfail turns this into a failure."""
+    running = CogServer(tiny_weights, log_path=tmp_path / "server.log").start()
+    body = {**_base(), "num_inference_steps": 60, "width": 256, "height": 256}
+    status, _ = running.request(
+        "POST", "/predictions", {"id": "draining", "input": body, "webhook": webhook.url}, {"Prefer": "respond-async"}
+    )
+    assert status == 202
+    webhook.wait_for(lambda event: "denoising" in (event.get("logs") or ""), 60)
+    assert running.stop(timeout=60) == 0
+    webhook.wait_for(lambda event: event.get("status") in ("succeeded", "failed", "canceled"), 10)
 
 
 # ---------------------------------------------------------------- API fuzzing
