@@ -3,7 +3,7 @@
 Modules, one concern each:
   config       deployment settings (environment variables, read in one place)
   inputs       the request: bounds, defaults and validation of every input
-  codec        decoding uploaded files, encoding output files
+  codec        decoding uploaded files into arrays, encoding output files
   geometry     sizes: working size, mapping back to the input's size
   compositing  masks and pixels: clean-up, feather, paste the result over the original
   schedulers   user-facing scheduler name -> diffusers scheduler

@@ -32,9 +32,10 @@ class Feather:
         return full
 
 
-def prepare_mask(mask: Image.Image, invert: bool = False, grow: int = 0) -> np.ndarray:
-    """(H, W) bool, True = repaint: thresholded at 50%, optionally inverted, then grown (or shrunk if grow < 0)."""
-    binary = np.asarray(mask if mask.mode == "L" else mask.convert("L")) >= 128
+def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0) -> np.ndarray:
+    """(H, W) bool, True = repaint, from a (H, W) uint8 grey mask: thresholded at 50%, optionally
+    inverted, then grown (or shrunk if grow < 0)."""
+    binary = mask >= 128
     if invert:
         binary = ~binary
     box = bounding_box(binary, max(grow, 0) + 1)
@@ -65,8 +66,9 @@ def feather_mask(binary: np.ndarray, radius: int) -> Feather:
     return Feather(box, ramp * ramp * (3.0 - 2.0 * ramp))  # smoothstep: no visible edge at either end
 
 
-def composite_over(canvas: Image.Image, patch: Image.Image, feather: Feather, box: Box) -> None:
-    """Blend `patch` (RGB, the size of `box`) into `canvas` at `box`, weighted by the feather; in place.
+def composite_over(canvas: np.ndarray, patch: Image.Image, feather: Feather, box: Box) -> None:
+    """Blend `patch` (RGB, the size of `box`) into `canvas` ((H, W, 3 or 4) uint8) at `box`, weighted
+    by the feather; in place.
 
     Where the weight is 0 the canvas keeps its pixels exactly; colour channels only (alpha is kept).
     """
@@ -76,9 +78,8 @@ def composite_over(canvas: Image.Image, patch: Image.Image, feather: Feather, bo
     left, top, right, bottom = region
     weight = feather.weight[top - feather.box[1] : bottom - feather.box[1], left - feather.box[0] : right - feather.box[0]]
     weight = weight[..., None]  # (h, w, 1)
-    base = np.array(canvas.crop(region))  # (h, w, 3 or 4) uint8
+    base = canvas[top:bottom, left:right, :3]  # a view: written in place
     new = np.asarray(patch.crop((left - box[0], top - box[1], right - box[0], bottom - box[1])), dtype=np.float32)
-    colour = base[..., :3].astype(np.float32)
-    blended = np.rint(colour + (new - colour) * weight).astype(np.uint8)
-    base[..., :3] = np.where(weight > 0, blended, base[..., :3])
-    canvas.paste(Image.fromarray(base, canvas.mode), (left, top))
+    colour = base.astype(np.float32)
+    colour += (new - colour) * weight
+    np.copyto(base, np.rint(colour, out=colour).astype(np.uint8), where=weight > 0)

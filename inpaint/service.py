@@ -46,6 +46,11 @@ class _Timer:
         return {name: round(seconds, 4) for name, seconds in self.seconds.items()}
 
 
+def _size(pixels: np.ndarray) -> tuple[int, int]:
+    """(width, height) of an (H, W, ...) array, the order Pillow and the geometry use."""
+    return pixels.shape[1], pixels.shape[0]
+
+
 class GPUOutOfMemory(RuntimeError):
     """The model ran out of GPU memory; the message says what to lower."""
 
@@ -75,8 +80,8 @@ class Inpainter:
         pipe = pipeline.load_pipeline(folder, device, dtype, settings.fast_path, settings.compile)
         return cls(pipe, settings, safety)
 
-    def _decode(self, image_path: Path, mask_path: Path | None) -> tuple[Image.Image, Image.Image]:
-        """The photo and its mask, at the photo's size; the two files are decoded at the same time."""
+    def _decode(self, image_path: Path, mask_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+        """The photo (H, W, 3 or 4) and its mask (H, W), at the photo's size; decoded at the same time."""
         if mask_path is None:
             image = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
             return image, self._mask_from_alpha(image)
@@ -87,12 +92,12 @@ class Inpainter:
             mask_error = mask_job.exception()  # wait for it either way; an image error is reported first
         if mask_error is not None:
             raise mask_error
-        return image, codec.fit_mask(mask_job.result(), image.size)
+        return image, codec.fit_mask(mask_job.result(), _size(image))
 
-    def _mask_from_alpha(self, image: Image.Image) -> Image.Image:
-        if image.mode == "RGBA":
+    def _mask_from_alpha(self, image: np.ndarray) -> np.ndarray:
+        if image.shape[2] == 4:
             log.info("no mask given: repainting the image's transparent pixels")
-            return image.getchannel("A").point(lambda value: 255 if value < 128 else 0)
+            return np.where(image[..., 3] < 128, 255, 0).astype(np.uint8)
         raise ValueError(
             "mask is missing: give a mask (white = repaint, black = keep), "
             "or an image whose transparent pixels mark the region to repaint"
@@ -113,7 +118,7 @@ class Inpainter:
             binary = compositing.prepare_mask(mask, request.invert_mask, request.mask_grow)  # (H, W) bool
         metrics: dict[str, object] = {
             "seed": request.seed,
-            "image_size": list(image.size),
+            "image_size": list(_size(image)),
             "mask_coverage": round(float(binary.mean()), 4),
         }
         if not binary.any() or request.strength == 0:
@@ -133,22 +138,26 @@ class Inpainter:
 
     def _paint(
         self,
-        image: Image.Image,
+        image: np.ndarray,
         binary: np.ndarray,
         mask_from_alpha: bool,
         request: InpaintRequest,
         timer: _Timer,
         metrics: dict[str, object],
-    ) -> list[Image.Image]:
+    ) -> list[np.ndarray]:
         """The outputs: the model's work on each region pasted over `image` (which the last output reuses)."""
         with timer.stage("prepare"):
             feather = compositing.feather_mask(binary, request.mask_blur)
-            touched = feather.touched(image.size)  # (H, W) bool: every pixel the paste changes
+            touched = feather.touched(_size(image))  # (H, W) bool: every pixel the paste changes
             # Context around each region; at least the feather band, so the whole band lies inside a crop.
             padding = max(request.mask_padding, request.mask_blur + 1)
             plan = geometry.plan_crops(touched, padding, request.width, request.height)
-            flat = codec.flatten(image)
-            crops = [flat.crop(box).resize(plan.working_size, Image.Resampling.LANCZOS) for box in plan.boxes]
+            crops = [
+                Image.fromarray(codec.flatten(image[top:bottom, left:right])).resize(
+                    plan.working_size, Image.Resampling.LANCZOS
+                )
+                for left, top, right, bottom in plan.boxes
+            ]
             crop_masks = [
                 Image.fromarray(np.where(touched[top:bottom, left:right], 255, 0).astype(np.uint8), "L").resize(
                     plan.working_size, Image.Resampling.NEAREST
@@ -189,17 +198,16 @@ class Inpainter:
         results = []
         with timer.stage("composite"):
             for position, output in enumerate(kept):
-                result = image if position == len(kept) - 1 else image.copy()  # no copy for the last one
+                last = position == len(kept) - 1
+                result = image if last and image.flags.writeable else image.copy()  # no copy for the last one
                 for box, outputs in zip(plan.boxes, generated):
                     size = (box[2] - box[0], box[3] - box[1])
                     compositing.composite_over(result, outputs[output].resize(size, Image.Resampling.LANCZOS), feather, box)
-                if mask_from_alpha and result.mode == "RGBA":
+                if mask_from_alpha and result.shape[2] == 4:
                     # The repainted region was transparent: make it as opaque as it is painted.
-                    alpha = result.getchannel("A")
-                    painted = np.rint(feather.weight * 255).astype(np.uint8)
-                    opaque = np.maximum(np.asarray(alpha.crop(feather.box)), painted)
-                    alpha.paste(Image.fromarray(opaque, "L"), feather.box[:2])
-                    result.putalpha(alpha)
+                    left, top, right, bottom = feather.box
+                    alpha = result[top:bottom, left:right, 3]  # a view
+                    alpha[...] = np.maximum(alpha, np.rint(feather.weight * 255).astype(np.uint8))
                 results.append(result)
         return results
 

@@ -6,7 +6,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import make_photo
 from inpaint.codec import decode_image, decode_mask, encode_image, fit_mask, flatten
@@ -29,9 +29,10 @@ def test_empty_file(tmp_path):
         decode_mask(path, LIMIT)
 
 
-def test_truncated_png_is_reported_as_damaged(tmp_path):
-    data = make_photo(tmp_path / "p.png").read_bytes()
-    path = tmp_path / "truncated.png"
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_truncated_file_is_reported_as_damaged(tmp_path, fmt):
+    data = make_photo(tmp_path / f"p.{fmt}").read_bytes()
+    path = tmp_path / f"truncated.{fmt}"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="^image could not be (decoded|read)"):
         decode_image(path, LIMIT)
@@ -66,24 +67,36 @@ def test_every_mode_decodes_to_rgb_or_rgba(tmp_path, mode):
     path = tmp_path / ("p.jpg" if mode == "CMYK" else "p.tiff" if mode == "I" else "p.png")
     converted.save(path)
     decoded = decode_image(path, LIMIT)
-    assert decoded.mode == ("RGBA" if mode in ("RGBA", "LA") else "RGB") and decoded.size == (200, 120)
-    assert flatten(decoded).mode == "RGB"
+    assert decoded.dtype == np.uint8 and decoded.shape == (120, 200, 4 if mode in ("RGBA", "LA") else 3)
+    assert flatten(decoded).shape == (120, 200, 3)
     if mode == "I;16":  # scaled, not clipped to white
-        assert abs(int(np.asarray(decoded).mean()) - int(np.asarray(image.convert("L")).mean())) <= 2
+        assert abs(int(decoded.mean()) - int(np.asarray(image.convert("L")).mean())) <= 2
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    image = Image.new("RGB", (40, 20), "red")
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_as_pillow_applies_it(tmp_path, orientation, fmt):
+    rng = np.random.default_rng(orientation)
+    image = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    path = tmp_path / "rotated.jpg"
-    image.save(path, exif=exif)
-    assert decode_image(path, LIMIT).size == (20, 40)
+    exif[0x0112] = orientation
+    path = tmp_path / f"turned.{fmt.lower()}"
+    image.save(path, format=fmt, exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    decoded = decode_image(path, LIMIT)
+    assert decoded.shape == ((40, 20, 3) if orientation >= 5 else (20, 40, 3))
+    assert np.array_equal(decoded, expected)
 
 
 def _pillow_pixels(path):
     with Image.open(path) as image:
         return np.asarray(image.convert("RGBA" if "A" in image.mode else "RGB"))
+
+
+def _spy(function_name):
+    import imagecodecs
+
+    return mock.patch.object(imagecodecs, function_name, wraps=getattr(imagecodecs, function_name))
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
@@ -93,23 +106,28 @@ def test_8bit_png_decodes_exactly_as_pillow_decodes_it(tmp_path, mode):
     noise = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)).convert(mode)
     path = tmp_path / "p.png"
     noise.save(path)
-    import imagecodecs
-
-    with mock.patch.object(imagecodecs, "png_decode", wraps=imagecodecs.png_decode) as libpng:
+    with _spy("png_decode") as libpng:
         decoded = decode_image(path, LIMIT)
     assert libpng.call_count == 1
-    assert decoded.size == (53, 37)
-    assert np.array_equal(np.asarray(decoded), _pillow_pixels(path))
+    assert np.array_equal(decoded, _pillow_pixels(path))
     mask = decode_mask(path, LIMIT)
-    assert mask.mode == "L" and mask.size == (53, 37)
+    with Image.open(path) as image:
+        expected = image.convert("RGBA")
+        expected = np.asarray(Image.alpha_composite(Image.new("RGBA", expected.size, (0, 0, 0, 255)), expected).convert("L"))
+    assert np.array_equal(mask, expected)
 
 
-def test_png_with_exif_orientation_is_turned(tmp_path):
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    path = tmp_path / "rotated.png"
-    Image.new("RGB", (40, 20), "red").save(path, exif=exif)
-    assert decode_image(path, LIMIT).size == (20, 40)
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}], ids=["420", "progressive", "444"])
+def test_jpeg_decodes_exactly_as_pillow_decodes_it(tmp_path, mode, options):
+    photo = Image.open(make_photo(tmp_path / "p.png")).convert(mode)
+    path = tmp_path / "p.jpg"
+    photo.save(path, quality=85, **options)
+    with _spy("jpeg8_decode") as libjpeg:
+        decoded = decode_image(path, LIMIT)
+    assert libjpeg.call_count == 1
+    assert np.array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+    assert np.array_equal(decode_mask(path, LIMIT), np.asarray(Image.open(path).convert("L")))
 
 
 def test_16bit_rgb_png_is_reduced_to_8bit(tmp_path):
@@ -119,8 +137,7 @@ def test_16bit_rgb_png_is_reduced_to_8bit(tmp_path):
     path = tmp_path / "deep.png"
     _write_png(path, 10, 12, 16, 2, samples.astype(">u2").tobytes(), row_bytes=10 * 6)
     decoded = decode_image(path, LIMIT)
-    assert decoded.mode == "RGB"
-    assert np.array_equal(np.asarray(decoded), (samples >> 8).astype(np.uint8))
+    assert np.array_equal(decoded, (samples >> 8).astype(np.uint8))
 
 
 def _write_png(path, width, height, depth, color_type, raw: bytes, row_bytes: int) -> None:
@@ -147,7 +164,7 @@ def test_animated_gif_uses_the_first_frame(tmp_path):
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:])
     decoded = decode_image(path, LIMIT)
-    assert decoded.getpixel((5, 5))[0] > 200
+    assert decoded[5, 5, 0] > 200
 
 
 def test_mask_is_reduced_to_grey_and_resized_with_nearest_neighbour(tmp_path, caplog):
@@ -158,8 +175,8 @@ def test_mask_is_reduced_to_grey_and_resized_with_nearest_neighbour(tmp_path, ca
     mask.save(path)
     with caplog.at_level("INFO"):
         decoded = fit_mask(decode_mask(path, LIMIT), (20, 20))
-    assert decoded.mode == "L" and decoded.size == (20, 20)
-    assert decoded.getpixel((2, 2)) >= 128 > decoded.getpixel((18, 2))
+    assert decoded.dtype == np.uint8 and decoded.shape == (20, 20)
+    assert decoded[2, 2] >= 128 > decoded[2, 18]
     assert "resizing the mask" in caplog.text
 
 
@@ -168,7 +185,7 @@ def test_transparent_mask_pixels_mean_keep(tmp_path):
     mask.paste((255, 255, 255, 255), (0, 0, 5, 10))
     path = tmp_path / "m.png"
     mask.save(path)
-    decoded = np.asarray(decode_mask(path, LIMIT))
+    decoded = decode_mask(path, LIMIT)
     assert decoded[:, :5].min() == 255 and decoded[:, 5:].max() == 0
 
 
@@ -179,22 +196,31 @@ def test_palette_with_transparency_keeps_its_alpha(tmp_path):
     path = tmp_path / "p.png"
     image.save(path, transparency=0)
     decoded = decode_image(path, LIMIT)
-    assert decoded.mode == "RGBA"
-    assert decoded.getpixel((1, 1))[3] == 0 and decoded.getpixel((8, 1)) == (255, 0, 0, 255)
-    assert flatten(decoded).getpixel((1, 1)) == (255, 255, 255)
+    assert decoded.shape == (10, 10, 4)
+    assert decoded[1, 1, 3] == 0 and tuple(decoded[1, 8]) == (255, 0, 0, 255)
+    assert tuple(flatten(decoded)[1, 1]) == (255, 255, 255) and tuple(flatten(decoded)[1, 8]) == (255, 0, 0)
+
+
+def test_flatten_lays_partial_transparency_onto_white_as_pillow_does():
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    white = Image.new("RGBA", (16, 16), (255, 255, 255, 255))
+    expected = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba)).convert("RGB")).astype(int)
+    assert np.abs(flatten(rgba).astype(int) - expected).max() <= 1
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_png_round_trips_exactly_with_alpha(tmp_path, mode):
-    image = Image.open(make_photo(tmp_path / "p.png")).convert(mode)
+    image = np.asarray(Image.open(make_photo(tmp_path / "p.png")).convert(mode))
     path = encode_image(image, tmp_path / "out", "png", 90)
     assert path.suffix == ".png"
-    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+    assert np.array_equal(np.asarray(Image.open(path)), image)
 
 
 def test_webp_keeps_alpha_and_jpg_drops_it(tmp_path):
     image = Image.open(make_photo(tmp_path / "p.png")).convert("RGBA")
     image.putalpha(Image.linear_gradient("L").resize(image.size))
+    image = np.asarray(image)
     webp = encode_image(image, tmp_path / "out", "webp", 80)
     jpg = encode_image(image, tmp_path / "out", "jpg", 80)
     assert (webp.suffix, Image.open(webp).format, Image.open(webp).mode) == (".webp", "WEBP", "RGBA")

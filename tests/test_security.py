@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CODE = sorted((ROOT / "inpaint").glob("*.py")) + [ROOT / "predict.py"]
 NETWORK_MODULES = {"urllib", "urllib.request", "requests", "httpx", "http.client", "huggingface_hub", "socket"}
@@ -52,9 +54,8 @@ def test_every_loader_is_local_and_weights_are_safetensors():
 def test_output_paths_are_fixed_names_in_a_fresh_folder(tmp_path):
     """File names never come from a request: out-<index> in a folder made for the prediction."""
     from inpaint.codec import encode_image
-    from PIL import Image
 
-    path = encode_image(Image.new("RGB", (4, 4)), tmp_path / "out-0", "webp", 50)
+    path = encode_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "out-0", "webp", 50)
     assert path == tmp_path / "out-0.webp"
     source = (ROOT / "predict.py").read_text()
     assert 'tempfile.mkdtemp(prefix="inpaint-")' in source
