@@ -208,6 +208,8 @@ def run_cpu(runs: int) -> str:
                     + table(["input", "decode", "prepare", "composite", "encode", "total"], bench_prepost(runs)))
     sections.append(f"Safety checker (full-size ViT-L/14, fp32 on the CPU), ms, median of {runs}:\n\n"
                     + table(["batch", "ms", "ms per output"], bench_safety(folder, runs)))
+    sections.append("Cold start on the CPU, process start to READY through Cog's server (full-size weights, fp32, "
+                    f"page cache warm): {_cold_start(folder)}")
     return "\n\n".join(sections)
 
 

@@ -62,7 +62,7 @@ class Inpainter:
         self.pipe = pipe
         self.settings = settings
         self.safety = safety
-        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # Pillow decodes without the GIL
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # the decoders release the GIL
 
     @classmethod
     def load(cls, weights: str | None, settings: Settings) -> Inpainter:
