@@ -81,6 +81,12 @@ def optimize(pipe: StableDiffusionInpaintPipeline, device: torch.device, fast: b
     """
     if device.type != "cuda" or not fast:
         return
+    apply_fast_path(pipe, compile)
+
+
+def apply_fast_path(pipe: StableDiffusionInpaintPipeline, compile: bool = False) -> None:
+    """The fast path's changes themselves, on whatever device the pipeline is (the tests run them on
+    the CPU, where `optimize` leaves them out)."""
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.fuse_qkv_projections()

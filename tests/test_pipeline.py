@@ -1,0 +1,47 @@
+"""The model wrapper on the tiny weights: the fast path's changes, and what optimize does on the CPU."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inpaint import pipeline
+
+
+def _inputs():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return image, mask
+
+
+def _run(pipe) -> list[np.ndarray]:
+    image, mask = _inputs()
+    job = pipeline.Generation("a red chair", None, 2, 4, 7.5, 1.0, "DPMSolverMultistep", 3)
+    return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job)[0]]
+
+
+@pytest.fixture
+def tiny_pipe(tiny_weights):
+    return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
+
+
+def test_optimize_does_nothing_on_the_cpu(tiny_pipe):
+    before = {name: tensor.clone() for name, tensor in tiny_pipe.unet.state_dict().items()}
+    pipeline.optimize(tiny_pipe, torch.device("cpu"), fast=True, compile=True)
+    after = tiny_pipe.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+    assert not isinstance(tiny_pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert not tiny_pipe.vae.use_slicing
+
+
+def test_the_fast_path_changes_the_images_only_by_rounding(tiny_pipe):
+    # channels_last, fused QKV projections and the sliced VAE run here as they do on a GPU, so a
+    # change in diffusers that breaks one of them fails on the CPU, not first on a lent GPU.
+    plain = _run(tiny_pipe)
+    pipeline.apply_fast_path(tiny_pipe)
+    assert tiny_pipe.vae.use_slicing
+    assert tiny_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert any("to_qkv" in name for name, _ in tiny_pipe.unet.named_modules())
+    fast = _run(tiny_pipe)
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, fast))
