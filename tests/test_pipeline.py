@@ -45,3 +45,9 @@ def test_the_fast_path_changes_the_images_only_by_rounding(tiny_pipe):
     assert any("to_qkv" in name for name, _ in tiny_pipe.unet.named_modules())
     fast = _run(tiny_pipe)
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, fast))
+
+
+def test_warm_up_runs_one_short_inpainting(tiny_pipe, caplog):
+    with caplog.at_level("INFO", logger="inpaint.pipeline"):
+        seconds = pipeline.warm_up(tiny_pipe, size=64)
+    assert seconds > 0 and "warm-up inpainting at 64x64" in caplog.text
