@@ -117,6 +117,22 @@ def test_8bit_png_decodes_exactly_as_pillow_decodes_it(tmp_path, mode):
     assert np.array_equal(mask, expected)
 
 
+@pytest.mark.parametrize(
+    "chunk", [(b"gAMA", struct.pack(">I", 100000)), (b"sBIT", bytes([5, 6, 5])), (b"tRNS", struct.pack(">HHH", 10, 20, 30))],
+    ids=["gAMA", "sBIT", "tRNS"],
+)
+def test_png_colour_chunks_change_no_pixel(tmp_path, chunk):
+    # Pillow ignores gamma, significant bits and an RGB colour key; so must the fast decoder.
+    from PIL import PngImagePlugin
+
+    pixels = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    info = PngImagePlugin.PngInfo()
+    info.add(*chunk)
+    path = tmp_path / "chunky.png"
+    Image.fromarray(pixels).save(path, pnginfo=info)
+    assert np.array_equal(decode_image(path, LIMIT), pixels)
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 @pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}], ids=["420", "progressive", "444"])
 def test_jpeg_decodes_exactly_as_pillow_decodes_it(tmp_path, mode, options):
