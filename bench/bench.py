@@ -150,13 +150,19 @@ def bench_prepost(runs: int) -> list[list[object]]:
     jpeg = CACHE / "photo-4096.jpg"
     if not jpeg.is_file():
         Image.open(png).save(jpeg, quality=92)
-    mask_path = CACHE / "mask-4096.png"
-    mask = Image.new("L", (4096, 4096), 0)
-    ImageDraw.Draw(mask).ellipse((1500, 1200, 2300, 1800), fill=255)
-    mask.save(mask_path)
+    small, large = CACHE / "mask-4096.png", CACHE / "mask-4096-large.png"
+    for path, draw in ((small, "ellipse"), (large, "rectangle")):
+        mask = Image.new("L", (4096, 4096), 0)
+        box = (1500, 1200, 2300, 1800) if path == small else (300, 300, 3800, 3800)
+        getattr(ImageDraw.Draw(mask), draw)(box, fill=255)
+        mask.save(path)
     stages = ("decode", "prepare", "composite", "encode")
     rows = []
-    for label, photo in (("PNG in, PNG out", png), ("JPEG in, PNG out", jpeg)):
+    for label, photo, mask_path in (
+        ("PNG in, PNG out, 800x600 mask", png, small),
+        ("JPEG in, PNG out, 800x600 mask", jpeg, small),
+        ("JPEG in, PNG out, 3500x3500 mask (the whole photo is the crop)", jpeg, large),
+    ):
         timings: dict[str, list[float]] = {stage: [] for stage in stages}
         for _ in range(runs):
             out = Path(tempfile.mkdtemp())
@@ -203,7 +209,7 @@ def run_cpu(runs: int) -> str:
     ))
     sections.append(f"Load time to a ready model on the CPU (fp32), seconds, median of {runs} fresh processes:\n\n"
                     + table(["loader", "seconds"], bench_load(folder, runs)))
-    sections.append(f"Pre/post-processing of a 4096x4096 photo with an 800x600 mask (Inpainter.inpaint's own stage "
+    sections.append(f"Pre/post-processing of a 4096x4096 photo (Inpainter.inpaint's own stage "
                     f"timings, model stages left out), ms, median of {runs}:\n\n"
                     + table(["input", "decode", "prepare", "composite", "encode", "total"], bench_prepost(runs)))
     sections.append(f"Safety checker (full-size ViT-L/14, fp32 on the CPU), ms, median of {runs}:\n\n"

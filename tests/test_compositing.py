@@ -1,5 +1,7 @@
 """The compositing code is plain image code: tested without the model."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,7 +9,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
+from inpaint import compositing
 from inpaint.compositing import composite_over, feather_mask, prepare_mask
+from inpaint.geometry import bounding_box
 
 
 @st.composite
@@ -23,8 +27,13 @@ def scenes(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(scenes())
-def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene):
+@given(scenes(), st.sampled_from([5, 128]))
+def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene, tile):
+    with mock.patch.object(compositing, "_FEATHER_TILE", tile):  # many tiles, and one
+        _check_scene(scene)
+
+
+def _check_scene(scene):
     mask, blur, grow, seed = scene
     rng = np.random.default_rng(seed)
     height, width = mask.shape
@@ -98,3 +107,32 @@ def test_composite_inside_a_box_keeps_alpha_and_everything_else():
 def test_empty_mask_feathers_to_nothing():
     feather = feather_mask(np.zeros((5, 5), bool), 4)
     assert not feather.touched((5, 5)).any()
+
+
+def _feather_in_one_transform(binary: np.ndarray, radius: int) -> np.ndarray:
+    """The definition feather_mask's tiles must reproduce: one distance transform of the whole box."""
+    left, top, right, bottom = bounding_box(binary, radius + 1)
+    distance = ndimage.distance_transform_edt(~binary[top:bottom, left:right])
+    ramp = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
+    return ramp * ramp * (3.0 - 2.0 * ramp)
+
+
+@settings(max_examples=80, deadline=None)
+@given(scenes(), st.sampled_from([5, 16, 128]))
+def test_tiled_feather_is_exactly_the_one_transform_feather(scene, tile):
+    mask, blur, grow, _ = scene
+    binary = prepare_mask(mask, grow=grow)
+    if not binary.any() or blur == 0:
+        return
+    with mock.patch.object(compositing, "_FEATHER_TILE", tile):
+        feather = feather_mask(binary, blur)
+    assert feather.box == bounding_box(binary, blur + 1)
+    assert np.array_equal(feather.weight, _feather_in_one_transform(binary, blur))
+
+
+def test_tiled_feather_on_a_large_mask():
+    yy, xx = np.mgrid[:700, :900]
+    binary = ((xx - 450) / 400.0) ** 2 + ((yy - 350) / 300.0) ** 2 <= 1
+    binary[100:140, 200:700] = False  # a hole, so inside tiles are not all full
+    feather = feather_mask(binary, 24)
+    assert np.array_equal(feather.weight, _feather_in_one_transform(binary, 24))
