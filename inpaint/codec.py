@@ -21,8 +21,9 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 # Formats and modes (as Pillow names them from the header) that imagecodecs decodes to exactly
-# the pixels Pillow gives; the tests compare the two.
-_FAST_MODES = {"PNG": ("L", "LA", "RGB", "RGBA"), "JPEG": ("L", "RGB")}
+# the same pixels Pillow gives; the tests compare the two. MPO (cameras' and phones' multi-picture
+# JPEG): the first picture, as Pillow's first frame.
+_FAST_MODES = {"PNG": ("L", "LA", "RGB", "RGBA"), "JPEG": ("L", "RGB"), "MPO": ("L", "RGB")}
 
 
 def _open(path: Path, name: str, max_pixels: int) -> Image.Image:

@@ -165,6 +165,17 @@ def _write_png(path, width, height, depth, color_type, raw: bytes, row_bytes: in
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
+def test_multi_picture_jpeg_decodes_its_first_picture_as_pillow_does(tmp_path):
+    rng = np.random.default_rng(4)
+    first, second = (Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((60, 80, 3), (30, 40, 3)))
+    path = tmp_path / "camera.jpg"
+    first.save(path, "MPO", save_all=True, append_images=[second])
+    with _spy("jpeg8_decode") as libjpeg:
+        decoded = decode_image(path, LIMIT)
+    assert libjpeg.call_count == 1
+    assert np.array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+
+
 def test_png_with_damaged_pixel_data_is_reported_as_damaged(tmp_path):
     data = bytearray(make_photo(tmp_path / "p.png").read_bytes())
     start = data.index(b"IDAT") + 4
