@@ -74,7 +74,7 @@ def test_every_mode_decodes_to_rgb_or_rgba(tmp_path, mode):
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_exif_orientation_is_applied_as_pillow_applies_it(tmp_path, orientation, fmt):
     rng = np.random.default_rng(orientation)
     image = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
@@ -163,6 +163,30 @@ def _write_png(path, width, height, depth, color_type, raw: bytes, row_bytes: in
     rows = b"".join(b"\0" + raw[y * row_bytes : (y + 1) * row_bytes] for y in range(height))
     ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("options", [{"quality": 80}, {"lossless": True}], ids=["lossy", "lossless"])
+@pytest.mark.parametrize("transparent", [False, True])
+def test_webp_decodes_exactly_as_pillow_decodes_it(tmp_path, options, transparent):
+    photo = Image.open(make_photo(tmp_path / "p.png")).convert("RGBA")
+    if transparent:
+        photo.putalpha(Image.linear_gradient("L").resize(photo.size))
+    path = tmp_path / "p.webp"
+    photo.save(path, **options)
+    with _spy("webp_decode") as libwebp:
+        decoded = decode_image(path, LIMIT)
+    assert libwebp.call_count == 1
+    with Image.open(path) as image:
+        assert image.mode == ("RGBA" if transparent else "RGB")
+        assert np.array_equal(decoded, np.asarray(image))
+
+
+def test_truncated_webp_is_reported_as_damaged(tmp_path):
+    path = tmp_path / "p.webp"
+    Image.open(make_photo(tmp_path / "p.png")).save(path, quality=80)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ValueError, match="^image could not be (decoded|read)"):
+        decode_image(path, LIMIT)
 
 
 def test_multi_picture_jpeg_decodes_its_first_picture_as_pillow_does(tmp_path):
