@@ -57,3 +57,22 @@ def test_explicit_working_size_is_used(inpainter, tmp_path):
     mask = _mask(tmp_path, (300, 200), [(0, 0, 299, 199)])
     result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2, width=256, height=128), tmp_path)
     assert result.metrics["working_size"] == [256, 128]
+
+
+def test_a_large_mask_keeps_every_pixel_beyond_the_feather(inpainter, tmp_path):
+    # The whole photo is the crop, and the feather and blend run over many tiles.
+    from scipy import ndimage
+
+    photo = make_photo(tmp_path / "p.png", (700, 500))
+    mask = _mask(tmp_path, (700, 500), [(60, 40, 640, 450)])
+    request = check_inputs(seed=1, num_inference_steps=2, mask_blur=12, num_outputs=2)
+    result = inpainter.inpaint(photo, mask, request, tmp_path)
+    assert result.metrics["crop_boxes"] == [[0, 0, 700, 500]]
+    original = np.asarray(Image.open(photo).convert("RGB"))
+    binary = np.asarray(Image.open(mask)) >= 128
+    far = ndimage.distance_transform_edt(~binary) > 12
+    for path in result.paths:
+        output = np.asarray(Image.open(path))
+        assert output.shape == original.shape
+        assert np.array_equal(output[far], original[far])
+        assert (output[binary] != original[binary]).any(axis=-1).mean() > 0.9  # the mask is repainted
