@@ -66,18 +66,23 @@ class Inpainter:
 
     @classmethod
     def load(cls, weights: str | None, settings: Settings) -> Inpainter:
-        folder = resolve_weights(weights, settings)
+        timer = _Timer()
+        with timer.stage("weights"):
+            folder = resolve_weights(weights, settings)
         device, dtype = pipeline.pick_device(settings.device)
         log.info("loading %s on %s in %s", folder, device, str(dtype).removeprefix("torch."))
         safety = None
         if settings.safety_checker:
-            safety = SafetyChecker.load(folder, device, dtype)
+            with timer.stage("safety checker"):
+                safety = SafetyChecker.load(folder, device, dtype)
         else:
             log.warning(
                 "the safety checker is off for this deployment (INPAINT_SAFETY_CHECKER=0): no output is "
                 "checked, and the disable_safety_checker input has no effect"
             )
-        pipe = pipeline.load_pipeline(folder, device, dtype, settings.fast_path, settings.compile)
+        with timer.stage("model"):
+            pipe = pipeline.load_pipeline(folder, device, dtype, settings.fast_path, settings.compile)
+        log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
         return cls(pipe, settings, safety)
 
     def _decode(self, image_path: Path, mask_path: Path | None) -> tuple[np.ndarray, np.ndarray]:

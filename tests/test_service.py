@@ -76,3 +76,13 @@ def test_a_large_mask_keeps_every_pixel_beyond_the_feather(inpainter, tmp_path):
         assert output.shape == original.shape
         assert np.array_equal(output[far], original[far])
         assert (output[binary] != original[binary]).any(axis=-1).mean() > 0.9  # the mask is repainted
+
+
+def test_setup_logs_where_its_time_went(tiny_weights, caplog):
+    from inpaint.config import Settings
+    from inpaint.service import Inpainter
+
+    with caplog.at_level("INFO", logger="inpaint"):
+        Inpainter.load(str(tiny_weights), Settings())
+    line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("setup: "))
+    assert "weights" in line and "safety checker" in line and "model" in line
