@@ -78,9 +78,11 @@ def _decode(path: Path, name: str, max_pixels: int) -> np.ndarray | Image.Image:
 
 def _decode_fast(image: Image.Image, path: Path) -> np.ndarray | None:
     """libpng, libjpeg-turbo or libwebp (imagecodecs) straight into an array, 2-3x faster than Pillow
-    at 4096x4096 once Pillow's hand-over to numpy is counted. None, for Pillow to decode instead: another format or layout, an animation, a PNG
-    with EXIF (Pillow applies its orientation), a JPEG that does not end in its end marker, or a
-    file these decoders refuse (Pillow then reports the damage in its own words)."""
+    at 4096x4096 once Pillow's hand-over to numpy is counted.
+
+    None, for Pillow to decode instead: another format or layout, an animation, a PNG with EXIF
+    (Pillow applies its orientation), a JPEG that does not end in its end marker, or a file these
+    decoders refuse (Pillow then reports the damage in its own words)."""
     if image.mode not in _FAST_MODES.get(image.format, ()):
         return None
     orientation = 1
@@ -183,8 +185,8 @@ def flatten(pixels: np.ndarray) -> np.ndarray:
     """RGB for the model: transparent pixels carry undefined colour, so they are laid onto white."""
     if pixels.shape[2] == 3:
         return pixels
-    alpha = pixels[..., 3:].astype(np.uint32)
-    return ((pixels[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    rgba = Image.fromarray(pixels)
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
 
 
 OUTPUT_FORMATS = ("png", "webp", "jpg")
