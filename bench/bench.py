@@ -229,8 +229,9 @@ def _inputs(size: int):
     return image, mask
 
 
-def _time(function, device: torch.device, runs: int) -> tuple[float, object]:
-    function()  # warm-up (and compile, where the fast path compiles)
+def _time(function, device: torch.device, runs: int, warm_up: bool = True) -> tuple[float, object]:
+    if warm_up:
+        function()  # warm-up (and compile, or the CUDA graph's recording, at a new shape)
     times, value = [], None
     for _ in range(runs):
         if device.type == "cuda":
@@ -290,11 +291,13 @@ def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int
     return "; ".join(figures)
 
 
-def _cold_start(folder: Path) -> str:
-    """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place."""
+def _cold_start(folder: Path, predict: bool = False) -> str:
+    """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place,
+    and where setup spent them (its own log line). With `predict`, also the first two 512x512 50-step
+    predictions through HTTP: wall time at the client and the prediction's own stage timings."""
     try:
         sys.path.insert(0, str(ROOT / "script"))
-        from cogserver import CogServer
+        from cogserver import CogServer, data_uri
     except ImportError:
         return "not measured (cog is not installed)"
     log = Path(tempfile.mkdtemp()) / "server.log"
@@ -302,21 +305,37 @@ def _cold_start(folder: Path) -> str:
     server = CogServer(folder, log_path=log, env={"INPAINT_SAFETY_CHECKER": "1"})
     try:
         server.start(timeout=300)
-        return f"{time.monotonic() - started:.1f} s (safety checker included)"
+        text = f"{time.monotonic() - started:.1f} s (safety checker included)"
+        setup = [line for line in log.read_text(errors="replace").splitlines() if "setup:" in line]
+        if setup:
+            text += f"; the server's log: `{setup[-1].split('setup:', 1)[1].split('\"')[0].strip()}`"
+        if predict:
+            body = {"image": data_uri(ROOT / "examples" / "chelsea.png"), "mask": data_uri(ROOT / "examples" / "chelsea-mask.png"),
+                    "prompt": "a cat wearing round sunglasses, photo", "width": 512, "height": 512,
+                    "num_inference_steps": 50, "scheduler": "DPMSolverMultistep", "seed": 42}
+            for attempt in ("first", "second"):
+                begin = time.monotonic()
+                status, response = server.predict(body)
+                wall = time.monotonic() - begin
+                if status != 200 or response.get("status") != "succeeded":
+                    text += f"; {attempt} prediction failed: {status} {str(response)[:300]}"
+                    break
+                stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in response["metrics"]["timings"].items())
+                text += f"; {attempt} 512x512 prediction through HTTP {1000 * wall:.0f} ms (stages, ms: {stages})"
+        return text
     except Exception as error:  # report, do not lose the rest of the table
-        return f"failed: {error}"
+        return f"failed: {error}; log tail: {log.read_text(errors='replace')[-1500:] if log.exists() else ''}"
     finally:
         server.stop()
 
 
 def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, runs: int, steps: int, tiny: bool,
-                 deadline: float) -> list[list[object]]:
+                 ) -> list[list[object]]:
     """Each lever alone at 512x512 x1 (64x64 on tiny weights), our prediction path, median ms.
 
-    The fast path against itself switched off; torch.compile of the UNet on top (the first call,
-    which compiles, is reported apart); and the sync-free loop, on PNDM, the scheduler whose step
-    reads the timestep back from the GPU in plain diffusers (DPMSolverMultistep never does).
-    Compile levers are skipped on tiny weights and once `deadline` (time.monotonic) has passed.
+    The default fast path against itself with CUDA graphs off and switched off entirely; and the
+    sync-free loop, on PNDM, the scheduler whose step reads the timestep back from the GPU in plain
+    diffusers (DPMSolverMultistep never does). torch.compile is measured apart (bench_compile), last.
     """
     from inpaint import pipeline as ours
     from inpaint import schedulers
@@ -337,11 +356,16 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         _progress("lever: " + " | ".join(str(cell) for cell in row))
 
     baseline = timed(fast)
-    add(["fast path (the default: channels_last, fused QKV, sliced VAE)", f"{baseline:.0f}", "1.00"])
-    plain = ours.load_pipeline(folder, device, dtype, fast=False)
-    unoptimized = timed(plain)
-    add(["fast path off (INPAINT_FAST_PATH=0): fp16 + SDPA only", f"{unoptimized:.0f}", f"{unoptimized / baseline:.2f}"])
-    del plain
+    add(["fast path (the default: channels_last, fused QKV, sliced VAE, CUDA graphs)", f"{baseline:.0f}", "1.00"])
+    for label, options in (
+        ("CUDA graphs off (INPAINT_CUDA_GRAPHS=0)", {"cuda_graphs": False}),
+        ("fast path off (INPAINT_FAST_PATH=0): fp16 + SDPA only", {"fast": False}),
+    ):
+        other = ours.load_pipeline(folder, device, dtype, **options)
+        milliseconds = timed(other)
+        add([label, f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
+        del other
+        ours.release_memory(device)
     with_host = timed(fast, "PNDM")
     original = schedulers._INDEXED_BY_TIMESTEP
     schedulers._INDEXED_BY_TIMESTEP = ()
@@ -351,25 +375,43 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         schedulers._INDEXED_BY_TIMESTEP = original
     add(["PNDM, timestep read back from the GPU each step (plain diffusers)", f"{read_back:.0f}", f"{read_back / baseline:.2f}"])
     add(["PNDM, host timesteps (ours: no sync in the loop)", f"{with_host:.0f}", f"{with_host / baseline:.2f}"])
-    for mode in ("default", "reduce-overhead"):
-        label = f"+ torch.compile(unet, mode={mode})" + (" (CUDA graphs)" if mode == "reduce-overhead" else "")
-        if tiny or device.type != "cuda" or time.monotonic() > deadline:
-            add([label, "not run (" + ("tiny weights" if tiny else "no CUDA" if device.type != "cuda" else "time budget") + ")", "-"])
+    return rows
+
+
+def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: int, steps: int, baseline: float,
+                  deadline: float) -> list[list[object]]:
+    """torch.compile of the UNet at 512x512 x1: as shipped (INPAINT_COMPILE=1: compiled, then replayed
+    as our CUDA graphs), and torch's own mode="reduce-overhead" (its CUDA graphs, ours off). Setup time
+    includes the compilation (the warm-up at load). A lever is skipped when it would end after `deadline`."""
+    from inpaint import pipeline as ours
+
+    image, mask = _inputs(512)
+    job = ours.Generation("a cat wearing round sunglasses, photo", None, 1, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+    rows, estimate = [], 150.0  # seconds a compile lever is assumed to take until one is measured
+    for label, mode in (("+ torch.compile(unet) (INPAINT_COMPILE=1; our CUDA graphs over it)", None),
+                        ("+ torch.compile(unet, mode=reduce-overhead) (torch's CUDA graphs; ours off)", "reduce-overhead")):
+        if time.monotonic() + estimate > deadline:
+            rows.append([label, "not run (time budget)", "-"])
+            _progress(f"compile lever skipped: {label}")
             continue
-        compiled = ours.load_pipeline(folder, device, dtype)
-        compiled.unet = torch.compile(compiled.unet, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
+        begin = time.monotonic()
         try:
-            begin = time.perf_counter()
-            ours.generate(compiled, [image], [mask], job)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - begin
-            milliseconds = timed(compiled)
-            add([f"{label}; first call {first:.0f} s", f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
+            if mode is None:
+                compiled = ours.load_pipeline(folder, device, dtype, compile=True)  # warm_up compiles
+            else:
+                compiled = ours.load_pipeline(folder, device, dtype, cuda_graphs=False)
+                compiled.unet.forward = torch.compile(compiled.unet.forward, mode=mode, fullgraph=True, dynamic=False)
+                ours.warm_up(compiled)
+            setup = time.monotonic() - begin
+            milliseconds, _ = _time(lambda: ours.generate(compiled, [image], [mask], job), device, runs)
+            rows.append([f"{label}; setup incl. compile {setup:.0f} s", f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
+            del compiled
         except Exception as error:  # report it and keep the rest of the run
-            add([label, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
-        del compiled
+            rows.append([label, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
+        estimate = 1.2 * (time.monotonic() - begin)
+        _progress("lever: " + " | ".join(rows[-1]))
         torch._dynamo.reset()
-    ours.release_memory(device)
+        ours.release_memory(device)
     return rows
 
 
@@ -378,7 +420,97 @@ def _progress(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def run_gpu(runs: int, tiny: bool, quick: bool = False) -> str:
+def _section(name: str, function, *args, **kwargs):
+    """Run one part of the GPU run; a failure is printed with its traceback and the run goes on."""
+    try:
+        return function(*args, **kwargs)
+    except Exception:
+        import traceback
+
+        _progress(f"{name} FAILED:\n{traceback.format_exc()}")
+        return None
+
+
+def _peak(device: torch.device, foreign: float = 0.0) -> tuple[float, float]:
+    """Peak GiB allocated (live tensors) and reserved (what the process holds, CUDA graphs' pools
+    included) since the last reset, less `foreign` bytes held all along by something else."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    return (torch.cuda.max_memory_allocated() - foreign) / 2**30, (torch.cuda.max_memory_reserved() - foreign) / 2**30
+
+
+def _reset_peak(device: torch.device) -> float:
+    """Reset the peak counters; returns the bytes allocated now."""
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.reset_peak_memory_stats()
+    return float(torch.cuda.memory_allocated())
+
+
+def _free_cache(device: torch.device) -> None:
+    """Hand back cached blocks nothing uses (the CUDA graphs and their memory stay)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _weight_bytes(pipe) -> float:
+    modules = (pipe.unet, pipe.vae, pipe.text_encoder)
+    return float(sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()]))
+
+
+def bench_shape(reference, fast, device, size: int, count: int, steps: int, runs: int, compare_latents: bool) -> list[object]:
+    """One row of the main table: reference and ours on the same inputs and seed."""
+    from inpaint import pipeline as ours
+
+    image, mask = _inputs(size)
+    job = ours.Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+
+    def run_reference():
+        return reference(
+            prompt=job.prompt, image=image, mask_image=mask, height=size, width=size,
+            num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=count,
+            generator=torch.Generator("cpu").manual_seed(42),
+        ).images
+
+    def run_ours():
+        return ours.generate(fast, [image], [mask], job)[0]
+
+    # Both pipelines sit on the GPU at once: each one's peak leaves out what only the other holds.
+    reference_weights = _weight_bytes(reference)
+    before = _reset_peak(device)
+    reference_ms, reference_images = _time(run_reference, device, runs)
+    reference_peak, _ = _peak(device, foreign=before - reference_weights)
+    _free_cache(device)  # ours starts from what the process would hold between its own predictions
+    _reset_peak(device)
+    ours_ms, our_images = _time(run_ours, device, runs)
+    ours_peak, ours_reserved = _peak(device, foreign=reference_weights)
+    psnr = min(_psnr(a, b) for a, b in zip(reference_images, our_images))
+    agreement = f"PSNR {psnr:.1f} dB"
+    if compare_latents:
+        agreement += f", latents rel. err {_latent_error(reference, fast, image, mask, job):.1e}"
+    return [f"{size}x{size} x{count}", f"{reference_ms:.0f}", f"{ours_ms:.0f}", f"{reference_ms / ours_ms:.2f}",
+            f"{reference_peak:.2f} / {ours_peak:.2f} ({ours_reserved:.2f})", agreement]
+
+
+def bench_memory_only(fast, device, size: int, count: int, steps: int) -> list[object]:
+    """Ours alone, one run without warm-up: the peak memory of the largest batch (the 16 GB target)."""
+    from inpaint import pipeline as ours
+
+    image, mask = _inputs(size)
+    job = ours.Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+    _free_cache(device)  # the CUDA graphs recorded so far stay, as they would in a running server
+    _reset_peak(device)
+    milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], job), device, runs=1, warm_up=False)
+    peak, reserved = _peak(device)
+    return [f"{size}x{size} x{count} (ours only, one run, no warm-up)", "-", f"{milliseconds:.0f}", "-",
+            f"- / {peak:.2f} ({reserved:.2f})", "-"]
+
+
+def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -> str:
+    """The GPU comparison; `budget` seconds from the start bound the optional compile levers."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
 
     from inpaint import pipeline as ours
@@ -389,60 +521,49 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False) -> str:
         folder = CACHE / "tiny-weights"
         if not (folder / "model_index.json").is_file():
             subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
-        shapes, steps = [(64, 1), (128, 2)], 3
+        shapes, memory_shape, steps = [(64, 1, runs), (128, 2, 2)], (128, 4), 3
     else:
-        folder = build_full_size(CACHE / "full-size-weights")
+        folder = build_full_size(CACHE / "full-size-weights", device=device)
         _progress(f"full-size weights ready after {time.monotonic() - started:.0f} s")
-        shapes, steps = [(512, 1), (768, 1), (1024, 1), (512, 4), (1024, 4)], 50
+        # (size, outputs, timed runs): the larger shapes get fewer runs, to keep the whole run near 6 minutes
+        shapes, memory_shape, steps = [(512, 1, runs), (768, 1, 3), (1024, 1, 2), (512, 4, 2)], (1024, 4), 50
         if quick:
-            shapes = shapes[:1]
+            shapes, memory_shape = shapes[:1], None
     reference = StableDiffusionInpaintPipeline.from_pretrained(
         folder, variant="fp16", dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(device)
     reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)
+    begin = time.monotonic()
     fast = ours.load_pipeline(folder, device, dtype)
+    _progress(f"our pipeline loaded and warmed up in {time.monotonic() - begin:.1f} s")
     rows = []
-    for size, count in shapes:
-        image, mask = _inputs(size)
-        job = ours.Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
-
-        def run_reference():
-            return reference(
-                prompt=job.prompt, image=image, mask_image=mask, height=size, width=size,
-                num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=count,
-                generator=torch.Generator("cpu").manual_seed(42),
-            ).images
-
-        def run_ours():
-            return ours.generate(fast, [image], [mask], job)[0]
-
-        shape_runs = runs if size * size * count <= 1024 * 1024 else max(2, runs // 2)  # keep the run under 6 min
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        reference_ms, reference_images = _time(run_reference, device, shape_runs)
-        reference_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ours_ms, our_images = _time(run_ours, device, shape_runs)
-        ours_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        psnr = min(_psnr(a, b) for a, b in zip(reference_images, our_images))
-        agreement = f"PSNR {psnr:.1f} dB"
-        if not rows:  # the first shape also compares the final latents
-            agreement += f", latents rel. err {_latent_error(reference, fast, image, mask, job):.1e}"
-        rows.append([f"{size}x{size} x{count}", f"{reference_ms:.0f}", f"{ours_ms:.0f}", f"{reference_ms / ours_ms:.2f}",
-                     f"{reference_peak:.2f} / {ours_peak:.2f}", agreement])
-        _progress(" | ".join(rows[-1]))
-    levers = bench_levers(folder, fast, device, dtype, runs, steps, tiny, deadline=started + 270)
+    for index, (size, count, shape_runs) in enumerate(shapes):
+        row = _section(f"{size}x{size} x{count}", bench_shape, reference, fast, device, size, count, steps, shape_runs, index == 0)
+        if row:
+            rows.append(row)
+            _progress(" | ".join(rows[-1]))
     del reference
+    _free_cache(device)
+    if memory_shape:
+        row = _section("memory", bench_memory_only, fast, device, *memory_shape, steps)
+        if row:
+            rows.append(row)
+            _progress(" | ".join(rows[-1]))
+    levers = _section("levers", bench_levers, folder, fast, device, dtype, runs, steps, tiny) or []
+    baseline = float(levers[0][1]) if levers else float("nan")
+    del fast
     ours.release_memory(device)
-    cold = _cold_start(folder) if not tiny else "not measured on tiny weights"
+    cold = "not measured on tiny weights" if tiny else _cold_start(folder, predict=True)
     _progress(f"cold start: {cold}")
-    safety = _safety_on(folder, device, dtype, runs)
-    _progress(f"safety checker: {safety}; whole run {time.monotonic() - started:.0f} s")
+    safety = _section("safety", _safety_on, folder, device, dtype, runs)
+    _progress(f"safety checker: {safety}; {time.monotonic() - started:.0f} s so far")
+    if not tiny and device.type == "cuda":
+        levers += _section("compile", bench_compile, folder, device, dtype, runs, steps, baseline, started + budget) or []
+    _progress(f"whole run {time.monotonic() - started:.0f} s")
     title = "Smoke test on tiny weights (not a measurement)" if tiny else "GPU run"
-    return f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median of {runs} after a warm-up:\n\n" + table(
-        ["shape", "reference ms", "ours ms", "ratio", "peak GiB (ref / ours)", "agreement"], rows
+    return f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median after a warm-up:\n\n" + table(
+        ["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], rows
     ) + (f"\n\nCold start, process start to READY through Cog's server, weights on local disk: {cold}"
          f"\n\nSafety checker added time: {safety}"
          f"\n\nLevers one at a time, {'64x64' if tiny else '512x512'} x1, {steps} steps, our prediction path, "
@@ -457,6 +578,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="GPU: only 512x512 x1 in the main table (a shorter rerun)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--budget", type=float, default=480.0,
+                        help="GPU: seconds from the start after which no compile lever begins")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     if args.prepost:
@@ -464,7 +587,7 @@ def main() -> int:
     elif args.cpu:
         report = run_cpu(args.runs)
     elif torch.cuda.is_available() or args.tiny:
-        report = run_gpu(args.runs, args.tiny, args.quick)
+        report = run_gpu(args.runs, args.tiny, args.quick, args.budget)
     else:
         print("no CUDA GPU here: run with --cpu for the CPU measurements (or --tiny for a smoke test)", file=sys.stderr)
         return 2

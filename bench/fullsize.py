@@ -20,14 +20,13 @@ PUBLISHED = json.loads((REFERENCE.parent / "weights-sha256.json").read_text())
 PUBLISHED_SAFETY = json.loads((REFERENCE.parent / "safety-checker-sha256.json").read_text())
 
 
-def build_full_size(out: Path, safety_checker: bool = True) -> Path:
-    """Write the checkpoint folder (about 2.6 GB, plus 0.6 GB for the checker) unless it is already there."""
+def build_full_size(out: Path, safety_checker: bool = True, device: torch.device | str = "cpu") -> Path:
+    """Write the checkpoint folder (about 2.6 GB, plus 0.6 GB for the checker) unless it is already there.
+
+    The random values are drawn on `device` (a GPU draws them in a blink; 16 CPU cores take a minute)."""
     if (out / "weights-sha256.json").is_file():
         return out
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from diffusers.utils import logging as diffusers_logging
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
@@ -43,13 +42,8 @@ def build_full_size(out: Path, safety_checker: bool = True) -> Path:
         else:
             shutil.copyfile(source, tmp / name)
     torch.manual_seed(0)
-    models = {
-        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(REFERENCE / "unet")),
-        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(REFERENCE / "vae")),
-        "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(REFERENCE / "text_encoder")),
-    }
-    if safety_checker:
-        models["safety_checker"] = StableDiffusionSafetyChecker(CLIPConfig.from_pretrained(REFERENCE / "safety_checker"))
+    with torch.device(device):
+        models = _random_models(safety_checker)
     manifest = {"_source": "bench/fullsize.py: full-size random weights from the real configs"}
     for name, model in models.items():
         model.to(torch.float16).save_pretrained(tmp / name, variant="fp16", safe_serialization=True)
@@ -66,6 +60,21 @@ def build_full_size(out: Path, safety_checker: bool = True) -> Path:
     tmp.rename(out)
     print(f"built full-size random weights in {out} in {time.perf_counter() - started:.0f}s")
     return out
+
+
+def _random_models(safety_checker: bool) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
+
+    models = {
+        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(REFERENCE / "unet")),
+        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(REFERENCE / "vae")),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(REFERENCE / "text_encoder")),
+    }
+    if safety_checker:
+        models["safety_checker"] = StableDiffusionSafetyChecker(CLIPConfig.from_pretrained(REFERENCE / "safety_checker"))
+    return models
 
 
 def size_report(folder: Path) -> list[tuple[str, int, int | None]]:

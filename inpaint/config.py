@@ -33,6 +33,8 @@ class Settings:
     device: str = ""
     # The GPU fast path (pipeline.optimize): channels_last, fused QKV, sliced VAE decode. Off: plain diffusers.
     fast_path: bool = True
+    # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/cudagraphs.py).
+    cuda_graphs: bool = True
     # Also torch.compile the UNet (part of the fast path, opt-in: its compile time is not yet measured on a GPU).
     compile: bool = False
 

@@ -81,7 +81,9 @@ class Inpainter:
                 "checked, and the disable_safety_checker input has no effect"
             )
         with timer.stage("model"):
-            pipe = pipeline.load_pipeline(folder, device, dtype, settings.fast_path, settings.compile)
+            pipe = pipeline.load_pipeline(
+                folder, device, dtype, settings.fast_path, settings.compile, settings.cuda_graphs
+            )
         log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
         return cls(pipe, settings, safety)
 

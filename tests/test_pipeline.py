@@ -31,7 +31,7 @@ def test_optimize_does_nothing_on_the_cpu(tiny_pipe):
     pipeline.optimize(tiny_pipe, torch.device("cpu"), fast=True, compile=True)
     after = tiny_pipe.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
-    assert not isinstance(tiny_pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert "forward" not in vars(tiny_pipe.unet)  # neither compiled nor routed through CUDA graphs
     assert not tiny_pipe.vae.use_slicing
 
 

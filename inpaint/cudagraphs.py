@@ -1,0 +1,142 @@
+"""The UNet's forward pass replayed as a CUDA graph, one graph per working shape.
+
+At 512x512 one UNet call is about a thousand small kernels. Launching them one by one from Python
+costs about as long as running them on an H100, so the CPU, not the GPU, sets the pace. A CUDA graph
+records those launches once and replays them with one call: the same kernels on the same memory, so
+the same numbers, with the launch cost gone.
+
+The first call at a new shape runs eagerly (its result is that step's result) and then records the
+graph, which costs no GPU work; every later call at that shape copies its inputs into the graph's
+own buffers and replays it. Only the denoising loop's plain call is replayed (no extra keyword
+inputs, no autograd); anything else, and any shape larger than `max_positions` latent positions,
+runs eagerly, as does everything on the CPU. A shape whose recording fails runs eagerly from then on
+and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Largest batch x height x width of latents that gets a graph: a graph keeps its own memory for the
+# UNet's intermediates, and at 1024x1024 x4 (batch 8 at 128x128) the GPU is busy long enough that
+# launches no longer matter. 2 x 128 x 128 covers one output at up to 1024x1024 and four at 512x512.
+MAX_POSITIONS = 2 * 128 * 128
+# Graphs kept at once (least recently used dropped first): the working size takes few values.
+MAX_GRAPHS = 3
+
+_live: weakref.WeakSet[GraphedForward] = weakref.WeakSet()
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    output: torch.Tensor
+
+
+class GraphedForward:
+    """Stands in for `unet.forward` (install with `use_cuda_graphs`); same arguments, same results."""
+
+    def __init__(self, forward, max_positions: int = MAX_POSITIONS, max_graphs: int = MAX_GRAPHS) -> None:
+        self.eager = forward
+        self.max_positions = max_positions
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()  # None: recording failed, run eagerly
+        _live.add(self)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, *args: Any, return_dict: bool = True, **kwargs: Any):
+        if args or not _plain(kwargs) or not self._replayable(sample, timestep, encoder_hidden_states):
+            return self.eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        key = (
+            tuple(sample.shape), sample.stride(), sample.dtype, sample.device,
+            tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
+            tuple(timestep.shape), timestep.dtype, torch.is_inference_mode_enabled(),
+        )
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            entry = self.graphs[key]
+            if entry is None:
+                output = self.eager(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            else:
+                entry.sample.copy_(sample)
+                entry.timestep.copy_(timestep)
+                entry.encoder_hidden_states.copy_(encoder_hidden_states)
+                entry.graph.replay()
+                output = entry.output.clone()  # the next replay overwrites entry.output; schedulers may keep this
+        else:
+            output = self._record(key, sample, timestep, encoder_hidden_states)
+        return (output,) if not return_dict else _unet_output(output)
+
+    def _replayable(self, sample, timestep, encoder_hidden_states) -> bool:
+        return (
+            isinstance(sample, torch.Tensor)
+            and sample.is_cuda
+            and isinstance(encoder_hidden_states, torch.Tensor)
+            and not torch.is_grad_enabled()
+            and not torch.cuda.is_current_stream_capturing()
+            and sample.shape[0] * sample.shape[-2] * sample.shape[-1] <= self.max_positions
+            and isinstance(timestep, torch.Tensor)
+            and timestep.numel() == 1
+        )
+
+    def _record(self, key: tuple, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+        """Run this step eagerly on a side stream (its result is returned), then record the graph."""
+        timestep = timestep.to(sample.device)
+        side = torch.cuda.Stream(sample.device)
+        side.wait_stream(torch.cuda.current_stream(sample.device))
+        with torch.cuda.stream(side):
+            output = self.eager(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        current = torch.cuda.current_stream(sample.device)
+        current.wait_stream(side)
+        output.record_stream(current)  # made on the side stream, used and freed on the current one
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        try:
+            entry = _Graph(torch.cuda.CUDAGraph(), sample.clone(), timestep.clone(), encoder_hidden_states.clone(), output)
+            with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
+                entry.output = self.eager(entry.sample, entry.timestep, entry.encoder_hidden_states, return_dict=False)[0]
+        except Exception as error:  # a kernel that cannot be recorded: this shape runs eagerly
+            log.warning("CUDA graph of the UNet at %s not recorded (%s: %s); that shape runs eagerly",
+                        key[0], type(error).__name__, error)
+            entry = None
+        self.graphs[key] = entry
+        if entry is not None:
+            log.info("CUDA graph of the UNet recorded for latents %s", "x".join(map(str, key[0])))
+        return output
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+
+def _plain(kwargs: dict[str, Any]) -> bool:
+    """True when the extra keyword inputs are all empty, as in the denoising loop of SD2 inpainting."""
+    return all(value is None or (isinstance(value, dict) and not value) for value in kwargs.values())
+
+
+def _unet_output(sample: torch.Tensor):
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=sample)
+
+
+def use_cuda_graphs(unet: torch.nn.Module, **limits: int) -> GraphedForward:
+    """Route `unet(...)` through a GraphedForward (the module, its config and weights stay as they are)."""
+    graphed = GraphedForward(unet.forward, **limits)
+    unet.forward = graphed
+    return graphed
+
+
+def release() -> None:
+    """Drop every recorded graph and the memory it holds (after an out-of-memory error, say)."""
+    for graphed in list(_live):
+        graphed.clear()
