@@ -291,7 +291,7 @@ def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int
     return "; ".join(figures)
 
 
-def _cold_start(folder: Path, predict: bool = False) -> str:
+def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None = None) -> str:
     """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place,
     and where setup spent them (its own log line). With `predict`, also the first two 512x512 50-step
     predictions through HTTP: wall time at the client and the prediction's own stage timings."""
@@ -302,7 +302,7 @@ def _cold_start(folder: Path, predict: bool = False) -> str:
         return "not measured (cog is not installed)"
     log = Path(tempfile.mkdtemp()) / "server.log"
     started = time.monotonic()
-    server = CogServer(folder, log_path=log, env={"INPAINT_SAFETY_CHECKER": "1"})
+    server = CogServer(folder, log_path=log, env={"INPAINT_SAFETY_CHECKER": "1", **(env or {})})
     try:
         server.start(timeout=300)
         text = f"{time.monotonic() - started:.1f} s (safety checker included)"
@@ -509,6 +509,97 @@ def bench_memory_only(fast, device, size: int, count: int, steps: int) -> list[o
             f"- / {peak:.2f} ({reserved:.2f})", "-"]
 
 
+def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: int, steps: int,
+                sizes: tuple[int, ...]) -> list[list[object]]:
+    """The fast path's parts in combinations, at each size: median ms of the prediction, and of its
+    denoising loop, VAE encode and VAE decode (the last run's own stage timings)."""
+    from inpaint import cudagraphs
+    from inpaint import pipeline as ours
+
+    def build(channels_last: bool, fused_qkv: bool, graphs: bool):
+        pipe = ours.load_pipeline(folder, device, dtype, fast=False)
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if fused_qkv:
+            pipe.fuse_qkv_projections()
+        pipe.vae.enable_slicing()
+        if graphs:
+            cudagraphs.use_cuda_graphs(pipe.unet)
+        return pipe
+
+    rows = []
+    for label, parts in (
+        ("all (the default)", (True, True, True)),
+        ("channels_last off", (False, True, True)),
+        ("fused QKV off", (True, False, True)),
+        ("CUDA graphs only", (False, False, True)),
+        ("CUDA graphs off", (True, True, False)),
+    ):
+        pipe = build(*parts)
+        for size in sizes:
+            image, mask = _inputs(size)
+            job = ours.Generation("a cat wearing round sunglasses, photo", None, 1, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+            timings: dict[str, float] = {}
+            milliseconds, _ = _time(lambda: ours.generate(pipe, [image], [mask], job, timings), device,
+                                    runs if size <= 512 else 2)
+            rows.append([label, f"{size}x{size}", f"{milliseconds:.0f}",
+                         *(f"{1000 * timings.get(stage, float('nan')):.0f}" for stage in ("denoise", "vae_encode", "vae_decode"))])
+            _progress("part: " + " | ".join(rows[-1]))
+        del pipe
+        ours.release_memory(device)
+    return rows
+
+
+def bench_startup(folder: Path, deadline: float) -> list[list[object]]:
+    """Where a cold start goes: fresh interpreters doing part of the work, then Cog's server to READY
+    (weights already verified), then with INPAINT_COMPILE=1 twice (the second on torch's warm
+    compile cache), each while `deadline` allows."""
+    rows = []
+    for label, code in (
+        ("python -c 'import torch'", "import torch"),
+        ("... + CUDA context", "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
+         if torch.cuda.is_available() else "import torch"),
+        ("python -c 'import predict' (cog, inpaint's light modules)", "import predict"),
+        ("... + the modules setup imports (diffusers, transformers, inpaint.service)", "import predict, inpaint.service"),
+    ):
+        begin = time.monotonic()
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+        rows.append([label, f"{time.monotonic() - begin:.1f} s"])
+        _progress("startup: " + " | ".join(rows[-1]))
+    for label, env, cost in (("Cog server to READY (default; first start: sha256 of every weight file)", {}, 30),
+                             ("... again (verified stamp in place)", {}, 30),
+                             ("... with INPAINT_COMPILE=1, cold compile cache", {"INPAINT_COMPILE": "1"}, 90),
+                             ("... with INPAINT_COMPILE=1 again, warm compile cache", {"INPAINT_COMPILE": "1"}, 60)):
+        if time.monotonic() + cost > deadline:
+            rows.append([label, "not run (time budget)"])
+        else:
+            rows.append([label, _cold_start(folder, env=env)])
+        _progress("startup: " + " | ".join(rows[-1]))
+    return rows
+
+
+def run_parts(runs: int, tiny: bool, budget: float) -> str:
+    """--parts: which part of the fast path pays at which size, and where a cold start goes."""
+    from inpaint import pipeline as ours
+
+    started = time.monotonic()
+    device, dtype = ours.pick_device()
+    if tiny:
+        folder, sizes, steps = CACHE / "tiny-weights", (64, 128), 3
+        if not (folder / "model_index.json").is_file():
+            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
+    else:
+        folder, sizes, steps = build_full_size(CACHE / "full-size-weights", device=device), (512, 768, 1024), 50
+    parts = _section("parts", bench_parts, folder, device, dtype, runs, steps, sizes) or []
+    startup = [] if tiny else _section("startup", bench_startup, folder, started + budget) or []
+    _progress(f"whole run {time.monotonic() - started:.0f} s")
+    return (f"## Fast path parts: {machine()}\n\nOne output, {steps} steps, DPMSolverMultistep; median ms after a warm-up "
+            f"({runs} runs at 512, 2 above), with the last run's own stage timings:\n\n"
+            + table(["parts on", "size", "prediction ms", "denoise ms", "VAE encode ms", "VAE decode ms"], parts)
+            + "\n\nWhere a cold start goes (fresh processes, page cache warm):\n\n" + table(["what", "time"], startup))
+
+
 def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -> str:
     """The GPU comparison; `budget` seconds from the start bound the optional compile levers."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
@@ -576,6 +667,8 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="the CPU measurements (load time, pre/post, safety)")
     parser.add_argument("--prepost", action="store_true", help="only the 4096x4096 pre/post-processing timings (CPU)")
     parser.add_argument("--quick", action="store_true", help="GPU: only 512x512 x1 in the main table (a shorter rerun)")
+    parser.add_argument("--parts", action="store_true",
+                        help="GPU: the fast path's parts at 512/768/1024, and where a cold start goes")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
@@ -586,6 +679,8 @@ def main() -> int:
         report = run_prepost_only(args.runs)
     elif args.cpu:
         report = run_cpu(args.runs)
+    elif args.parts:
+        report = run_parts(args.runs, args.tiny, args.budget)
     elif torch.cuda.is_available() or args.tiny:
         report = run_gpu(args.runs, args.tiny, args.quick, args.budget)
     else:
