@@ -31,7 +31,7 @@ class Settings:
     max_batch_pixels: int = 4 * 1024 * 1024
     # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
     device: str = ""
-    # The GPU fast path (pipeline.optimize): channels_last, fused QKV, sliced VAE decode. Off: plain diffusers.
+    # The GPU fast path (pipeline.optimize): CUDA graphs, channels_last UNet, sliced VAE decode. Off: plain diffusers.
     fast_path: bool = True
     # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/cudagraphs.py).
     cuda_graphs: bool = True

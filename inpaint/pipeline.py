@@ -105,10 +105,14 @@ def optimize(
 
     None of these changes what is computed beyond fp16 rounding (the bench checks agreement with
     plain diffusers): fp16 weights loaded straight to the GPU (load_pipeline), SDPA attention
-    (diffusers' default), channels_last convolutions, fused QKV projections, a VAE that decodes
-    a batch one image at a time, for a lower peak memory (aimed at 4 outputs at 1024x1024 in 16 GB),
-    and the UNet's call replayed as a CUDA graph (inpaint/cudagraphs.py: the same kernels, launched
-    at once instead of one by one from Python).
+    (diffusers' default), the UNet's call replayed as a CUDA graph (inpaint/cudagraphs.py: the same
+    kernels, launched at once instead of one by one from Python), a channels_last UNet, and a VAE
+    that decodes a batch one image at a time (a lower peak memory: 4 outputs at 1024x1024 in 16 GB).
+    Measured on an H100 (bench/RESULTS.md, "Fast path parts"), at 512x512 / 1024x1024, 50 steps:
+    CUDA graphs 1394 -> 589 / 2281 -> 2144 ms; channels_last pays in the UNet at 512x512 (613 -> 543 ms
+    of denoising) and costs a little at 1024x1024 (1814 -> 1937 ms), so the UNet keeps it (512x512 is
+    the model's own size); it costs the VAE at every size (decode 23 -> 29 / 92 -> 144 ms), so the
+    VAE stays contiguous; fused QKV projections measured no change at any size and are not used.
     """
     if device.type != "cuda" or not fast:
         return
@@ -119,8 +123,6 @@ def apply_fast_path(pipe: StableDiffusionInpaintPipeline, compile: bool = False,
     """The fast path's changes themselves, on whatever device the pipeline is (the tests run them on
     the CPU, where `optimize` leaves them out; the CUDA graphs pass CPU calls straight through)."""
     pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    pipe.fuse_qkv_projections()
     pipe.vae.enable_slicing()
     if compile:  # the module stays itself (config, components); only its forward is compiled
         pipe.unet.forward = torch.compile(pipe.unet.forward, fullgraph=True, dynamic=False)

@@ -18,5 +18,15 @@ def test_bench_smoke_test_prints_every_table():
     assert "| 64x64 x1 |" in out and "| 128x128 x2 |" in out
     assert "latents rel. err" in out
     assert "Safety checker added time:" in out
-    for lever in ("fast path off", "PNDM, timestep read back", "PNDM, host timesteps", "torch.compile"):
+    for lever in ("CUDA graphs off", "fast path off", "PNDM, timestep read back", "PNDM, host timesteps", "torch.compile"):
         assert lever in out, lever
+
+
+def test_bench_parts_smoke_test_prints_each_combination():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--parts", "--tiny", "--runs", "1", "--no-record"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for parts in ("the default", "+ channels_last VAE", "+ fused QKV", "UNet contiguous", "CUDA graphs off"):
+        assert f"| {parts}" in run.stdout and "| 128x128 |" in run.stdout, parts
