@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 # UNet's intermediates, and at 1024x1024 x4 (batch 8 at 128x128) the GPU is busy long enough that
 # launches no longer matter. 2 x 128 x 128 covers one output at up to 1024x1024 and four at 512x512.
 MAX_POSITIONS = 2 * 128 * 128
-# Graphs kept at once (least recently used dropped first): the working size takes few values.
-MAX_GRAPHS = 3
+# Latent positions the kept graphs may add up to, least recently used dropped first. A graph's memory
+# grows with its positions (measured on an H100: 0.5 GiB held beyond the allocations at 512x512 x1,
+# 2x64x64 positions): this keeps eight graphs of the automatic working sizes (about 512x512 in area,
+# a few aspect ratios), or two at 1024x1024 x1, rather than one per size ever seen.
+MAX_KEPT_POSITIONS = 8 * 2 * 64 * 64
 
 _live: weakref.WeakSet[GraphedForward] = weakref.WeakSet()
 
@@ -47,10 +50,10 @@ class _Graph:
 class GraphedForward:
     """Stands in for `unet.forward` (install with `use_cuda_graphs`); same arguments, same results."""
 
-    def __init__(self, forward, max_positions: int = MAX_POSITIONS, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, forward, max_positions: int = MAX_POSITIONS, max_kept_positions: int = MAX_KEPT_POSITIONS) -> None:
         self.eager = forward
         self.max_positions = max_positions
-        self.max_graphs = max_graphs
+        self.max_kept_positions = max_kept_positions
         self.graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()  # None: recording failed, run eagerly
         _live.add(self)
 
@@ -84,7 +87,7 @@ class GraphedForward:
             and isinstance(encoder_hidden_states, torch.Tensor)
             and not torch.is_grad_enabled()
             and not torch.cuda.is_current_stream_capturing()
-            and sample.shape[0] * sample.shape[-2] * sample.shape[-1] <= self.max_positions
+            and _positions(sample.shape) <= min(self.max_positions, self.max_kept_positions)
             and isinstance(timestep, torch.Tensor)
             and timestep.numel() == 1
         )
@@ -99,8 +102,7 @@ class GraphedForward:
         current = torch.cuda.current_stream(sample.device)
         current.wait_stream(side)
         output.record_stream(current)  # made on the side stream, used and freed on the current one
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
+        make_room(self.graphs, _positions(sample.shape), self.max_kept_positions)
         try:
             entry = _Graph(torch.cuda.CUDAGraph(), sample.clone(), timestep.clone(), encoder_hidden_states.clone(), output)
             with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
@@ -116,6 +118,21 @@ class GraphedForward:
 
     def clear(self) -> None:
         self.graphs.clear()
+
+
+def make_room(graphs: OrderedDict[tuple, _Graph | None], positions: int, limit: int) -> None:
+    """Drop the least recently used graphs until one of `positions` more fits under `limit`
+    (keys start with the latents' shape; a shape that runs eagerly holds no graph and counts 0)."""
+    def kept() -> int:
+        return sum(_positions(key[0]) for key, entry in graphs.items() if entry is not None)
+
+    while graphs and kept() + positions > limit:
+        graphs.popitem(last=False)
+
+
+def _positions(shape) -> int:
+    """Latent positions of a (batch, channels, height, width) shape: what a graph's memory grows with."""
+    return shape[0] * shape[-2] * shape[-1]
 
 
 def _plain(kwargs: dict[str, Any]) -> bool:

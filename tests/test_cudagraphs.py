@@ -1,5 +1,7 @@
 """The UNet replayed as CUDA graphs: a pass-through on the CPU; on a GPU, the same numbers as eager."""
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,16 @@ def test_on_the_cpu_every_call_runs_eagerly(tiny_weights):
         assert torch.equal(got, unet(sample, timestep, encoder_hidden_states=states).sample)
     assert torch.equal(expected, got)
     assert not graphed.graphs
+
+
+def test_the_least_recently_used_graphs_make_room_for_a_new_one():
+    graphs = OrderedDict([(((2, 9, 64, 64),), "a"), (((2, 9, 96, 96),), None), (((2, 9, 64, 80),), "c")])
+    cudagraphs.make_room(graphs, 2 * 64 * 64, limit=4 * 2 * 64 * 64)  # 8192 + 10240 kept: 8192 more fit
+    assert len(graphs) == 3
+    cudagraphs.make_room(graphs, 2 * 128 * 128, limit=6 * 2 * 64 * 64)  # needs 32768 of 49152: "a" goes
+    assert [entry for entry in graphs.values()] == [None, "c"]
+    cudagraphs.make_room(graphs, 2 * 128 * 128, limit=2 * 128 * 128)
+    assert not graphs
 
 
 def test_only_empty_extra_inputs_are_replayable():
@@ -69,14 +81,13 @@ def test_replays_compute_what_eager_computes_for_fresh_inputs(tiny_weights):
 @pytest.mark.gpu
 def test_one_graph_per_shape_and_the_oldest_is_dropped(tiny_weights):
     unet = _unet(tiny_weights, "cuda", torch.float16)
-    graphed = cudagraphs.use_cuda_graphs(unet, max_graphs=2)
+    graphed = cudagraphs.use_cuda_graphs(unet, max_kept_positions=2 * 8 * 8 + 2 * 16 * 16)
     with torch.inference_mode():
-        for size in (8, 16, 8, 24):
+        for size in (8, 16, 8, 12):  # 12 does not fit beside 8 and 16: 16, used least recently, goes
             sample, timestep, states = _inputs(unet, "cuda", size=size)
             unet(sample, timestep, encoder_hidden_states=states)
-        assert [key[0][-1] for key in graphed.graphs] == [8, 24]
+        assert [key[0][-1] for key in graphed.graphs] == [8, 12]
         big = _inputs(unet, "cuda", batch=2, size=32)
-        graphed.max_positions = 2 * 16 * 16
         unet(big[0], big[1], encoder_hidden_states=big[2])  # over the limit: eager, nothing recorded
         assert len(graphed.graphs) == 2
     cudagraphs.release()
