@@ -580,6 +580,8 @@ def bench_startup(folder: Path, deadline: float) -> list[list[object]]:
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
         rows.append([label, f"{time.monotonic() - begin:.1f} s"])
         _progress("startup: " + " | ".join(rows[-1]))
+    rows.append(["self time of the imports by package (python -X importtime, top 8)", _import_time_by_package()])
+    _progress("startup: " + " | ".join(rows[-1]))
     for label, env, cost in (("Cog server to READY (default; first start: sha256 of every weight file)", {}, 30),
                              ("... again (verified stamp in place)", {}, 30),
                              ("... with INPAINT_COMPILE=1, cold compile cache", {"INPAINT_COMPILE": "1"}, 90),
@@ -590,6 +592,19 @@ def bench_startup(folder: Path, deadline: float) -> list[list[object]]:
             rows.append([label, _cold_start(folder, env=env)])
         _progress("startup: " + " | ".join(rows[-1]))
     return rows
+
+
+def _import_time_by_package(code: str = "import predict, inpaint.service") -> str:
+    """Where a fresh interpreter's import time goes, summed per top-level package."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True)
+    totals: dict[str, int] = {}
+    for line in result.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[0].strip().isdigit():
+            package = parts[2].strip().split(".")[0]
+            totals[package] = totals.get(package, 0) + int(parts[0])
+    top = sorted(totals.items(), key=lambda item: -item[1])[:8]
+    return ", ".join(f"{name} {microseconds / 1e6:.2f} s" for name, microseconds in top) + f" (all: {sum(totals.values()) / 1e6:.1f} s)"
 
 
 def run_parts(runs: int, tiny: bool, budget: float) -> str:

@@ -8,7 +8,9 @@ Modules, one concern each:
   compositing  masks and pixels: clean-up, feather, paste the result over the original
   schedulers   user-facing scheduler name -> diffusers scheduler
   weights      where the weights live: manifest, download, sha256 verification
-  pipeline     load the model components and run one inpainting
+  safety       the safety checker: per-output flags, never an exception for content
+  pipeline     load the model components and run one inpainting; the GPU fast path (optimize)
+  cudagraphs   the UNet's call replayed as a CUDA graph per working shape (part of the fast path)
   service      one prediction end to end: files in, files and metrics out
 
 Nothing here imports torch or touches the network at import time of this file.
