@@ -35,7 +35,8 @@ class Settings:
     fast_path: bool = True
     # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/cudagraphs.py).
     cuda_graphs: bool = True
-    # Also torch.compile the UNet (part of the fast path, opt-in: its compile time is not yet measured on a GPU).
+    # Also torch.compile the UNet (opt-in: 591 -> 403 ms at 512x512 on an H100, but 56 s of compiling in setup
+    # and again at each new working size).
     compile: bool = False
 
     @classmethod
