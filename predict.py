@@ -17,11 +17,15 @@ class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
         """Find and verify the weights (COG_WEIGHTS, else ./weights, else download) and load the model."""
         from inpaint.config import Settings
-        from inpaint.service import Inpainter
+        from inpaint.weights import resolve_weights_ahead
 
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("inpaint").setLevel(logging.INFO)
-        self.inpainter = Inpainter.load(weights, Settings.from_env())
+        settings = Settings.from_env()
+        folder = resolve_weights_ahead(weights, settings)  # the disk work runs while torch and diffusers import
+        from inpaint.service import Inpainter
+
+        self.inpainter = Inpainter.load(folder, settings)
         self.out_dir: Optional[Path] = None
 
     def run(

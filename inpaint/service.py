@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +65,12 @@ class Inpainter:
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # the decoders release the GIL
 
     @classmethod
-    def load(cls, weights: str | None, settings: Settings) -> Inpainter:
+    def load(cls, weights: str | Future[Path] | None, settings: Settings) -> Inpainter:
+        """The model ready to paint. `weights` as resolve_weights takes it, or the future of
+        resolve_weights_ahead, started earlier (the "weights" stage is then only the wait for it)."""
         timer = _Timer()
         with timer.stage("weights"):
-            folder = resolve_weights(weights, settings)
+            folder = weights.result() if isinstance(weights, Future) else resolve_weights(weights, settings)
         device, dtype = pipeline.pick_device(settings.device)
         log.info("loading %s on %s in %s", folder, device, str(dtype).removeprefix("torch."))
         safety = None

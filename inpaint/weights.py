@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .config import Settings
@@ -170,6 +171,34 @@ def _checkpoint_root(folder: Path) -> Path | None:
         if len(children) == 1 and (children[0] / "model_index.json").is_file():
             return children[0]
     return None
+
+
+def read_ahead(folder: Path, chunk: int = 16 << 20) -> None:
+    """Read every weight file once, so that the page cache holds them when the model loads: a cold
+    disk is then read in large sequential blocks rather than page fault by page fault."""
+    buffer = bytearray(chunk)
+    for relative in read_manifest(folder):
+        path = folder / relative
+        if path.is_file():  # the checker's file may be absent when the checker is off
+            with open(path, "rb", buffering=0) as file:
+                while file.readinto(buffer):
+                    pass
+
+
+def resolve_weights_ahead(weights: str | os.PathLike | None, settings: Settings) -> Future[Path]:
+    """resolve_weights, then read_ahead, in a background thread; the future gives the folder or raises
+    resolve_weights' error. Started before the process imports torch and diffusers, the disk work
+    (download, sha256, reads; none of it holds Python's lock) runs while the imports do."""
+    def resolve_and_read() -> Path:
+        folder = resolve_weights(weights, settings)
+        read_ahead(folder)
+        return folder
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+    try:
+        return executor.submit(resolve_and_read)
+    finally:
+        executor.shutdown(wait=False)
 
 
 def resolve_weights(weights: str | os.PathLike | None, settings: Settings) -> Path:

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from inpaint.config import Settings
-from inpaint.weights import PACKAGE_MANIFEST, WeightsError, read_manifest, resolve_weights, verify_weights
+from inpaint import weights as weights_module
+from inpaint.weights import (
+    PACKAGE_MANIFEST,
+    WeightsError,
+    read_ahead,
+    read_manifest,
+    resolve_weights,
+    resolve_weights_ahead,
+    verify_weights,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
@@ -84,6 +93,44 @@ def test_missing_checkpoint_says_what_to_run(tmp_path):
 def test_cog_weights_must_be_a_folder(tmp_path):
     with pytest.raises(WeightsError, match="is not a folder"):
         resolve_weights(str(tmp_path / "nope"), Settings(weights_dir=tmp_path))
+
+
+def test_weights_resolved_ahead_give_the_folder_verified_and_read(weights_copy, monkeypatch):
+    read = []
+    original = weights_module.read_ahead
+
+    def recording_read_ahead(folder):
+        read.append(folder)
+        original(folder)
+
+    monkeypatch.setattr(weights_module, "read_ahead", recording_read_ahead)
+    future = resolve_weights_ahead(str(weights_copy), Settings())
+    assert future.result(timeout=60) == weights_copy
+    assert read == [weights_copy]
+    assert (weights_copy / ".verified.json").is_file()  # hashed in the background, remembered as before
+
+
+def test_weights_resolved_ahead_raise_the_same_error_when_asked(tmp_path):
+    future = resolve_weights_ahead(str(tmp_path / "nope"), Settings(weights_dir=tmp_path))
+    with pytest.raises(WeightsError, match="COG_WEIGHTS=.*nope is not a folder"):
+        future.result(timeout=60)
+
+
+def test_read_ahead_reads_every_weight_file_and_skips_an_absent_checker(weights_copy, monkeypatch):
+    (weights_copy / "safety_checker" / "model.fp16.safetensors").unlink()
+    opened = []
+    real_open = open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", recording_open)
+    read_ahead(weights_copy)
+    expected = {weights_copy / relative for relative in read_manifest(weights_copy)} - {
+        weights_copy / "safety_checker" / "model.fp16.safetensors"
+    }
+    assert set(opened) == expected
 
 
 def test_make_tiny_weights_is_deterministic(tiny_weights, tmp_path):
