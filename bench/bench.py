@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Speed, load-time and memory measurements: bench/bench.py [--cpu] [--tiny] [--runs N]
+"""Speed, load-time and memory measurements: bench/bench.py [--cpu | --parts | --cold-start | --prepost] [--tiny]
 
 On a GPU (default when CUDA is present): builds full-size random weights from the real configs,
 then times diffusers' StableDiffusionInpaintPipeline (fp16, SDPA, eager) and this project's
 prediction path on the same inputs in one run (warm-up, then the median of --runs runs, CUDA
 events), checks that the outputs agree, and prints one table: shape, reference ms, ours ms,
-ratio, peak memory, agreement.
+ratio, peak memory, agreement; then the cold start and first predictions through Cog's server,
+the safety checker's cost, each lever alone, and torch.compile last (within --budget seconds).
+
+With --parts (GPU): the fast path's parts in combinations at 512/768/1024, and where a cold start
+goes (import times, server starts, compile with a cold cache).
+
+With --cold-start: process start to READY through Cog's server, for a first start (sha256 of every
+file) and later starts with the page cache cold and warm (CPU or GPU).
 
 With --cpu: what needs no GPU: load time of the full-size weights (ours vs from_pretrained), the
 pre/post-processing time of a 4096x4096 input (decode, mask work, composite, encode), and the
