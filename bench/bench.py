@@ -390,8 +390,8 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
     sync-free loop, on PNDM, the scheduler whose step reads the timestep back from the GPU in plain
     diffusers (DPMSolverMultistep never does). torch.compile is measured apart (bench_compile), last.
     """
+    from inpaint import cudagraphs, schedulers
     from inpaint import pipeline as ours
-    from inpaint import schedulers
 
     size = 64 if tiny else 512
     image, mask = _inputs(size)
@@ -419,8 +419,6 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         add([label, f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
         del other
         ours.release_memory(device)
-    from inpaint import cudagraphs
-
     torch.backends.cudnn.benchmark = True  # not part of the fast path yet: measured here first
     cudagraphs.release()  # recorded again, with the convolution algorithms cuDNN picks
     try:
