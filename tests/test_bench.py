@@ -18,7 +18,7 @@ def test_bench_smoke_test_prints_every_table():
     assert "| 64x64 x1 |" in out and "| 128x128 x2 |" in out
     assert "latents rel. err" in out
     assert "Safety checker added time:" in out
-    for lever in ("CUDA graphs off", "cudnn.benchmark", "fast path off", "PNDM, timestep read back", "PNDM, host timesteps", "torch.compile"):
+    for lever in ("CUDA graphs off", "cudnn.benchmark", "GPU idle", "fast path off", "PNDM, timestep read back", "PNDM, host timesteps", "torch.compile"):
         assert lever in out, lever
 
 
