@@ -281,6 +281,13 @@ def _inputs(size: int):
     return image, mask
 
 
+def _job(count: int, steps: int):
+    """The request every GPU measurement makes: the same prompt, guidance, scheduler and seed."""
+    from inpaint.pipeline import Generation
+
+    return Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+
+
 def _time(function, device: torch.device, runs: int, warm_up: bool = True) -> tuple[float, object]:
     if warm_up:
         function()  # warm-up (and compile, or the CUDA graph's recording, at a new shape)
@@ -395,7 +402,7 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
 
     size = 64 if tiny else 512
     image, mask = _inputs(size)
-    job = ours.Generation("a cat wearing round sunglasses, photo", None, 1, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+    job = _job(1, steps)
 
     def timed(pipe, scheduler: str = "DPMSolverMultistep") -> float:
         run_job = dataclasses.replace(job, scheduler=scheduler)
@@ -455,7 +462,7 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
     from inpaint import pipeline as ours
 
     image, mask = _inputs(512)
-    job = ours.Generation("a cat wearing round sunglasses, photo", None, 1, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+    job = _job(1, steps)
     rows, estimate = [], 150.0  # seconds a compile lever is assumed to take until one is measured
     for label, mode in (("+ torch.compile(unet) (INPAINT_COMPILE=1; our CUDA graphs over it)", None),
                         ("+ torch.compile(unet, mode=reduce-overhead) (torch's CUDA graphs; ours off)", "reduce-overhead")):
@@ -535,7 +542,7 @@ def bench_shape(reference, fast, device, size: int, count: int, steps: int, runs
     from inpaint import pipeline as ours
 
     image, mask = _inputs(size)
-    job = ours.Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+    job = _job(count, steps)
 
     def run_reference():
         return reference(
@@ -569,7 +576,7 @@ def bench_memory_only(fast, device, size: int, count: int, steps: int) -> list[o
     from inpaint import pipeline as ours
 
     image, mask = _inputs(size)
-    job = ours.Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+    job = _job(count, steps)
     _free_cache(device)  # the CUDA graphs recorded so far stay, as they would in a running server
     _reset_peak(device)
     milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], job), device, runs=1, warm_up=False)
@@ -609,7 +616,7 @@ def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: in
         pipe = build(*parts)
         for size in sizes:
             image, mask = _inputs(size)
-            job = ours.Generation("a cat wearing round sunglasses, photo", None, 1, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
+            job = _job(1, steps)
             timings: dict[str, float] = {}
             milliseconds, _ = _time(lambda: ours.generate(pipe, [image], [mask], job, timings), device,
                                     runs if size <= 512 else 2)

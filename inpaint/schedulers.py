@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported by setup, not by predict.py's import of the input choices
+    import torch
 
 # name -> class name in diffusers; the classes are imported only when a scheduler is made.
 _SCHEDULER_CLASSES = {
@@ -41,7 +42,7 @@ class HostTimesteps:
     def _on_host(self, timestep: Any) -> Any:
         timesteps = self.timesteps
         if (
-            isinstance(timestep, torch.Tensor)
+            isinstance(timestep, type(timesteps))  # a tensor, without importing torch here
             and timestep.dim() == 0
             and timestep.device == timesteps.device
             and timestep.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()

@@ -189,15 +189,14 @@ def resolve_weights_ahead(weights: str | os.PathLike | None, settings: Settings)
     """resolve_weights, then read_ahead, in a background thread; the future gives the folder or raises
     resolve_weights' error. Started before the process imports torch and diffusers, the disk work
     (download, sha256, reads; none of it holds Python's lock) runs while the imports do."""
-    from huggingface_hub import hf_hub_download, snapshot_download  # noqa: F401  (what a download imports)
+    # What a download imports is imported here, so the thread imports nothing: two threads importing
+    # modules that import each other can deadlock on the import locks (diffusers imports it anyway).
+    from huggingface_hub import hf_hub_download, snapshot_download  # noqa: F401
 
     def resolve_and_read() -> Path:
         folder = resolve_weights(weights, settings)
         read_ahead(folder)
         return folder
-
-    # The thread imports nothing: two threads importing modules that import each other can deadlock
-    # on the import locks, so what a download needs is imported above (diffusers imports it anyway).
 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
     try:
