@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPILE_MODES = ("background", "setup", "off")
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,20 @@ class Settings:
     fast_path: bool = True
     # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/cudagraphs.py).
     cuda_graphs: bool = True
-    # Also torch.compile the UNet (opt-in: 591 -> 403 ms at 512x512 on an H100, but 56 s of compiling in setup
-    # and again at each new working size).
-    compile: bool = False
+    # torch.compile of the UNet, part of the fast path (inpaint/compiled.py; 591 -> 403 ms at 512x512 on an
+    # H100, but 40-56 s of compiling per working shape). "background": a worker thread compiles each working
+    # shape and predictions switch to it once it is ready; "setup": as background, but setup also waits for
+    # the 512x512 one, so READY comes later and the first prediction is compiled; "off": never compiled.
+    compile: str = "background"
+    # Where compiled UNets and Inductor's cache are kept, so that a later start loads instead of compiling.
+    compile_cache: Path = REPO_ROOT / ".cache" / "compiled"
+
+    def __post_init__(self) -> None:
+        mode = {"1": "setup", "true": "setup", "yes": "setup", "on": "setup", "0": "off", "false": "off",
+                "no": "off"}.get(self.compile.strip().lower(), self.compile.strip().lower())
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"INPAINT_COMPILE={self.compile!r} must be one of {', '.join(COMPILE_MODES)}")
+        object.__setattr__(self, "compile", mode)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

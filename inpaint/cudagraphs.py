@@ -58,12 +58,15 @@ class GraphedForward:
         _live.add(self)
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args: Any, return_dict: bool = True, **kwargs: Any):
-        if args or not _plain(kwargs) or not self._replayable(sample, timestep, encoder_hidden_states):
+        if args or not plain_kwargs(kwargs) or not self._replayable(sample, timestep, encoder_hidden_states):
             return self.eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        timestep = timestep.to(sample.device)
+        tag = getattr(self.eager, "tag", None)  # a compiled UNet under us (inpaint/compiled.py) records apart
         key = (
             tuple(sample.shape), sample.stride(), sample.dtype, sample.device,
             tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
             tuple(timestep.shape), timestep.dtype, torch.is_inference_mode_enabled(),
+            tag(sample, timestep, encoder_hidden_states) if tag else None,
         )
         if key in self.graphs:
             self.graphs.move_to_end(key)
@@ -78,7 +81,7 @@ class GraphedForward:
                 output = entry.output.clone()  # the next replay overwrites entry.output; schedulers may keep this
         else:
             output = self._record(key, sample, timestep, encoder_hidden_states)
-        return (output,) if not return_dict else _unet_output(output)
+        return (output,) if not return_dict else unet_output(output)
 
     def _replayable(self, sample, timestep, encoder_hidden_states) -> bool:
         return (
@@ -94,7 +97,6 @@ class GraphedForward:
 
     def _record(self, key: tuple, sample, timestep, encoder_hidden_states) -> torch.Tensor:
         """Run this step eagerly on a side stream (its result is returned), then record the graph."""
-        timestep = timestep.to(sample.device)
         side = torch.cuda.Stream(sample.device)
         side.wait_stream(torch.cuda.current_stream(sample.device))
         with torch.cuda.stream(side):
@@ -102,6 +104,8 @@ class GraphedForward:
         current = torch.cuda.current_stream(sample.device)
         current.wait_stream(side)
         output.record_stream(current)  # made on the side stream, used and freed on the current one
+        for stale in [other for other in self.graphs if other[:-1] == key[:-1]]:  # the same shape, recorded uncompiled
+            del self.graphs[stale]
         make_room(self.graphs, _positions(sample.shape), self.max_kept_positions)
         try:
             entry = _Graph(torch.cuda.CUDAGraph(), sample.clone(), timestep.clone(), encoder_hidden_states.clone(), output)
@@ -119,6 +123,9 @@ class GraphedForward:
     def clear(self) -> None:
         self.graphs.clear()
 
+    def __reduce__(self):
+        return stand_in, ()
+
 
 def make_room(graphs: OrderedDict[tuple, _Graph | None], positions: int, limit: int) -> None:
     """Drop the least recently used graphs until one of `positions` more fits under `limit`
@@ -135,12 +142,17 @@ def _positions(shape) -> int:
     return shape[0] * shape[-2] * shape[-1]
 
 
-def _plain(kwargs: dict[str, Any]) -> bool:
+def stand_in() -> None:
+    """What a forward wrapper pickles as. torch.compile's saved guards (inpaint/compiled.py) pickle the
+    UNet's attributes, `forward` among them, and no guard looks at it; its locks and graphs cannot be pickled."""
+
+
+def plain_kwargs(kwargs: dict[str, Any]) -> bool:
     """True when the extra keyword inputs are all empty, as in the denoising loop of SD2 inpainting."""
     return all(value is None or (isinstance(value, dict) and not value) for value in kwargs.values())
 
 
-def _unet_output(sample: torch.Tensor):
+def unet_output(sample: torch.Tensor):
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     return UNet2DConditionOutput(sample=sample)

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
-from . import cudagraphs
+from . import compiled, cudagraphs
 from .schedulers import make_scheduler
 from .weights import VARIANT
 
@@ -54,12 +54,15 @@ def load_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     fast: bool = True,
-    compile: bool = False,
+    compile: str = "off",
     cuda_graphs: bool = True,
+    compile_cache: Path | None = None,
 ) -> StableDiffusionInpaintPipeline:
     """Load the checkpoint from a local folder: safetensors only, no network, no safety checker here.
 
     The weights go straight to `device` (device_map), never through a copy in CPU memory first.
+    `compile` is a mode of config.COMPILE_MODES; with "setup" this returns once the 512x512 UNet is
+    compiled (or loaded from `compile_cache`) and recorded.
     """
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         folder,
@@ -71,18 +74,24 @@ def load_pipeline(
         requires_safety_checker=False,
         device_map=device.type,
     )
-    optimize(pipe, device, fast, compile, cuda_graphs)
+    optimize(pipe, device, fast, compile, cuda_graphs, compile_cache)
     for name in ("encode", "decode"):
         setattr(pipe.vae, name, _timed(getattr(pipe.vae, name), f"vae_{name}", device))
     if device.type == "cuda" and fast:
-        warm_up(pipe)
+        warm_up(pipe)  # its first UNet call asks the compile worker for the 512x512 UNet
+        worker = compiled.of(pipe.unet)
+        if compile == "setup" and worker is not None:
+            start = time.perf_counter()
+            worker.wait()
+            log.info("setup waited %.1f s for the compiled UNet", time.perf_counter() - start)
+            warm_up(pipe)  # records the compiled UNet's CUDA graph
     return pipe
 
 
 def warm_up(pipe: StableDiffusionInpaintPipeline, size: int = 512) -> float:
     """One short inpainting, so that setup pays for what the first prediction would otherwise pay:
-    CUDA kernels loaded on first use, cuBLAS/cuDNN handles, the CUDA graph of the 512x512 UNet call,
-    and torch.compile's compilation.
+    CUDA kernels loaded on first use, cuBLAS/cuDNN handles and the CUDA graph of the 512x512 UNet call
+    (its first UNet call also starts the compile worker on that shape).
     Returns its seconds."""
     start = time.perf_counter()
     image = Image.new("RGB", (size, size), (127, 127, 127))
@@ -98,15 +107,18 @@ def optimize(
     pipe: StableDiffusionInpaintPipeline,
     device: torch.device,
     fast: bool = True,
-    compile: bool = False,
+    compile: str = "off",
     cuda_graphs: bool = True,
+    compile_cache: Path | None = None,
 ) -> None:
     """Every GPU speed-up lives behind this one switch; on the CPU, or with fast=False, it does nothing.
 
     None of these changes what is computed beyond fp16 rounding (the bench checks agreement with
     plain diffusers): fp16 weights loaded straight to the GPU (load_pipeline), SDPA attention
-    (diffusers' default), the UNet's call replayed as a CUDA graph (inpaint/cudagraphs.py: the same
-    kernels, launched at once instead of one by one from Python), a channels_last UNet, and a VAE
+    (diffusers' default), the UNet compiled in the background (inpaint/compiled.py; each prediction
+    takes it up once it is ready and checked against the eager UNet), the UNet's call replayed as a
+    CUDA graph (inpaint/cudagraphs.py: the same kernels, launched at once instead of one by one from
+    Python), a channels_last UNet, and a VAE
     that decodes a batch one image at a time (a lower peak memory: 4 outputs at 1024x1024 in 16 GB).
     Measured on an H100 (bench/RESULTS.md, "Fast path parts"), at 512x512 / 1024x1024, 50 steps:
     CUDA graphs 1394 -> 589 / 2281 -> 2144 ms; channels_last pays in the UNet at 512x512 (613 -> 543 ms
@@ -116,16 +128,21 @@ def optimize(
     """
     if device.type != "cuda" or not fast:
         return
-    apply_fast_path(pipe, compile, cuda_graphs)
+    apply_fast_path(pipe, compile, cuda_graphs, compile_cache)
 
 
-def apply_fast_path(pipe: StableDiffusionInpaintPipeline, compile: bool = False, cuda_graphs: bool = True) -> None:
+def apply_fast_path(
+    pipe: StableDiffusionInpaintPipeline,
+    compile: str = "off",
+    cuda_graphs: bool = True,
+    compile_cache: Path | None = None,
+) -> None:
     """The fast path's changes themselves, on whatever device the pipeline is (the tests run them on
     the CPU, where `optimize` leaves them out; the CUDA graphs pass CPU calls straight through)."""
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.enable_slicing()
-    if compile:  # the module stays itself (config, components); only its forward is compiled
-        pipe.unet.forward = torch.compile(pipe.unet.forward, fullgraph=True, dynamic=False)
+    if compile != "off":  # the module stays itself (config, components); its forward is routed
+        compiled.use_compiled(pipe.unet, compile_cache)
     if cuda_graphs:
         cudagraphs.use_cuda_graphs(pipe.unet)
 
@@ -184,7 +201,8 @@ def generate(
     token = _vae_seconds.set(vae_seconds)
     start = time.perf_counter()
     try:
-        with torch.inference_mode():
+        # The compiled UNets ready by now are taken up for the whole prediction; the worker waits.
+        with torch.inference_mode(), compiled.prediction(pipe.unet):
             result = run(
                 prompt=[job.prompt] * count,
                 negative_prompt=[job.negative_prompt] * count if job.negative_prompt else None,

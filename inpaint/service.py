@@ -84,7 +84,8 @@ class Inpainter:
             )
         with timer.stage("model"):
             pipe = pipeline.load_pipeline(
-                folder, device, dtype, settings.fast_path, settings.compile, settings.cuda_graphs
+                folder, device, dtype, settings.fast_path, settings.compile, settings.cuda_graphs,
+                settings.compile_cache,
             )
         log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
         return cls(pipe, settings, safety)

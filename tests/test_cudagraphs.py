@@ -48,9 +48,9 @@ def test_the_least_recently_used_graphs_make_room_for_a_new_one():
 
 
 def test_only_empty_extra_inputs_are_replayable():
-    assert cudagraphs._plain({"timestep_cond": None, "cross_attention_kwargs": None, "added_cond_kwargs": {}})
-    assert not cudagraphs._plain({"cross_attention_kwargs": {"scale": 0.5}})
-    assert not cudagraphs._plain({"timestep_cond": torch.zeros(1)})
+    assert cudagraphs.plain_kwargs({"timestep_cond": None, "cross_attention_kwargs": None, "added_cond_kwargs": {}})
+    assert not cudagraphs.plain_kwargs({"cross_attention_kwargs": {"scale": 0.5}})
+    assert not cudagraphs.plain_kwargs({"timestep_cond": torch.zeros(1)})
 
 
 def test_the_pipeline_with_graphs_installed_paints_the_same_on_the_cpu(tiny_weights):

@@ -1,0 +1,160 @@
+"""The UNet compiled in the background: real torch.compile on the tiny UNet (on the CPU here, where
+Inductor writes C++ kernels; on a GPU, Triton ones), taken up between predictions, saved and loaded."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from inpaint import compiled, cudagraphs, pipeline
+from inpaint.config import Settings
+
+from test_cudagraphs import _inputs as _unet_inputs, _unet
+from test_pipeline import _run
+
+WAIT = 600  # seconds; a cold compile of the tiny UNet takes 20-50 s on a 2-core CPU
+
+
+class _Counting:
+    """Counts the calls that reach a compiled UNet (to see that a prediction used it)."""
+
+    def __init__(self, compiled_unet) -> None:
+        self.compiled_unet, self.calls = compiled_unet, 0
+
+    def guard_check(self, *args, **kwargs):
+        return self.compiled_unet.guard_check(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.compiled_unet(*args, **kwargs)
+
+
+def _pipe(tiny_weights, cache_dir):
+    pipe = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
+    pipeline.apply_fast_path(pipe, compile="background", compile_cache=cache_dir)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture(scope="module")
+def first_start(tiny_weights, cache_dir):
+    """A pipeline whose first prediction asked for the compiled UNet, and that prediction's images."""
+    plain = _run(pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32))
+    pipe = _pipe(tiny_weights, cache_dir)
+    first = _run(pipe)
+    return pipe, plain, first
+
+
+def test_a_prediction_asks_for_the_compiled_unet_and_does_not_wait(first_start):
+    pipe, plain, first = first_start
+    worker = compiled.of(pipe.unet)
+    assert isinstance(pipe.unet.forward, cudagraphs.GraphedForward) and pipe.unet.forward.eager is worker
+    assert len(worker.requested) == 1 and not worker.adopted  # the first prediction ran uncompiled
+    (key,) = worker.requested
+    assert key[0] == (4, 9, 8, 8)  # two outputs of 64x64 pixels, doubled by classifier-free guidance
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, first))  # channels_last: rounding
+
+
+def test_the_next_prediction_after_the_compile_uses_it_and_paints_the_same(first_start, cache_dir):
+    pipe, plain, _ = first_start
+    worker = compiled.of(pipe.unet)
+    assert worker.wait(WAIT)
+    (key,) = worker.ready
+    assert worker.sources[key] == "compiled"
+    worker.adopt()
+    counting = worker.adopted[key] = _Counting(worker.adopted[key])
+    second = _run(pipe)
+    assert counting.calls == 4  # every one of the 4 steps
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, second))
+    assert [path.suffix for path in cache_dir.glob("unet-*")] == [".aot"]
+    assert (cache_dir / "inductor").is_dir()
+
+
+def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir, caplog):
+    pipe, plain, _ = first_start
+    assert compiled.of(pipe.unet).wait(WAIT)  # saved by the first start
+    later = _pipe(tiny_weights, cache_dir)
+    with caplog.at_level(logging.INFO, logger="inpaint.compiled"):
+        _run(later)
+        worker = compiled.of(later.unet)
+        assert worker.wait(WAIT)
+        assert list(worker.sources.values()) == ["loaded"]
+        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
+    assert worker.adopted and "uses the compiled UNet for latents 4x9x8x8" in caplog.text
+
+
+def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_start, tiny_weights, cache_dir, caplog, monkeypatch):
+    pipe, _, first = first_start
+    assert compiled.of(pipe.unet).wait(WAIT)
+    monkeypatch.setattr(compiled, "MAX_RELATIVE_ERROR", -1.0)  # any difference at all is too much
+    later = _pipe(tiny_weights, cache_dir)
+    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
+        _run(later)
+        worker = compiled.of(later.unet)
+        assert worker.wait(WAIT)
+    assert "differs from the eager UNet" in caplog.text and "runs uncompiled" in caplog.text
+    assert list(worker.sources.values()) == ["failed"] and not worker.ready
+    assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled, and not asked for again
+    assert not worker.adopted and worker._pending == 0
+
+
+def test_a_damaged_saved_unet_is_compiled_again(first_start, tiny_weights, cache_dir, caplog):
+    pipe, plain, _ = first_start
+    assert compiled.of(pipe.unet).wait(WAIT)
+    (saved,) = cache_dir.glob("unet-*.aot")
+    saved.write_bytes(b"not a compiled function")
+    later = _pipe(tiny_weights, cache_dir)
+    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
+        _run(later)
+        worker = compiled.of(later.unet)
+        assert worker.wait(WAIT)
+    assert f"saved compiled UNet {saved.name} not loaded" in caplog.text
+    assert list(worker.sources.values()) == ["compiled"]
+    assert saved.stat().st_size > 1000  # saved again, whole
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
+
+
+def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weights):
+    unet = _unet(tiny_weights, "cpu")
+    eager = unet.forward
+    worker = compiled.use_compiled(unet, max_shapes=1)
+    sample, timestep, states = _unet_inputs(unet, "cpu")
+    expected = eager(sample, timestep, states, return_dict=False)[0]
+    with torch.no_grad():
+        got = unet(sample, timestep, states, cross_attention_kwargs={"scale": 0.5}, return_dict=False)[0]
+    assert torch.equal(got, expected) and not worker.requested  # extra inputs: never compiled
+    assert unet(sample, timestep, states).sample.requires_grad and not worker.requested  # autograd: never compiled
+    full = compiled.use_compiled(_unet(tiny_weights, "cpu"), max_shapes=0)
+    with torch.inference_mode():
+        full(*_unet_inputs(unet, "cpu"))
+    assert not full.requested  # past the limit of shapes: eager for good
+
+
+def test_the_compile_setting():
+    assert Settings().compile == "background"
+    assert Settings.from_env({"INPAINT_COMPILE": "setup"}).compile == "setup"
+    assert Settings.from_env({"INPAINT_COMPILE": "1"}).compile == "setup"  # the earlier on/off switch
+    assert Settings.from_env({"INPAINT_COMPILE": "false"}).compile == "off"
+    with pytest.raises(ValueError, match="INPAINT_COMPILE='max' must be one of background, setup, off"):
+        Settings.from_env({"INPAINT_COMPILE": "max"})
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_graphs_are_recorded_again_from_the_compiled_unet(tiny_weights, tmp_path):
+    device = torch.device("cuda")
+    eager = _run(pipeline.load_pipeline(tiny_weights, device, torch.float16, cuda_graphs=False))
+    pipe = pipeline.load_pipeline(tiny_weights, device, torch.float16, compile="background", compile_cache=tmp_path)
+    worker = compiled.of(pipe.unet)  # warm-up (512x512) asked for its shape; so does the first run (64x64)
+    before = _run(pipe)
+    assert worker.wait(WAIT) and set(worker.sources.values()) == {"compiled"}
+    after = _run(pipe)
+    graphs = pipe.unet.forward.graphs
+    tags = [key[-1] for key in graphs if key[0] == (4, 9, 8, 8)]
+    assert tags == [True]  # the uncompiled recording of that shape was dropped
+    for images in (before, after):
+        assert all(np.abs(a - b).max() <= 2 for a, b in zip(eager, images))
