@@ -1,17 +1,18 @@
-"""The UNet compiled by torch.compile in a background thread, so that neither setup nor a prediction waits for it.
+"""The UNet compiled by torch.compile in the background, so that neither setup nor a prediction waits for it.
 
 Compiled (Inductor's fused kernels), a 512x512 prediction on an H100 took 403 ms instead of 591 ms,
 but compiling took 40-56 s, and again for every new working shape (bench/RESULTS.md). So nothing
-waits for it here. The first call at a new shape runs eagerly and asks a worker thread for a UNet
-compiled for that shape. The worker compiles it ahead of time (`torch.compile(...).aot_compile`: a
-function for exactly that shape, which refuses other inputs instead of recompiling), runs it once
-beside the eager UNet on the same random inputs, and hands it over only if the two agree. A
-prediction takes up what is ready when it starts, never half-way, so each image comes from one UNet.
-The worker runs GPU work only between predictions (`prediction` holds it off).
+waits for it here. The first call at a new shape runs eagerly and asks the worker thread for a UNet
+compiled for that shape. The worker has a child process compile it ahead of time
+(`torch.compile(...).aot_compile`: a function for exactly that shape, which refuses other inputs
+instead of recompiling) and save it under `cache_dir`, loads it, runs it once beside the eager UNet
+on the same random inputs, and hands it over only if the two agree. A prediction takes up what is
+ready when it starts, never half-way, so each image comes from one UNet. The worker runs GPU work
+only between predictions (`prediction` holds it off).
 
-Compiled functions are saved under `cache_dir` (with Inductor's own cache beside them), keyed by GPU,
-versions, UNet config and shape, so a later start on the same kind of machine loads them instead.
-A compile or load that fails leaves that shape eager and says so once in the log.
+Saved compiled UNets (with Inductor's own cache beside them) are keyed by GPU, versions, UNet config
+and shape, so a later start on the same kind of machine loads them instead of compiling. A compile
+or load that fails leaves that shape eager and says so once in the log.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import json
 import logging
 import os
 import queue
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .cudagraphs import plain_kwargs, stand_in, unet_output
+from .cudagraphs import plain_kwargs, unet_output
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,9 @@ MAX_SHAPES = 8
 # Largest relative difference (L2) from the eager UNet that a compiled one may show on the same inputs:
 # fp16 rounding gives ~1e-3 (bench: final latents 1.9e-3 after 50 steps); a broken kernel gives ~1.
 MAX_RELATIVE_ERROR = 2e-2
+# Seconds a compile may take in the child process (40-56 s for the 512x512 UNet on an H100).
+COMPILE_TIMEOUT = 1200.0
+_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the inpaint package
 
 class CompiledForward:
     """Stands in for `unet.forward` (install with `use_compiled`); same arguments, same results."""
@@ -72,9 +79,6 @@ class CompiledForward:
             if compiled is None:
                 self.request(key)
         return self.eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-
-    def __reduce__(self):
-        return stand_in, ()
 
     def tag(self, sample, timestep, encoder_hidden_states) -> bool:
         """True when a call with these inputs runs compiled (cudagraphs records each kind apart)."""
@@ -128,42 +132,32 @@ class CompiledForward:
             self._idle.notify_all()
 
     def _obtain(self, key: tuple) -> tuple[Any, str]:
-        """Load the compiled UNet for `key` from the cache, else compile it; check it against the eager UNet."""
+        """Load the compiled UNet for `key` from the cache, else compile it in a child process and load
+        that; check it against the eager UNet."""
         inference = key[-1]
         path = self._path(key)
-        with torch.inference_mode(inference):  # guards are built and checked under the calls' own mode
-            compiled, how = None, "compiled"
-            if path is not None and path.exists():
+        # Guards are built and checked under the calls' own mode. On a GPU the worker's own work goes on
+        # a stream of its own: on the default stream it would wait for, and break, a CUDA graph that a
+        # prediction is recording at the same moment.
+        stream = torch.cuda.stream(torch.cuda.Stream(key[3])) if key[3].startswith("cuda") else nullcontext()
+        with torch.inference_mode(inference), stream:
+            compiled, how = None, "loaded"
+            if path.exists():
                 try:
-                    with path.open("rb") as file:
-                        compiled = torch.compiler.load_compiled_function(file, external_data=_external(self.unet))
-                    how = "loaded"
+                    compiled = self._load(path)
                 except Exception as error:
                     log.warning("saved compiled UNet %s not loaded (%s: %s); compiling it again",
                                 path.name, type(error).__name__, error)
                     path.unlink(missing_ok=True)
             if compiled is None:
-                compiled = self._compile(key)
-                if path is not None:
-                    _save(compiled, path, self.unet)
+                _compile_in_child(self.unet, key, path)
+                compiled, how = self._load(path), "compiled"
             self._check(compiled, key)
         return compiled, how
 
-    def _compile(self, key: tuple):
-        import torch._dynamo
-
-        torch._dynamo.config.enable_aot_compile = True
-        with self._gpu:
-            inputs = _example(key)
-        function = torch.compile(
-            type(self.unet).forward,
-            fullgraph=True,
-            dynamic=False,
-            # guards on the inputs' shapes, strides and dtypes and on grad mode; not on the module's
-            # identity, which cannot be saved (the same UNet object is passed at every call)
-            options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
-        )
-        return function.aot_compile(((self.unet, *inputs), {"return_dict": False}))
+    def _load(self, path: Path):
+        with path.open("rb") as file:
+            return torch.compiler.load_compiled_function(file, external_data=_external(self.unet))
 
     def _check(self, compiled, key: tuple) -> None:
         """Run the compiled and the eager UNet on the same random inputs; refuse the compiled one if they differ."""
@@ -174,21 +168,21 @@ class CompiledForward:
             ours = compiled(self.unet, *inputs, return_dict=False)[0]
             eager = self.eager(*inputs, return_dict=False)[0]
             error = float((ours.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12))
+            del inputs, ours, eager
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what this check used stays cached for the worker's stream otherwise
         if not error <= MAX_RELATIVE_ERROR:
             raise RuntimeError(f"it differs from the eager UNet by {error:.2e} (relative L2; at most {MAX_RELATIVE_ERROR} allowed)")
 
-    def _path(self, key: tuple) -> Path | None:
-        if self.cache_dir is None:
-            return None
+    def _path(self, key: tuple) -> Path:
+        if self.cache_dir is None:  # kept for this process only
+            self.cache_dir = Path(tempfile.mkdtemp(prefix="inpaint-compiled-"))
         digest = hashlib.sha256(json.dumps([_environment(self.unet), repr(key)]).encode()).hexdigest()[:20]
         return self.cache_dir / f"unet-{digest}.aot"
 
 
-# One worker thread per process, for every CompiledForward, alive until the process exits: torch 2.11
-# segfaults in a compile on a new thread once a compile has run on another thread that has since ended,
-# and aborts at exit ("terminate called without an active exception") if a thread that compiled is
-# still waiting then (both reproduced on the CPU). One compile at a time is also what a server can
-# afford beside its predictions.
+# One worker thread per process, for every CompiledForward, alive until the process exits (stopped at
+# exit): one compile at a time is what a server can afford beside its predictions.
 _jobs: queue.SimpleQueue[tuple[CompiledForward, tuple] | None] = queue.SimpleQueue()
 _worker: threading.Thread | None = None
 _worker_lock = threading.Lock()
@@ -216,6 +210,48 @@ def _stop(timeout: float = 10.0) -> None:
     _jobs.put(None)
     if _worker is not None:
         _worker.join(timeout)
+
+
+def _compile_in_child(unet: torch.nn.Module, key: tuple, path: Path, timeout: float = COMPILE_TIMEOUT) -> None:
+    """Compile the UNet for `key` in a fresh interpreter that saves it at `path`.
+
+    Not in this process: compiling traces modules with torch.fx, which patches torch.nn.Module.__call__
+    for every thread while it runs, so a prediction running beside it fails ("module is not installed
+    as a submodule", reproduced on the CPU); the child runs at a lower CPU priority, has its own GIL,
+    and a crash there costs only the compile. It loads its own copy of the UNet from the same folder
+    (the values do not matter to the compiled code, only the shapes, dtypes and layout)."""
+    folder = Path(unet.config._name_or_path)  # set by diffusers' from_pretrained
+    if not (folder / "config.json").is_file():
+        raise RuntimeError(f"the UNet's own folder is not known: its config names {str(folder)!r}, which holds no config.json")
+    parameter = next(unet.parameters())
+    command = [
+        sys.executable, "-m", "inpaint.compiled", "--unet", str(folder), "--dtype", str(parameter.dtype),
+        "--device", str(parameter.device), "--key", json.dumps(key), "--out", str(path),
+    ]
+    if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+        command.append("--channels-last")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=_ROOT)
+    if result.returncode != 0 or not path.is_file():
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"the compile process ended with code {result.returncode}: {lines[-1] if lines else 'no message'}")
+
+
+def aot_compile(unet: torch.nn.Module, key: tuple):
+    """A compiled UNet for calls of `key` (torch 2.11's ahead-of-time compile: it refuses other inputs
+    rather than compiling again). Called in the child process, under the calls' inference mode."""
+    import torch._dynamo
+
+    torch._dynamo.config.enable_aot_compile = True
+    function = torch.compile(
+        type(unet).forward,
+        fullgraph=True,
+        dynamic=False,
+        # guards on the inputs' shapes, strides and dtypes and on grad mode; not on the module's
+        # identity, which cannot be saved (the same UNet object is passed at every call)
+        options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
+    )
+    return function.aot_compile(((unet, *_example(key)), {"return_dict": False}))
 
 
 def call_key(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:
@@ -275,13 +311,11 @@ def _keep_inductor_cache_in(folder: Path) -> None:
 
 
 def _save(compiled, path: Path, unet: torch.nn.Module) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".partial-{os.getpid()}")
-        compiled.save_compiled_function(str(partial), external_data=_external(unet))
-        os.replace(partial, path)
-    except Exception as error:  # an unwritable cache costs the next start a compile, nothing more
-        log.warning("compiled UNet not saved to %s (%s: %s)", path, type(error).__name__, error)
+    """Write atomically: a reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    compiled.save_compiled_function(str(partial), external_data=_external(unet))
+    os.replace(partial, path)
 
 
 def _inference_call(*values) -> bool:
@@ -311,3 +345,43 @@ def prediction(unet: torch.nn.Module):
         for key in compiled.adopt() if compiled else ():
             log.info("this prediction uses the compiled UNet for latents %s", _shape(key))
         yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child process of _compile_in_child: load the UNet, compile it for one key, save it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile the UNet for one working shape and save it.")
+    parser.add_argument("--unet", type=Path, required=True, help="the UNet's folder (config.json, weights)")
+    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--key", required=True, help="call_key() as JSON")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args(argv)
+    os.nice(10)  # the server's predictions come first
+    from diffusers import UNet2DConditionModel
+
+    from .weights import VARIANT
+
+    key = _key_from_json(json.loads(args.key))
+    unet = UNet2DConditionModel.from_pretrained(
+        args.unet, variant=VARIANT, dtype=_dtype(args.dtype), use_safetensors=True, local_files_only=True,
+    ).to(args.device).eval()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    with torch.inference_mode(key[-1]):
+        compiled = aot_compile(unet, key)
+    _save(compiled, args.out, unet)
+    print(f"compiled the UNet for latents {_shape(key)} in {time.perf_counter() - start:.1f} s: {args.out}")
+    return 0
+
+
+def _key_from_json(value):
+    """call_key's tuple back from JSON, where its tuples became lists."""
+    return tuple(_key_from_json(item) for item in value) if isinstance(value, list) else value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

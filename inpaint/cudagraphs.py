@@ -123,9 +123,6 @@ class GraphedForward:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def __reduce__(self):
-        return stand_in, ()
-
 
 def make_room(graphs: OrderedDict[tuple, _Graph | None], positions: int, limit: int) -> None:
     """Drop the least recently used graphs until one of `positions` more fits under `limit`
@@ -140,11 +137,6 @@ def make_room(graphs: OrderedDict[tuple, _Graph | None], positions: int, limit: 
 def _positions(shape) -> int:
     """Latent positions of a (batch, channels, height, width) shape: what a graph's memory grows with."""
     return shape[0] * shape[-2] * shape[-1]
-
-
-def stand_in() -> None:
-    """What a forward wrapper pickles as. torch.compile's saved guards (inpaint/compiled.py) pickle the
-    UNet's attributes, `forward` among them, and no guard looks at it; its locks and graphs cannot be pickled."""
 
 
 def plain_kwargs(kwargs: dict[str, Any]) -> bool:

@@ -1,5 +1,6 @@
-"""The UNet compiled in the background: real torch.compile on the tiny UNet (on the CPU here, where
-Inductor writes C++ kernels; on a GPU, Triton ones), taken up between predictions, saved and loaded."""
+"""The UNet compiled in the background: real torch.compile on the tiny UNet in a child process (on the
+CPU here, where Inductor writes C++ kernels; on a GPU, Triton ones), taken up between predictions,
+saved and loaded."""
 
 import logging
 
@@ -60,10 +61,14 @@ def test_a_prediction_asks_for_the_compiled_unet_and_does_not_wait(first_start):
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, first))  # channels_last: rounding
 
 
-def test_the_next_prediction_after_the_compile_uses_it_and_paints_the_same(first_start, cache_dir):
-    pipe, plain, _ = first_start
+def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_start, cache_dir):
+    pipe, plain, first = first_start
     worker = compiled.of(pipe.unet)
-    assert worker.wait(WAIT)
+    during = 0
+    while not worker.wait(0.2):  # the compile runs in a child process, so nothing here is disturbed
+        assert all(np.array_equal(a, b) for a, b in zip(first, _run(pipe)))
+        during += 1
+    assert during > 0
     (key,) = worker.ready
     assert worker.sources[key] == "compiled"
     worker.adopt()
@@ -117,6 +122,20 @@ def test_a_damaged_saved_unet_is_compiled_again(first_start, tiny_weights, cache
     assert list(worker.sources.values()) == ["compiled"]
     assert saved.stat().st_size > 1000  # saved again, whole
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
+
+
+def test_a_failed_compile_leaves_the_shape_uncompiled_and_says_why(tiny_weights, caplog):
+    unet = _unet(tiny_weights, "cpu")  # loaded from the checkpoint's root folder: the child could not find it
+    worker = compiled.use_compiled(unet)
+    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"), torch.inference_mode():
+        inputs = _unet_inputs(unet, "cpu")
+        expected = worker.eager(*inputs, return_dict=False)[0]
+        assert torch.equal(unet(*inputs, return_dict=False)[0], expected)
+        assert worker.wait(WAIT)
+        assert torch.equal(unet(*inputs, return_dict=False)[0], expected)
+    assert list(worker.sources.values()) == ["failed"] and not worker.ready and not worker.adopted
+    assert "compiled UNet for latents 2x9x8x8 not available" in caplog.text
+    assert "the UNet's own folder is not known" in caplog.text and "runs uncompiled" in caplog.text
 
 
 def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weights):
