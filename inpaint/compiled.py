@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .config import REPO_ROOT
 from .cudagraphs import plain_kwargs, unet_output
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ MAX_SHAPES = 8
 MAX_RELATIVE_ERROR = 2e-2
 # Seconds a compile may take in the child process (40-56 s for the 512x512 UNet on an H100).
 COMPILE_TIMEOUT = 1200.0
-_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the inpaint package
+
 
 class CompiledForward:
     """Stands in for `unet.forward` (install with `use_compiled`); same arguments, same results."""
@@ -230,8 +231,8 @@ def _compile_in_child(unet: torch.nn.Module, key: tuple, path: Path, timeout: fl
     ]
     if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
         command.append("--channels-last")
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=_ROOT)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO_ROOT)
     if result.returncode != 0 or not path.is_file():
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         raise RuntimeError(f"the compile process ended with code {result.returncode}: {lines[-1] if lines else 'no message'}")
