@@ -56,7 +56,7 @@ class CompiledForward:
     def __init__(self, unet: torch.nn.Module, cache_dir: Path | None = None, max_shapes: int = MAX_SHAPES) -> None:
         self.unet = unet
         self.eager = unet.forward
-        self.cache_dir = cache_dir
+        self.cache_dir = _usable(cache_dir)
         self.max_shapes = max_shapes
         self.adopted: dict[tuple, Any] = {}  # what calls use; changed only by adopt()
         self.ready: dict[tuple, Any] = {}  # handed over by the worker, adopted at the next prediction
@@ -67,8 +67,7 @@ class CompiledForward:
         self._gpu = threading.Lock()  # held by a prediction, or by the worker while it runs the UNet
         self._pending = 0
         self._idle = threading.Condition(self._state)
-        if cache_dir is not None:
-            _keep_inductor_cache_in(cache_dir / "inductor")
+        _keep_inductor_cache_in(self.cache_dir / "inductor")
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args: Any, return_dict: bool = True, **kwargs: Any):
         if not args and plain_kwargs(kwargs) and _inference_call(sample, timestep, encoder_hidden_states):
@@ -176,8 +175,6 @@ class CompiledForward:
             raise RuntimeError(f"it differs from the eager UNet by {error:.2e} (relative L2; at most {MAX_RELATIVE_ERROR} allowed)")
 
     def _path(self, key: tuple) -> Path:
-        if self.cache_dir is None:  # kept for this process only
-            self.cache_dir = Path(tempfile.mkdtemp(prefix="inpaint-compiled-"))
         digest = hashlib.sha256(json.dumps([_environment(self.unet), repr(key)]).encode()).hexdigest()[:20]
         return self.cache_dir / f"unet-{digest}.aot"
 
@@ -299,6 +296,19 @@ def _external(unet: torch.nn.Module) -> dict[str, Any]:
     (diffusers wraps UNet2DConditionModel.forward in a decorator; the original cannot be pickled by name)."""
     forward = type(unet).forward
     return {"unet.forward": forward, "unet.forward.inner": inspect.unwrap(forward)}
+
+
+def _usable(folder: Path | None) -> Path:
+    """`folder`, made if needed, when this process can write there; else a temporary folder (the
+    compiled UNets then last as long as this process)."""
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                return folder
+        except OSError as error:
+            log.warning("compiled UNets cannot be kept in %s (%s); they are kept for this process only", folder, error)
+    return Path(tempfile.mkdtemp(prefix="inpaint-compiled-"))
 
 
 def _keep_inductor_cache_in(folder: Path) -> None:
