@@ -56,7 +56,7 @@ def test_the_one_child_process_is_this_interpreter_compiling_the_unet():
 
 def test_every_loader_is_local_and_weights_are_safetensors():
     calls = 0
-    for path in (ROOT / "inpaint" / "pipeline.py", ROOT / "inpaint" / "safety.py"):
+    for path in (ROOT / "inpaint" / "pipeline.py", ROOT / "inpaint" / "safety.py", ROOT / "inpaint" / "compiled.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
                 calls += 1
@@ -64,7 +64,7 @@ def test_every_loader_is_local_and_weights_are_safetensors():
                 assert ast.literal_eval(keywords["local_files_only"]) is True
                 if "variant" in keywords:  # a weights loader, not a config-only one
                     assert ast.literal_eval(keywords["use_safetensors"]) is True
-    assert calls == 3
+    assert calls == 4
 
 
 def test_output_paths_are_fixed_names_in_a_fresh_folder(tmp_path):
