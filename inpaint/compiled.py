@@ -84,6 +84,15 @@ class CompiledForward:
         """True when a call with these inputs runs compiled (cudagraphs records each kind apart)."""
         return _inference_call(sample, timestep, encoder_hidden_states) and call_key(sample, timestep, encoder_hidden_states) in self.adopted
 
+    def reject(self, sample, timestep, encoder_hidden_states) -> None:
+        """Stop using the compiled UNet for calls like these (its CUDA graph could not be recorded, say);
+        that shape runs uncompiled from then on and is not compiled again."""
+        key = call_key(sample, timestep, encoder_hidden_states)
+        with self._state:
+            self.adopted.pop(key, None)
+            self.ready.pop(key, None)
+            self.sources[key] = "failed"
+
     def request(self, key: tuple) -> None:
         """Have the worker compile (or load) a UNet for calls of `key`, once."""
         with self._state:

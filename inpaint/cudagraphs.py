@@ -112,6 +112,12 @@ class GraphedForward:
             with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
                 entry.output = self.eager(entry.sample, entry.timestep, entry.encoder_hidden_states, return_dict=False)[0]
         except Exception as error:  # a kernel that cannot be recorded: this shape runs eagerly
+            reject = getattr(self.eager, "reject", None)
+            if key[-1] and reject is not None:  # the compiled UNet's: back to the uncompiled one, recorded next call
+                log.warning("CUDA graph of the compiled UNet at %s not recorded (%s: %s); that shape goes back to "
+                            "the uncompiled UNet", key[0], type(error).__name__, error)
+                reject(sample, timestep, encoder_hidden_states)
+                return output
             log.warning("CUDA graph of the UNet at %s not recorded (%s: %s); that shape runs eagerly",
                         key[0], type(error).__name__, error)
             entry = None

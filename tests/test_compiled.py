@@ -95,6 +95,24 @@ def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir
     assert worker.adopted and "uses the compiled UNet for latents 4x9x8x8" in caplog.text
 
 
+def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, tiny_weights, cache_dir):
+    pipe, _, first = first_start
+    assert compiled.of(pipe.unet).wait(WAIT)
+    later = _pipe(tiny_weights, cache_dir)
+    _run(later)
+    worker = compiled.of(later.unet)
+    assert worker.wait(WAIT) and list(worker.sources.values()) == ["loaded"]
+    worker.adopt()
+    (key,) = worker.adopted
+    calls = worker.adopted[key] = _Counting(worker.adopted[key])
+    with torch.inference_mode():  # what cudagraphs does when the compiled UNet's graph cannot be recorded
+        sample = torch.empty_strided(key[0], key[1]).normal_()
+        worker.reject(sample, torch.tensor(500), torch.randn(key[4]))
+    assert not worker.adopted and worker.sources[key] == "failed"
+    assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled again
+    assert calls.calls == 0 and worker._pending == 0
+
+
 def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_start, tiny_weights, cache_dir, caplog, monkeypatch):
     pipe, _, first = first_start
     assert compiled.of(pipe.unet).wait(WAIT)
