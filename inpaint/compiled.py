@@ -219,26 +219,26 @@ def _stop(timeout: float = 10.0) -> None:
         _worker.join(timeout)
 
 
-def _compile_in_child(unet: torch.nn.Module, key: tuple, path: Path, timeout: float = COMPILE_TIMEOUT) -> None:
+def _compile_in_child(unet: torch.nn.Module, key: tuple, path: Path) -> None:
     """Compile the UNet for `key` in a fresh interpreter that saves it at `path`.
 
     Not in this process: compiling traces modules with torch.fx, which patches torch.nn.Module.__call__
     for every thread while it runs, so a prediction running beside it fails ("module is not installed
     as a submodule", reproduced on the CPU); the child runs at a lower CPU priority, has its own GIL,
-    and a crash there costs only the compile. It loads its own copy of the UNet from the same folder
-    (the values do not matter to the compiled code, only the shapes, dtypes and layout)."""
-    folder = Path(unet.config._name_or_path)  # set by diffusers' from_pretrained
-    if not (folder / "config.json").is_file():
-        raise RuntimeError(f"the UNet's own folder is not known: its config names {str(folder)!r}, which holds no config.json")
+    and a crash there costs only the compile. It builds its own UNet from the config with uninitialised
+    weights: the compiled code depends on the shapes, dtypes and layout, not on the values."""
     parameter = next(unet.parameters())
     command = [
-        sys.executable, "-m", "inpaint.compiled", "--unet", str(folder), "--dtype", str(parameter.dtype),
-        "--device", str(parameter.device), "--key", json.dumps(key), "--out", str(path),
+        sys.executable, "-m", "inpaint.compiled", "--config", json.dumps(dict(unet.config), default=str),
+        "--dtype", str(parameter.dtype), "--device", str(parameter.device), "--key", json.dumps(key), "--out", str(path),
     ]
     if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
         command.append("--channels-last")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO_ROOT)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, env=environment, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the compile process took longer than {COMPILE_TIMEOUT:g} s and was stopped") from None
     if result.returncode != 0 or not path.is_file():
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         raise RuntimeError(f"the compile process ended with code {result.returncode}: {lines[-1] if lines else 'no message'}")
@@ -368,11 +368,11 @@ def prediction(unet: torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child process of _compile_in_child: load the UNet, compile it for one key, save it."""
+    """The child process of _compile_in_child: build the UNet, compile it for one key, save it."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Compile the UNet for one working shape and save it.")
-    parser.add_argument("--unet", type=Path, required=True, help="the UNet's folder (config.json, weights)")
+    parser.add_argument("--config", required=True, help="the UNet's config as JSON")
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--device", required=True)
     parser.add_argument("--key", required=True, help="call_key() as JSON")
@@ -382,12 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(10)  # the server's predictions come first
     from diffusers import UNet2DConditionModel
 
-    from .weights import VARIANT
-
     key = _key_from_json(json.loads(args.key))
-    unet = UNet2DConditionModel.from_pretrained(
-        args.unet, variant=VARIANT, dtype=_dtype(args.dtype), use_safetensors=True, local_files_only=True,
-    ).to(args.device).eval()
+    with torch.device("meta"):  # no weights read or initialised: their values do not matter here
+        unet = UNet2DConditionModel.from_config(json.loads(args.config)).to(_dtype(args.dtype)).eval()
+    unet = unet.to_empty(device=args.device)
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
     start = time.perf_counter()

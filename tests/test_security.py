@@ -64,7 +64,7 @@ def test_every_loader_is_local_and_weights_are_safetensors():
                 assert ast.literal_eval(keywords["local_files_only"]) is True
                 if "variant" in keywords:  # a weights loader, not a config-only one
                     assert ast.literal_eval(keywords["use_safetensors"]) is True
-    assert calls == 4
+    assert calls == 3
 
 
 def test_output_paths_are_fixed_names_in_a_fresh_folder(tmp_path):
