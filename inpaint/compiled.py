@@ -82,7 +82,9 @@ class CompiledForward:
 
     def tag(self, sample, timestep, encoder_hidden_states) -> bool:
         """True when a call with these inputs runs compiled (cudagraphs records each kind apart)."""
-        return _inference_call(sample, timestep, encoder_hidden_states) and call_key(sample, timestep, encoder_hidden_states) in self.adopted
+        return (bool(self.adopted)  # nothing taken up yet: no key to build on every step
+                and _inference_call(sample, timestep, encoder_hidden_states)
+                and call_key(sample, timestep, encoder_hidden_states) in self.adopted)
 
     def reject(self, sample, timestep, encoder_hidden_states) -> None:
         """Stop using the compiled UNet for calls like these (its CUDA graph could not be recorded, say);
