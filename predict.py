@@ -1,14 +1,12 @@
 """Cog adapter: typed inputs in, one call into the `inpaint` package, image files out."""
 
-import logging
 import shutil
-import sys
 import tempfile
 from typing import List, Optional
 
 from cog import BaseRunner, Input, Path
 
-from inpaint import inputs
+from inpaint import inputs, startup
 from inpaint.codec import OUTPUT_FORMATS
 from inpaint.schedulers import SCHEDULER_NAMES
 
@@ -16,19 +14,7 @@ from inpaint.schedulers import SCHEDULER_NAMES
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
         """Find and verify the weights (COG_WEIGHTS, else ./weights, else download) and load the model."""
-        from inpaint.startup import collector_paused
-
-        with collector_paused():  # the imports and the load make ~0.45 M lasting objects: no GC walks over them
-            from inpaint.config import Settings
-            from inpaint.weights import resolve_weights_ahead
-
-            logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-            logging.getLogger("inpaint").setLevel(logging.INFO)
-            settings = Settings.from_env()
-            folder = resolve_weights_ahead(weights, settings)  # the disk work runs while torch and diffusers import
-            from inpaint.service import Inpainter
-
-            self.inpainter = Inpainter.load(folder, settings)
+        self.inpainter = startup.load(weights)  # imports torch and diffusers while the weights are read
         self.out_dir: Optional[Path] = None
 
     def run(

@@ -1,26 +1,51 @@
-"""Cold start: Python's cyclic garbage collector, paused while setup imports the libraries and loads the
-model.
+"""Cold start: what Cog's setup does, in the order that makes it quickest.
 
-torch, diffusers and transformers make about 0.45 M objects that live as long as the process. With the
-collector on, the imports trigger collection after collection, and each full one walks every object
-made so far: 0.7-0.9 s of a 5.5 s import on the 2-core CPU machine of bench/RESULTS.md. Paused, the
-collector walks them once, when setup ends (0.3 s there), and leaves them in the oldest generation,
-which predictions rarely reach (no full collection in 200 tiny-model predictions, measured). They are
-not frozen (`gc.freeze`, which would save that walk too): an object made in setup that later drops out
-of use inside a reference cycle (a CUDA graph recorded again, say) would then never be freed.
+The weights are found, verified and read in a background thread while torch, diffusers and
+transformers import (`weights.resolve_weights_ahead`), and Python's cyclic garbage collector is paused
+meanwhile. The imports make ~0.67 M objects, nearly all of them for the life of the process (modules,
+classes, functions). With the collector on, each import triggers collections, and every full one
+walks all the objects made so far: 0.7-0.9 s of a 5.5 s import on the 2-core CPU machine of
+bench/RESULTS.md. So the collector stays off, what the imports made is frozen (`gc.freeze`: left to
+reference counting, out of every later collection; their ~7 MB of import-time garbage stays with
+them), and one collection at the end walks only what loading the model made, a few milliseconds.
+The model's objects are not frozen: a CUDA graph recorded again later, or a failed run's tensors,
+must stay collectable (`pipeline.release_memory` collects).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .service import Inpainter
+
+
+def load(weights: str | None) -> Inpainter:
+    """The model ready to serve, from COG_WEIGHTS (`weights`, a folder or a tar URL), else the settings'
+    weights folder, downloaded there if empty; settings from the environment (config.Settings)."""
+    with collector_paused():
+        from .config import Settings
+        from .weights import resolve_weights_ahead
+
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("inpaint").setLevel(logging.INFO)
+        settings = Settings.from_env()
+        folder = resolve_weights_ahead(weights, settings)  # the disk work runs while the libraries import
+        from .service import Inpainter  # torch, diffusers, transformers: most of a cold start
+
+        gc.freeze()
+        return Inpainter.load(folder, settings)
 
 
 @contextmanager
 def collector_paused() -> Iterator[None]:
     """No cyclic garbage collection inside; on the way out, one collection (what the block left in reference
-    cycles is freed, the rest moves to the oldest generation), and the collector as it was."""
+    cycles and did not freeze is freed), and the collector as it was."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -1,5 +1,6 @@
 """The cold start's garbage collector pause: nothing collected inside, cycles freed on the way out, the
-collector as it was afterwards; and a fresh process's setup runs one collection in all."""
+collector as it was afterwards; and a fresh process's setup runs one collection in all, with what the
+imports made frozen and the model's objects not."""
 
 import gc
 import json
@@ -58,7 +59,7 @@ def test_the_collector_is_restored_after_an_error_and_stays_off_if_it_was_off(co
         gc.enable()
 
 
-def test_a_fresh_setup_runs_one_collection_and_leaves_the_collector_on(tiny_weights):
+def test_a_fresh_setup_collects_once_freezes_the_imports_and_leaves_the_model_collectable(tiny_weights):
     """Predictor.setup in a new interpreter, as Cog's worker runs it: imports, weights, model, safety
     checker. Without the pause the same setup runs dozens of collections (each import adds objects)."""
     code = (
@@ -66,11 +67,17 @@ def test_a_fresh_setup_runs_one_collection_and_leaves_the_collector_on(tiny_weig
         "import predict\n"
         "runs = []\n"
         "gc.callbacks.append(lambda phase, info: phase == 'start' and runs.append(info['generation']))\n"
-        "predict.Predictor().setup(sys.argv[1])\n"
-        "print(json.dumps({'collections': runs, 'enabled': gc.isenabled()}))\n"
+        "predictor = predict.Predictor()\n"
+        "predictor.setup(sys.argv[1])\n"
+        "collectable = {id(o) for o in gc.get_objects()}\n"  # every generation but the frozen objects
+        "unet = predictor.inpainter.pipe.unet\n"
+        "print(json.dumps({'collections': runs, 'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count(),\n"
+        "    'model collectable': id(unet) in collectable and id(unet.conv_in) in collectable,\n"
+        "    'torch frozen': id(sys.modules['torch'].nn.Module) not in collectable}))\n"
     )
     result = subprocess.run([sys.executable, "-c", code, str(tiny_weights)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen == {"collections": [2], "enabled": True}
+    assert seen.pop("frozen") > 100_000
+    assert seen == {"collections": [2], "enabled": True, "model collectable": True, "torch frozen": True}
