@@ -18,6 +18,7 @@ or load that fails leaves that shape eager and says so once in the log.
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import inspect
 import json
@@ -382,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
     os.nice(10)  # the server's predictions come first
+    # A process that ends after one compile: no cyclic garbage collection over the objects tracing and
+    # lowering make (2,500 collections, 2.4 s of a 52 s compile of the tiny UNet on the CPU; ~70 MB more
+    # memory at the peak).
+    gc.disable()
     from diffusers import UNet2DConditionModel
 
     key = _key_from_json(json.loads(args.key))
