@@ -234,6 +234,7 @@ def _compile_in_child(unet: torch.nn.Module, key: tuple, path: Path) -> None:
     command = [
         sys.executable, "-m", "inpaint.compiled", "--config", json.dumps(dict(unet.config), default=str),
         "--dtype", str(parameter.dtype), "--device", str(parameter.device), "--key", json.dumps(key), "--out", str(path),
+        "--parent", str(os.getpid()),
     ]
     if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
         command.append("--channels-last")
@@ -381,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, help="call_key() as JSON")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--parent", type=int, help="the server's process id: this one ends when that one does")
     args = parser.parse_args(argv)
+    if args.parent is not None:
+        _exit_with_parent(args.parent)
     os.nice(10)  # the server's predictions come first
     # A process that ends after one compile: no cyclic garbage collection over the objects tracing and
     # lowering make (2,500 collections, 2.4 s of a 52 s compile of the tiny UNet on the CPU; ~70 MB more
@@ -401,6 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     _save(compiled, args.out, unet)
     print(f"compiled the UNet for latents {_shape(key)} in {time.perf_counter() - start:.1f} s: {args.out}")
     return 0
+
+
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """End this process soon after the server that started it is gone (stopped mid-compile, say): a
+    compile nobody will load would only keep a GPU's memory and a CPU core from what runs next. (An
+    orphan is handed to another parent; `parent` is given, not read here, in case that happened
+    before this process got this far.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _key_from_json(value):

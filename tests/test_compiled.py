@@ -2,8 +2,13 @@
 CPU here, where Inductor writes C++ kernels; on a GPU, Triton ones), taken up between predictions,
 saved and loaded."""
 
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ from PIL import Image
 
 from inpaint import compiled, cudagraphs, pipeline
 from inpaint.config import Settings
+
+from conftest import ROOT
 
 from test_cudagraphs import _inputs as _unet_inputs, _unet
 from test_pipeline import _run
@@ -157,6 +164,40 @@ def test_a_failed_compile_leaves_the_shape_uncompiled_and_says_why(tiny_weights,
     assert list(worker.sources.values()) == ["failed"] and not worker.ready and not worker.adopted
     assert "compiled UNet for latents 2x9x8x8 not available" in caplog.text
     assert "the compile process took longer than 0.5 s and was stopped" in caplog.text and "runs uncompiled" in caplog.text
+
+
+def _running(pid: int) -> bool:
+    """True while process `pid` runs (a zombie waiting for its new parent to reap it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_compile_whose_server_is_gone_ends_and_saves_nothing(tiny_weights, tmp_path):
+    unet = _unet(tiny_weights, "cpu")
+    with torch.inference_mode():
+        key = compiled.call_key(*_unet_inputs(unet, "cpu"))
+    out = tmp_path / "unet.aot"
+    # A stand-in server: it starts the compile as _compile_in_child does, says the child's pid, and ends.
+    server = (
+        "import json, os, subprocess, sys\n"
+        "config, key, out = sys.argv[1:]\n"
+        "child = subprocess.Popen([sys.executable, '-m', 'inpaint.compiled', '--config', config, '--dtype', 'torch.float32',\n"
+        "                          '--device', 'cpu', '--key', key, '--out', out, '--parent', str(os.getpid())],\n"
+        "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(child.pid)\n"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", server, json.dumps(dict(unet.config), default=str), json.dumps(key), str(out)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    pid, begin = int(started.stdout), time.monotonic()
+    while _running(pid) and time.monotonic() - begin < WAIT:
+        time.sleep(0.2)
+    assert not _running(pid)
+    assert time.monotonic() - begin < 60  # its imports, then half a second
+    assert not out.exists() and not list(tmp_path.glob("*.partial-*"))
 
 
 def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weights):
