@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from .service import Inpainter
 
 
-def load(weights: str | None) -> Inpainter:
+def load(weights: str | os.PathLike | None) -> Inpainter:
     """The model ready to serve, from COG_WEIGHTS (`weights`, a folder or a tar URL), else the settings'
     weights folder, downloaded there if empty; settings from the environment (config.Settings)."""
     with collector_paused():
