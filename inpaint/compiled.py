@@ -196,6 +196,8 @@ class CompiledForward:
 _jobs: queue.SimpleQueue[tuple[CompiledForward, tuple] | None] = queue.SimpleQueue()
 _worker: threading.Thread | None = None
 _worker_lock = threading.Lock()
+_children: set[subprocess.Popen] = set()  # compile processes running now
+_exiting = threading.Event()
 
 
 def _submit(forward: CompiledForward, key: tuple) -> None:
@@ -216,8 +218,11 @@ def _serve() -> None:
 
 
 def _stop(timeout: float = 10.0) -> None:
-    """At exit: let the worker end after its current job (a compile still running then is left behind)."""
+    """At exit: end a compile still running (nothing would load it), and let the worker end."""
+    _exiting.set()
     _jobs.put(None)
+    for child in list(_children):
+        child.kill()
     if _worker is not None:
         _worker.join(timeout)
 
@@ -239,13 +244,22 @@ def _compile_in_child(unet: torch.nn.Module, key: tuple, path: Path) -> None:
     if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
         command.append("--channels-last")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, env=environment, cwd=REPO_ROOT)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the compile process took longer than {COMPILE_TIMEOUT:g} s and was stopped") from None
-    if result.returncode != 0 or not path.is_file():
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"the compile process ended with code {result.returncode}: {lines[-1] if lines else 'no message'}")
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                          cwd=REPO_ROOT) as child:
+        _children.add(child)  # ended by _stop if the process exits first
+        try:
+            _, stderr = child.communicate(timeout=COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise RuntimeError(f"the compile process took longer than {COMPILE_TIMEOUT:g} s and was stopped") from None
+        finally:
+            _children.discard(child)
+    if _exiting.is_set():
+        raise RuntimeError("the compile process was stopped: this process is exiting")
+    if child.returncode != 0 or not path.is_file():
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"the compile process ended with code {child.returncode}: {lines[-1] if lines else 'no message'}")
 
 
 def aot_compile(unet: torch.nn.Module, key: tuple):

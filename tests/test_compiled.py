@@ -200,6 +200,36 @@ def test_a_compile_whose_server_is_gone_ends_and_saves_nothing(tiny_weights, tmp
     assert not out.exists() and not list(tmp_path.glob("*.partial-*"))
 
 
+def test_a_process_that_exits_mid_compile_ends_the_compile_and_does_not_wait_for_it(tiny_weights, tmp_path):
+    """A server stopped while its worker waits for a compile: the compile process is ended at exit, the
+    worker thread too, and the exit takes well under the 10 s the worker is given."""
+    server = (
+        "import sys, time, torch\n"
+        "from test_cudagraphs import _inputs, _unet\n"
+        "from inpaint import compiled\n"
+        "unet = _unet(sys.argv[1], 'cpu')\n"
+        "worker = compiled.use_compiled(unet, compiled.Path(sys.argv[2]))\n"
+        "with torch.inference_mode():\n"
+        "    unet(*_inputs(unet, 'cpu'))\n"  # asks for the compiled UNet
+        "while not compiled._children:\n"
+        "    time.sleep(0.05)\n"
+        "(child,) = compiled._children\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(2)\n"  # the child is importing torch: well before its compile could end
+        "print(time.monotonic(), flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    result = subprocess.run([sys.executable, "-c", server, str(tiny_weights), str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=WAIT)
+    ended = time.monotonic()
+    assert result.returncode == 0, result.stderr[-2000:]
+    pid, exiting = result.stdout.split()
+    assert ended - float(exiting) < 5
+    assert not _running(int(pid))
+    assert not list(tmp_path.glob("unet-*.aot"))
+    assert "this process is exiting" in result.stderr
+
+
 def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weights):
     unet = _unet(tiny_weights, "cpu")
     eager = unet.forward
