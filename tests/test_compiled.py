@@ -2,7 +2,6 @@
 CPU here, where Inductor writes C++ kernels; on a GPU, Triton ones), taken up between predictions,
 saved and loaded."""
 
-import json
 import logging
 import os
 import subprocess
@@ -174,53 +173,47 @@ def _running(pid: int) -> bool:
         return False
 
 
+# A stand-in server, in a fresh interpreter: its first UNet call asks for a compile, it waits until the
+# compile process runs (started by the real _compile_in_child), says that process's pid, then ends as
+# `ending` says.
+_SERVER = (
+    "import os, sys, time, torch\n"
+    "from test_cudagraphs import _inputs, _unet\n"
+    "from inpaint import compiled\n"
+    "unet = _unet(sys.argv[1], 'cpu')\n"
+    "worker = compiled.use_compiled(unet, compiled.Path(sys.argv[2]))\n"
+    "with torch.inference_mode():\n"
+    "    unet(*_inputs(unet, 'cpu'))\n"
+    "while not compiled._children:\n"
+    "    time.sleep(0.05)\n"
+    "(child,) = compiled._children\n"
+    "print(child.pid, flush=True)\n"
+)
+
+
+def _serve_and_end(tiny_weights, cache_dir, ending: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-c", _SERVER + ending, str(tiny_weights), str(cache_dir)], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=WAIT)
+
+
 def test_a_compile_whose_server_is_gone_ends_and_saves_nothing(tiny_weights, tmp_path):
-    unet = _unet(tiny_weights, "cpu")
-    with torch.inference_mode():
-        key = compiled.call_key(*_unet_inputs(unet, "cpu"))
-    out = tmp_path / "unet.aot"
-    # A stand-in server: it starts the compile as _compile_in_child does, says the child's pid, and ends.
-    server = (
-        "import json, os, subprocess, sys\n"
-        "config, key, out = sys.argv[1:]\n"
-        "child = subprocess.Popen([sys.executable, '-m', 'inpaint.compiled', '--config', config, '--dtype', 'torch.float32',\n"
-        "                          '--device', 'cpu', '--key', key, '--out', out, '--parent', str(os.getpid())],\n"
-        "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-        "print(child.pid)\n"
-    )
-    started = subprocess.run(
-        [sys.executable, "-c", server, json.dumps(dict(unet.config), default=str), json.dumps(key), str(out)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )
+    # os._exit: no exit hooks run, as when a server is killed
+    started = _serve_and_end(tiny_weights, tmp_path, "os._exit(0)\n")
+    assert started.returncode == 0, started.stderr[-2000:]
     pid, begin = int(started.stdout), time.monotonic()
     while _running(pid) and time.monotonic() - begin < WAIT:
         time.sleep(0.2)
     assert not _running(pid)
     assert time.monotonic() - begin < 60  # its imports, then half a second
-    assert not out.exists() and not list(tmp_path.glob("*.partial-*"))
+    assert not list(tmp_path.glob("unet-*.aot")) and not list(tmp_path.glob("*.partial-*"))
 
 
 def test_a_process_that_exits_mid_compile_ends_the_compile_and_does_not_wait_for_it(tiny_weights, tmp_path):
     """A server stopped while its worker waits for a compile: the compile process is ended at exit, the
     worker thread too, and the exit takes well under the 10 s the worker is given."""
-    server = (
-        "import sys, time, torch\n"
-        "from test_cudagraphs import _inputs, _unet\n"
-        "from inpaint import compiled\n"
-        "unet = _unet(sys.argv[1], 'cpu')\n"
-        "worker = compiled.use_compiled(unet, compiled.Path(sys.argv[2]))\n"
-        "with torch.inference_mode():\n"
-        "    unet(*_inputs(unet, 'cpu'))\n"  # asks for the compiled UNet
-        "while not compiled._children:\n"
-        "    time.sleep(0.05)\n"
-        "(child,) = compiled._children\n"
-        "print(child.pid, flush=True)\n"
-        "time.sleep(2)\n"  # the child is importing torch: well before its compile could end
-        "print(time.monotonic(), flush=True)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    result = subprocess.run([sys.executable, "-c", server, str(tiny_weights), str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, env=env, timeout=WAIT)
+    # the child is importing torch for these 2 s: well before its compile could end
+    result = _serve_and_end(tiny_weights, tmp_path, "time.sleep(2)\nprint(time.monotonic(), flush=True)\n")
     ended = time.monotonic()
     assert result.returncode == 0, result.stderr[-2000:]
     pid, exiting = result.stdout.split()
