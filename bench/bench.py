@@ -474,6 +474,12 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         rows.append([label, f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
         _progress("lever: " + " | ".join(rows[-1]))
 
+    def timed(pipe) -> tuple[float, object, str]:
+        """Median ms, the last output, and the last run's own stages (wall ms, synchronised around the VAE)."""
+        stages: dict[str, float] = {}
+        milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages), device, runs)
+        return milliseconds, painted, ", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items()))
+
     cache = Path(tempfile.mkdtemp(prefix="compiled-"))  # cold: nothing saved, Inductor's cache empty
     if time.monotonic() + 180 > deadline:
         rows.append(["torch.compile in the background (the default)", "not run (time budget)", "-"])
@@ -485,9 +491,10 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
             worker = compiled_unet.of(pipe.unet)
             during, uncompiled = [], None
             while not worker.wait(0) and time.monotonic() < deadline:
-                milliseconds, uncompiled = _time(lambda: ours.generate(pipe, [image], [mask], job), device, runs=1,
-                                                 warm_up=False)
+                milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job), device, runs=1,
+                                              warm_up=False)
                 during.append(milliseconds)
+                uncompiled = uncompiled or painted  # the first: surely before the take-up (the last may be after it)
                 time.sleep(0.05)  # as between requests: the worker checks its UNet on the GPU only between predictions
             worker.wait()
             took = ", ".join(f"{'x'.join(map(str, key[0]))} {worker.sources[key]} in {seconds:.0f} s"
@@ -495,20 +502,30 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
             if during:
                 add(f"compile=background (the default), while the worker compiles: {len(during)} predictions "
                     f"(setup {setup:.0f} s; then {took})", statistics.median(during))
-            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job), device, runs)
-            agreement = f"; PSNR {_psnr(uncompiled[0][0], painted[0][0]):.1f} dB against uncompiled" if uncompiled else ""
-            add(f"compile=background, once predictions take the compiled UNet up (the default from then on{agreement})",
-                milliseconds)
+            milliseconds, painted, stages = timed(pipe)
+            agreement = f"; PSNR {_psnr(uncompiled[0][0], painted[0][0]):.1f} dB against the first, uncompiled" if uncompiled else ""
+            add(f"compile=background, once predictions take the compiled UNet up (the default from then on{agreement}; "
+                f"stages, ms: {stages})", milliseconds)
             del pipe, worker
             ours.release_memory(device)
             begin = time.monotonic()
             later = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
             setup = time.monotonic() - begin
             worker = compiled_unet.of(later.unet)
-            milliseconds, _ = _time(lambda: ours.generate(later, [image], [mask], job), device, runs)
+            milliseconds, _, stages = timed(later)
             loaded = ", ".join(f"{worker.sources[key]} in {seconds:.1f} s" for key, seconds in worker.seconds.items())
-            add(f"compile=setup on a later start (saved compiled UNet: {loaded}; setup {setup:.0f} s)", milliseconds)
+            add(f"compile=setup on a later start (saved compiled UNet: {loaded}; setup {setup:.0f} s; stages, ms: {stages})",
+                milliseconds)
             del later, worker
+            ours.release_memory(device)
+            torch.backends.cudnn.benchmark = True  # a candidate, measured before it joins the fast path
+            try:
+                tuned = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
+                milliseconds, _, stages = timed(tuned)
+            finally:
+                torch.backends.cudnn.benchmark = False
+            add(f"... + torch.backends.cudnn.benchmark (stages, ms: {stages})", milliseconds)
+            del tuned
         except Exception as error:  # report it and keep the rest of the run
             rows.append(["torch.compile in the background", f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
             _progress("lever: " + " | ".join(rows[-1]))
@@ -653,12 +670,11 @@ def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: in
     return rows
 
 
-def bench_startup(folder: Path, deadline: float) -> list[list[object]]:
-    """Where a cold start goes: fresh interpreters doing part of the work, then Cog's server to READY
-    (weights already verified), then with INPAINT_COMPILE=setup twice (the second loads the compiled
-    UNet the first saved), each while `deadline` allows."""
+def _startup_imports() -> list[list[object]]:
+    """Fresh interpreters doing part of a cold start's work, timed, and the import time by package."""
     rows = []
     for label, code in (
+        ("python -c pass (the interpreter and its site-packages' .pth files)", "pass"),
         ("python -c 'import torch'", "import torch"),
         ("... + CUDA context", "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
          if torch.cuda.is_available() else "import torch"),
@@ -667,10 +683,31 @@ def bench_startup(folder: Path, deadline: float) -> list[list[object]]:
     ):
         begin = time.monotonic()
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
-        rows.append([label, f"{time.monotonic() - begin:.1f} s"])
+        rows.append([label, f"{time.monotonic() - begin:.2f} s"])
         _progress("startup: " + " | ".join(rows[-1]))
-    rows.append(["self time of the imports by package (python -X importtime, top 8)", _import_time_by_package()])
+    rows.append(["self time of the imports by package (python -X importtime, top 10)", _import_time_by_package()])
     _progress("startup: " + " | ".join(rows[-1]))
+    return rows
+
+
+def run_startup(runs: int) -> str:
+    """--startup: where a cold start goes in this interpreter's environment (run it again under
+    bench/requirements-only-env's interpreter for the image's package set alone)."""
+    import importlib.metadata
+
+    folder = build_full_size(CACHE / "full-size-weights", device="cuda" if torch.cuda.is_available() else "cpu")
+    rows = _startup_imports()
+    installed = len({dist.metadata["Name"].lower() for dist in importlib.metadata.distributions()})
+    return (f"## Cold start breakdown: {machine()}\n\nInterpreter `{sys.executable}`, {installed} distributions "
+            "installed. Fresh processes, page cache warm:\n\n" + table(["what", "time"], rows)
+            + "\n\n" + cold_start_section(folder, runs))
+
+
+def bench_startup(folder: Path, deadline: float) -> list[list[object]]:
+    """Where a cold start goes: fresh interpreters doing part of the work, then Cog's server to READY
+    (weights already verified), then with INPAINT_COMPILE=setup twice (the second loads the compiled
+    UNet the first saved), each while `deadline` allows."""
+    rows = _startup_imports()
     setup = {"INPAINT_COMPILE": "setup", "INPAINT_COMPILE_CACHE": tempfile.mkdtemp(prefix="compiled-")}
     for label, env, cost in (("Cog server to READY (default; first start: sha256 of every weight file)", {}, 30),
                              ("... again (verified stamp in place)", {}, 30),
@@ -693,7 +730,7 @@ def _import_time_by_package(code: str = "import predict, inpaint.service") -> st
         if len(parts) == 3 and parts[0].strip().isdigit():
             package = parts[2].strip().split(".")[0]
             totals[package] = totals.get(package, 0) + int(parts[0])
-    top = sorted(totals.items(), key=lambda item: -item[1])[:8]
+    top = sorted(totals.items(), key=lambda item: -item[1])[:10]
     return ", ".join(f"{name} {microseconds / 1e6:.2f} s" for name, microseconds in top) + f" (all: {sum(totals.values()) / 1e6:.1f} s)"
 
 
@@ -789,6 +826,8 @@ def main() -> int:
     parser.add_argument("--prepost", action="store_true", help="only the 4096x4096 pre/post-processing timings (CPU)")
     parser.add_argument("--cold-start", action="store_true",
                         help="only the cold starts through Cog's server: first start, page cache cold and warm")
+    parser.add_argument("--startup", action="store_true",
+                        help="only where a cold start goes in this interpreter's environment, and its cold starts")
     parser.add_argument("--quick", action="store_true", help="GPU: only 512x512 x1 in the main table (a shorter rerun)")
     parser.add_argument("--parts", action="store_true",
                         help="GPU: the fast path's parts at 512/768/1024, and where a cold start goes")
@@ -802,6 +841,8 @@ def main() -> int:
         report = run_prepost_only(args.runs)
     elif args.cold_start:
         report = run_cold_start_only(args.runs)
+    elif args.startup:
+        report = run_startup(args.runs)
     elif args.cpu:
         report = run_cpu(args.runs)
     elif args.parts:

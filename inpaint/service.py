@@ -51,6 +51,17 @@ def _size(pixels: np.ndarray) -> tuple[int, int]:
     return pixels.shape[1], pixels.shape[0]
 
 
+@dataclass(frozen=True)
+class _Regions:
+    """Where a prediction paints, from the mask alone; `plan` None: nothing to paint (an empty mask, or strength 0)."""
+
+    coverage: float  # the fraction of the photo's pixels the mask asks to repaint, rounded
+    empty: bool  # the mask asks for no pixel at all
+    feather: compositing.Feather | None = None
+    touched: np.ndarray | None = None  # (H, W) bool
+    plan: geometry.Plan | None = None
+
+
 class GPUOutOfMemory(RuntimeError):
     """The model ran out of GPU memory; the message says what to lower."""
 
@@ -90,20 +101,6 @@ class Inpainter:
         log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
         return cls(pipe, settings, safety)
 
-    def _decode(self, image_path: Path, mask_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
-        """The photo (H, W, 3 or 4) and its mask (H, W), at the photo's size; decoded at the same time."""
-        if mask_path is None:
-            image = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
-            return image, self._mask_from_alpha(image)
-        mask_job = self._decoder.submit(codec.decode_mask, mask_path, self.settings.max_input_pixels, "mask")
-        try:
-            image = codec.decode_image(image_path, self.settings.max_input_pixels, "image")
-        finally:
-            mask_error = mask_job.exception()  # wait for it either way; an image error is reported first
-        if mask_error is not None:
-            raise mask_error
-        return image, codec.fit_mask(mask_job.result(), _size(image))
-
     def _mask_from_alpha(self, image: np.ndarray) -> np.ndarray:
         if image.shape[2] == 4:
             log.info("no mask given: repainting the image's transparent pixels")
@@ -118,25 +115,40 @@ class Inpainter:
     ) -> Prediction:
         timer = _Timer()
         log.info("seed %d", request.seed)
+        # The photo decodes in the decoder thread (the decoders release Python's lock) while this one
+        # decodes the mask and works out the regions from it alone, taking the mask's size for the
+        # photo's (checked once the photo is there); 16 ms off a 4096x4096 PNG on 2 cores.
+        image_job = self._decoder.submit(codec.decode_image, image_path, self.settings.max_input_pixels, "image")
+        try:
+            with timer.stage("decode"):
+                mask = None if mask_path is None else codec.decode_mask(mask_path, self.settings.max_input_pixels, "mask")
+            with timer.stage("prepare"):
+                regions = None if mask is None else self._regions(mask, request)
+        except Exception:
+            if image_job.exception() is not None:  # an error in the photo is reported first
+                raise image_job.exception() from None
+            raise
         with timer.stage("decode"):
-            image, mask = self._decode(image_path, mask_path)
+            image = image_job.result()
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:
             self._log_truncation("negative_prompt", request.negative_prompt)
+        if mask is None or mask.shape != image.shape[:2]:
+            with timer.stage("prepare"):
+                mask = self._mask_from_alpha(image) if mask is None else codec.fit_mask(mask, _size(image))
+                regions = self._regions(mask, request)
 
-        with timer.stage("prepare"):
-            binary = compositing.prepare_mask(mask, request.invert_mask, request.mask_grow)  # (H, W) bool
         metrics: dict[str, object] = {
             "seed": request.seed,
             "image_size": list(_size(image)),
-            "mask_coverage": round(np.count_nonzero(binary) / binary.size, 4),  # 10x faster than mean()
+            "mask_coverage": regions.coverage,
         }
-        if not binary.any() or request.strength == 0:
-            reason = "the mask is empty" if not binary.any() else "strength is 0"
+        if regions.plan is None:
+            reason = "the mask is empty" if regions.empty else "strength is 0"
             log.info("%s: returning the image unchanged without running the model", reason)
             results = [image] * request.num_outputs
         else:
-            results = self._paint(image, binary, mask_path is None, request, timer, metrics)
+            results = self._paint(image, regions, mask_path is None, request, timer, metrics)
 
         with timer.stage("encode"):
             paths = [
@@ -146,22 +158,33 @@ class Inpainter:
         metrics["timings"] = timer.rounded()
         return Prediction(paths, metrics)
 
+    def _regions(self, mask: np.ndarray, request: InpaintRequest) -> _Regions:
+        """What the mask alone decides: the pixels to repaint, the feathered paste, the crops."""
+        binary = compositing.prepare_mask(mask, request.invert_mask, request.mask_grow)  # (H, W) bool
+        count = np.count_nonzero(binary)  # 10x faster than mean()
+        coverage = round(count / binary.size, 4)
+        if not count or request.strength == 0:
+            return _Regions(coverage, not count)
+        feather = compositing.feather_mask(binary, request.mask_blur)
+        touched = feather.touched(_size(binary))  # (H, W) bool: every pixel the paste changes
+        # Context around each region; at least the feather band, so the whole band lies inside a crop.
+        padding = max(request.mask_padding, request.mask_blur + 1)
+        plan = geometry.plan_crops(touched, padding, request.width, request.height)
+        self._check_limits(plan, request)
+        return _Regions(coverage, False, feather, touched, plan)
+
     def _paint(
         self,
         image: np.ndarray,
-        binary: np.ndarray,
+        regions: _Regions,
         mask_from_alpha: bool,
         request: InpaintRequest,
         timer: _Timer,
         metrics: dict[str, object],
     ) -> list[np.ndarray]:
         """The outputs: the model's work on each region pasted over `image` (which the last output reuses)."""
+        feather, touched, plan = regions.feather, regions.touched, regions.plan
         with timer.stage("prepare"):
-            feather = compositing.feather_mask(binary, request.mask_blur)
-            touched = feather.touched(_size(image))  # (H, W) bool: every pixel the paste changes
-            # Context around each region; at least the feather band, so the whole band lies inside a crop.
-            padding = max(request.mask_padding, request.mask_blur + 1)
-            plan = geometry.plan_crops(touched, padding, request.width, request.height)
             # reducing_gap: a box-filter reduction first, then Lanczos, when shrinking 3x or more;
             # at most 1 level from a full Lanczos, and 2.5x faster at 4096 -> 512.
             crops = [
@@ -178,7 +201,6 @@ class Inpainter:
             ]
         metrics["working_size"] = list(plan.working_size)
         metrics["crop_boxes"] = [list(box) for box in plan.boxes]
-        self._check_limits(plan, request)
         log.info(
             "working at %dx%d on %d region(s): %s", *plan.working_size, len(plan.boxes), metrics["crop_boxes"]
         )

@@ -108,13 +108,37 @@ def test_long_prompt_is_truncated_and_logged(predictor, photo, mask, caplog):
     assert "prompt is" in caplog.text and "only the first 75" in caplog.text
 
 
-def test_bad_input_names_it(predictor, tmp_path, mask):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG not really")
+@pytest.fixture
+def broken(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG not really")
+    return path
+
+
+def test_bad_input_names_it(predictor, broken, mask):
     with pytest.raises(ValueError, match="^image could not be read"):
         run(predictor, broken, mask)
     with pytest.raises(ValueError, match="num_outputs must be between 1 and 4"):
         run(predictor, broken, mask, num_outputs=5)
+
+
+def test_a_broken_photo_is_reported_before_a_broken_mask(predictor, broken, photo):
+    # The photo decodes beside the mask's decoding and the mask work: an error in it still comes first.
+    with pytest.raises(ValueError, match="^image could not be read"):
+        run(predictor, broken, broken)
+    with pytest.raises(ValueError, match="^mask could not be read"):
+        run(predictor, photo, broken)
+
+
+def test_a_one_pixel_mask_is_painted_not_taken_for_empty(predictor, tmp_path, photo, caplog):
+    # 1 pixel of 200x120 rounds to a mask_coverage of 0.0; the pixel is repainted all the same.
+    dot = Image.new("L", (200, 120), 0)
+    dot.putpixel((100, 60), 255)
+    dot.save(tmp_path / "dot.png")
+    with caplog.at_level("INFO"):
+        (output,) = run(predictor, photo, tmp_path / "dot.png")
+    assert "mask is empty" not in caplog.text
+    assert _changed(output, np.asarray(Image.open(photo).convert("RGB")))[60, 100]
 
 
 def _changed(output_path, original: np.ndarray) -> np.ndarray:
