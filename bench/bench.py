@@ -475,10 +475,15 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         _progress("lever: " + " | ".join(rows[-1]))
 
     def timed(pipe) -> tuple[float, object, str]:
-        """Median ms, the last output, and the last run's own stages (wall ms, synchronised around the VAE)."""
+        """Median ms, the last output, and the last run's own stages (wall ms, synchronised around the VAE),
+        with the cudaMalloc/cudaFree calls the timed runs made (a fragmented cache makes them costly)."""
         stages: dict[str, float] = {}
-        milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages), device, runs)
-        return milliseconds, painted, ", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items()))
+        ours.generate(pipe, [image], [mask], job)  # warm-up (the CUDA graph's recording at a new UNet)
+        before = torch.cuda.memory_stats(device)
+        milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages), device, runs, warm_up=False)
+        after = torch.cuda.memory_stats(device)
+        calls = ", ".join(f"{key} {after.get(key, 0) - before.get(key, 0)}" for key in ("num_device_alloc", "num_device_free"))
+        return milliseconds, painted, ", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items())) + f"; {calls}"
 
     cache = Path(tempfile.mkdtemp(prefix="compiled-"))  # cold: nothing saved, Inductor's cache empty
     if time.monotonic() + 180 > deadline:
