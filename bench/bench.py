@@ -437,13 +437,6 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         cudagraphs.release()
     add(["+ torch.backends.cudnn.benchmark (cuDNN times its convolution algorithms per shape)", f"{tuned:.0f}",
          f"{tuned / baseline:.2f}"])
-    idle = []  # as between HTTP requests: does an idle GPU start the next prediction slower?
-    for _ in range(runs):
-        time.sleep(1.0)
-        milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], job), device, runs=1, warm_up=False)
-        idle.append(milliseconds)
-    add(["the default, each run after 1 s with the GPU idle (as between requests)", f"{statistics.median(idle):.0f}",
-         f"{statistics.median(idle) / baseline:.2f}"])
     with_host = timed(fast, "PNDM")
     original = schedulers._INDEXED_BY_TIMESTEP
     schedulers._INDEXED_BY_TIMESTEP = ()
@@ -460,8 +453,8 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
                   deadline: float) -> list[list[object]]:
     """torch.compile of the UNet at 512x512 x1. As shipped (INPAINT_COMPILE=background): predictions
     while the worker compiles, then after they take the compiled UNet up; then a later start on the
-    saved compiled UNet (INPAINT_COMPILE=setup: setup waits for the load). Skipped when it would end
-    after `deadline`. (torch's own mode="reduce-overhead", 400 ms on 2026-11-26, is not timed again:
+    saved compiled UNet (INPAINT_COMPILE=setup: setup waits for the load), with cuDNN's benchmark mode
+    and with the VAE compiled too (candidates). Skipped when it would end after `deadline`. (torch's own mode="reduce-overhead", 400 ms on 2026-11-26, is not timed again:
     it compiles in the request path, and a compile on the main thread after the worker's is untested.)"""
     from inpaint import compiled as compiled_unet
     from inpaint import pipeline as ours
@@ -531,6 +524,19 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
                 torch.backends.cudnn.benchmark = False
             add(f"... + torch.backends.cudnn.benchmark (stages, ms: {stages})", milliseconds)
             del tuned
+            ours.release_memory(device)
+            if time.monotonic() + 120 > deadline:
+                rows.append(["... + the VAE's encoder and decoder compiled", "not run (time budget)", "-"])
+            else:  # a candidate: the VAE runs outside the UNet's 50 steps, eagerly; compiled here, in this process
+                vae = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
+                vae.vae.encoder, vae.vae.decoder = torch.compile(vae.vae.encoder), torch.compile(vae.vae.decoder)
+                begin = time.monotonic()
+                ours.generate(vae, [image], [mask], job)
+                took = time.monotonic() - begin
+                milliseconds, _, stages = timed(vae)
+                add(f"... + the VAE's encoder and decoder compiled (torch.compile, in this process: {took:.0f} s; "
+                    f"stages, ms: {stages})", milliseconds)
+                del vae
         except Exception as error:  # report it and keep the rest of the run
             rows.append(["torch.compile in the background", f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
             _progress("lever: " + " | ".join(rows[-1]))

@@ -19,8 +19,8 @@ from .weights import VARIANT
 
 log = logging.getLogger(__name__)
 
-# Seconds spent in VAE encode/decode during the current prediction, filled by the wrappers below.
-_vae_seconds: ContextVar[dict[str, float] | None] = ContextVar("vae_seconds", default=None)
+# Seconds spent in the text encoder and VAE encode/decode during the current prediction, filled by the wrappers below.
+_stage_seconds: ContextVar[dict[str, float] | None] = ContextVar("stage_seconds", default=None)
 
 
 def _timed(method, key: str, device: torch.device):
@@ -28,7 +28,7 @@ def _timed(method, key: str, device: torch.device):
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        seconds = _vae_seconds.get()
+        seconds = _stage_seconds.get()
         if seconds is None:
             return method(*args, **kwargs)
         if device.type == "cuda":
@@ -77,6 +77,7 @@ def load_pipeline(
     optimize(pipe, device, fast, compile, cuda_graphs, compile_cache)
     for name in ("encode", "decode"):
         setattr(pipe.vae, name, _timed(getattr(pipe.vae, name), f"vae_{name}", device))
+    pipe.text_encoder.forward = _timed(pipe.text_encoder.forward, "text_encode", device)
     if device.type == "cuda" and fast:
         warm_up(pipe)  # its first UNet call asks the compile worker for the 512x512 UNet
         worker = compiled.of(pipe.unet)
@@ -185,7 +186,7 @@ def generate(
     """Inpaint each image (RGB) where its mask (L, 255 = repaint) is white, all in one batch.
 
     All images share one working size. Returns, for each image, `job.num_outputs` results.
-    `timings`, if given, receives the seconds of vae_encode, vae_decode and denoise (the rest).
+    `timings`, if given, receives the seconds of text_encode, vae_encode, vae_decode and denoise (the rest).
     """
     width, height = images[0].size
     count = len(images)
@@ -197,8 +198,8 @@ def generate(
     )
     run.set_progress_bar_config(desc="denoising", mininterval=1.0, ascii=True)
     generator = torch.Generator("cpu").manual_seed(job.seed)  # CPU noise: the same seed gives the same image anywhere
-    vae_seconds: dict[str, float] = {}
-    token = _vae_seconds.set(vae_seconds)
+    stage_seconds: dict[str, float] = {}
+    token = _stage_seconds.set(stage_seconds)
     start = time.perf_counter()
     try:
         # The compiled UNets ready by now are taken up for the whole prediction; the worker waits.
@@ -218,9 +219,9 @@ def generate(
                 output_type="pil",
             )
     finally:
-        _vae_seconds.reset(token)
+        _stage_seconds.reset(token)
     if timings is not None:
-        timings.update(vae_seconds)
-        timings["denoise"] = time.perf_counter() - start - sum(vae_seconds.values())
+        timings.update(stage_seconds)
+        timings["denoise"] = time.perf_counter() - start - sum(stage_seconds.values())
     # diffusers tiles the images through the batch: entry b belongs to image b % count.
     return [result.images[index::count] for index in range(count)]

@@ -26,7 +26,7 @@ def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, t
     width, height = result.metrics["working_size"]
     assert 0.8 < width * height / 512**2 < 1.25  # the crop runs at the model's native area
     assert Image.open(result.paths[0]).size == (1600, 1200)
-    for stage in ("decode", "prepare", "vae_encode", "denoise", "vae_decode", "composite", "encode"):
+    for stage in ("decode", "prepare", "text_encode", "vae_encode", "denoise", "vae_decode", "composite", "encode"):
         assert stage in result.metrics["timings"]
     assert 0 < result.metrics["mask_coverage"] < 0.01
 
