@@ -117,7 +117,7 @@ class Inpainter:
         log.info("seed %d", request.seed)
         # The photo decodes in the decoder thread (the decoders release Python's lock) while this one
         # decodes the mask and works out the regions from it alone, taking the mask's size for the
-        # photo's (checked once the photo is there); 16 ms off a 4096x4096 PNG on 2 cores.
+        # photo's (checked once the photo is there): 10-20 ms off a 4096x4096 upload on 2 cores (bench/RESULTS.md).
         image_job = self._decoder.submit(codec.decode_image, image_path, self.settings.max_input_pixels, "image")
         try:
             with timer.stage("decode"):
