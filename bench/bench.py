@@ -472,9 +472,10 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         with the cudaMalloc/cudaFree calls the timed runs made (a fragmented cache makes them costly)."""
         stages: dict[str, float] = {}
         ours.generate(pipe, [image], [mask], job)  # warm-up (the CUDA graph's recording at a new UNet)
-        before = torch.cuda.memory_stats(device)
+        stats = torch.cuda.memory_stats if device.type == "cuda" else lambda _: {}
+        before = stats(device)
         milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages), device, runs, warm_up=False)
-        after = torch.cuda.memory_stats(device)
+        after = stats(device)
         calls = ", ".join(f"{key} {after.get(key, 0) - before.get(key, 0)}" for key in ("num_device_alloc", "num_device_free"))
         return milliseconds, painted, ", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items())) + f"; {calls}"
 
