@@ -54,6 +54,9 @@ def test_oversized_header_is_rejected_before_decoding(tmp_path):
     path.write_bytes(_png_header_only(5000, 5000))
     with pytest.raises(ValueError, match="image is 5000x5000 = 25,000,000 pixels, over the limit"):
         decode_image(path, LIMIT)
+    path.write_bytes(_png_header_only(10000, 10000))  # over Pillow's warning limit, under its error limit
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ValueError, match="image is 10000x10000 = 100,000,000 pixels, over the limit"):
+        decode_image(path, LIMIT)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "1"])
