@@ -454,8 +454,9 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
     """torch.compile of the UNet at 512x512 x1. As shipped (INPAINT_COMPILE=background): predictions
     while the worker compiles, then after they take the compiled UNet up; then a later start on the
     saved compiled UNet (INPAINT_COMPILE=setup: setup waits for the load), with cuDNN's benchmark mode
-    and with the VAE compiled too (candidates). Skipped when it would end after `deadline`. (torch's own mode="reduce-overhead", 400 ms on 2026-11-26, is not timed again:
-    it compiles in the request path, and a compile on the main thread after the worker's is untested.)"""
+    and with the VAE compiled too (candidates). Skipped when it would end after `deadline`. (torch's
+    own mode="reduce-overhead", 400 ms on 2026-11-26, is not timed again: it compiles in the request
+    path, and a compile on the main thread after the worker's is untested.)"""
     from inpaint import compiled as compiled_unet
     from inpaint import pipeline as ours
 

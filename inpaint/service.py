@@ -125,8 +125,9 @@ class Inpainter:
             with timer.stage("prepare"):
                 regions = None if mask is None else self._regions(mask, request)
         except Exception:
-            if image_job.exception() is not None:  # an error in the photo is reported first
-                raise image_job.exception() from None
+            photo_error = image_job.exception()  # waits for the photo: an error in it is reported first
+            if photo_error is not None:
+                raise photo_error from None
             raise
         with timer.stage("decode"):
             image = image_job.result()
