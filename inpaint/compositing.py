@@ -1,4 +1,5 @@
-"""Pixels: clean up the mask, feather it, and paste the generated result over the original photo.
+"""Pixels: clean up the mask, feather it, cut out the crops the model paints, and paste the
+generated result over the original photo.
 
 The model's output is always composited into the original, never the other way round: a pixel
 farther than `blur` pixels (Euclidean) from the grown mask is copied from the input bit for bit.
@@ -14,10 +15,13 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .codec import flatten
 from .geometry import Box, bounding_box, intersect
 
-
-_FEATHER_TILE = 128  # side of the tiles feather_mask transforms one at a time
+_FEATHER_TILE = 128  # side of the tiles feather_mask transforms and composite_over blends one at a time
+_STRIP = 256  # rows composite_over resizes at a time
+_BAND = 256  # rows (or columns) of the photo resize_crop hands to Pillow at a time
+_REDUCING_GAP = 3.0  # resize_crop shrinks by a box filter first when shrinking this much or more
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,14 @@ def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0) -> np.nd
     return result
 
 
-def feather_mask(binary: np.ndarray, radius: int) -> Feather:
+def feather_mask(binary: np.ndarray, radius: int, map=map) -> Feather:
     """1 on the mask, easing (smoothstep) to 0 at `radius` pixels outside it, 0 beyond.
 
     The distance transform runs tile by tile, and only on tiles the ramp crosses (a large mask's
     inside and the far outside need none), each with `radius` + 1 pixels of the mask around it: a
     mask pixel within `radius` of the tile lies in that margin, so every distance under `radius` is
     exact, and those at or over it give 0 either way. The same weights as one transform of the box.
+    The tiles go through `map`: an executor's map runs them side by side (scipy releases Python's lock).
     """
     box = bounding_box(binary, radius + 1 if radius > 0 else 0)
     if box is None:
@@ -73,42 +78,100 @@ def feather_mask(binary: np.ndarray, radius: int) -> Feather:
         return Feather(box, weight)
     reach = radius + 1
     height, width = region.shape
-    for y in range(0, height, _FEATHER_TILE):
-        for x in range(0, width, _FEATHER_TILE):
-            tile = region[y : y + _FEATHER_TILE, x : x + _FEATHER_TILE]
-            if tile.all():
-                continue  # inside the mask: 1
-            y0, x0 = max(0, y - reach), max(0, x - reach)
-            around = region[y0 : y + _FEATHER_TILE + reach, x0 : x + _FEATHER_TILE + reach]
-            if not around.any():
-                continue  # no mask within reach: 0
-            distance = ndimage.distance_transform_edt(~around)  # to the nearest mask pixel
-            distance = distance[y - y0 : y - y0 + tile.shape[0], x - x0 : x - x0 + tile.shape[1]]
-            ramp = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
-            weight[y : y + tile.shape[0], x : x + tile.shape[1]] = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep
+
+    def ramp_tile(corner: tuple[int, int]) -> None:
+        y, x = corner
+        tile = region[y : y + _FEATHER_TILE, x : x + _FEATHER_TILE]
+        if tile.all():
+            return  # inside the mask: 1
+        y0, x0 = max(0, y - reach), max(0, x - reach)
+        around = region[y0 : y + _FEATHER_TILE + reach, x0 : x + _FEATHER_TILE + reach]
+        if not around.any():
+            return  # no mask within reach: 0
+        distance = ndimage.distance_transform_edt(~around)  # to the nearest mask pixel
+        distance = distance[y - y0 : y - y0 + tile.shape[0], x - x0 : x - x0 + tile.shape[1]]
+        ramp = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
+        weight[y : y + tile.shape[0], x : x + tile.shape[1]] = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep
+
+    corners = [(y, x) for y in range(0, height, _FEATHER_TILE) for x in range(0, width, _FEATHER_TILE)]
+    for _ in map(ramp_tile, corners):  # the tiles write to disjoint parts of `weight`
+        pass
     return Feather(box, weight)
 
 
-def composite_over(canvas: np.ndarray, patch: Image.Image, feather: Feather, box: Box) -> None:
-    """Blend `patch` (RGB, the size of `box`) into `canvas` ((H, W, 3 or 4) uint8) at `box`, weighted
-    by the feather; in place.
+def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> Image.Image:
+    """What the model sees of `box` of `image` ((H, W, 3 or 4) uint8): RGB (transparency laid onto
+    white), resized to `size` (W, H) with Lanczos, after a box-filter reduction when shrinking 3x or
+    more (at most 1 level from a full Lanczos, and 2.5x faster at 4096 -> 512).
 
-    Where the weight is 0 the canvas keeps its pixels exactly, where it is 1 it takes the patch's
-    exactly; only the ramp in between is blended. Colour channels only (alpha is kept). Tile by
-    tile, so a large mask's inside is a plain copy and the far outside is not touched at all.
+    The same pixels as Pillow's `resize(size, LANCZOS, reducing_gap=3.0)` of the crop, in Pillow's
+    own steps: the hand-over to Pillow, the reduction and the first pass go through `map` in bands
+    (of rows when Pillow resizes across first, else of columns), then the second pass runs once.
+    """
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    factor_x = int(width / size[0] / _REDUCING_GAP) or 1
+    factor_y = int(height / size[1] / _REDUCING_GAP) or 1
+    reduced_width, reduced_height = -(-width // factor_x), -(-height // factor_y)
+    # Pillow's choice: down first only when that shrinks the height by over twice what across shrinks the width.
+    across_first = not (0 < reduced_height - size[1] and reduced_height - size[1] > (reduced_width - size[0]) * 2)
+    band = (factor_y if across_first else factor_x) * max(1, _BAND // (factor_y if across_first else factor_x))
+
+    def first_pass(start: int) -> np.ndarray:
+        if across_first:
+            part = Image.fromarray(flatten(image[top + start : top + min(start + band, height), left:right]))
+        else:
+            part = Image.fromarray(flatten(image[top:bottom, left + start : left + min(start + band, width)]))
+        if factor_x > 1 or factor_y > 1:
+            part = part.reduce((factor_x, factor_y))
+        if across_first:
+            return np.asarray(part.resize((size[0], part.height), Image.Resampling.LANCZOS, box=(0, 0, width / factor_x, part.height)))
+        return np.asarray(part.resize((part.width, size[1]), Image.Resampling.LANCZOS, box=(0, 0, part.width, height / factor_y)))
+
+    parts = list(map(first_pass, range(0, height if across_first else width, band)))
+    if across_first:
+        return Image.fromarray(np.concatenate(parts, axis=0)).resize(
+            size, Image.Resampling.LANCZOS, box=(0, 0, size[0], height / factor_y)
+        )
+    return Image.fromarray(np.concatenate(parts, axis=1)).resize(
+        size, Image.Resampling.LANCZOS, box=(0, 0, width / factor_x, size[1])
+    )
+
+
+def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, box: Box, map=map) -> None:
+    """Blend the model's `output` (RGB, any size), resized to `box` with Lanczos, into `canvas`
+    ((H, W, 3 or 4) uint8) at `box`, weighted by the feather; in place.
+
+    Where the weight is 0 the canvas keeps its pixels exactly, where it is 1 it takes the resized
+    output's exactly; only the ramp in between is blended. Colour channels only (alpha is kept).
+    Only the part of the box the feather reaches is resized, in Lanczos' two passes: across once,
+    then down in strips of rows that go through `map` (an executor's map runs them side by side:
+    Pillow and numpy release Python's lock). Each strip is resized from its own source rows, which
+    Pillow places in float32: within one level of resizing the whole at once, the same for any map.
     """
     region = intersect(box, feather.box)
     if region is None:
         return
     left, top, right, bottom = region
-    weight = feather.weight[top - feather.box[1] : bottom - feather.box[1], left - feather.box[0] : right - feather.box[0]]
-    base = canvas[top:bottom, left:right, :3]  # a view: written in place
-    new = np.asarray(patch.crop((left - box[0], top - box[1], right - box[0], bottom - box[1])))  # (h, w, 3) uint8
-    height, width = weight.shape
-    for y in range(0, height, _FEATHER_TILE):
-        for x in range(0, width, _FEATHER_TILE):
-            tile = (slice(y, y + _FEATHER_TILE), slice(x, x + _FEATHER_TILE))
+    scale_x = output.width / (box[2] - box[0])  # output pixels per canvas pixel
+    scale_y = output.height / (box[3] - box[1])
+    source_columns = ((left - box[0]) * scale_x, 0, (right - box[0]) * scale_x, output.height)
+    across = output.resize((right - left, output.height), Image.Resampling.LANCZOS, box=source_columns)
+
+    def paste_strip(y: int) -> None:
+        end = min(y + _STRIP, bottom)
+        weight = feather.weight[y - feather.box[1] : end - feather.box[1], left - feather.box[0] : right - feather.box[0]]
+        if not weight.any():
+            return
+        source_rows = (0, (y - box[1]) * scale_y, right - left, (end - box[1]) * scale_y)
+        new = np.asarray(across.resize((right - left, end - y), Image.Resampling.LANCZOS, box=source_rows))  # (h, w, 3)
+        base = canvas[y:end, left:right, :3]  # a view: written in place
+        for x in range(0, right - left, _FEATHER_TILE):
+            tile = (slice(None), slice(x, x + _FEATHER_TILE))
             _blend(base[tile], new[tile], weight[tile])
+
+    for _ in map(paste_strip, range(top, bottom, _STRIP)):  # the strips write to disjoint rows
+        pass
 
 
 def _blend(base: np.ndarray, new: np.ndarray, weight: np.ndarray) -> None:

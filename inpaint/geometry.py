@@ -145,7 +145,12 @@ def plan_crops(
     """
     size = (binary.shape[1], binary.shape[0])
     whole: Box = (0, 0, size[0], size[1])
-    boxes = _merge_overlapping([_pad(box, padding, size) for box in mask_regions(binary)]) or [whole]
+    if np.count_nonzero(binary) >= WHOLE_IMAGE_FRACTION * box_area(whole):
+        # The regions' boxes hold at least the mask's pixels, so they would cover this much too: the
+        # whole image, without labelling the regions (~110 ms for a 3500x3500 mask).
+        boxes = [whole]
+    else:
+        boxes = _merge_overlapping([_pad(box, padding, size) for box in mask_regions(binary)]) or [whole]
     for _ in range(8):
         if len(boxes) > MAX_CROPS or sum(map(box_area, boxes)) >= WHOLE_IMAGE_FRACTION * box_area(whole):
             boxes = [whole]

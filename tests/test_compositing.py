@@ -1,15 +1,16 @@
 """The compositing code is plain image code: tested without the model."""
 
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from inpaint import compositing
+from inpaint import codec, compositing
 from inpaint.compositing import composite_over, feather_mask, prepare_mask
 from inpaint.geometry import bounding_box
 
@@ -136,3 +137,75 @@ def test_tiled_feather_on_a_large_mask():
     binary[100:140, 200:700] = False  # a hole, so inside tiles are not all full
     feather = feather_mask(binary, 24)
     assert np.array_equal(feather.weight, _feather_in_one_transform(binary, 24))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(16, 200), st.integers(16, 200), st.integers(8, 96), st.integers(8, 96), st.sampled_from([3, 7, 256]),
+    st.integers(0, 2**16),
+)
+def test_pasting_in_strips_is_within_one_level_of_pasting_the_whole_resize(
+    width, height, out_width, out_height, strip, seed
+):
+    """composite_over resizes the model's output across, then down in strips, each from its own
+    source rows: within one level of the same two passes over the whole, which is Pillow's own
+    resize when upscaling (shrinking the height, Pillow may run down first)."""
+    rng = np.random.default_rng(seed)
+    canvas = rng.integers(0, 256, (height + 20, width + 30, 3), dtype=np.uint8)
+    box = (13, 7, 13 + width, 7 + height)
+    binary = np.zeros(canvas.shape[:2], bool)
+    binary[box[1] + height // 4 : box[3] - height // 4, box[0] + 2 : box[2] - width // 3] = True
+    feather = feather_mask(binary, 5)
+    output = Image.fromarray(rng.integers(0, 256, (out_height, out_width, 3), dtype=np.uint8))
+    whole = output.resize((width, out_height), Image.Resampling.LANCZOS).resize((width, height), Image.Resampling.LANCZOS)
+    if out_width <= width and out_height <= height:
+        assert np.array_equal(np.asarray(whole), np.asarray(output.resize((width, height), Image.Resampling.LANCZOS)))
+    expected = canvas.copy()
+    composite_over(expected, whole, feather, box)
+    result = canvas.copy()
+    with mock.patch.object(compositing, "_STRIP", strip):
+        composite_over(result, output, feather, box)
+    difference = np.abs(result.astype(int) - expected)
+    assert difference.max() <= 1
+    if out_width <= width and out_height <= height:
+        assert (difference > 0).mean() < 0.01
+    untouched = ~feather.touched((canvas.shape[1], canvas.shape[0]))
+    assert np.array_equal(result[untouched], canvas[untouched])
+
+
+def test_an_executors_map_gives_the_same_bytes_as_one_thread():
+    yy, xx = np.mgrid[:700, :900]
+    binary = ((xx - 450) / 400.0) ** 2 + ((yy - 350) / 300.0) ** 2 <= 1
+    rng = np.random.default_rng(0)
+    canvas = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    output = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    serial, parallel = canvas.copy(), canvas.copy()
+    with mock.patch.object(compositing, "_STRIP", 64), mock.patch.object(compositing, "_FEATHER_TILE", 32):
+        feather = feather_mask(binary, 16)
+        composite_over(serial, output, feather, (0, 0, 900, 700))
+        with ThreadPoolExecutor(4) as pool:
+            assert np.array_equal(feather_mask(binary, 16, pool.map).weight, feather.weight)
+            composite_over(parallel, output, feather, (0, 0, 900, 700), pool.map)
+    assert np.array_equal(parallel, serial)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.integers(1, 300), st.integers(1, 300), st.integers(1, 120), st.integers(1, 120), st.sampled_from([1, 5, 16, 256]),
+    st.booleans(), st.integers(0, 2**16),
+)
+@example(299, 97, 32, 32, 16, False, 0)  # wide, reduced 3x across with a remainder: across first
+@example(97, 299, 32, 32, 16, True, 1)  # tall, reduced 3x down: down first, bands of columns
+@example(40, 30, 120, 90, 5, False, 2)  # growing
+def test_resize_crop_is_pillows_resize_of_the_crop(width, height, out_width, out_height, band, alpha, seed):
+    """Bands of rows or columns, reduced and resized apart, then joined: exactly Pillow's resize of
+    the whole crop with reducing_gap=3.0 (wide, tall, shrinking and growing crops alike)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height + 9, width + 5, 4 if alpha else 3), dtype=np.uint8)
+    box = (3, 4, 3 + width, 4 + height)
+    crop = Image.fromarray(codec.flatten(image[box[1] : box[3], box[0] : box[2]]))
+    expected = crop.resize((out_width, out_height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    with mock.patch.object(compositing, "_BAND", band):
+        result = compositing.resize_crop(image, box, (out_width, out_height))
+    assert result.mode == "RGB" and result.size == (out_width, out_height)
+    assert np.array_equal(np.asarray(result), np.asarray(expected))

@@ -1,9 +1,12 @@
 """Sizes and boxes: plain geometry, no model."""
 
+from unittest import mock
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inpaint import geometry
 from inpaint.geometry import MAX_CROPS, fit_box_to_aspect, fit_working_size, mask_regions, plan_crops
 
 
@@ -43,6 +46,15 @@ def test_large_mask_uses_the_whole_image():
     binary[20:280, 20:380] = True
     plan = plan_crops(binary, padding=32)
     assert plan.boxes == [(0, 0, 400, 300)]
+
+
+def test_a_mask_covering_half_the_image_takes_it_whole_without_labelling_regions():
+    binary = np.zeros((300, 400), bool)
+    binary[:, :200] = True  # exactly half
+    with mock.patch.object(geometry, "mask_regions", side_effect=AssertionError("labelled")):
+        assert plan_crops(binary, padding=0).boxes == [(0, 0, 400, 300)]
+    binary[0, 0] = False  # just under half: the regions are labelled, and their padded boxes decide
+    assert plan_crops(binary, padding=0).boxes == [(0, 0, 400, 300)]
 
 
 def test_distant_regions_get_one_crop_each_with_one_working_size():
