@@ -9,6 +9,7 @@ photo costs little.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,21 +83,27 @@ def feather_mask(binary: np.ndarray, radius: int, map=map) -> Feather:
     def ramp_tile(corner: tuple[int, int]) -> None:
         y, x = corner
         tile = region[y : y + _FEATHER_TILE, x : x + _FEATHER_TILE]
-        if tile.all():
-            return  # inside the mask: 1
         y0, x0 = max(0, y - reach), max(0, x - reach)
         around = region[y0 : y + _FEATHER_TILE + reach, x0 : x + _FEATHER_TILE + reach]
-        if not around.any():
-            return  # no mask within reach: 0
         distance = ndimage.distance_transform_edt(~around)  # to the nearest mask pixel
         distance = distance[y - y0 : y - y0 + tile.shape[0], x - x0 : x - x0 + tile.shape[1]]
         ramp = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
         weight[y : y + tile.shape[0], x : x + tile.shape[1]] = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep
 
     corners = [(y, x) for y in range(0, height, _FEATHER_TILE) for x in range(0, width, _FEATHER_TILE)]
-    for _ in map(ramp_tile, corners):  # the tiles write to disjoint parts of `weight`
+    for _ in map(ramp_tile, [corner for corner in corners if _crossed(region, corner, reach)]):  # disjoint tiles
         pass
     return Feather(box, weight)
+
+
+def _crossed(region: np.ndarray, corner: tuple[int, int], reach: int) -> bool:
+    """Whether the ramp crosses the tile at `corner`: it is not all mask, and mask lies within `reach` of it.
+    (A quick test, run before the tiles are handed out: most of a large mask's tiles need no transform.)"""
+    y, x = corner
+    if region[y : y + _FEATHER_TILE, x : x + _FEATHER_TILE].all():
+        return False  # inside the mask: 1
+    y0, x0 = max(0, y - reach), max(0, x - reach)
+    return bool(region[y0 : y + _FEATHER_TILE + reach, x0 : x + _FEATHER_TILE + reach].any())  # else 0
 
 
 def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> Image.Image:
@@ -144,10 +151,10 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
 
     Where the weight is 0 the canvas keeps its pixels exactly, where it is 1 it takes the resized
     output's exactly; only the ramp in between is blended. Colour channels only (alpha is kept).
-    Only the part of the box the feather reaches is resized, in Lanczos' two passes: across once,
-    then down in strips of rows that go through `map` (an executor's map runs them side by side:
-    Pillow and numpy release Python's lock). Each strip is resized from its own source rows, which
-    Pillow places in float32: within one level of resizing the whole at once, the same for any map.
+    Only the part of the box the feather reaches is resized, in strips of rows that go through `map`
+    (an executor's map runs them side by side: Pillow and numpy release Python's lock). Each strip
+    runs Lanczos' two passes, across then down, over the output's rows its filter reaches; Pillow
+    places the strip's source rows in float32, so within one level of resizing the whole at once.
     """
     region = intersect(box, feather.box)
     if region is None:
@@ -155,16 +162,22 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
     left, top, right, bottom = region
     scale_x = output.width / (box[2] - box[0])  # output pixels per canvas pixel
     scale_y = output.height / (box[3] - box[1])
-    source_columns = ((left - box[0]) * scale_x, 0, (right - box[0]) * scale_x, output.height)
-    across = output.resize((right - left, output.height), Image.Resampling.LANCZOS, box=source_columns)
+    reach = 3.0 * max(1.0, scale_y) + 1  # Lanczos' support in output rows, and a row to spare
 
     def paste_strip(y: int) -> None:
         end = min(y + _STRIP, bottom)
         weight = feather.weight[y - feather.box[1] : end - feather.box[1], left - feather.box[0] : right - feather.box[0]]
         if not weight.any():
             return
-        source_rows = (0, (y - box[1]) * scale_y, right - left, (end - box[1]) * scale_y)
-        new = np.asarray(across.resize((right - left, end - y), Image.Resampling.LANCZOS, box=source_rows))  # (h, w, 3)
+        start, stop = (y - box[1]) * scale_y, (end - box[1]) * scale_y  # the strip in output rows
+        first, last = max(0, math.floor(start - reach)), min(output.height, math.ceil(stop + reach))
+        rows = output.crop((0, first, output.width, last))
+        across = rows.resize(
+            (right - left, rows.height), Image.Resampling.LANCZOS,
+            box=((left - box[0]) * scale_x, 0, (right - box[0]) * scale_x, rows.height),
+        )
+        down = across.resize((right - left, end - y), Image.Resampling.LANCZOS, box=(0, start - first, right - left, stop - first))
+        new = np.asarray(down)  # (h, w, 3)
         base = canvas[y:end, left:right, :3]  # a view: written in place
         for x in range(0, right - left, _FEATHER_TILE):
             tile = (slice(None), slice(x, x + _FEATHER_TILE))
