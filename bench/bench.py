@@ -157,18 +157,25 @@ def bench_prepost(runs: int) -> list[list[object]]:
     jpeg = CACHE / "photo-4096.jpg"
     if not jpeg.is_file():
         Image.open(png).save(jpeg, quality=92)
-    small, large = CACHE / "mask-4096.png", CACHE / "mask-4096-large.png"
+    small, large, strokes = CACHE / "mask-4096.png", CACHE / "mask-4096-large.png", CACHE / "mask-4096-strokes.png"
     for path, draw in ((small, "ellipse"), (large, "rectangle")):
         mask = Image.new("L", (4096, 4096), 0)
         box = (1500, 1200, 2300, 1800) if path == small else (300, 300, 3800, 3800)
         getattr(ImageDraw.Draw(mask), draw)(box, fill=255)
         mask.save(path)
+    mask = Image.new("L", (4096, 4096), 0)  # twelve brush strokes over the photo: 32% of it, a long edge to feather
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        points = [tuple(rng.integers(200, 3900, 2).tolist()) for _ in range(4)]
+        ImageDraw.Draw(mask).line(points, fill=255, width=int(rng.integers(60, 200)), joint="curve")
+    mask.save(strokes)
     stages = ("decode", "prepare", "composite", "encode")
     rows = []
     for label, photo, mask_path in (
         ("PNG in, PNG out, 800x600 mask", png, small),
         ("JPEG in, PNG out, 800x600 mask", jpeg, small),
         ("JPEG in, PNG out, 3500x3500 mask (the whole photo is the crop)", jpeg, large),
+        ("JPEG in, PNG out, 12 brush strokes over the photo (32% of it)", jpeg, strokes),
     ):
         timings: dict[str, list[float]] = {stage: [] for stage in stages}
         for _ in range(runs):

@@ -18,6 +18,8 @@ SIDE_MULTIPLE = 64  # working sides are multiples of this (VAE factor 8 x UNet d
 SIDE_RANGE = (64, 1024)  # smallest and largest working side
 WHOLE_IMAGE_FRACTION = 0.5  # crops covering at least this much of the image: use the whole image
 MAX_CROPS = 4  # more separate regions than this: use the whole image
+_CELL = 8  # side of the cells plan_crops labels the mask's regions on, at most (see _padded_regions)
+_MAX_REGIONS = 64  # more regions than this on those cells: label larger ones
 
 
 @dataclass(frozen=True)
@@ -84,19 +86,24 @@ def _union(a: Box, b: Box) -> Box:
 
 
 def _merge_overlapping(boxes: list[Box]) -> list[Box]:
+    """Boxes merged into their unions until none overlaps another, sorted (the same boxes whatever the order given)."""
     boxes = list(boxes)
     merged = True
     while merged:
         merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                if _overlap(boxes[i], boxes[j]):
-                    boxes[i] = _union(boxes[i], boxes.pop(j))
+        kept: list[Box] = []
+        for box in boxes:
+            index = 0
+            while index < len(kept):  # fold every kept box that overlaps this one into it
+                if _overlap(kept[index], box):
+                    box = _union(box, kept.pop(index))
                     merged = True
-                    break
-            if merged:
-                break
-    return boxes
+                    index = 0
+                else:
+                    index += 1
+            kept.append(box)
+        boxes = kept
+    return sorted(boxes)
 
 
 def _expand_1d(low: int, high: int, length: int, limit: int) -> tuple[int, int]:
@@ -120,18 +127,64 @@ def fit_box_to_aspect(box: Box, aspect: float, size: tuple[int, int]) -> Box:
     return left, top, right, bottom
 
 
-def mask_regions(binary: np.ndarray) -> list[Box]:
-    """Bounding boxes of the mask's connected regions (8-connected); only the box around the mask is labelled."""
+def mask_regions(binary: np.ndarray, block: int = 1, limit: int | None = None) -> list[Box] | None:
+    """Exact bounding boxes of the mask's connected regions (8-connected); only the box around the mask is labelled.
+
+    With `block` > 1, the regions of its cells instead: block x block squares of pixels holding any of
+    the mask, connected when they touch. Such a region holds one or more of the mask's own, each
+    within 2 * block - 1 pixels of another in it on either axis; its box is still the exact box of
+    its pixels, and there are block^2 fewer cells than pixels to label. None when there are more
+    than `limit` regions (before a box is worked out).
+    """
     box = bounding_box(binary)
     if box is None:
         return []
     left, top, right, bottom = box
-    labels, _ = ndimage.label(binary[top:bottom, left:right], structure=np.ones((3, 3), bool))
-    return [
-        (left + s[1].start, top + s[0].start, left + s[1].stop, top + s[0].stop)
-        for s in ndimage.find_objects(labels)
-        if s is not None
-    ]
+    region = binary[top:bottom, left:right]
+    if block > 1:
+        rows, cols = -(-region.shape[0] // block), -(-region.shape[1] // block)
+        padded = np.zeros((rows * block, cols * block), bool)
+        padded[: region.shape[0], : region.shape[1]] = region
+        cells = padded.reshape(rows, block, cols, block).any(axis=(1, 3))  # (rows, cols)
+    else:
+        padded, cells = region, region
+    labels, count = ndimage.label(cells, structure=np.ones((3, 3), bool))
+    if limit is not None and count > limit:
+        return None
+    boxes = []
+    for number, (ys, xs) in enumerate(ndimage.find_objects(labels), start=1):
+        if block == 1:
+            boxes.append((left + xs.start, top + ys.start, left + xs.stop, top + ys.stop))
+            continue
+        mine = labels[ys, xs] == number  # this region's cells, in its box of cells
+        pixels = padded[ys.start * block : ys.stop * block, xs.start * block : xs.stop * block]
+        # Its extreme pixels lie in its first and last rows and columns of cells: look there only.
+        first_row = np.flatnonzero(pixels[:block, np.repeat(mine[0], block)].any(axis=1))[0]
+        last_row = np.flatnonzero(pixels[-block:, np.repeat(mine[-1], block)].any(axis=1))[-1]
+        first_col = np.flatnonzero(pixels[np.repeat(mine[:, 0], block), :block].any(axis=0))[0]
+        last_col = np.flatnonzero(pixels[np.repeat(mine[:, -1], block), -block:].any(axis=0))[-1]
+        boxes.append((
+            left + xs.start * block + int(first_col),
+            top + ys.start * block + int(first_row),
+            left + (xs.stop - 1) * block + int(last_col) + 1,
+            top + (ys.stop - 1) * block + int(last_row) + 1,
+        ))
+    return boxes
+
+
+def _padded_regions(binary: np.ndarray, padding: int, size: tuple[int, int]) -> list[Box]:
+    """The regions' boxes grown by `padding` and merged where they overlap.
+
+    Cells of side up to `padding` change nothing: regions in touching cells lie within 2 * padding - 1
+    pixels of each other, so their padded boxes overlap and would merge anyway. A mask of more than
+    _MAX_REGIONS regions even then (dots, noise) is labelled on ever larger cells until it has no
+    more: the merge is quadratic in the count (a 512x512 mask of dots 3 pixels apart took 35 s),
+    and larger cells only merge more, so the crops still hold every region's padded box.
+    """
+    block = max(1, min(padding, _CELL))
+    while (regions := mask_regions(binary, block, _MAX_REGIONS)) is None:
+        block *= 2
+    return _merge_overlapping([_pad(box, padding, size) for box in regions])
 
 
 def plan_crops(
@@ -150,7 +203,7 @@ def plan_crops(
         # whole image, without labelling the regions (~110 ms for a 3500x3500 mask).
         boxes = [whole]
     else:
-        boxes = _merge_overlapping([_pad(box, padding, size) for box in mask_regions(binary)]) or [whole]
+        boxes = _padded_regions(binary, padding, size) or [whole]
     for _ in range(8):
         if len(boxes) > MAX_CROPS or sum(map(box_area, boxes)) >= WHOLE_IMAGE_FRACTION * box_area(whole):
             boxes = [whole]

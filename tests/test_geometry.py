@@ -99,3 +99,39 @@ def test_crop_boxes_stay_inside_the_image_cover_the_padded_mask_and_do_not_overl
     assert all(side % 64 == 0 and 64 <= side <= 1024 for side in plan.working_size)
     if width:
         assert plan.working_size[0] == width
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks())
+def test_labelling_cells_gives_the_plan_of_labelling_pixels(case):
+    """Cells of side up to the padding merge only regions whose padded boxes overlap anyway."""
+    binary, padding, width = case
+    plan = plan_crops(binary, padding, width=width)
+    with mock.patch.object(geometry, "_CELL", 1):
+        assert plan_crops(binary, padding, width=width) == plan
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks(), st.sampled_from([2, 3, 8, 16]))
+def test_cells_give_the_exact_box_of_each_regions_pixels(case, block):
+    binary = case[0]
+    exact = mask_regions(binary)
+    boxes = mask_regions(binary, block)
+    for box in boxes:  # the union of the exact boxes it holds
+        inside = [e for e in exact if e[0] >= box[0] and e[1] >= box[1] and e[2] <= box[2] and e[3] <= box[3]]
+        assert inside and (min(e[0] for e in inside), min(e[1] for e in inside)) == box[:2]
+        assert (max(e[2] for e in inside), max(e[3] for e in inside)) == box[2:]
+    assert all(any(e[0] >= b[0] and e[1] >= b[1] and e[2] <= b[2] and e[3] <= b[3] for b in boxes) for e in exact)
+
+
+def test_a_mask_of_many_dots_is_planned_at_once():
+    """29,241 dots 3 pixels apart with 1 pixel of padding: the pairwise merge took 35 s on them."""
+    binary = np.zeros((512, 512), bool)
+    binary[::3, ::3] = True
+    assert mask_regions(binary, limit=64) is None
+    plan = plan_crops(binary, padding=1)
+    assert plan.boxes == [(0, 0, 512, 512)]
+    binary[:] = False
+    binary[100:160:3, 100:160:3] = True  # a patch of 400 dots, 100 to 157: one crop around them and their padding
+    (box,) = plan_crops(binary, padding=1).boxes
+    assert box[0] <= 99 and box[1] <= 99 and box[2] >= 159 and box[3] >= 159 and box[2] - box[0] < 100
