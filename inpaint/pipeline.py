@@ -19,26 +19,52 @@ from .weights import VARIANT
 
 log = logging.getLogger(__name__)
 
-# Seconds spent in the text encoder and VAE encode/decode during the current prediction, filled by the wrappers below.
-_stage_seconds: ContextVar[dict[str, float] | None] = ContextVar("stage_seconds", default=None)
+class _Stages:
+    """The seconds of the text encoder and the VAE's encode and decode in one prediction.
+
+    On the CPU each call's wall time. On CUDA a pair of events around each call, read once the
+    prediction is over: no synchronisation between the stages, so the CPU queues each next stage
+    while the GPU still runs the last one (as it would untimed).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def time(self, key: str, device: torch.device, call):
+        if device.type != "cuda":
+            start = time.perf_counter()
+            result = call()
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+            return result
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        result = call()
+        end.record(stream)
+        self._events.append((key, start, end))
+        return result
+
+    def read(self) -> dict[str, float]:
+        for key, start, end in self._events:
+            end.synchronize()  # done already: the pipeline's output has come back to the CPU
+            self.seconds[key] = self.seconds.get(key, 0.0) + start.elapsed_time(end) / 1000
+        self._events.clear()
+        return self.seconds
+
+
+_stages: ContextVar[_Stages | None] = ContextVar("stages", default=None)  # the running prediction's
 
 
 def _timed(method, key: str, device: torch.device):
-    """Wrap a module method so its wall time (GPU work included) adds up under `key` while a prediction runs."""
+    """Wrap a module method so its time adds up under `key` while a prediction runs (see _Stages)."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        seconds = _stage_seconds.get()
-        if seconds is None:
+        stages = _stages.get()
+        if stages is None:
             return method(*args, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = method(*args, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
-        return result
+        return stages.time(key, device, lambda: method(*args, **kwargs))
 
     return wrapper
 
@@ -198,8 +224,8 @@ def generate(
     )
     run.set_progress_bar_config(desc="denoising", mininterval=1.0, ascii=True)
     generator = torch.Generator("cpu").manual_seed(job.seed)  # CPU noise: the same seed gives the same image anywhere
-    stage_seconds: dict[str, float] = {}
-    token = _stage_seconds.set(stage_seconds)
+    stages = _Stages()
+    token = _stages.set(stages)
     start = time.perf_counter()
     try:
         # The compiled UNets ready by now are taken up for the whole prediction; the worker waits.
@@ -219,8 +245,9 @@ def generate(
                 output_type="pil",
             )
     finally:
-        _stage_seconds.reset(token)
+        _stages.reset(token)
     if timings is not None:
+        stage_seconds = stages.read()
         timings.update(stage_seconds)
         timings["denoise"] = time.perf_counter() - start - sum(stage_seconds.values())
     # diffusers tiles the images through the batch: entry b belongs to image b % count.

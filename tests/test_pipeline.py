@@ -1,5 +1,7 @@
 """The model wrapper on the tiny weights: the fast path's changes, and what optimize does on the CPU."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -51,3 +53,18 @@ def test_warm_up_runs_one_short_inpainting(tiny_pipe, caplog):
     with caplog.at_level("INFO", logger="inpaint.pipeline"):
         seconds = pipeline.warm_up(tiny_pipe, size=64)
     assert seconds > 0 and "warm-up inpainting at 64x64" in caplog.text
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_stage_is_timed_and_the_rest_is_denoising(tiny_weights, device):
+    """On the CPU wall time; on CUDA events read once the prediction is over (no sync between stages)."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = pipeline.load_pipeline(tiny_weights, torch.device(device), dtype)
+    image, mask = _inputs()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    pipeline.generate(pipe, [image], [mask], pipeline.Generation("a chair", None, 1, 3, 7.5, 1.0, "DDIM", 1), timings)
+    wall = time.perf_counter() - start
+    assert set(timings) == {"text_encode", "vae_encode", "vae_decode", "denoise"}
+    assert all(seconds > 0 for seconds in timings.values())
+    assert sum(timings.values()) <= wall  # they split the pipeline call, which is part of generate
