@@ -19,7 +19,8 @@ from scipy import ndimage
 from .codec import flatten
 from .geometry import Box, bounding_box, intersect
 
-_FEATHER_TILE = 128  # side of the tiles feather_mask transforms and composite_over blends one at a time
+_FEATHER_TILE = 128  # side of the tiles the mask's distance transforms and composite_over's blends work on
+_TILE_PER_REACH = 6  # distance tiles are at least this many times as wide as their margin
 _STRIP = 256  # rows composite_over resizes at a time
 _BAND = 256  # rows (or columns) of the photo resize_crop hands to Pillow at a time
 _REDUCING_GAP = 3.0  # resize_crop shrinks by a box filter first when shrinking this much or more
@@ -40,9 +41,9 @@ class Feather:
         return full
 
 
-def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0) -> np.ndarray:
+def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0, map=map) -> np.ndarray:
     """(H, W) bool, True = repaint, from a (H, W) uint8 grey mask: thresholded at 50%, optionally
-    inverted, then grown (or shrunk if grow < 0)."""
+    inverted, then grown (or shrunk if grow < 0) by Euclidean distance, tile by tile (_by_distance)."""
     binary = mask >= 128
     if invert:
         binary = ~binary
@@ -52,23 +53,25 @@ def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0) -> np.nd
     left, top, right, bottom = box
     region = binary[top:bottom, left:right]
     result = binary.copy()
+    view = result[top:bottom, left:right]  # the tiles _by_distance leaves alone keep their pixels
+
+    def grown(tile: tuple[slice, slice], distance: np.ndarray) -> None:
+        view[tile] = distance <= grow
+
+    def kept(tile: tuple[slice, slice], distance: np.ndarray) -> None:
+        view[tile] = distance > -grow
+
     if grow > 0:
-        result[top:bottom, left:right] = ndimage.distance_transform_edt(~region) <= grow
+        _by_distance(region, grow + 1, grown, map)
     else:
         # Distance to the nearest unmasked pixel; the image border does not count as unmasked.
-        result[top:bottom, left:right] = ndimage.distance_transform_edt(region) > -grow
+        _by_distance(~region, 1 - grow, kept, map)
     return result
 
 
 def feather_mask(binary: np.ndarray, radius: int, map=map) -> Feather:
-    """1 on the mask, easing (smoothstep) to 0 at `radius` pixels outside it, 0 beyond.
-
-    The distance transform runs tile by tile, and only on tiles the ramp crosses (a large mask's
-    inside and the far outside need none), each with `radius` + 1 pixels of the mask around it: a
-    mask pixel within `radius` of the tile lies in that margin, so every distance under `radius` is
-    exact, and those at or over it give 0 either way. The same weights as one transform of the box.
-    The tiles go through `map`: an executor's map runs them side by side (scipy releases Python's lock).
-    """
+    """1 on the mask, easing (smoothstep) to 0 at `radius` pixels outside it, 0 beyond; tile by tile
+    (_by_distance): the same weights as one distance transform of the box."""
     box = bounding_box(binary, radius + 1 if radius > 0 else 0)
     if box is None:
         return Feather((0, 0, 0, 0), np.zeros((0, 0), np.float32))
@@ -77,33 +80,50 @@ def feather_mask(binary: np.ndarray, radius: int, map=map) -> Feather:
     weight = region.astype(np.float32)  # 1 on the mask, 0 off it; the ramp is filled in below
     if radius <= 0:
         return Feather(box, weight)
-    reach = radius + 1
-    height, width = region.shape
 
-    def ramp_tile(corner: tuple[int, int]) -> None:
-        y, x = corner
-        tile = region[y : y + _FEATHER_TILE, x : x + _FEATHER_TILE]
-        y0, x0 = max(0, y - reach), max(0, x - reach)
-        around = region[y0 : y + _FEATHER_TILE + reach, x0 : x + _FEATHER_TILE + reach]
-        distance = ndimage.distance_transform_edt(~around)  # to the nearest mask pixel
-        distance = distance[y - y0 : y - y0 + tile.shape[0], x - x0 : x - x0 + tile.shape[1]]
-        ramp = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
-        weight[y : y + tile.shape[0], x : x + tile.shape[1]] = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep
+    def ramp(tile: tuple[slice, slice], distance: np.ndarray) -> None:
+        eased = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
+        weight[tile] = eased * eased * (3.0 - 2.0 * eased)  # smoothstep
 
-    corners = [(y, x) for y in range(0, height, _FEATHER_TILE) for x in range(0, width, _FEATHER_TILE)]
-    for _ in map(ramp_tile, [corner for corner in corners if _crossed(region, corner, reach)]):  # disjoint tiles
-        pass
+    _by_distance(region, radius + 1, ramp, map)
     return Feather(box, weight)
 
 
-def _crossed(region: np.ndarray, corner: tuple[int, int], reach: int) -> bool:
-    """Whether the ramp crosses the tile at `corner`: it is not all mask, and mask lies within `reach` of it.
-    (A quick test, run before the tiles are handed out: most of a large mask's tiles need no transform.)"""
+def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
+    """paint(tile, distance) for each tile of `region` with True pixels within `reach` of it that is
+    not all True: `distance` holds each of the tile's pixels' Euclidean distance to the nearest True
+    pixel, exact up to `reach` (and over it where the true one is). Every other tile is all True or
+    has no True pixel within `reach`: a large mask's inside and its far outside need no transform.
+
+    Each tile is transformed with `reach` pixels of `region` around it: a True pixel within `reach`
+    of the tile lies in that margin, so those distances are exact. The tiles are sorted out first,
+    then go through `map` (an executor's map runs them side by side; scipy's transform releases
+    Python's lock); `paint` writes to disjoint tiles.
+    """
+    height, width = region.shape
+    side = max(_FEATHER_TILE, _TILE_PER_REACH * reach)  # a wide margin costs less on a larger tile
+
+    def transform(corner: tuple[int, int]) -> None:
+        y, x = corner
+        y0, x0 = max(0, y - reach), max(0, x - reach)
+        around = region[y0 : y + side + reach, x0 : x + side + reach]
+        tile = (slice(y, min(y + side, height)), slice(x, min(x + side, width)))
+        distance = ndimage.distance_transform_edt(~around)  # to the nearest True pixel
+        paint(tile, distance[y - y0 : tile[0].stop - y0, x - x0 : tile[1].stop - x0])
+
+    corners = [(y, x) for y in range(0, height, side) for x in range(0, width, side)]
+    for _ in map(transform, [corner for corner in corners if _crossed(region, corner, side, reach)]):
+        pass
+
+
+def _crossed(region: np.ndarray, corner: tuple[int, int], side: int, reach: int) -> bool:
+    """Whether the tile of `side` at `corner` is not all True and has True pixels within `reach` of it.
+    (A quick test, run before the tiles are handed out.)"""
     y, x = corner
-    if region[y : y + _FEATHER_TILE, x : x + _FEATHER_TILE].all():
-        return False  # inside the mask: 1
+    if region[y : y + side, x : x + side].all():
+        return False
     y0, x0 = max(0, y - reach), max(0, x - reach)
-    return bool(region[y0 : y + _FEATHER_TILE + reach, x0 : x + _FEATHER_TILE + reach].any())  # else 0
+    return bool(region[y0 : y + side + reach, x0 : x + side + reach].any())
 
 
 def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> Image.Image:

@@ -165,7 +165,7 @@ class Inpainter:
 
     def _regions(self, mask: np.ndarray, request: InpaintRequest) -> _Regions:
         """What the mask alone decides: the pixels to repaint, the feathered paste, the crops."""
-        binary = compositing.prepare_mask(mask, request.invert_mask, request.mask_grow)  # (H, W) bool
+        binary = compositing.prepare_mask(mask, request.invert_mask, request.mask_grow, self._workers.map)  # (H, W) bool
         count = np.count_nonzero(binary)  # 10x faster than mean()
         coverage = round(count / binary.size, 4)
         if not count or request.strength == 0:

@@ -1,6 +1,7 @@
 """The compositing code is plain image code: tested without the model."""
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from unittest import mock
 
 import numpy as np
@@ -27,10 +28,17 @@ def scenes(draw):
     return mask, draw(st.integers(0, 12)), draw(st.integers(-6, 6)), draw(st.integers(0, 2**16))
 
 
+@contextmanager
+def _tiles(side: int):
+    """Tiles of `side` for the distance transforms and the blend, whatever the margin."""
+    with mock.patch.object(compositing, "_FEATHER_TILE", side), mock.patch.object(compositing, "_TILE_PER_REACH", 1):
+        yield
+
+
 @settings(max_examples=150, deadline=None)
 @given(scenes(), st.sampled_from([5, 128]))
 def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene, tile):
-    with mock.patch.object(compositing, "_FEATHER_TILE", tile):  # many tiles, and one
+    with _tiles(tile):  # many tiles, and one
         _check_scene(scene)
 
 
@@ -125,7 +133,7 @@ def test_tiled_feather_is_exactly_the_one_transform_feather(scene, tile):
     binary = prepare_mask(mask, grow=grow)
     if not binary.any() or blur == 0:
         return
-    with mock.patch.object(compositing, "_FEATHER_TILE", tile):
+    with _tiles(tile):
         feather = feather_mask(binary, blur)
     assert feather.box == bounding_box(binary, blur + 1)
     assert np.array_equal(feather.weight, _feather_in_one_transform(binary, blur))
@@ -209,3 +217,27 @@ def test_resize_crop_is_pillows_resize_of_the_crop(width, height, out_width, out
         result = compositing.resize_crop(image, box, (out_width, out_height))
     assert result.mode == "RGB" and result.size == (out_width, out_height)
     assert np.array_equal(np.asarray(result), np.asarray(expected))
+
+
+def _grown_in_one_transform(mask: np.ndarray, grow: int) -> np.ndarray:
+    """The definition prepare_mask's tiles must reproduce: one distance transform of the box."""
+    binary = mask >= 128
+    box = bounding_box(binary, max(grow, 0) + 1)
+    if grow == 0 or box is None:
+        return binary
+    left, top, right, bottom = box
+    region = binary[top:bottom, left:right]
+    result = binary.copy()
+    if grow > 0:
+        result[top:bottom, left:right] = ndimage.distance_transform_edt(~region) <= grow
+    else:
+        result[top:bottom, left:right] = ndimage.distance_transform_edt(region) > -grow
+    return result
+
+
+@settings(max_examples=120, deadline=None)
+@given(scenes(), st.integers(-14, 14), st.sampled_from([5, 16, 128]))
+def test_tiled_grow_is_exactly_the_one_transform_grow(scene, grow, tile):
+    mask = scene[0]
+    with _tiles(tile), ThreadPoolExecutor(3) as pool:
+        assert np.array_equal(prepare_mask(mask, grow=grow, map=pool.map), _grown_in_one_transform(mask, grow))
