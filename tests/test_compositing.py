@@ -220,19 +220,14 @@ def test_resize_crop_is_pillows_resize_of_the_crop(width, height, out_width, out
 
 
 def _grown_in_one_transform(mask: np.ndarray, grow: int) -> np.ndarray:
-    """The definition prepare_mask's tiles must reproduce: one distance transform of the box."""
+    """The definition prepare_mask's tiles must reproduce: one distance transform of the whole image
+    (the image border counts as neither mask nor background)."""
     binary = mask >= 128
-    box = bounding_box(binary, max(grow, 0) + 1)
-    if grow == 0 or box is None:
+    if grow == 0 or not binary.any():
         return binary
-    left, top, right, bottom = box
-    region = binary[top:bottom, left:right]
-    result = binary.copy()
     if grow > 0:
-        result[top:bottom, left:right] = ndimage.distance_transform_edt(~region) <= grow
-    else:
-        result[top:bottom, left:right] = ndimage.distance_transform_edt(region) > -grow
-    return result
+        return ndimage.distance_transform_edt(~binary) <= grow
+    return ndimage.distance_transform_edt(binary) > -grow
 
 
 @settings(max_examples=120, deadline=None)
