@@ -10,11 +10,12 @@ Python's lock (the photo and its mask decode side by side); Pillow decodes every
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
-import fpng  # a lossless PNG writer ~9x faster than Pillow's; files ~30% larger
 import imagecodecs
 import numpy as np
+from isal import isal_zlib  # ISA-L's deflate: PNG outputs
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
@@ -192,14 +193,15 @@ def flatten(pixels: np.ndarray) -> np.ndarray:
 
 
 OUTPUT_FORMATS = ("png", "webp", "jpg")
+_PNG_STRIP_ROWS = 256  # rows of a PNG output deflated at a time, each strip on its own thread
 
 
-def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, quality: int) -> Path:
+def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, quality: int, map=map) -> Path:
     """Write one output ((H, W, 3 or 4) uint8); PNG is lossless (bit-exact outside the mask), WebP and
-    JPEG use `quality`."""
+    JPEG use `quality`. A PNG's strips go through `map` (_write_png)."""
     if output_format == "png":
         path = path_stem.with_suffix(".png")
-        path.write_bytes(fpng.from_ndarray(np.ascontiguousarray(pixels)))
+        _write_png(np.ascontiguousarray(pixels), path, map)
     elif output_format == "webp":
         path = path_stem.with_suffix(".webp")
         Image.fromarray(pixels).save(path, format="WEBP", quality=quality, method=4)
@@ -209,3 +211,56 @@ def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, qualit
     else:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     return path
+
+
+def _write_png(pixels: np.ndarray, path: Path, map=map) -> None:
+    """An 8-bit RGB or RGBA PNG, deflated in strips of rows side by side, as pigz does for gzip.
+
+    Every row is filtered Up (less the row above; the first row less zeros). Each strip is deflated
+    by its own ISA-L compressor at level 1 and ended with a sync flush, so the next strip carries on
+    the one zlib stream at a byte boundary; each goes in its own IDAT chunk, and the stream's
+    Adler-32 is put together from the strips'. At 4096x4096 on 2 cores about 2x faster than fpng
+    (one thread) and files about 20% smaller (bench/RESULTS.md). `map` runs the strips: an
+    executor's map side by side (ISA-L and numpy release Python's lock), the builtin one in turn.
+    """
+    height, width, channels = pixels.shape
+    rows = pixels.reshape(height, width * channels)
+
+    def deflate(start: int) -> tuple[bytes, int, int]:
+        stop = min(start + _PNG_STRIP_ROWS, height)
+        filtered = np.empty((stop - start, 1 + width * channels), np.uint8)  # (rows, filter byte + row)
+        filtered[:, 0] = 2  # Up
+        filtered[0, 1:] = rows[start] - rows[start - 1] if start else rows[0]  # uint8: modulo 256
+        np.subtract(rows[start + 1 : stop], rows[start : stop - 1], out=filtered[1:, 1:])
+        compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, -15)  # raw deflate: one zlib header for all
+        flush = isal_zlib.Z_FINISH if stop == height else isal_zlib.Z_SYNC_FLUSH
+        return compressor.compress(filtered) + compressor.flush(flush), isal_zlib.adler32(filtered), filtered.size
+
+    strips = list(map(deflate, range(0, height, _PNG_STRIP_ROWS)))
+    checksum = 1  # the Adler-32 of nothing
+    for _, adler, length in strips:
+        checksum = _adler32_combine(checksum, adler, length)
+    with path.open("wb") as file:
+        file.write(b"\x89PNG\r\n\x1a\n")
+        _write_chunk(file, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6 if channels == 4 else 2, 0, 0, 0))
+        for index, (data, _, _) in enumerate(strips):
+            if index == 0:
+                data = b"\x78\x01" + data  # zlib header: deflate, 32 KiB window, fastest
+            if index == len(strips) - 1:
+                data += struct.pack(">I", checksum)
+            _write_chunk(file, b"IDAT", data)
+        _write_chunk(file, b"IEND", b"")
+
+
+def _write_chunk(file, kind: bytes, data: bytes) -> None:
+    file.write(struct.pack(">I", len(data)) + kind)
+    file.write(data)
+    file.write(struct.pack(">I", isal_zlib.crc32(data, isal_zlib.crc32(kind))))
+
+
+def _adler32_combine(first: int, second: int, length: int) -> int:
+    """The Adler-32 of A followed by B, from A's, B's and B's length (zlib's adler32_combine)."""
+    base = 65521
+    low = ((first & 0xFFFF) + (second & 0xFFFF) + base - 1) % base
+    high = ((first >> 16) + (second >> 16) + (length % base) * ((first & 0xFFFF) - 1)) % base
+    return (high << 16) | low

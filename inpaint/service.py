@@ -76,7 +76,8 @@ class Inpainter:
         self.settings = settings
         self.safety = safety
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # the decoders release the GIL
-        # Tiles of the feather and strips of the paste, side by side (scipy, Pillow and numpy release the GIL).
+        # Tiles of the mask's distances, bands and strips of the resizes and the paste, strips of a PNG
+        # output, side by side (scipy, Pillow, numpy and ISA-L release the GIL).
         self._workers = ThreadPoolExecutor(max_workers=_PIXEL_WORKERS, thread_name_prefix="pixels")
 
     @classmethod
@@ -157,7 +158,9 @@ class Inpainter:
 
         with timer.stage("encode"):
             paths = [
-                codec.encode_image(result, out_dir / f"out-{index}", request.output_format, request.output_quality)
+                codec.encode_image(
+                    result, out_dir / f"out-{index}", request.output_format, request.output_quality, self._workers.map
+                )
                 for index, result in enumerate(results)
             ]
         metrics["timings"] = timer.rounded()

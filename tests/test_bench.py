@@ -40,7 +40,7 @@ def test_requirements_only_env_holds_the_images_packages_and_runs_the_model(tmp_
     listed = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(sorted({d.metadata['Name'].lower() for d in m.distributions()}))"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     names = listed.stdout
-    for wanted in ("'torch'", "'diffusers'", "'transformers'", "'fpng'", "'imagecodecs'", "'cog'", "'coglet'", "'structlog'"):
+    for wanted in ("'torch'", "'diffusers'", "'transformers'", "'isal'", "'imagecodecs'", "'cog'", "'coglet'", "'structlog'"):
         assert wanted in names, wanted
     for test_tool in ("'pytest'", "'hypothesis'", "'schemathesis'", "'jsonschema'"):  # requirements-dev.txt only
         assert test_tool not in names, test_tool

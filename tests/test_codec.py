@@ -1,14 +1,22 @@
 """Decoding uploads safely, and encoding outputs."""
 
+import io
 import struct
+import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from unittest import mock
 
+import imagecodecs
 import numpy as np
 import pytest
+from conftest import make_photo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from conftest import make_photo
+from inpaint import codec
 from inpaint.codec import decode_image, decode_mask, encode_image, fit_mask, flatten
 
 LIMIT = 4096 * 4096
@@ -269,6 +277,39 @@ def test_png_round_trips_exactly_with_alpha(tmp_path, mode):
     path = encode_image(image, tmp_path / "out", "png", 90)
     assert path.suffix == ".png"
     assert np.array_equal(np.asarray(Image.open(path)), image)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([3, 4]), st.sampled_from([1, 2, 5, 256]), st.integers(0, 2**16))
+def test_png_strips_make_one_valid_stream_of_the_same_pixels(width, height, channels, strip_rows, seed):
+    """Strips deflated apart and chained by sync flushes: every chunk's CRC, the one zlib stream with
+    its Adler-32, and the pixels as Pillow and libpng read them back."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    pixels[: height // 2] //= 64  # some runs to compress, some noise
+    with tempfile.TemporaryDirectory() as folder, ThreadPoolExecutor(3) as pool, \
+            mock.patch.object(codec, "_PNG_STRIP_ROWS", strip_rows):
+        data = encode_image(pixels, Path(folder) / "out", "png", 90, pool.map).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, kinds, stream = 8, [], b""
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind, body = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
+        assert struct.unpack(">I", data[position + 8 + length : position + 12 + length])[0] == zlib.crc32(kind + body)
+        kinds.append(kind)
+        stream += body if kind == b"IDAT" else b""
+        position += 12 + length
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and set(kinds[1:-1]) == {b"IDAT"}
+    assert kinds.count(b"IDAT") == -(-height // strip_rows)
+    assert len(zlib.decompress(stream)) == height * (1 + width * channels)  # zlib checks the Adler-32
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    assert np.array_equal(imagecodecs.png_decode(data), pixels)
+
+
+def test_adler32_of_two_parts_is_the_adler32_of_the_whole():
+    rng = np.random.default_rng(0)
+    for first, second in ((b"", b"abc"), (b"abc", b""), (rng.bytes(70000), rng.bytes(123457)), (b"\xff" * 5553, b"\x00" * 65521)):
+        combined = codec._adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second))
+        assert combined == zlib.adler32(first + second)
 
 
 def test_webp_keeps_alpha_and_jpg_drops_it(tmp_path):
