@@ -178,8 +178,9 @@ def _padded_regions(binary: np.ndarray, padding: int, size: tuple[int, int]) -> 
     Cells of side up to `padding` change nothing: regions in touching cells lie within 2 * padding - 1
     pixels of each other, so their padded boxes overlap and would merge anyway. A mask of more than
     _MAX_REGIONS regions even then (dots, noise) is labelled on ever larger cells until it has no
-    more: the merge is quadratic in the count (a 512x512 mask of dots 3 pixels apart took 35 s),
-    and larger cells only merge more, so the crops still hold every region's padded box.
+    more: the merge is quadratic in the count (before this limit, a 512x512 mask of dots 3 pixels
+    apart took 35 s to plan), and larger cells only merge more, so the crops still hold every
+    region's padded box.
     """
     block = max(1, min(padding, _CELL))
     while (regions := mask_regions(binary, block, _MAX_REGIONS)) is None:
