@@ -175,6 +175,8 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
     (an executor's map runs them side by side: Pillow and numpy release Python's lock). Each strip
     runs Lanczos' two passes, across then down, over the output's rows its filter reaches; Pillow
     places the strip's source rows in float32, so within one level of resizing the whole at once.
+    (The two passes are asked for one at a time because Pillow 13 picks their order from the sizes
+    it is given: one resize of a short strip ran down first, up to 19 levels off the whole's.)
     """
     region = intersect(box, feather.box)
     if region is None:
