@@ -142,7 +142,8 @@ def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> 
     reduced_width, reduced_height = -(-width // factor_x), -(-height // factor_y)
     # Pillow's choice: down first only when that shrinks the height by over twice what across shrinks the width.
     across_first = not (0 < reduced_height - size[1] and reduced_height - size[1] > (reduced_width - size[0]) * 2)
-    band = (factor_y if across_first else factor_x) * max(1, _BAND // (factor_y if across_first else factor_x))
+    step = factor_y if across_first else factor_x  # bands hold whole blocks of the reduction
+    band = step * max(1, _BAND // step)
 
     def first_pass(start: int) -> np.ndarray:
         if across_first:
@@ -156,13 +157,9 @@ def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> 
         return np.asarray(part.resize((part.width, size[1]), Image.Resampling.LANCZOS, box=(0, 0, part.width, height / factor_y)))
 
     parts = list(map(first_pass, range(0, height if across_first else width, band)))
-    if across_first:
-        return Image.fromarray(np.concatenate(parts, axis=0)).resize(
-            size, Image.Resampling.LANCZOS, box=(0, 0, size[0], height / factor_y)
-        )
-    return Image.fromarray(np.concatenate(parts, axis=1)).resize(
-        size, Image.Resampling.LANCZOS, box=(0, 0, width / factor_x, size[1])
-    )
+    joined = Image.fromarray(np.concatenate(parts, axis=0 if across_first else 1))
+    second = (0, 0, size[0], height / factor_y) if across_first else (0, 0, width / factor_x, size[1])
+    return joined.resize(size, Image.Resampling.LANCZOS, box=second)
 
 
 def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, box: Box, map=map) -> None:
