@@ -21,6 +21,8 @@ from .geometry import Box, bounding_box, intersect
 
 _FEATHER_TILE = 128  # side of the tiles the mask's distance transforms and composite_over's blends work on
 _TILE_PER_REACH = 6  # distance tiles are at least this many times as wide as their margin
+_TRANSFORM_COST = 6  # scipy's distance transform of a pixel costs about 6 of _stamped's writes (or 12 pixels of its passes)
+_STAMP_BAND = 512  # rows _stamped fills at a time
 _STRIP = 256  # rows composite_over resizes at a time
 _BAND = 256  # rows (or columns) of the photo resize_crop hands to Pillow at a time
 _REDUCING_GAP = 3.0  # resize_crop shrinks by a box filter first when shrinking this much or more
@@ -55,17 +57,17 @@ def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0, map=map)
     result = binary.copy()
     view = result[top:bottom, left:right]  # the tiles _by_distance leaves alone keep their pixels
 
-    def grown(tile: tuple[slice, slice], distance: np.ndarray) -> None:
-        view[tile] = distance <= grow
+    def grown(tile: tuple[slice, slice], squared: np.ndarray) -> None:
+        view[tile] = squared <= grow * grow
 
-    def kept(tile: tuple[slice, slice], distance: np.ndarray) -> None:
-        view[tile] = distance > -grow
+    def kept(tile: tuple[slice, slice], squared: np.ndarray) -> None:
+        view[tile] = squared > grow * grow
 
     if grow > 0:
-        _by_distance(region, grow + 1, grown, map)
+        _by_distance(region, grow, grown, map)
     else:
         # Distance to the nearest unmasked pixel; the image border does not count as unmasked.
-        _by_distance(~region, 1 - grow, kept, map)
+        _by_distance(~region, -grow, kept, map)
     return result
 
 
@@ -80,40 +82,97 @@ def feather_mask(binary: np.ndarray, radius: int, map=map) -> Feather:
     weight = region.astype(np.float32)  # 1 on the mask, 0 off it; the ramp is filled in below
     if radius <= 0:
         return Feather(box, weight)
+    # The weight of each squared distance up to radius**2 + 1 (the first past the ramp's end).
+    eased = np.clip(1.0 - np.sqrt(np.arange(radius * radius + 2, dtype=np.float64)) / radius, 0.0, 1.0).astype(np.float32)
+    weights = eased * eased * (3.0 - 2.0 * eased)  # smoothstep
 
-    def ramp(tile: tuple[slice, slice], distance: np.ndarray) -> None:
-        eased = np.clip(1.0 - distance / radius, 0.0, 1.0).astype(np.float32)
-        weight[tile] = eased * eased * (3.0 - 2.0 * eased)  # smoothstep
+    def ramp(tile: tuple[slice, slice], squared: np.ndarray) -> None:
+        weight[tile] = weights[squared]
 
-    _by_distance(region, radius + 1, ramp, map)
+    _by_distance(region, radius, ramp, map)
     return Feather(box, weight)
 
 
 def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
-    """paint(tile, distance) for each tile of `region` with True pixels within `reach` of it that is
-    not all True: `distance` holds each of the tile's pixels' Euclidean distance to the nearest True
-    pixel, exact up to `reach` (and over it where the true one is). Every other tile is all True or
-    has no True pixel within `reach`: a large mask's inside and its far outside need no transform.
+    """paint(tile, squared) for each tile of `region` with True pixels within `reach` of it that is
+    not all True: `squared` (integers) holds each of the tile's pixels' squared Euclidean distance
+    to the nearest True pixel, exact up to reach**2, and reach**2 + 1 farther. Every other tile is
+    all True or has no True pixel within `reach`: a large mask's inside and its far outside need none.
 
-    Each tile is transformed with `reach` pixels of `region` around it: a True pixel within `reach`
-    of the tile lies in that margin, so those distances are exact. The tiles are sorted out first,
-    then go through `map` (an executor's map runs them side by side; scipy's transform releases
-    Python's lock); `paint` writes to disjoint tiles.
+    The distances come one of two ways, whichever costs less: stamped (_stamped) when the mask's
+    edge is short for the disk of `reach` (the band a brush stroke's feather covers is a few percent
+    of the tiles it crosses), else a distance transform of each tile and `reach` pixels of `region`
+    around it (a True pixel within `reach` of the tile lies in that margin). The tiles are sorted
+    out first, then go through `map` (an executor's map runs them side by side: scipy's transform
+    and numpy's indexing release Python's lock); `paint` writes to disjoint tiles.
     """
     height, width = region.shape
     side = max(_FEATHER_TILE, _TILE_PER_REACH * reach)  # a wide margin costs less on a larger tile
+    corners = [(y, x) for y in range(0, height, side) for x in range(0, width, side)]
+    corners = [corner for corner in corners if _crossed(region, corner, side, reach)]
+    far = reach * reach + 1
+    squared = _stamped(region, reach, _TRANSFORM_COST * len(corners) * (side + 2 * reach) ** 2, map)
 
     def transform(corner: tuple[int, int]) -> None:
         y, x = corner
+        tile = (slice(y, min(y + side, height)), slice(x, min(x + side, width)))
+        if squared is not None:
+            paint(tile, squared[tile])
+            return
         y0, x0 = max(0, y - reach), max(0, x - reach)
         around = region[y0 : y + side + reach, x0 : x + side + reach]
-        tile = (slice(y, min(y + side, height)), slice(x, min(x + side, width)))
-        distance = ndimage.distance_transform_edt(~around)  # to the nearest True pixel
-        paint(tile, distance[y - y0 : tile[0].stop - y0, x - x0 : tile[1].stop - x0])
+        distance = ndimage.distance_transform_edt(~around)[y - y0 : tile[0].stop - y0, x - x0 : tile[1].stop - x0]
+        paint(tile, np.minimum(np.rint(distance * distance), far).astype(np.intp))
 
-    corners = [(y, x) for y in range(0, height, side) for x in range(0, width, side)]
-    for _ in map(transform, [corner for corner in corners if _crossed(region, corner, side, reach)]):
+    for _ in map(transform, corners):
         pass
+
+
+def _stamped(region: np.ndarray, reach: int, budget: float, map=map) -> np.ndarray | None:
+    """(H, W) squared Euclidean distance of each pixel of `region` to the nearest True pixel, exact
+    up to reach**2 and reach**2 + 1 farther; or None when stamping costs more than `budget` writes
+    (a pass over the region's pixels counted as half a write each).
+
+    The nearest True pixel of a False one has a False pixel beside it (the step from it towards the
+    False one), so it is enough to stamp the disk of `reach` around each True pixel with a False
+    neighbour, farthest offset first: the nearest one's offset is written last. Bands of rows go
+    through `map`; each takes the edge pixels whose disks reach it, then puts back 0 on True pixels.
+    """
+    height, width = region.shape
+    inner = region.copy()  # True pixels whose four neighbours are True too (the image's border is none)
+    inner[1:] &= region[:-1]
+    inner[:-1] &= region[1:]
+    inner[:, 1:] &= region[:, :-1]
+    inner[:, :-1] &= region[:, 1:]
+    edge = np.flatnonzero(region ^ inner)
+    dy, dx = np.mgrid[-reach : reach + 1, -reach : reach + 1].reshape(2, -1)
+    square = dy * dy + dx * dx
+    order = np.argsort(-square, kind="stable")  # farthest first
+    order = order[square[order] <= reach * reach]
+    if len(edge) * len(order) + region.size / 2 > budget:
+        return None
+    rows, columns = np.divmod(edge, width)
+    padded = width + 2 * reach  # columns to spare on both sides: an offset never wraps to another row
+    far = reach * reach + 1
+    squared = np.empty((height, padded), np.uint16 if far < 2**16 else np.uint32)
+    disk = list(zip(dy[order].tolist(), dx[order].tolist(), square[order].tolist()))
+
+    def stamp(top: int) -> None:
+        bottom = min(top + _STAMP_BAND, height)
+        band = squared[top:bottom]
+        band.fill(far)
+        flat = band.reshape(-1)  # a view: the band's rows are contiguous
+        starts = {}  # per vertical offset: where the disks of the edge pixels that it takes into the band land
+        for step in range(-reach, reach + 1):
+            first, last = np.searchsorted(rows, [top - step, bottom - step])
+            starts[step] = (rows[first:last] - top + step) * padded + columns[first:last] + reach
+        for step, across, value in disk:
+            flat[starts[step] + across] = value
+        np.copyto(band[:, reach : reach + width], 0, where=region[top:bottom])
+
+    for _ in map(stamp, range(0, height, _STAMP_BAND)):
+        pass
+    return squared[:, reach : reach + width]
 
 
 def _crossed(region: np.ndarray, corner: tuple[int, int], side: int, reach: int) -> bool:

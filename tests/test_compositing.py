@@ -29,16 +29,26 @@ def scenes(draw):
 
 
 @contextmanager
-def _tiles(side: int):
-    """Tiles of `side` for the distance transforms and the blend, whatever the margin."""
-    with mock.patch.object(compositing, "_FEATHER_TILE", side), mock.patch.object(compositing, "_TILE_PER_REACH", 1):
+def _tiles(side: int, distances: str = "cheaper"):
+    """Tiles of `side` for the distance transforms and the blend, whatever the margin; the distances
+    "stamped" (in bands of 7 rows), "transformed" or whichever is cheaper (as in production)."""
+    cost = {"stamped": float("inf"), "transformed": 0, "cheaper": compositing._TRANSFORM_COST}[distances]
+    with (
+        mock.patch.object(compositing, "_FEATHER_TILE", side),
+        mock.patch.object(compositing, "_TILE_PER_REACH", 1),
+        mock.patch.object(compositing, "_TRANSFORM_COST", cost),
+        mock.patch.object(compositing, "_STAMP_BAND", 7 if distances == "stamped" else compositing._STAMP_BAND),
+    ):
         yield
 
 
+_DISTANCES = st.sampled_from(["stamped", "transformed", "cheaper"])
+
+
 @settings(max_examples=150, deadline=None)
-@given(scenes(), st.sampled_from([5, 128]))
-def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene, tile):
-    with _tiles(tile):  # many tiles, and one
+@given(scenes(), st.sampled_from([5, 128]), _DISTANCES)
+def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene, tile, distances):
+    with _tiles(tile, distances):  # many tiles, and one
         _check_scene(scene)
 
 
@@ -126,25 +136,42 @@ def _feather_in_one_transform(binary: np.ndarray, radius: int) -> np.ndarray:
     return ramp * ramp * (3.0 - 2.0 * ramp)
 
 
-@settings(max_examples=80, deadline=None)
-@given(scenes(), st.sampled_from([5, 16, 128]))
-def test_tiled_feather_is_exactly_the_one_transform_feather(scene, tile):
+@settings(max_examples=150, deadline=None)
+@given(scenes(), st.sampled_from([5, 16, 128]), _DISTANCES)
+def test_tiled_feather_is_exactly_the_one_transform_feather(scene, tile, distances):
     mask, blur, grow, _ = scene
     binary = prepare_mask(mask, grow=grow)
     if not binary.any() or blur == 0:
         return
-    with _tiles(tile):
+    with _tiles(tile, distances):
         feather = feather_mask(binary, blur)
     assert feather.box == bounding_box(binary, blur + 1)
     assert np.array_equal(feather.weight, _feather_in_one_transform(binary, blur))
 
 
-def test_tiled_feather_on_a_large_mask():
+@pytest.mark.parametrize("distances", ["stamped", "transformed"])
+def test_tiled_feather_on_a_large_mask(distances):
     yy, xx = np.mgrid[:700, :900]
     binary = ((xx - 450) / 400.0) ** 2 + ((yy - 350) / 300.0) ** 2 <= 1
     binary[100:140, 200:700] = False  # a hole, so inside tiles are not all full
-    feather = feather_mask(binary, 24)
+    binary[600:, 300:] = np.random.default_rng(0).random((100, 600)) < 0.5  # speckle: a long edge
+    with _tiles(compositing._FEATHER_TILE, distances), ThreadPoolExecutor(3) as pool:
+        feather = feather_mask(binary, 24, pool.map)
     assert np.array_equal(feather.weight, _feather_in_one_transform(binary, 24))
+
+
+def test_distances_are_stamped_for_a_thin_band_and_transformed_for_a_speckled_mask():
+    """The cost model: a brush stroke's short edge is stamped, a mask of noise is transformed."""
+    stroke = np.zeros((600, 600), bool)
+    stroke[200:260, 50:550] = True
+    speckle = np.random.default_rng(0).random((600, 600)) < 0.5
+    stamping = compositing._stamped
+    for region, stamped in ((stroke, True), (speckle, False)):
+        returned = []
+        with mock.patch.object(compositing, "_stamped", lambda *args: returned.append(stamping(*args)) or returned[-1]):
+            feather = feather_mask(region, 8)
+        assert len(returned) == 1 and (returned[0] is not None) == stamped
+        assert np.array_equal(feather.weight, _feather_in_one_transform(region, 8))
 
 
 @settings(max_examples=100, deadline=None)
@@ -230,9 +257,9 @@ def _grown_in_one_transform(mask: np.ndarray, grow: int) -> np.ndarray:
     return ndimage.distance_transform_edt(binary) > -grow
 
 
-@settings(max_examples=120, deadline=None)
-@given(scenes(), st.integers(-14, 14), st.sampled_from([5, 16, 128]))
-def test_tiled_grow_is_exactly_the_one_transform_grow(scene, grow, tile):
+@settings(max_examples=150, deadline=None)
+@given(scenes(), st.integers(-14, 14), st.sampled_from([5, 16, 128]), _DISTANCES)
+def test_tiled_grow_is_exactly_the_one_transform_grow(scene, grow, tile, distances):
     mask = scene[0]
-    with _tiles(tile), ThreadPoolExecutor(3) as pool:
+    with _tiles(tile, distances), ThreadPoolExecutor(3) as pool:
         assert np.array_equal(prepare_mask(mask, grow=grow, map=pool.map), _grown_in_one_transform(mask, grow))
