@@ -228,9 +228,10 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
     Where the weight is 0 the canvas keeps its pixels exactly, where it is 1 it takes the resized
     output's exactly; only the ramp in between is blended. Colour channels only (alpha is kept).
     Only the part of the box the feather reaches is resized, in strips of rows that go through `map`
-    (an executor's map runs them side by side: Pillow and numpy release Python's lock). Each strip
-    runs Lanczos' two passes, across then down, over the output's rows its filter reaches; Pillow
-    places the strip's source rows in float32, so within one level of resizing the whole at once.
+    (an executor's map runs them side by side: Pillow and numpy release Python's lock), and within
+    a strip only the runs of tiles it reaches (a brush stroke's strip is mostly untouched). Each run
+    takes Lanczos' two passes, across then down, over the output's rows its filter reaches; Pillow
+    places the run's source pixels in float32, so within one level of resizing the whole at once.
     (The two passes are asked for one at a time because Pillow 13 picks their order from the sizes
     it is given: one resize of a short strip ran down first, up to 19 levels off the whole's.)
     """
@@ -245,21 +246,29 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
     def paste_strip(y: int) -> None:
         end = min(y + _STRIP, bottom)
         weight = feather.weight[y - feather.box[1] : end - feather.box[1], left - feather.box[0] : right - feather.box[0]]
-        if not weight.any():
+        spans: list[list[int]] = []  # runs of the strip's columns of tiles that the feather reaches
+        for x in range(0, right - left, _FEATHER_TILE):
+            if weight[:, x : x + _FEATHER_TILE].any():
+                if spans and spans[-1][1] == x:
+                    spans[-1][1] = min(x + _FEATHER_TILE, right - left)
+                else:
+                    spans.append([x, min(x + _FEATHER_TILE, right - left)])
+        if not spans:
             return
         start, stop = (y - box[1]) * scale_y, (end - box[1]) * scale_y  # the strip in output rows
         first, last = max(0, math.floor(start - reach)), min(output.height, math.ceil(stop + reach))
         rows = output.crop((0, first, output.width, last))
-        across = rows.resize(
-            (right - left, rows.height), Image.Resampling.LANCZOS,
-            box=((left - box[0]) * scale_x, 0, (right - box[0]) * scale_x, rows.height),
-        )
-        down = across.resize((right - left, end - y), Image.Resampling.LANCZOS, box=(0, start - first, right - left, stop - first))
-        new = np.asarray(down)  # (h, w, 3)
-        base = canvas[y:end, left:right, :3]  # a view: written in place
-        for x in range(0, right - left, _FEATHER_TILE):
-            tile = (slice(None), slice(x, x + _FEATHER_TILE))
-            _blend(base[tile], new[tile], weight[tile])
+        for a, b in spans:
+            across = rows.resize(
+                (b - a, rows.height), Image.Resampling.LANCZOS,
+                box=((left + a - box[0]) * scale_x, 0, (left + b - box[0]) * scale_x, rows.height),
+            )
+            down = across.resize((b - a, end - y), Image.Resampling.LANCZOS, box=(0, start - first, b - a, stop - first))
+            new = np.asarray(down)  # (h, b - a, 3)
+            base = canvas[y:end, left + a : left + b, :3]  # a view: written in place
+            for x in range(0, b - a, _FEATHER_TILE):
+                tile = (slice(None), slice(x, x + _FEATHER_TILE))
+                _blend(base[tile], new[tile], weight[:, a + x : a + x + _FEATHER_TILE])
 
     for _ in map(paste_strip, range(top, bottom, _STRIP)):  # the strips write to disjoint rows
         pass
