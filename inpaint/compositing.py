@@ -21,7 +21,11 @@ from .geometry import Box, bounding_box, intersect
 
 _FEATHER_TILE = 128  # side of the tiles the mask's distance transforms and composite_over's blends work on
 _TILE_PER_REACH = 6  # distance tiles are at least this many times as wide as their margin
-_TRANSFORM_COST = 6  # scipy's distance transform of a pixel costs about 6 of _stamped's writes (or 12 pixels of its passes)
+# What _by_distance's two ways cost, in ns, fitted to timings of 4096x4096 masks on this project's
+# 2-core machine with 2 threads: scipy's transform per pixel of the tiles with their margins;
+# _stamped per write, per scatter call and per pixel of the region (finding the edge, filling).
+_TRANSFORM_NS = 17
+_STAMP_NS = {"write": 2.5, "call": 3000, "pixel": 2}
 _STAMP_BAND = 512  # rows _stamped fills at a time
 _STRIP = 256  # rows composite_over resizes at a time
 _BAND = 256  # rows (or columns) of the photo resize_crop hands to Pillow at a time
@@ -111,7 +115,7 @@ def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
     corners = [(y, x) for y in range(0, height, side) for x in range(0, width, side)]
     corners = [corner for corner in corners if _crossed(region, corner, side, reach)]
     far = reach * reach + 1
-    squared = _stamped(region, reach, _TRANSFORM_COST * len(corners) * (side + 2 * reach) ** 2, map)
+    squared = _stamped(region, reach, _TRANSFORM_NS * len(corners) * (side + 2 * reach) ** 2, map)
 
     def transform(corner: tuple[int, int]) -> None:
         y, x = corner
@@ -130,44 +134,51 @@ def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
 
 def _stamped(region: np.ndarray, reach: int, budget: float, map=map) -> np.ndarray | None:
     """(H, W) squared Euclidean distance of each pixel of `region` to the nearest True pixel, exact
-    up to reach**2 and reach**2 + 1 farther; or None when stamping costs more than `budget` writes
-    (a pass over the region's pixels counted as half a write each).
+    up to reach**2 and reach**2 + 1 farther; or None when stamping would take over `budget` ns.
 
-    The nearest True pixel of a False one has a False pixel beside it (the step from it towards the
-    False one), so it is enough to stamp the disk of `reach` around each True pixel with a False
-    neighbour, farthest offset first: the nearest one's offset is written last. Bands of rows go
-    through `map`; each takes the edge pixels whose disks reach it, then puts back 0 on True pixels.
+    The nearest True pixel q of a False pixel p has a False neighbour: the step from q towards p
+    along the axis p is farther along (either axis on a diagonal) comes nearer p, so it is not True.
+    So the disk of `reach` is cut into four wedges, one per direction (diagonals go to the left and
+    right ones), and each wedge is stamped around the True pixels whose neighbour that way is False,
+    farthest offset first: the nearest one's offset is written last. Bands of rows go through
+    `map`; each takes the pixels whose wedges reach it, then puts back 0 on True pixels.
     """
     height, width = region.shape
-    inner = region.copy()  # True pixels whose four neighbours are True too (the image's border is none)
-    inner[1:] &= region[:-1]
-    inner[:-1] &= region[1:]
-    inner[:, 1:] &= region[:, :-1]
-    inner[:, :-1] &= region[:, 1:]
-    edge = np.flatnonzero(region ^ inner)
+    # (rows, columns) of the True pixels whose neighbour is False, on the right, left, below and
+    # above (the image's border is not False), each found in an array one column or row short.
+    rows, columns = np.divmod(np.flatnonzero(region[:, :-1] > region[:, 1:]), width - 1)
+    edges = [(rows, columns)]
+    rows, columns = np.divmod(np.flatnonzero(region[:, 1:] > region[:, :-1]), width - 1)
+    edges.append((rows, columns + 1))
+    edges.append(np.divmod(np.flatnonzero(region[:-1] > region[1:]), width))
+    rows, columns = np.divmod(np.flatnonzero(region[1:] > region[:-1]), width)
+    edges.append((rows + 1, columns))
     dy, dx = np.mgrid[-reach : reach + 1, -reach : reach + 1].reshape(2, -1)
     square = dy * dy + dx * dx
+    wedge = np.select([dx >= abs(dy), -dx >= abs(dy), dy > 0], [0, 1, 2], 3)  # (0, 0) is left to the end
     order = np.argsort(-square, kind="stable")  # farthest first
-    order = order[square[order] <= reach * reach]
-    if len(edge) * len(order) + region.size / 2 > budget:
+    order = order[(square[order] <= reach * reach) & (square[order] > 0)]
+    writes = sum(len(edges[w][0]) for w in wedge[order])
+    calls = len(order) * -(-height // _STAMP_BAND)
+    if writes * _STAMP_NS["write"] + calls * _STAMP_NS["call"] + region.size * _STAMP_NS["pixel"] > budget:
         return None
-    rows, columns = np.divmod(edge, width)
     padded = width + 2 * reach  # columns to spare on both sides: an offset never wraps to another row
     far = reach * reach + 1
     squared = np.empty((height, padded), np.uint16 if far < 2**16 else np.uint32)
-    disk = list(zip(dy[order].tolist(), dx[order].tolist(), square[order].tolist()))
+    disk = list(zip(wedge[order].tolist(), dy[order].tolist(), dx[order].tolist(), square[order].tolist()))
 
     def stamp(top: int) -> None:
         bottom = min(top + _STAMP_BAND, height)
         band = squared[top:bottom]
         band.fill(far)
         flat = band.reshape(-1)  # a view: the band's rows are contiguous
-        starts = {}  # per vertical offset: where the disks of the edge pixels that it takes into the band land
-        for step in range(-reach, reach + 1):
-            first, last = np.searchsorted(rows, [top - step, bottom - step])
-            starts[step] = (rows[first:last] - top + step) * padded + columns[first:last] + reach
-        for step, across, value in disk:
-            flat[starts[step] + across] = value
+        starts = {}  # per wedge and vertical offset: where the pixels it takes into the band land
+        for side, (rows, columns) in enumerate(edges):
+            for step in range(-reach, reach + 1):
+                first, last = np.searchsorted(rows, [top - step, bottom - step])
+                starts[side, step] = (rows[first:last] - top + step) * padded + columns[first:last] + reach
+        for side, step, across, value in disk:
+            flat[starts[side, step] + across] = value
         np.copyto(band[:, reach : reach + width], 0, where=region[top:bottom])
 
     for _ in map(stamp, range(0, height, _STAMP_BAND)):

@@ -32,11 +32,11 @@ def scenes(draw):
 def _tiles(side: int, distances: str = "cheaper"):
     """Tiles of `side` for the distance transforms and the blend, whatever the margin; the distances
     "stamped" (in bands of 7 rows), "transformed" or whichever is cheaper (as in production)."""
-    cost = {"stamped": float("inf"), "transformed": 0, "cheaper": compositing._TRANSFORM_COST}[distances]
+    cost = {"stamped": float("inf"), "transformed": 0, "cheaper": compositing._TRANSFORM_NS}[distances]
     with (
         mock.patch.object(compositing, "_FEATHER_TILE", side),
         mock.patch.object(compositing, "_TILE_PER_REACH", 1),
-        mock.patch.object(compositing, "_TRANSFORM_COST", cost),
+        mock.patch.object(compositing, "_TRANSFORM_NS", cost),
         mock.patch.object(compositing, "_STAMP_BAND", 7 if distances == "stamped" else compositing._STAMP_BAND),
     ):
         yield
