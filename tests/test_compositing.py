@@ -161,17 +161,20 @@ def test_tiled_feather_on_a_large_mask(distances):
 
 
 def test_distances_are_stamped_for_a_thin_band_and_transformed_for_a_speckled_mask():
-    """The cost model: a brush stroke's short edge is stamped, a mask of noise is transformed."""
+    """The cost model: a brush stroke's short edge is stamped; a mask of noise is transformed, and so
+    is one of lines on the rows the first estimate does not look at (every 8th row and the next)."""
     stroke = np.zeros((600, 600), bool)
     stroke[200:260, 50:550] = True
     speckle = np.random.default_rng(0).random((600, 600)) < 0.5
+    lines = np.zeros((600, 600), bool)
+    lines[3::8] = True
     stamping = compositing._stamped
-    for region, stamped in ((stroke, True), (speckle, False)):
+    for region, blur, stamped in ((stroke, 8, True), (speckle, 8, False), (lines, 16, False)):
         returned = []
         with mock.patch.object(compositing, "_stamped", lambda *args: returned.append(stamping(*args)) or returned[-1]):
-            feather = feather_mask(region, 8)
+            feather = feather_mask(region, blur)
         assert len(returned) == 1 and (returned[0] is not None) == stamped
-        assert np.array_equal(feather.weight, _feather_in_one_transform(region, 8))
+        assert np.array_equal(feather.weight, _feather_in_one_transform(region, blur))
 
 
 @settings(max_examples=150, deadline=None)
