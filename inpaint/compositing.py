@@ -19,7 +19,7 @@ from scipy import ndimage
 from .codec import flatten
 from .geometry import Box, bounding_box, intersect
 
-_FEATHER_TILE = 128  # side of the tiles the mask's distance transforms and composite_over's blends work on
+_FEATHER_TILE = 128  # side of the tiles the mask's distances and composite_over's blends work on
 _TILE_PER_REACH = 6  # distance tiles are at least this many times as wide as their margin
 # What _by_distance's two ways cost, in ns, fitted to timings of 4096x4096 masks on this project's
 # 2-core machine with 2 threads: scipy's transform per pixel of the tiles with their margins;
@@ -108,7 +108,7 @@ def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
     of the tiles it crosses), else a distance transform of each tile and `reach` pixels of `region`
     around it (a True pixel within `reach` of the tile lies in that margin). The tiles are sorted
     out first, then go through `map` (an executor's map runs them side by side: scipy's transform
-    and numpy's indexing release Python's lock); `paint` writes to disjoint tiles.
+    releases Python's lock); `paint` writes to disjoint tiles.
     """
     height, width = region.shape
     side = max(_FEATHER_TILE, _TILE_PER_REACH * reach)  # a wide margin costs less on a larger tile
@@ -150,9 +150,9 @@ def _stamped(region: np.ndarray, reach: int, budget: float, map=map) -> np.ndarr
     height, width = region.shape
     dy, dx = np.mgrid[-reach : reach + 1, -reach : reach + 1].reshape(2, -1)
     square = dy * dy + dx * dx
-    wedge = np.select([dx >= abs(dy), -dx >= abs(dy), dy > 0], [0, 1, 2], 3)  # (0, 0) is left to the end
+    wedge = np.select([dx >= abs(dy), -dx >= abs(dy), dy > 0], [0, 1, 2], 3)  # right, left, down, up
     order = np.argsort(-square, kind="stable")  # farthest first
-    order = order[(square[order] <= reach * reach) & (square[order] > 0)]
+    order = order[(square[order] <= reach * reach) & (square[order] > 0)]  # (True pixels get their 0 at the end)
     calls = len(order) * -(-height // _STAMP_BAND)
 
     def cost(writes: float) -> float:
