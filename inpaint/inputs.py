@@ -1,7 +1,8 @@
 """The request: every input's bounds and defaults, and the one function that validates them.
 
-predict.py builds its Cog `Input`s from these constants, so the HTTP schema, the in-process checks
-and the error messages all come from the same numbers.
+predict.py spells the same numbers out as literals in its Cog `Input`s (Cog's CLI reads them
+without running Python); a test checks that the two agree, so the HTTP schema, the in-process checks
+and the error messages say the same.
 """
 
 from __future__ import annotations

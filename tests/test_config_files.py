@@ -1,9 +1,13 @@
 """The build files: cog.yaml against Cog's own schema, pins, the committed OpenAPI schema, .dockerignore."""
 
+import ast
+import inspect
+import io
 import json
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import jsonschema
@@ -89,6 +93,64 @@ def test_openapi_schema_has_replicates_inputs():
     assert properties["invert_mask"]["default"] is False
     assert schema["output_format"]["enum"] == ["png", "webp", "jpg"]
     assert schema["Output"] == {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}
+
+
+def _literal(node: ast.expr) -> bool:
+    """What Cog's static schema generator reads (pkg/schema/python, parser_literals.go): a string,
+    number, bool or None, a negative number, a list of those; nothing imported, nothing computed."""
+    if isinstance(node, ast.List):
+        return all(_literal(item) for item in node.elts)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float))
+    return isinstance(node, ast.Constant)
+
+
+def test_predict_py_inputs_are_literals_for_cogs_static_schema_generator():
+    """Since replicate/cog#2950 (April 2026), `cog build` and `cog predict` read run()'s signature
+    with tree-sitter: a choices= it cannot resolve fails the build; a ge=, le= or default= it cannot
+    resolve is dropped (the default silently becomes null); it takes implicitly joined strings
+    quotes and all."""
+    source = (ROOT / "predict.py").read_text()
+    run = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef) and node.name == "run")
+    calls = [default for default in run.args.defaults if isinstance(default, ast.Call)]
+    assert len(calls) == len(run.args.args) - 1  # every input but self
+    for call in calls:
+        assert isinstance(call.func, ast.Name) and call.func.id == "Input" and not call.args
+        for keyword in call.keywords:
+            assert _literal(keyword.value), f"{ast.get_source_segment(source, call)}: {keyword.arg} is not a literal"
+            segment = ast.get_source_segment(source, keyword.value)
+            strings = [token for token in tokenize.generate_tokens(io.StringIO(segment).readline) if token.type == tokenize.STRING]
+            assert len(strings) <= 1 or isinstance(keyword.value, ast.List), f"{keyword.arg}: one string literal, not joined ones"
+
+
+def test_predict_py_inputs_agree_with_the_checks_in_inpaint_inputs():
+    """predict.py spells its bounds, defaults and choices out (see the test above); inputs.py checks them again."""
+    sys.path.insert(0, str(ROOT))
+    from inpaint import codec, inputs, schedulers
+    from predict import Predictor
+
+    fields = {name: parameter.default for name, parameter in inspect.signature(Predictor.run).parameters.items() if name != "self"}
+    expected = {
+        "prompt": (None, inputs.DEFAULT_PROMPT, None),
+        "mask_grow": (inputs.MASK_GROW_RANGE, inputs.DEFAULT_MASK_GROW, None),
+        "mask_blur": (inputs.MASK_BLUR_RANGE, inputs.DEFAULT_MASK_BLUR, None),
+        "mask_padding": (inputs.MASK_PADDING_RANGE, inputs.DEFAULT_MASK_PADDING, None),
+        "width": (None, inputs.DEFAULT_SIZE, list(inputs.SIZE_CHOICES)),
+        "height": (None, inputs.DEFAULT_SIZE, list(inputs.SIZE_CHOICES)),
+        "num_outputs": (inputs.NUM_OUTPUTS_RANGE, inputs.DEFAULT_NUM_OUTPUTS, None),
+        "num_inference_steps": (inputs.STEPS_RANGE, inputs.DEFAULT_STEPS, None),
+        "guidance_scale": (inputs.GUIDANCE_RANGE, inputs.DEFAULT_GUIDANCE, None),
+        "strength": (inputs.STRENGTH_RANGE, inputs.DEFAULT_STRENGTH, None),
+        "scheduler": (None, inputs.DEFAULT_SCHEDULER, list(schedulers.SCHEDULER_NAMES)),
+        "output_format": (None, inputs.DEFAULT_OUTPUT_FORMAT, list(codec.OUTPUT_FORMATS)),
+        "output_quality": (inputs.OUTPUT_QUALITY_RANGE, inputs.DEFAULT_OUTPUT_QUALITY, None),
+    }
+    for name, (bounds, default, choices) in expected.items():
+        field = fields[name]
+        assert ((field.ge, field.le) if bounds else None) == bounds, name
+        assert field.default == default and type(field.default) is type(default), name
+        assert field.choices == choices, name
+    assert set(fields) - set(expected) == {"negative_prompt", "image", "mask", "invert_mask", "seed", "disable_safety_checker"}
 
 
 def test_dockerignore_keeps_tests_caches_and_test_weights_out():
