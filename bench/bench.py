@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -314,6 +315,53 @@ def _time(function, device: torch.device, runs: int, warm_up: bool = True) -> tu
     return statistics.median(times), value
 
 
+def _timeline(function, activities, categories: tuple[str, ...]) -> tuple[float, float, list[float]]:
+    """One run of `function` under torch's profiler: from its trace's events of `categories`, the
+    span from the first one's start to the last one's end, the time inside at least one of them
+    (busy), and the gaps between them, all in ms."""
+    from torch.profiler import profile
+
+    with profile(activities=activities, acc_events=True) as profiler:  # one cycle: nothing to clear
+        function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    intervals = sorted((event["ts"], event["ts"] + event.get("dur", 0)) for event in events
+                       if event.get("ph") == "X" and event.get("cat") in categories)
+    if not intervals:
+        return 0.0, 0.0, []
+    busy, gaps = 0.0, []
+    start, end = intervals[0]
+    for begin, finish in intervals[1:]:
+        if begin > end:
+            busy += end - start
+            gaps.append((begin - end) / 1000)
+            start = begin
+        end = max(end, finish)
+    busy += end - start
+    return (end - intervals[0][0]) / 1000, busy / 1000, gaps
+
+
+def _gpu_busy(function, device: torch.device) -> str:
+    """How much of one prediction's GPU span the GPU spent computing (kernels, copies), and its idle
+    gaps: whether what lies outside the denoising loop's pace is GPU work or the GPU waiting."""
+    if device.type != "cuda":
+        return "GPU timeline: no CUDA"
+    from torch.profiler import ProfilerActivity
+
+    try:
+        span, busy, gaps = _timeline(function, [ProfilerActivity.CUDA], ("kernel", "gpu_memcpy", "gpu_memset"))
+    except Exception as error:  # a diagnostic: never the reason a run fails
+        return f"GPU timeline: profiler failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    idle = sorted(gaps, reverse=True)
+    return (f"GPU timeline (one profiled run): busy {busy:.0f} of {span:.0f} ms; {sum(1 for gap in gaps if gap > 0.1)} "
+            f"gaps over 0.1 ms, {sum(gap for gap in gaps if gap > 0.1):.0f} ms in all; largest "
+            + ", ".join(f"{gap:.1f}" for gap in idle[:3]) + " ms")
+
+
 def _psnr(a: Image.Image, b: Image.Image) -> float:
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
@@ -424,8 +472,9 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         _progress("lever: " + " | ".join(str(cell) for cell in row))
 
     baseline = timed(fast)
+    timeline = _gpu_busy(lambda: ours.generate(fast, [image], [mask], job), device)
     add(["fast path uncompiled (the default until its compiled UNet is ready: CUDA graphs, channels_last UNet, "
-         "sliced VAE)", f"{baseline:.0f}", "1.00"])
+         f"sliced VAE; {timeline})", f"{baseline:.0f}", "1.00"])
     for label, options in (
         ("CUDA graphs off (INPAINT_CUDA_GRAPHS=0)", {"cuda_graphs": False}),
         ("fast path off (INPAINT_FAST_PATH=0): fp16 + SDPA only", {"fast": False}),
@@ -477,7 +526,8 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
 
     def timed(pipe) -> tuple[float, object, str]:
         """Median ms, the last output, and the last run's own stages (wall ms, synchronised around the VAE),
-        with the cudaMalloc/cudaFree calls the timed runs made (a fragmented cache makes them costly)."""
+        with the cudaMalloc/cudaFree calls the timed runs made (a fragmented cache makes them costly)
+        and one more run's GPU timeline (_gpu_busy)."""
         stages: dict[str, float] = {}
         ours.generate(pipe, [image], [mask], job)  # warm-up (the CUDA graph's recording at a new UNet)
         stats = torch.cuda.memory_stats if device.type == "cuda" else lambda _: {}
@@ -485,7 +535,9 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages), device, runs, warm_up=False)
         after = stats(device)
         calls = ", ".join(f"{key} {after.get(key, 0) - before.get(key, 0)}" for key in ("num_device_alloc", "num_device_free"))
-        return milliseconds, painted, ", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items())) + f"; {calls}"
+        timeline = _gpu_busy(lambda: ours.generate(pipe, [image], [mask], job), device)
+        return milliseconds, painted, (", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items()))
+                                       + f"; {calls}; {timeline}")
 
     cache = Path(tempfile.mkdtemp(prefix="compiled-"))  # cold: nothing saved, Inductor's cache empty
     if time.monotonic() + 180 > deadline:

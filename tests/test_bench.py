@@ -1,10 +1,34 @@
 """The GPU benchmark stays runnable while no GPU is at hand: its smoke test on the tiny weights."""
 
+import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
+from torch.profiler import ProfilerActivity
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them():
+    """bench's GPU timeline (busy time and idle gaps of one prediction), checked on the CPU's own
+    profiled operators: a pause between two matrix products is the largest gap."""
+    spec = importlib.util.spec_from_file_location("bench_module", ROOT / "bench" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    matrix = torch.randn(256, 256)
+
+    def work():
+        matrix @ matrix
+        time.sleep(0.03)
+        matrix @ matrix
+
+    span, busy, gaps = bench._timeline(work, [ProfilerActivity.CPU], ("cpu_op",))
+    assert 0 < busy < span and max(gaps) >= 25
+    assert abs(span - busy - sum(gaps)) < 0.01
+    assert bench._gpu_busy(work, torch.device("cpu")) == "GPU timeline: no CUDA"
 
 
 def test_bench_smoke_test_prints_every_table():
