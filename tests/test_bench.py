@@ -25,9 +25,10 @@ def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them():
         time.sleep(0.03)
         matrix @ matrix
 
-    span, busy, gaps = bench._timeline(work, [ProfilerActivity.CPU], ("cpu_op",))
+    span, busy, gaps, heaviest = bench._timeline(work, [ProfilerActivity.CPU], ("cpu_op",))
     assert 0 < busy < span and max(gaps) >= 25
     assert abs(span - busy - sum(gaps)) < 0.01
+    assert any("mm" in name for name, _ in heaviest[:3]) and heaviest[0][1] >= heaviest[-1][1]
     assert bench._gpu_busy(work, torch.device("cpu")) == "GPU timeline: no CUDA"
 
 
