@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed, load-time and memory measurements: bench/bench.py [--cpu | --parts | --cold-start | --prepost] [--tiny]
+"""Speed, load-time and memory measurements: bench/bench.py [--cpu | --parts | --compile-only | --cold-start | --prepost] [--tiny]
 
 On a GPU (default when CUDA is present): builds full-size random weights from the real configs,
 then times diffusers' StableDiffusionInpaintPipeline (fp16, SDPA, eager) and this project's
@@ -503,7 +503,7 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
 
     baseline = timed(fast)
     timeline = _gpu_busy(lambda: ours.generate(fast, [image], [mask], job), device)
-    add(["fast path uncompiled (the default until its compiled UNet is ready: CUDA graphs, channels_last UNet, "
+    add(["fast path uncompiled (the default until its compiled parts are ready: CUDA graphs, channels_last UNet, "
          f"sliced VAE; {_unet_replays(fast, device)}; {timeline})", f"{baseline:.0f}", "1.00"])
     for label, options in (
         ("CUDA graphs off (INPAINT_CUDA_GRAPHS=0)", {"cuda_graphs": False}),
@@ -537,13 +537,12 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
 
 def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: int, steps: int, baseline: float,
                   deadline: float) -> list[list[object]]:
-    """torch.compile of the UNet at 512x512 x1. As shipped (INPAINT_COMPILE=background): predictions
-    while the worker compiles, then after they take the compiled UNet up; then a later start on the
-    saved compiled UNet (INPAINT_COMPILE=setup: setup waits for the load), with cuDNN's benchmark mode
-    and with the VAE compiled too (candidates). Skipped when it would end after `deadline`. (torch's
-    own mode="reduce-overhead", 400 ms on 2026-11-26, is not timed again: it compiles in the request
-    path, and a compile on the main thread after the worker's is untested.)"""
-    from inpaint import compiled as compiled_unet
+    """torch.compile of the UNet and the VAE's encoder and decoder at 512x512 x1. As shipped
+    (INPAINT_COMPILE=background): predictions while the worker compiles, then once they take the
+    compiled parts up; then a later start on the saved compiled parts (INPAINT_COMPILE=setup: setup
+    waits for the loads). Skipped when it would end after `deadline`. (Measured on 2026-11-26 and
+    not timed again: torch's own mode="reduce-overhead", 400 ms; cuDNN's benchmark mode on top of the
+    compiled UNet, no change; the 50 ms once seen between the first two rows, the spread of runs.)"""
     from inpaint import pipeline as ours
 
     image, mask = _inputs(512)
@@ -574,71 +573,51 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
             + ", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items()))
             + f"; {calls}; {_unet_replays(pipe, device)}; {timeline}")
 
+    def sources(workers) -> str:
+        return ", ".join(f"{worker.part} {'x'.join(map(str, key[0][0]))} {worker.sources[key]} in {seconds:.1f} s"
+                         for worker in workers for key, seconds in worker.seconds.items()) or "nothing compiled"
+
     cache = Path(tempfile.mkdtemp(prefix="compiled-"))  # cold: nothing saved, Inductor's cache empty
     if time.monotonic() + 180 > deadline:
         rows.append(["torch.compile in the background (the default)", "not run (time budget)", "-"])
-    else:
-        try:
-            begin = time.monotonic()
-            pipe = ours.load_pipeline(folder, device, dtype, compile="background", compile_cache=cache)
-            setup = time.monotonic() - begin
-            worker = compiled_unet.of(pipe.unet)
-            during, uncompiled = [], None
-            while not worker.wait(0) and time.monotonic() < deadline:
-                milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job), device, runs=1,
-                                              warm_up=False)
-                during.append(milliseconds)
-                uncompiled = uncompiled or painted  # the first: surely before the take-up (the last may be after it)
-                time.sleep(0.05)  # as between requests: the worker checks its UNet on the GPU only between predictions
+        return rows
+    try:
+        begin = time.monotonic()
+        pipe = ours.load_pipeline(folder, device, dtype, compile="background", compile_cache=cache)
+        setup = time.monotonic() - begin
+        workers = ours.compiled_parts(pipe)
+        during, uncompiled, unet_at = [], None, None
+        while not all(worker.wait(0) for worker in workers) and time.monotonic() < deadline:
+            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job), device, runs=1,
+                                          warm_up=False)
+            during.append(milliseconds)
+            uncompiled = uncompiled or painted  # the first: surely before the take-up (the last may be after it)
+            if unet_at is None and workers[0].wait(0):
+                unet_at = time.monotonic() - begin
+            time.sleep(0.05)  # as between requests: the worker checks its parts on the GPU only between predictions
+        for worker in workers:
             worker.wait()
-            took = ", ".join(f"{'x'.join(map(str, key[0]))} {worker.sources[key]} in {seconds:.0f} s"
-                             for key, seconds in worker.seconds.items()) or f"nothing compiled: {worker.sources}"
-            if during:
-                add(f"compile=background (the default), while the worker compiles: {len(during)} predictions "
-                    f"(setup {setup:.0f} s; then {took})", statistics.median(during))
-            milliseconds, painted, stages = timed(pipe)
-            agreement = f"; PSNR {_psnr(uncompiled[0][0], painted[0][0]):.1f} dB against the first, uncompiled" if uncompiled else ""
-            add(f"compile=background, once predictions take the compiled UNet up (the default from then on{agreement}; "
-                f"stages, ms: {stages})", milliseconds)
-            begin = time.monotonic()  # the background one stays loaded: timed again below, after this one
-            later = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
-            setup = time.monotonic() - begin
-            worker = compiled_unet.of(later.unet)
-            milliseconds, _, stages = timed(later)
-            loaded = ", ".join(f"{worker.sources[key]} in {seconds:.1f} s" for key, seconds in worker.seconds.items())
-            add(f"compile=setup on a later start (saved compiled UNet: {loaded}; setup {setup:.0f} s; stages, ms: {stages})",
-                milliseconds)
-            del later, worker
-            ours.release_memory(device)
-            milliseconds, _, stages = timed(pipe)  # is the gap between the two rows above the pipeline's, or the moment's?
-            add(f"compile=background again, the same pipeline after the row above (stages, ms: {stages})", milliseconds)
-            del pipe
-            ours.release_memory(device)
-            torch.backends.cudnn.benchmark = True  # a candidate, measured before it joins the fast path
-            try:
-                tuned = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
-                milliseconds, _, stages = timed(tuned)
-            finally:
-                torch.backends.cudnn.benchmark = False
-            add(f"... + torch.backends.cudnn.benchmark (stages, ms: {stages})", milliseconds)
-            del tuned
-            ours.release_memory(device)
-            if time.monotonic() + 120 > deadline:
-                rows.append(["... + the VAE's encoder and decoder compiled", "not run (time budget)", "-"])
-            else:  # a candidate: the VAE runs outside the UNet's 50 steps, eagerly; compiled here, in this process
-                vae = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
-                vae.vae.encoder, vae.vae.decoder = torch.compile(vae.vae.encoder), torch.compile(vae.vae.decoder)
-                begin = time.monotonic()
-                ours.generate(vae, [image], [mask], job)
-                took = time.monotonic() - begin
-                milliseconds, _, stages = timed(vae)
-                add(f"... + the VAE's encoder and decoder compiled (torch.compile, in this process: {took:.0f} s; "
-                    f"stages, ms: {stages})", milliseconds)
-                del vae
-        except Exception as error:  # report it and keep the rest of the run
-            rows.append(["torch.compile in the background", f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
-            _progress("lever: " + " | ".join(rows[-1]))
+        if during:
+            add(f"compile=background (the default), while the worker compiles: {len(during)} predictions "
+                f"(setup {setup:.0f} s; then {sources(workers)}; the UNet ready {unet_at or 0:.0f} s after the start, "
+                f"everything {time.monotonic() - begin:.0f} s)", statistics.median(during))
+        milliseconds, painted, stages = timed(pipe)
+        agreement = f"; PSNR {_psnr(uncompiled[0][0], painted[0][0]):.1f} dB against the first, uncompiled" if uncompiled else ""
+        add(f"compile=background, once predictions take the compiled UNet and VAE up (the default from then on{agreement}; "
+            f"stages, ms: {stages})", milliseconds)
+        del pipe, workers
         ours.release_memory(device)
+        begin = time.monotonic()
+        later = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
+        setup = time.monotonic() - begin
+        milliseconds, _, stages = timed(later)
+        add(f"compile=setup on a later start (saved compiled parts: {sources(ours.compiled_parts(later))}; setup {setup:.0f} s; "
+            f"stages, ms: {stages})", milliseconds)
+        del later
+    except Exception as error:  # report it and keep the rest of the run
+        rows.append(["torch.compile in the background", f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
+        _progress("lever: " + " | ".join(rows[-1]))
+    ours.release_memory(device)
     return rows
 
 
@@ -821,7 +800,7 @@ def bench_startup(folder: Path, deadline: float) -> list[list[object]]:
     for label, env, cost in (("Cog server to READY (default; first start: sha256 of every weight file)", {}, 30),
                              ("... again (verified stamp in place)", {}, 30),
                              ("... with INPAINT_COMPILE=setup, nothing saved yet (compiles in setup)", setup, 90),
-                             ("... with INPAINT_COMPILE=setup again (loads the saved compiled UNet)", setup, 60)):
+                             ("... with INPAINT_COMPILE=setup again (loads the saved compiled UNet and VAE)", setup, 60)):
         if time.monotonic() + cost > deadline:
             rows.append([label, "not run (time budget)"])
         else:
@@ -929,6 +908,26 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
          + table(["configuration", "ms", "ratio"], levers))
 
 
+def run_compile_only(runs: int, budget: float) -> str:
+    """GPU: the default fast path uncompiled, then the compiled rows of the lever table (bench_compile)."""
+    from inpaint import pipeline as ours
+
+    started = time.monotonic()
+    device, dtype = ours.pick_device()
+    folder = build_full_size(CACHE / "full-size-weights", device=device)
+    fast = ours.load_pipeline(folder, device, dtype)
+    image, mask = _inputs(512)
+    baseline, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, 50)), device, runs)
+    rows = [["fast path uncompiled (the default until its compiled parts are ready)", f"{baseline:.0f}", "1.00"]]
+    _progress("lever: " + " | ".join(rows[-1]))
+    del fast
+    ours.release_memory(device)
+    rows += _section("compile", bench_compile, folder, device, dtype, runs, 50, baseline, started + budget) or []
+    _progress(f"whole run {time.monotonic() - started:.0f} s")
+    return (f"## Compiled rows only: {machine()}\n\n512x512 x1, 50 steps, guidance 7.5, DPMSolverMultistep, our prediction "
+            "path, median ms (ratio to the fast path uncompiled):\n\n" + table(["configuration", "ms", "ratio"], rows))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU measurements (load time, pre/post, safety)")
@@ -940,6 +939,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="GPU: only 512x512 x1 in the main table (a shorter rerun)")
     parser.add_argument("--parts", action="store_true",
                         help="GPU: the fast path's parts at 512/768/1024, and where a cold start goes")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="GPU: only the fast path uncompiled and the compiled rows (a shorter run)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
@@ -956,6 +957,8 @@ def main() -> int:
         report = run_cpu(args.runs)
     elif args.parts:
         report = run_parts(args.runs, args.tiny, args.budget)
+    elif args.compile_only:
+        report = run_compile_only(args.runs, args.budget)
     elif torch.cuda.is_available() or args.tiny:
         report = run_gpu(args.runs, args.tiny, args.quick, args.budget)
     else:

@@ -87,8 +87,8 @@ def load_pipeline(
     """Load the checkpoint from a local folder: safetensors only, no network, no safety checker here.
 
     The weights go straight to `device` (device_map), never through a copy in CPU memory first.
-    `compile` is a mode of config.COMPILE_MODES; with "setup" this returns once the 512x512 UNet is
-    compiled (or loaded from `compile_cache`) and recorded.
+    `compile` is a mode of config.COMPILE_MODES; with "setup" this returns once the 512x512 UNet and
+    VAE are compiled (or loaded from `compile_cache`) and the compiled UNet's CUDA graph is recorded.
     """
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         folder,
@@ -105,20 +105,31 @@ def load_pipeline(
         setattr(pipe.vae, name, _timed(getattr(pipe.vae, name), f"vae_{name}", device))
     pipe.text_encoder.forward = _timed(pipe.text_encoder.forward, "text_encode", device)
     if device.type == "cuda" and fast:
-        warm_up(pipe)  # its first UNet call asks the compile worker for the 512x512 UNet
-        worker = compiled.of(pipe.unet)
-        if compile == "setup" and worker is not None:
+        warm_up(pipe)  # its first calls ask the compile worker for the 512x512 UNet and VAE
+        workers = compiled_parts(pipe)
+        if compile == "setup" and workers:
             start = time.perf_counter()
-            worker.wait()
-            log.info("setup waited %.1f s for the compiled UNet", time.perf_counter() - start)
+            for worker in workers:
+                worker.wait()
+            log.info("setup waited %.1f s for the compiled UNet and VAE", time.perf_counter() - start)
             warm_up(pipe)  # records the compiled UNet's CUDA graph
     return pipe
+
+
+def _compiled_modules(pipe: StableDiffusionInpaintPipeline) -> tuple[torch.nn.Module, ...]:
+    """The modules the fast path compiles (inpaint/compiled.py), the UNet first."""
+    return pipe.unet, pipe.vae.decoder, pipe.vae.encoder
+
+
+def compiled_parts(pipe: StableDiffusionInpaintPipeline) -> list[compiled.CompiledForward]:
+    """The compiled parts' stand-ins (empty when nothing is compiled)."""
+    return [worker for worker in map(compiled.of, _compiled_modules(pipe)) if worker is not None]
 
 
 def warm_up(pipe: StableDiffusionInpaintPipeline, size: int = 512) -> float:
     """One short inpainting, so that setup pays for what the first prediction would otherwise pay:
     CUDA kernels loaded on first use, cuBLAS/cuDNN handles and the CUDA graph of the 512x512 UNet call
-    (its first UNet call also starts the compile worker on that shape).
+    (its first calls also ask the compile worker for the UNet and VAE at that shape).
     Returns its seconds."""
     start = time.perf_counter()
     image = Image.new("RGB", (size, size), (127, 127, 127))
@@ -142,11 +153,11 @@ def optimize(
 
     None of these changes what is computed beyond fp16 rounding (the bench checks agreement with
     plain diffusers): fp16 weights loaded straight to the GPU (load_pipeline), SDPA attention
-    (diffusers' default), the UNet compiled in the background (inpaint/compiled.py; each prediction
-    takes it up once it is ready and checked against the eager UNet), the UNet's call replayed as a
-    CUDA graph (inpaint/cudagraphs.py: the same kernels, launched at once instead of one by one from
-    Python), a channels_last UNet, and a VAE
-    that decodes a batch one image at a time (a lower peak memory: 4 outputs at 1024x1024 in 16 GB).
+    (diffusers' default), the UNet and the VAE's encoder and decoder compiled in the background
+    (inpaint/compiled.py; each prediction takes them up once they are ready and checked against the
+    eager ones), the UNet's call replayed as a CUDA graph (inpaint/cudagraphs.py: the same kernels,
+    launched at once instead of one by one from Python), a channels_last UNet, and a VAE that
+    decodes a batch one image at a time (a lower peak memory: 4 outputs at 1024x1024 in 16 GB).
     Measured on an H100 (bench/RESULTS.md, "Fast path parts"), at 512x512 / 1024x1024, 50 steps:
     CUDA graphs 1394 -> 589 / 2281 -> 2144 ms; channels_last pays in the UNet at 512x512 (613 -> 543 ms
     of denoising) and costs a little at 1024x1024 (1814 -> 1937 ms), so the UNet keeps it (512x512 is
@@ -168,8 +179,10 @@ def apply_fast_path(
     the CPU, where `optimize` leaves them out; the CUDA graphs pass CPU calls straight through)."""
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.enable_slicing()
-    if compile != "off":  # the module stays itself (config, components); its forward is routed
+    if compile != "off":  # the modules stay themselves (config, components); their forward is routed
         compiled.use_compiled(pipe.unet, compile_cache)
+        for part in ("decoder", "encoder"):
+            compiled.use_compiled(getattr(pipe.vae, part), compile_cache, part=f"vae.{part}", config=pipe.vae.config)
     if cuda_graphs:
         cudagraphs.use_cuda_graphs(pipe.unet)
 
@@ -228,8 +241,8 @@ def generate(
     token = _stages.set(stages)
     start = time.perf_counter()
     try:
-        # The compiled UNets ready by now are taken up for the whole prediction; the worker waits.
-        with torch.inference_mode(), compiled.prediction(pipe.unet):
+        # The compiled parts ready by now are taken up for the whole prediction; the worker waits.
+        with torch.inference_mode(), compiled.prediction(*_compiled_modules(pipe)):
             result = run(
                 prompt=[job.prompt] * count,
                 negative_prompt=[job.negative_prompt] * count if job.negative_prompt else None,

@@ -50,27 +50,47 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("compiled")
 
 
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def first_start(tiny_weights, cache_dir):
-    """A pipeline whose first prediction asked for the compiled UNet, and that prediction's images."""
+    """A pipeline whose first prediction asked for the compiled UNet and VAE, that prediction's images,
+    and what the worker logged until every part was ready (the parts' compiles end with the module)."""
     plain = _run(pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32))
-    pipe = _pipe(tiny_weights, cache_dir)
-    first = _run(pipe)
-    return pipe, plain, first
+    logger, messages = logging.getLogger("inpaint.compiled"), _Messages()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(messages)
+    try:
+        pipe = _pipe(tiny_weights, cache_dir)
+        first = _run(pipe)
+        yield pipe, plain, first, messages.messages
+        for worker in pipeline.compiled_parts(pipe):
+            assert worker.wait(WAIT)
+    finally:
+        logger.removeHandler(messages)
+        logger.setLevel(level)
 
 
 def test_a_prediction_asks_for_the_compiled_unet_and_does_not_wait(first_start):
-    pipe, plain, first = first_start
+    pipe, plain, first, _ = first_start
     worker = compiled.of(pipe.unet)
     assert isinstance(pipe.unet.forward, cudagraphs.GraphedForward) and pipe.unet.forward.eager is worker
     assert len(worker.requested) == 1 and not worker.adopted  # the first prediction ran uncompiled
     (key,) = worker.requested
-    assert key[0] == (4, 9, 8, 8)  # two outputs of 64x64 pixels, doubled by classifier-free guidance
+    assert key[0][0] == (4, 9, 8, 8)  # two outputs of 64x64 pixels, doubled by classifier-free guidance
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, first))  # channels_last: rounding
 
 
 def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_start, cache_dir):
-    pipe, plain, _ = first_start
+    pipe, plain, _, _ = first_start
     worker = compiled.of(pipe.unet)
     during = 0
     while not worker.wait(0.2):  # the compile runs in a child process, so nothing here is disturbed
@@ -88,8 +108,28 @@ def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_star
     assert [path.suffix for path in cache_dir.glob("unet-*")] == [".aot"]
 
 
+def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(first_start, cache_dir):
+    pipe, plain, _, messages = first_start
+    workers = pipeline.compiled_parts(pipe)
+    assert [worker.part for worker in workers] == ["unet", "vae.decoder", "vae.encoder"]
+    assert all(worker.wait(WAIT) for worker in workers)
+    assert [list(worker.sources.values()) for worker in workers] == [["compiled"]] * 3
+    done = [message.split(" compiled in ")[0] for message in messages if " compiled in " in message]
+    assert done == ["UNet for latents 4x9x8x8", "VAE decoder for latents 1x4x8x8", "VAE encoder for images 1x3x64x64"]
+    counting = []
+    for worker in workers:
+        worker.adopt()
+        (key,) = worker.adopted
+        counting.append(_Counting(worker.adopted[key]))
+        worker.adopted[key] = counting[-1]
+    painted = _run(pipe)
+    assert [count.calls for count in counting] == [4, 2, 1]  # 4 steps; each output decoded apart; one image encoded
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, painted))
+    assert sorted(path.name.rsplit("-", 1)[0] for path in cache_dir.glob("*.aot")) == ["unet", "vae-decoder", "vae-encoder"]
+
+
 def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir, caplog):
-    pipe, plain, _ = first_start
+    pipe, plain, _, _ = first_start
     assert compiled.of(pipe.unet).wait(WAIT)  # saved by the first start
     later = _pipe(tiny_weights, cache_dir)
     with caplog.at_level(logging.INFO, logger="inpaint.compiled"):
@@ -102,7 +142,7 @@ def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir
 
 
 def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, tiny_weights, cache_dir):
-    pipe, _, first = first_start
+    pipe, _, first, _ = first_start
     assert compiled.of(pipe.unet).wait(WAIT)
     later = _pipe(tiny_weights, cache_dir)
     _run(later)
@@ -112,15 +152,14 @@ def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, ti
     (key,) = worker.adopted
     calls = worker.adopted[key] = _Counting(worker.adopted[key])
     with torch.inference_mode():  # what cudagraphs does when the compiled UNet's graph cannot be recorded
-        sample = torch.empty_strided(key[0], key[1]).normal_()
-        worker.reject(sample, torch.tensor(500), torch.randn(key[4]))
+        worker.reject(*compiled._example(key))
     assert not worker.adopted and worker.sources[key] == "failed"
     assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled again
     assert calls.calls == 0 and worker._pending == 0
 
 
 def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_start, tiny_weights, cache_dir, caplog, monkeypatch):
-    pipe, _, first = first_start
+    pipe, _, first, _ = first_start
     assert compiled.of(pipe.unet).wait(WAIT)
     monkeypatch.setattr(compiled, "MAX_RELATIVE_ERROR", -1.0)  # any difference at all is too much
     later = _pipe(tiny_weights, cache_dir)
@@ -135,7 +174,7 @@ def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_star
 
 
 def test_a_damaged_saved_unet_is_compiled_again(first_start, tiny_weights, cache_dir, caplog):
-    pipe, plain, _ = first_start
+    pipe, plain, _, _ = first_start
     assert compiled.of(pipe.unet).wait(WAIT)
     (saved,) = cache_dir.glob("unet-*.aot")
     saved.write_bytes(b"not a compiled function")
@@ -282,15 +321,18 @@ def _run_at_512(pipe) -> list[np.ndarray]:
 
 
 @pytest.mark.gpu
-def test_on_the_gpu_the_graphs_are_recorded_again_from_the_compiled_unet(tiny_weights, tmp_path):
+def test_on_the_gpu_the_graphs_are_recorded_again_from_the_compiled_unet_and_the_vae_is_compiled_too(tiny_weights, tmp_path):
     device = torch.device("cuda")
     eager = _run_at_512(pipeline.load_pipeline(tiny_weights, device, torch.float16, cuda_graphs=False))
     pipe = pipeline.load_pipeline(tiny_weights, device, torch.float16, compile="background", compile_cache=tmp_path)
-    worker = compiled.of(pipe.unet)
-    (key,) = worker.requested  # setup's warm-up asked for 512x512
+    workers = pipeline.compiled_parts(pipe)
+    key = next(iter(workers[0].requested))  # setup's warm-up asked for 512x512
+    assert [len(worker.requested) for worker in workers] == [1, 1, 1]
     before = _run_at_512(pipe)
-    assert worker.wait(WAIT) and worker.sources == {key: "compiled"}
+    assert all(worker.wait(WAIT) for worker in workers)
+    assert [list(worker.sources.values()) for worker in workers] == [["compiled"]] * 3
     after = _run_at_512(pipe)
-    assert [graph_key[-1] for graph_key in pipe.unet.forward.graphs if graph_key[0] == key[0]] == [True]  # re-recorded
+    assert all(worker.adopted for worker in workers)
+    assert [graph_key[-1] for graph_key in pipe.unet.forward.graphs if graph_key[0] == key[0][0]] == [True]  # re-recorded
     for images in (before, after):
         assert all(np.abs(a - b).max() <= 2 for a, b in zip(eager, images))
