@@ -11,7 +11,7 @@ Modules, one concern each:
   safety       the safety checker: per-output flags, never an exception for content
   pipeline     load the model components and run one inpainting; the GPU fast path (optimize)
   cudagraphs   the UNet's call replayed as a CUDA graph per working shape (part of the fast path)
-  compiled     the UNet compiled per working shape in the background, saved for later starts (fast path)
+  compiled     the UNet and VAE compiled per working shape in the background, saved for later starts (fast path)
   service      one prediction end to end: files in, files and metrics out
   startup      setup's work in the quickest order: weights read while the libraries import, GC paused
 

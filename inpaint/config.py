@@ -36,12 +36,13 @@ class Settings:
     fast_path: bool = True
     # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/cudagraphs.py).
     cuda_graphs: bool = True
-    # torch.compile of the UNet, part of the fast path (inpaint/compiled.py; 591 -> 403 ms at 512x512 on an
-    # H100, but 40-56 s of compiling per working shape). "background": a child process compiles each working
-    # shape and predictions switch to it once it is loaded and checked; "setup": as background, but setup also
-    # waits for the 512x512 one, so READY comes later and the first prediction is compiled; "off": never.
+    # torch.compile of the UNet and the VAE's encoder and decoder, part of the fast path (inpaint/compiled.py;
+    # 606 -> 372 ms at 512x512 on an H100, but 85 + 2 x 35 s of compiling per working shape). "background": a
+    # child process compiles each part at each working shape, the UNet first, and predictions switch to it
+    # once it is loaded and checked; "setup": as background, but setup also waits for the 512x512 parts, so
+    # READY comes later and the first prediction is compiled; "off": never.
     compile: str = "background"
-    # Where compiled UNets and Inductor's cache are kept, so that a later start loads instead of compiling.
+    # Where compiled parts and Inductor's cache are kept, so that a later start loads instead of compiling.
     compile_cache: Path = REPO_ROOT / ".cache" / "compiled"
 
     def __post_init__(self) -> None:
