@@ -62,8 +62,8 @@ class CompiledForward:
 
     As is, for the VAE's encoder and decoder (one tensor in, one out); CompiledUNet has the UNet's call."""
 
-    def __init__(self, module: torch.nn.Module, cache_dir: Path | None = None, max_shapes: int = MAX_SHAPES,
-                 part: str = "unet", config: dict | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, part: str, cache_dir: Path | None = None, max_shapes: int = MAX_SHAPES,
+                 config: dict | None = None) -> None:
         if part not in PARTS:
             raise ValueError(f"part {part!r} must be one of {', '.join(PARTS)}")
         self.module = module
@@ -211,6 +211,9 @@ class CompiledForward:
 
 class CompiledUNet(CompiledForward):
     """Stands in for `unet.forward`: the UNet's own call (its output a tuple or a UNet2DConditionOutput)."""
+
+    def __init__(self, unet: torch.nn.Module, cache_dir: Path | None = None, max_shapes: int = MAX_SHAPES) -> None:
+        super().__init__(unet, "unet", cache_dir, max_shapes)
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args: Any, return_dict: bool = True, **kwargs: Any):
         if not args and plain_kwargs(kwargs):
@@ -413,8 +416,10 @@ def use_compiled(module: torch.nn.Module, cache_dir: Path | None = None, part: s
                  **limits: int) -> CompiledForward:
     """Route `module(...)` through a CompiledForward (the module, its config and weights stay as they are).
     `part` says which (PARTS); the VAE's parts take the VAE's `config`, which the child builds them from."""
-    kind = CompiledUNet if part == "unet" else CompiledForward
-    compiled = kind(module, cache_dir, part=part, config=config, **limits)
+    if part == "unet":
+        compiled = CompiledUNet(module, cache_dir, **limits)
+    else:
+        compiled = CompiledForward(module, part, cache_dir, config=config, **limits)
     module.forward = compiled
     return compiled
 

@@ -278,11 +278,19 @@ def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weight
     assert not full.requested  # past the limit of shapes: eager for good
 
 
+def test_only_the_unet_and_the_vaes_parts_are_compiled():
+    module = torch.nn.Linear(2, 2)
+    forward = module.forward
+    with pytest.raises(ValueError, match="part 'text_encoder' must be one of unet, vae.decoder, vae.encoder"):
+        compiled.use_compiled(module, part="text_encoder", config={})
+    assert module.forward == forward
+
+
 def test_an_unusable_cache_folder_falls_back_to_a_temporary_one(tiny_weights, tmp_path, caplog):
     blocked = tmp_path / "a file"
     blocked.write_text("not a folder")
     with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        worker = compiled.CompiledForward(_unet(tiny_weights, "cpu"), blocked / "compiled")
+        worker = compiled.CompiledUNet(_unet(tiny_weights, "cpu"), blocked / "compiled")
     assert worker.cache_dir.is_dir() and worker.cache_dir.name.startswith("inpaint-compiled-")
     assert "cannot be kept in" in caplog.text and "kept for this process only" in caplog.text
 
