@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,10 +331,10 @@ def _timeline(function, activities, categories: tuple[str, ...]) -> tuple[float,
         profiler.export_chrome_trace(str(trace))
         events = [event for event in json.loads(trace.read_text())["traceEvents"]
                   if event.get("ph") == "X" and event.get("cat") in categories]
-    by_name: dict[str, float] = {}
+    by_name: Counter[str] = Counter()
     for event in events:
-        by_name[event.get("name", "?")] = by_name.get(event.get("name", "?"), 0.0) + event.get("dur", 0) / 1000
-    heaviest = sorted(by_name.items(), key=lambda item: -item[1])
+        by_name[event.get("name", "?")] += event.get("dur", 0) / 1000
+    heaviest = by_name.most_common()
     intervals = sorted((event["ts"], event["ts"] + event.get("dur", 0)) for event in events)
     if not intervals:
         return 0.0, 0.0, [], []
