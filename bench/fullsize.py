@@ -79,8 +79,7 @@ def _random_models(safety_checker: bool) -> dict[str, torch.nn.Module]:
 
 def size_report(folder: Path) -> list[tuple[str, int, int | None]]:
     """(file, our size, published size) for every fp16 weight file."""
-    published = {path: entry["size"] for path, entry in PUBLISHED.items()}
-    published["safety_checker/model.fp16.safetensors"] = PUBLISHED_SAFETY["safety_checker/pytorch_model.fp16.safetensors"]["size"]
+    published = {path: entry["size"] for path, entry in {**PUBLISHED, **PUBLISHED_SAFETY}.items() if not path.startswith("_")}
     rows = []
     for path in sorted(folder.rglob("*.fp16.safetensors")):
         relative = path.relative_to(folder).as_posix()

@@ -13,6 +13,7 @@ Modules, one concern each:
   cudagraphs   the UNet's call replayed as a CUDA graph per working shape (part of the fast path)
   compiled     the UNet and VAE compiled per working shape in the background, saved for later starts (fast path)
   service      one prediction end to end: files in, files and metrics out
+  environment  what the container runs on: Cog's server version, the NVIDIA driver (checked at setup)
   startup      setup's work in the quickest order: weights read while the libraries import, GC paused
 
 Nothing here imports torch or touches the network at import time of this file.

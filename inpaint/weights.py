@@ -31,21 +31,26 @@ MANIFEST_NAME = "weights-sha256.json"
 STAMP_NAME = ".verified.json"
 PACKAGE_MANIFEST = Path(__file__).with_name(MANIFEST_NAME)
 SAFETY_MANIFEST = Path(__file__).with_name("safety-checker-sha256.json")
+# The file names the two source repositories really hold, from their public tree listings at the
+# pinned revisions: tests build their stand-in hub from this, never from the names below.
+REMOTE_LAYOUT = Path(__file__).with_name("remote-layout.json")
 VARIANT = "fp16"
-# The checker's fp16 file as published (runwayml SD 1.5 layout) -> where it lives here, named so that
+# The checker's fp16 file: the same name in stable-diffusion-v1-5's safety_checker/ and here, where
 # transformers' `variant="fp16"` finds it.
-SAFETY_REMOTE = "safety_checker/pytorch_model.fp16.safetensors"
-SAFETY_LOCAL = "safety_checker/model.fp16.safetensors"
-# The files of the checkpoint this project loads: fp16 weights, configs, tokenizer.
-DOWNLOAD_PATTERNS = (
+SAFETY_WEIGHTS = "safety_checker/model.fp16.safetensors"
+SAFETY_CONFIG = "safety_checker/config.json"
+# The checkpoint's files this project loads besides the weights: configs, tokenizer, feature extractor.
+CONFIG_FILES = (
     "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "feature_extractor/*.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "feature_extractor/preprocessor_config.json",
     "unet/config.json",
     "vae/config.json",
     "text_encoder/config.json",
-    f"*.{VARIANT}.safetensors",
 )
 _FIX = "run script/download-weights (or set COG_WEIGHTS to a folder or URL holding the checkpoint)"
 
@@ -62,7 +67,7 @@ def read_manifest(folder: Path) -> dict[str, dict]:
     else:
         published = json.loads(PACKAGE_MANIFEST.read_text())
         entries = {path: entry for path, entry in published.items() if f".{VARIANT}." in path}
-        entries[SAFETY_LOCAL] = json.loads(SAFETY_MANIFEST.read_text())[SAFETY_REMOTE]
+        entries.update(json.loads(SAFETY_MANIFEST.read_text()))
     return {path: entry for path, entry in entries.items() if not path.startswith("_")}
 
 
@@ -93,7 +98,7 @@ def verify_weights(folder: Path, *, force: bool = False, safety_checker: bool = 
     for relative, entry in sorted(manifest.items()):
         path = folder / relative
         if not path.is_file():
-            hint = " (or set INPAINT_SAFETY_CHECKER=0 to run without the checker)" if relative == SAFETY_LOCAL else ""
+            hint = " (or set INPAINT_SAFETY_CHECKER=0 to run without the checker)" if relative == SAFETY_WEIGHTS else ""
             raise WeightsError(f"weight file {relative} is missing from {folder}; {_FIX}{hint}")
         stat = path.stat()
         if stat.st_size != entry["size"]:
@@ -117,28 +122,54 @@ def verify_weights(folder: Path, *, force: bool = False, safety_checker: bool = 
         pass  # a read-only folder is fine: it is simply hashed again next time
 
 
+def download_plan(settings: Settings) -> list[tuple[str, str, str, list[str]]]:
+    """(setting prefix, repository, revision, files) for each source: exactly the files this project
+    loads, by their names in the source repositories."""
+    published = sorted(path for path in json.loads(PACKAGE_MANIFEST.read_text()) if f".{VARIANT}." in path)
+    plan = [("INPAINT_WEIGHTS", settings.weights_repo, settings.weights_revision, [*CONFIG_FILES, *published])]
+    if settings.safety_checker:
+        plan.append(("INPAINT_SAFETY", settings.safety_repo, settings.safety_revision, [SAFETY_CONFIG, SAFETY_WEIGHTS]))
+    return plan
+
+
 def download_checkpoint(settings: Settings, dest: Path) -> Path:
     """Download the checkpoint's fp16 files (and the safety checker's) from the Hugging Face hub, then verify all."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download
 
     dest.mkdir(parents=True, exist_ok=True)
-    repo, revision = settings.weights_repo, settings.weights_revision
-    try:
-        log.info("downloading %s@%s into %s", repo, revision, dest)
-        snapshot_download(repo_id=repo, revision=revision, local_dir=dest, allow_patterns=list(DOWNLOAD_PATTERNS))
-        if settings.safety_checker:
-            repo, revision = settings.safety_repo, settings.safety_revision
-            log.info("downloading the safety checker from %s@%s", repo, revision)
-            hf_hub_download(repo, "safety_checker/config.json", revision=revision, local_dir=dest)
-            fetched = hf_hub_download(repo, SAFETY_REMOTE, revision=revision, local_dir=dest)
-            os.replace(fetched, dest / SAFETY_LOCAL)
-    except Exception as error:  # the hub client raises many types (HTTP, offline, auth); all mean the same here
-        raise WeightsError(
-            f"could not download {repo}@{revision} ({type(error).__name__}: {error}); check the network, "
-            f"or set INPAINT_WEIGHTS_REPO / INPAINT_SAFETY_REPO and their _REVISION, or put the checkpoint in {dest}"
-        ) from error
+    for prefix, repo, revision, files in download_plan(settings):
+        log.info("downloading %d files of %s at revision %s into %s", len(files), repo, revision, dest)
+
+        def fetch(relative: str) -> None:
+            try:
+                hf_hub_download(repo, relative, revision=revision, local_dir=dest)
+            except Exception as error:  # the hub client raises many types (HTTP, offline, auth); all mean the same here
+                raise WeightsError(_download_failed(prefix, repo, revision, relative, error, dest)) from error
+
+        # A few at a time: the large files download side by side; the first failure is the one reported.
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="download") as pool:
+            futures = [pool.submit(fetch, relative) for relative in files]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     verify_weights(dest, force=True, safety_checker=settings.safety_checker)
     return dest
+
+
+def _download_failed(prefix: str, repo: str, revision: str, relative: str, error: Exception, dest: Path) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    remedy = (
+        f"check the network and HF_TOKEN, or set {prefix}_REPO and {prefix}_REVISION to a source that holds "
+        f"it (with a matching manifest in inpaint/)"
+    )
+    if prefix == "INPAINT_SAFETY":
+        remedy += ", or turn the safety checker off with INPAINT_SAFETY_CHECKER=0"
+    else:
+        remedy += f", or put the checkpoint in {dest}"
+    return f"could not download {relative} from {repo} at revision {revision} ({type(error).__name__}: {reason}); {remedy}"
 
 
 def download_tar(url: str, cache_root: Path) -> Path:
@@ -191,7 +222,7 @@ def resolve_weights_ahead(weights: str | os.PathLike | None, settings: Settings)
     (download, sha256, reads; none of it holds Python's lock) runs while the imports do."""
     # What a download imports is imported here, so the thread imports nothing: two threads importing
     # modules that import each other can deadlock on the import locks (diffusers imports it anyway).
-    from huggingface_hub import hf_hub_download, snapshot_download  # noqa: F401
+    from huggingface_hub import hf_hub_download  # noqa: F401
 
     def resolve_and_read() -> Path:
         folder = resolve_weights(weights, settings)

@@ -1,7 +1,14 @@
-"""A local stand-in for the Hugging Face hub's HTTP API, serving folders from disk on 127.0.0.1.
+"""A local stand-in for the Hugging Face hub's HTTP API on 127.0.0.1, laid out as the real one is.
 
-Enough of the protocol for huggingface_hub's snapshot_download and hf_hub_download: repo info,
-the recursive tree listing, and HEAD/GET on resolve URLs with the commit and ETag headers.
+Its repositories, revisions and file names come from inpaint/remote-layout.json, a copy of what the
+real repositories' public tree listings show (../shared/reference/remote-layout.json), never from the
+names the code under test asks for. Each repository answers only at its pinned revision and only for
+the names the layout lists; any other name is a 404, as on the real hub, and is recorded in
+`unknown` so that a test can fail on it. A file's bytes come from a local folder when it holds the
+same name (the tiny test weights), else they are filler (files this project never needs).
+
+Enough of the protocol for huggingface_hub's hf_hub_download and snapshot_download: repo info, the
+recursive tree listing, and HEAD/GET on resolve URLs with the commit and ETag headers.
 """
 
 from __future__ import annotations
@@ -13,13 +20,28 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LAYOUT = Path(__file__).resolve().parent.parent / "inpaint" / "remote-layout.json"
+
+
+def remote_files(entry: dict) -> list[str]:
+    """The file names a layout entry lists (its 'known' lists, whatever their exact key)."""
+    return sorted({name for key, names in entry.items() if key.startswith("known") for name in names})
 
 
 class FakeHub:
-    def __init__(self, repos: dict[str, Path]) -> None:
-        self.repos = repos
+    def __init__(self, contents: dict[str, Path], layout: Path = LAYOUT) -> None:
+        """contents: repository id -> a local folder whose files of the same names are served."""
+        described = {repo: entry for repo, entry in json.loads(layout.read_text()).items() if not repo.startswith("_")}
+        self.repos: dict[str, tuple[str, dict[str, bytes]]] = {}
+        for repo, entry in described.items():
+            folder = contents.get(repo)
+            files = {}
+            for name in remote_files(entry):
+                local = folder / name if folder else None
+                files[name] = local.read_bytes() if local and local.is_file() else f"filler for {repo}/{name}".encode()
+            self.repos[repo] = (entry["revision"], files)
         self.requests: list[str] = []
+        self.unknown: list[str] = []  # requests for a file, revision or repository the real hub does not have
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -38,33 +60,42 @@ class FakeHub:
             def _json(self, value):
                 self._send(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
 
+            def _missing(self, code: str, what: str, head: bool, count: bool = True):
+                if count:
+                    hub.unknown.append(what)
+                return self._send(404, f"{code}: {what}".encode(), {"X-Error-Code": code}, head)
+
             def _route(self, head: bool):
                 path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
                 hub.requests.append(f"{self.command} {path}")
-                for repo, folder in hub.repos.items():
-                    files = sorted(p for p in folder.rglob("*") if p.is_file())
-                    if path.startswith(f"/api/models/{repo}/revision/"):
-                        siblings = [{"rfilename": p.relative_to(folder).as_posix()} for p in files]
-                        return self._json({"id": repo, "sha": COMMIT, "siblings": siblings})
-                    if path.startswith(f"/api/models/{repo}/tree/"):
-                        return self._json([
-                            {"type": "file", "path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
-                             "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
-                            for p in files
-                        ])
+                for repo, (revision, files) in hub.repos.items():
+                    for api in (f"/api/models/{repo}/revision/", f"/api/models/{repo}/tree/"):
+                        if path.startswith(api):
+                            asked = path[len(api):].split("/", 1)[0]
+                            if asked != revision:
+                                return self._missing("RevisionNotFound", f"{repo}@{asked}", head)
+                            if "/tree/" in api:
+                                return self._json([
+                                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                                    for name, data in files.items()
+                                ])
+                            return self._json({"id": repo, "sha": revision, "siblings": [{"rfilename": n} for n in files]})
                     prefix = f"/{repo}/resolve/"
                     if path.startswith(prefix):
-                        relative = path[len(prefix):].split("/", 1)[1]
-                        target = folder / relative
-                        if not target.is_file():
-                            return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, head)
-                        data = target.read_bytes()
+                        asked, _, relative = path[len(prefix):].partition("/")
+                        if asked != revision:
+                            return self._missing("RevisionNotFound", f"{repo}@{asked}", head)
+                        if relative not in files:
+                            return self._missing("EntryNotFound", f"{repo}/{relative}", head)
+                        data = files[relative]
                         return self._send(200, data, {
-                            "X-Repo-Commit": COMMIT,
+                            "X-Repo-Commit": revision,
                             "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                             "Content-Type": "application/octet-stream",
                         }, head)
-                return self._send(404, b"not found", {"X-Error-Code": "RepoNotFound"}, head)
+                if "/resolve/" in path or path.startswith("/api/models/"):
+                    return self._missing("RepoNotFound", path, head)
+                return self._missing("NotFound", path, head, count=False)  # the client's other calls (e.g. telemetry)
 
             def do_GET(self):
                 self._route(head=False)

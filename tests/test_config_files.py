@@ -59,6 +59,8 @@ def test_torch_pin_is_in_cogs_compatibility_table():
         if row["Torch"].split("+")[0] == torch_pin and row["CUDA"] and python in row["Pythons"]
     ]
     assert cuda_rows, f"torch=={torch_pin} with Python {python} is not in Cog's table: cog build needs build.cuda"
+    cuda = yaml.safe_load((ROOT / "cog.yaml").read_text())["build"]["cuda"]
+    assert cuda in {row["CUDA"] for row in cuda_rows}, f"Cog has no torch=={torch_pin} build for CUDA {cuda}"
     known = sorted({tuple(int(p) for p in row["Torch"].split("+")[0].split(".")) for row in table})
     assert known[-1] == tuple(int(p) for p in torch_pin.split(".")), "torch is not the newest version Cog knows"
 
@@ -68,6 +70,41 @@ def test_openapi_schema_is_up_to_date():
         [sys.executable, str(ROOT / "script" / "generate-schema"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def _go_form(value):
+    """A schema as the Go CLI writes it at `cog build` (pkg/image/build.go): floats that are whole
+    numbers come out as integers (Go's encoding/json writes a float64 1.0 as 1)."""
+    if isinstance(value, dict):
+        return {key: _go_form(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_go_form(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def test_the_schema_as_cog_build_rewrites_it_passes_the_staleness_check(tmp_path):
+    """`cog build` rewrites .cog/openapi_schema.json compactly, with the CLI's version and 1.0 as 1:
+    the same meaning, so the check passes; a changed bound still fails it."""
+    committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    go = _go_form({**committed, "info": {**committed["info"], "version": "0.23.1-cli"}})
+    assert go["components"]["schemas"]["Input"]["properties"]["strength"]["default"] == 1  # was 1.0
+    rewritten = tmp_path / "openapi_schema.json"
+    rewritten.write_text(json.dumps(go, separators=(",", ":")))
+    check = [sys.executable, str(ROOT / "script" / "generate-schema"), "--check", "--file", str(rewritten)]
+    result = subprocess.run(check, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    go["components"]["schemas"]["Input"]["properties"]["strength"]["maximum"] = 2
+    rewritten.write_text(json.dumps(go, separators=(",", ":")))
+    result = subprocess.run(check, capture_output=True, text=True)
+    assert result.returncode == 1 and "out of date: run script/generate-schema" in result.stderr
+
+
+def test_cog_build_leftovers_are_ignored_by_git():
+    """`cog build` leaves .cog/cog.lock in the checkout; the tree stays clean."""
+    result = subprocess.run(["git", "check-ignore", "-q", ".cog/cog.lock"], cwd=ROOT)
+    assert result.returncode == 0
 
 
 def test_openapi_schema_has_replicates_inputs():

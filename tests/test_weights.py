@@ -179,101 +179,151 @@ def test_settings_parse_booleans_and_numbers():
 
 # ---------------------------------------------------------------- downloads, against a local hub
 
+SD2_REPO = "sd2-community/stable-diffusion-2-inpainting"
+SAFETY_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_the_layout_copy_is_the_reference_one():
+    reference = ROOT.parent / "shared" / "reference" / "remote-layout.json"
+    if not reference.is_file():
+        pytest.skip("../shared/reference is not beside this checkout")
+    assert json.loads(weights_module.REMOTE_LAYOUT.read_text()) == json.loads(reference.read_text())
+
+
+def test_every_file_the_download_asks_for_exists_in_the_real_repositories_at_the_pinned_revisions():
+    from fakehub import remote_files
+
+    layout = json.loads(weights_module.REMOTE_LAYOUT.read_text())
+    plan = weights_module.download_plan(Settings())
+    assert [(repo, revision) for _, repo, revision, _ in plan] == [
+        (SD2_REPO, "5f74973cbb64c8568780732c17f43eb269d63a0d"),
+        (SAFETY_REPO, "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"),
+    ]
+    for _, repo, revision, files in plan:
+        assert layout[repo]["revision"] == revision
+        assert set(files) <= set(remote_files(layout[repo])), set(files) - set(remote_files(layout[repo]))
+    # Every weight file fetched is one the manifests vouch for, under the same name.
+    assert {f for _, _, _, files in plan for f in files if f.endswith(".safetensors")} == set(read_manifest(Path("/nonexistent")))
+
 
 @pytest.fixture
-def hub(tiny_weights, tmp_path):
-    """The tiny checkpoint served as two hub repositories, laid out as the real ones are."""
+def hub(tiny_weights):
+    """The two source repositories as the real hub lays them out, holding the tiny checkpoint's bytes."""
     from fakehub import FakeHub
 
-    sd2 = tmp_path / "repos" / "sd2"
-    shutil.copytree(tiny_weights, sd2, ignore=shutil.ignore_patterns("safety_checker", "weights-sha256.json", ".verified.json"))
-    (sd2 / "README.md").write_text("model card")
-    (sd2 / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"an fp32 file this project never downloads")
-    sd15 = tmp_path / "repos" / "sd15" / "safety_checker"
-    sd15.mkdir(parents=True)
-    shutil.copyfile(tiny_weights / "safety_checker" / "model.fp16.safetensors", sd15 / "pytorch_model.fp16.safetensors")
-    shutil.copyfile(tiny_weights / "safety_checker" / "config.json", sd15 / "config.json")
-    server = FakeHub({"test/sd2": sd2, "test/sd15": sd15.parent})
+    server = FakeHub({SD2_REPO: tiny_weights, SAFETY_REPO: tiny_weights})
     yield server
     server.close()
+
+
+def _hub_env(hub, tmp_path, **settings) -> dict:
+    """The environment of a process that talks to `hub`: huggingface_hub reads HF_ENDPOINT at import."""
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(tmp_path / "hf-home"), **settings}
+
+
+def _with_tiny_manifests(tiny_weights, tmp_path) -> str:
+    """Python lines that point the packaged manifests at the tiny checkpoint's hashes, which stand in for
+    the published ones (the real files' bytes are not on this machine)."""
+    tiny = json.loads((tiny_weights / "weights-sha256.json").read_text())
+    published = tmp_path / "published.json"
+    published.write_text(json.dumps({path: entry for path, entry in tiny.items() if not path.startswith(("_", "safety"))}))
+    safety = tmp_path / "published-safety.json"
+    safety.write_text(json.dumps({path: entry for path, entry in tiny.items() if path.startswith("safety")}))
+    return f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from inpaint import weights
+weights.PACKAGE_MANIFEST = Path({str(published)!r})
+weights.SAFETY_MANIFEST = Path({str(safety)!r})
+"""
 
 
 def _weight_files(folder: Path) -> set[str]:
     return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and ".cache" not in path.parts}
 
 
-def test_download_weights_fetches_the_fp16_layout_and_rejects_files_that_are_not_the_published_ones(hub, tmp_path):
-    """script/download-weights, end to end against a hub on 127.0.0.1: the right files land in place,
-    and since these are not the published weights, the sha256 manifest rejects them with a clear message."""
+def _download_weights(env: dict, dest: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    """script/download-weights --dest DEST as a user runs it, or run in a process that ran `prelude` first."""
+    script = ROOT / "script" / "download-weights"
+    command = [str(script), "--dest", str(dest)]
+    if prelude:
+        command = [sys.executable, "-c", prelude + f"""
+import runpy
+sys.path.insert(0, {str(script.parent)!r})
+sys.argv = {command!r}
+runpy.run_path({str(script)!r}, run_name="__main__")
+"""]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_download_weights_from_the_real_layout_succeeds_end_to_end(hub, tiny_weights, tmp_path):
+    """script/download-weights with its default sources and pinned revisions, against a hub that holds
+    exactly the real repositories' file names: the files land, verify, and nothing else is asked for."""
     dest = tmp_path / "weights"
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": hub.url,
-        "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "INPAINT_WEIGHTS_REPO": "test/sd2",
-        "INPAINT_SAFETY_REPO": "test/sd15",
+    result = _download_weights(_hub_env(hub, tmp_path), dest, _with_tiny_manifests(tiny_weights, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"weights ready and verified in {dest}" in result.stdout
+    assert hub.unknown == []
+    assert _weight_files(dest) == set(weights_module.CONFIG_FILES) | {
+        UNET, "text_encoder/model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+        "safety_checker/model.fp16.safetensors", "safety_checker/config.json", ".verified.json",
     }
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "script" / "download-weights"), "--dest", str(dest)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 1
-    assert "expected 1,731,933,536" in result.stderr or "expected 608,018,440" in result.stderr, result.stderr
-    files = _weight_files(dest)
-    assert {UNET, "text_encoder/model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
-            "safety_checker/model.fp16.safetensors", "safety_checker/config.json", "model_index.json",
-            "tokenizer/vocab.json", "scheduler/scheduler_config.json"} <= files
-    assert "unet/diffusion_pytorch_model.safetensors" not in files and "README.md" not in files  # fp16 only
     assert "HTTP Request" not in result.stderr  # the hub client's chatter stays out of the output
 
 
-def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub, tiny_weights, tmp_path):
-    """An empty weights/ is filled at setup, checked against the manifests, then loaded; a second
-    setup finds it and downloads nothing. Runs in its own process: huggingface_hub reads
-    HF_ENDPOINT at import."""
-    from inpaint import weights
+def test_download_weights_checks_the_files_against_the_published_manifests(hub, tmp_path):
+    """The same download with the packaged manifests: these bytes are not the published weights, and
+    the sha256 check says so."""
+    result = _download_weights(_hub_env(hub, tmp_path), tmp_path / "weights")
+    assert result.returncode == 1
+    assert "expected 1,731,933,536" in result.stderr or "expected 608,018,440" in result.stderr, result.stderr
+    assert hub.unknown == []
 
-    tiny_manifest = json.loads((tiny_weights / "weights-sha256.json").read_text())
-    published = tmp_path / "published.json"
-    published.write_text(json.dumps({path: entry for path, entry in tiny_manifest.items() if not path.startswith("safety")}))
-    published_safety = tmp_path / "published-safety.json"
-    published_safety.write_text(json.dumps({weights.SAFETY_REMOTE: tiny_manifest[weights.SAFETY_LOCAL]}))
-    script = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from pathlib import Path
-from inpaint import weights
+
+def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub, tiny_weights, tmp_path):
+    """An empty weights/ is filled at setup from the default sources, checked against the manifests,
+    then loaded; a second setup finds it and downloads nothing."""
+    script = _with_tiny_manifests(tiny_weights, tmp_path) + f"""
 from inpaint.config import Settings
 from inpaint.service import Inpainter
-# The published manifests name the real checkpoint's hashes; here they name the tiny one's.
-weights.PACKAGE_MANIFEST = Path({str(published)!r})
-weights.SAFETY_MANIFEST = Path({str(published_safety)!r})
-settings = Settings(weights_dir=Path({str(tmp_path / "weights")!r}), weights_repo="test/sd2", safety_repo="test/sd15")
+settings = Settings(weights_dir=Path({str(tmp_path / "weights")!r}))
 assert Inpainter.load(None, settings).safety is not None
 print("loaded")
 """
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-           "HF_HOME": str(tmp_path / "hf-home")}
+    env = _hub_env(hub, tmp_path)
     for attempt in (1, 2):
         result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
         if attempt == 1:
             requests = len(hub.requests)
-            assert requests > 0 and (tmp_path / "weights" / weights.SAFETY_LOCAL).is_file()
+            assert requests > 0 and (tmp_path / "weights" / weights_module.SAFETY_WEIGHTS).is_file()
     assert len(hub.requests) == requests  # the second setup found the weights: no download at all
+    assert hub.unknown == []
+
+
+def test_a_file_the_source_lacks_is_named_with_the_repository_revision_and_what_to_do(hub, tmp_path):
+    """The bug this layout catches: asking the checker's repository for a name it does not have. Here
+    the checker's source is pointed at the SD2 mirror, which has no safety_checker/ folder."""
+    revision = "5f74973cbb64c8568780732c17f43eb269d63a0d"
+    env = _hub_env(hub, tmp_path, INPAINT_SAFETY_REPO=SD2_REPO, INPAINT_SAFETY_REVISION=revision)
+    result = _download_weights(env, tmp_path / "weights")
+    assert result.returncode == 1
+    error = result.stderr
+    assert f"could not download safety_checker/config.json from {SD2_REPO} at revision {revision}" in error, error
+    assert f"{SD2_REPO}/safety_checker/config.json" in hub.unknown  # the checker's two files, asked side by side
+    assert set(hub.unknown) <= {f"{SD2_REPO}/{name}" for name in (weights_module.SAFETY_CONFIG, weights_module.SAFETY_WEIGHTS)}
+    for remedy in ("check the network and HF_TOKEN", "INPAINT_SAFETY_REPO", "INPAINT_SAFETY_CHECKER=0"):
+        assert remedy in error, error
+    assert "Traceback" not in error
 
 
 def test_a_missing_repository_is_a_clear_error_not_a_hang(hub, tmp_path):
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-           "HF_HOME": str(tmp_path / "hf-home"), "INPAINT_WEIGHTS_REPO": "test/no-such-repo"}
+    env = _hub_env(hub, tmp_path, INPAINT_WEIGHTS_REPO="test/no-such-repo")
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "script" / "download-weights"), "--dest", str(tmp_path / "weights")],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    result = _download_weights(env, tmp_path / "weights")
     assert result.returncode == 1
-    assert "could not download test/no-such-repo@main" in result.stderr
+    assert "could not download model_index.json from test/no-such-repo at revision 5f74973c" in result.stderr
     assert "INPAINT_WEIGHTS_REPO" in result.stderr  # says what to change
     assert time.monotonic() - started < 30
