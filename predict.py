@@ -21,8 +21,12 @@ class Predictor(BaseRunner):
     # same inputs again.
     def run(
         self,
-        prompt: str = Input(description="What to paint into the masked region.", default="a vision of paradise. unreal engine"),
-        negative_prompt: Optional[str] = Input(description="What the painted region should not show.", default=None),
+        prompt: str = Input(
+            description="What to paint into the masked region.", default="a vision of paradise. unreal engine", max_length=2000
+        ),
+        negative_prompt: Optional[str] = Input(
+            description="What the painted region should not show.", default=None, max_length=2000
+        ),
         image: Path = Input(description="The photo to inpaint. The output has its size."),
         mask: Optional[Path] = Input(
             description="Mask of the photo: white is repainted, black is kept. Without one, the photo's transparent pixels are repainted.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import imagecodecs
@@ -26,34 +27,82 @@ log = logging.getLogger(__name__)
 _FAST_MODES = {"PNG": ("L", "LA", "RGB", "RGBA"), "JPEG": ("L", "RGB"), "MPO": ("L", "RGB"), "WEBP": ("RGB", "RGBA")}
 
 
-def _open(path: Path, name: str, max_pixels: int) -> Image.Image:
-    """Open lazily and check the header's size before a single pixel is decoded.
+# What an upload may be: the formats the error messages promise, and nothing that decodes a large
+# picture before its size is known (ICO, ICNS), takes seconds per decode (JPEG 2000) or runs code (EPS).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF")  # Pillow's JPEG opener gives MPO files too
+_ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on each uploaded file, all checked before a single pixel is decoded (config.Settings
+    holds the deployment's values; the README's limits table lists them)."""
+
+    max_pixels: int = 4096 * 4096
+    max_bytes: int = 128 << 20  # a 4096x4096 16-bit RGB TIFF, uncompressed, is 96 MiB
+    max_side: int = 8192
+    max_aspect: float = 16.0  # longer side over shorter side
+    max_jpeg_scans: int = 64  # a progressive JPEG has about 10; a "scan bomb" repeats one thousands of times
+
+
+def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
+    """Open lazily and check the file's size and the header's before a single pixel is decoded.
 
     Pillow refuses a header of over twice Image.MAX_IMAGE_PIXELS itself and only warns between once
-    and twice; `max_pixels` (4096x4096 by default) is far below either, so the check below refuses
-    those too. No warnings filter is changed here: photo and mask open in two threads at once, and
+    and twice; the service sets that limit to `limits.max_pixels`, and the check below refuses
+    both. No warnings filter is changed here: photo and mask open in two threads at once, and
     warnings.catch_warnings is not thread-safe (it can leave one thread's filter in place for good)."""
-    try:
-        image = Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    size = path.stat().st_size
+    if size > limits.max_bytes:
         raise ValueError(
-            f"{name} could not be read as an image ({_reason(error)}); upload a PNG, JPEG or WebP file"
-        ) from None
+            f"{name} is a file of {size:,} bytes, over the limit of {limits.max_bytes:,} "
+            "(INPAINT_MAX_UPLOAD_BYTES); upload a smaller or compressed image"
+        )
+    try:
+        image = Image.open(path, formats=FORMATS)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{name} could not be read as an image ({_reason(error)}); upload a {_ACCEPTED} file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(
-            f"{name} is too large: its header claims more than {max_pixels:,} pixels; "
-            f"upload an image of at most {max_pixels:,} pixels"
+            f"{name} is too large: its header claims more than {limits.max_pixels:,} pixels; "
+            f"upload an image of at most {limits.max_pixels:,} pixels"
         ) from None
-    width, height = image.size
-    if width * height > max_pixels:
+    try:
+        _check_header(image, path, name, limits)
+    except ValueError:
         image.close()
-        raise ValueError(
-            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
-            "upload a smaller image"
-        )
+        raise
+    return image
+
+
+def _check_header(image: Image.Image, path: Path, name: str, limits: InputLimits) -> None:
+    width, height = image.size
     if width < 1 or height < 1:
         raise ValueError(f"{name} is empty ({width}x{height}); upload a real image")
-    return image
+    if width * height > limits.max_pixels:
+        raise ValueError(
+            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {limits.max_pixels:,}; "
+            "upload a smaller image"
+        )
+    if max(width, height) > limits.max_side:
+        raise ValueError(
+            f"{name} is {width}x{height}, a side over the limit of {limits.max_side:,} pixels "
+            "(INPAINT_MAX_INPUT_SIDE); upload a smaller image"
+        )
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise ValueError(
+            f"{name} is {width}x{height}, longer than {limits.max_aspect:g}:1 (INPAINT_MAX_INPUT_ASPECT); "
+            "crop it closer to the region to repaint"
+        )
+    if image.format in ("JPEG", "MPO"):
+        # Every scan starts with an SOS marker, and entropy-coded data never holds FF DA (0xFF is
+        # stuffed as FF 00), so counting them counts the scans, embedded thumbnails included.
+        scans = path.read_bytes().count(b"\xff\xda")
+        if scans > limits.max_jpeg_scans:
+            raise ValueError(
+                f"{name} is a JPEG of {scans:,} scans, over the limit of {limits.max_jpeg_scans} "
+                "(INPAINT_MAX_JPEG_SCANS); save it again as a baseline JPEG or a PNG"
+            )
 
 
 def _reason(error: Exception) -> str:
@@ -61,10 +110,10 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
-def _decode(path: Path, name: str, max_pixels: int) -> np.ndarray | Image.Image:
+def _decode(path: Path, name: str, limits: InputLimits) -> np.ndarray | Image.Image:
     """The upright 8-bit pixels: an array from the fast decoders ((H, W), or (H, W, C) with C = 2, 3
     or 4 for LA, RGB, RGBA), else a decoded Pillow image (first frame of an animation)."""
-    image = _open(path, name, max_pixels)
+    image = _open(path, name, limits)
     pixels = _decode_fast(image, path)
     if pixels is not None:
         return pixels
@@ -149,9 +198,9 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
 
 
-def decode_image(path: Path, max_pixels: int, name: str = "image") -> np.ndarray:
+def decode_image(path: Path, limits: InputLimits, name: str = "image") -> np.ndarray:
     """The uploaded photo, upright: (H, W, 3) RGB uint8, or (H, W, 4) RGBA when it has transparency."""
-    decoded = _decode(path, name, max_pixels)
+    decoded = _decode(path, name, limits)
     if isinstance(decoded, np.ndarray):
         if decoded.ndim == 3 and decoded.shape[2] in (3, 4):
             return decoded
@@ -159,12 +208,12 @@ def decode_image(path: Path, max_pixels: int, name: str = "image") -> np.ndarray
     return np.asarray(decoded.convert("RGBA" if _has_alpha(decoded) else "RGB"))
 
 
-def decode_mask(path: Path, max_pixels: int, name: str = "mask") -> np.ndarray:
+def decode_mask(path: Path, limits: InputLimits, name: str = "mask") -> np.ndarray:
     """The uploaded mask as (H, W) uint8 grey (white = repaint); thresholding is the caller's.
 
     Colour is reduced to luminance (as Pillow's "L"); transparent pixels count as keep (black).
     """
-    decoded = _decode(path, name, max_pixels)
+    decoded = _decode(path, name, limits)
     if isinstance(decoded, np.ndarray):
         if decoded.ndim == 2:
             return decoded

@@ -25,8 +25,17 @@ class Settings:
     safety_repo: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # Revision of safety_repo, pinned likewise; move it together with inpaint/safety-checker-sha256.json.
     safety_revision: str = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
-    # Largest input image, in pixels; checked from the header, before any pixel is decoded.
+    # Largest input image, in pixels; checked from the header, before any pixel is decoded (Pillow's own
+    # decompression-bomb limit is set to it too).
     max_input_pixels: int = 4096 * 4096
+    # Largest uploaded file (image or mask), in bytes; checked before the file is opened.
+    max_upload_bytes: int = 128 << 20
+    # Longest side of an input image, and most elongated shape (longer side over shorter): a 16,777,216x1
+    # strip is within the pixel limit but would cost gigabytes of resizing.
+    max_input_side: int = 8192
+    max_input_aspect: float = 16.0
+    # Most scans a JPEG input may have (a progressive one has about 10; a "scan bomb" decodes for minutes).
+    max_jpeg_scans: int = 64
     # Largest working size (width x height the model runs at), in pixels.
     max_working_pixels: int = 1024 * 1024
     # Largest batch: num_outputs x regions x working pixels of one prediction (4 x 1024x1024, aimed at 16 GB GPUs).

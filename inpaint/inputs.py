@@ -15,6 +15,9 @@ from .codec import OUTPUT_FORMATS
 from .schedulers import SCHEDULER_NAMES
 
 DEFAULT_PROMPT = "a vision of paradise. unreal engine"
+# Characters of prompt and negative_prompt: far above the 77 tokens CLIP reads (the rest is dropped, and
+# logged), far below what holds the tokenizer for a minute (a 10 MB prompt did).
+PROMPT_MAX_CHARS = 2000
 SIZE_CHOICES = tuple(range(64, 1024 + 1, 64))  # working width/height, pixels
 DEFAULT_SIZE = None  # automatic: the working size follows the masked region's aspect at about 512x512
 NUM_OUTPUTS_RANGE = (1, 4)
@@ -121,10 +124,16 @@ def check_inputs(
 ) -> InpaintRequest:
     """Validate and normalise the inputs; raise ValueError naming the input, its value and what is accepted."""
     prompt = "" if prompt is None else prompt
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise ValueError(f"negative_prompt must be text, got {type(negative_prompt).__name__}")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if text is None and name == "negative_prompt":
+            continue
+        if not isinstance(text, str):
+            raise ValueError(f"{name} must be text, got {type(text).__name__}")
+        if len(text) > PROMPT_MAX_CHARS:
+            raise ValueError(
+                f"{name} is {len(text):,} characters, over the limit of {PROMPT_MAX_CHARS:,}; shorten it "
+                "(the model reads only the first 77 tokens, about 300 characters)"
+            )
 
     sizes = {}
     for name, value in (("width", width), ("height", height)):

@@ -75,6 +75,18 @@ def pick_device(requested: str = "") -> tuple[torch.device, torch.dtype]:
     return device, torch.float16 if device.type == "cuda" else torch.float32
 
 
+class _ShortLog(logging.Filter):
+    """diffusers logs the whole part of a prompt that CLIP's 77 tokens leave out; keep such lines short."""
+
+    LIMIT = 300
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > self.LIMIT:
+            record.msg, record.args = f"{message[: self.LIMIT]}... ({len(message):,} characters in all)", None
+        return True
+
+
 def load_pipeline(
     folder: Path,
     device: torch.device,
@@ -100,6 +112,9 @@ def load_pipeline(
         requires_safety_checker=False,
         device_map=device.type,
     )
+    diffusers_log = logging.getLogger(StableDiffusionInpaintPipeline.__module__)
+    if not any(isinstance(existing, _ShortLog) for existing in diffusers_log.filters):
+        diffusers_log.addFilter(_ShortLog())
     optimize(pipe, device, fast, compile, cuda_graphs, compile_cache)
     for name in ("encode", "decode"):
         setattr(pipe.vae, name, _timed(getattr(pipe.vae, name), f"vae_{name}", device))

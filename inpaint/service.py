@@ -75,6 +75,10 @@ class Inpainter:
         self.pipe = pipe
         self.settings = settings
         self.safety = safety
+        self.limits = codec.InputLimits(
+            settings.max_input_pixels, settings.max_upload_bytes, settings.max_input_side, settings.max_input_aspect,
+            settings.max_jpeg_scans,
+        )
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # the decoders release the GIL
         # Tiles of the mask's distances, bands and strips of the resizes and the paste, strips of a PNG
         # output, side by side (scipy, Pillow, numpy and ISA-L release the GIL).
@@ -87,6 +91,7 @@ class Inpainter:
         timer = _Timer()
         with timer.stage("weights"):
             folder = weights.result() if isinstance(weights, Future) else resolve_weights(weights, settings)
+        Image.MAX_IMAGE_PIXELS = settings.max_input_pixels  # Pillow's own bomb guard, at the same limit
         device, dtype = pipeline.pick_device(settings.device)
         log.info("loading %s on %s in %s", folder, device, str(dtype).removeprefix("torch."))
         safety = None
@@ -123,10 +128,10 @@ class Inpainter:
         # The photo decodes in the decoder thread (the decoders release Python's lock) while this one
         # decodes the mask and works out the regions from it alone, taking the mask's size for the
         # photo's (checked once the photo is there): 10-20 ms off a 4096x4096 upload on 2 cores (bench/RESULTS.md).
-        image_job = self._decoder.submit(codec.decode_image, image_path, self.settings.max_input_pixels, "image")
+        image_job = self._decoder.submit(codec.decode_image, image_path, self.limits, "image")
         try:
             with timer.stage("decode"):
-                mask = None if mask_path is None else codec.decode_mask(mask_path, self.settings.max_input_pixels, "mask")
+                mask = None if mask_path is None else codec.decode_mask(mask_path, self.limits, "mask")
             with timer.stage("prepare"):
                 regions = None if mask is None else self._regions(mask, request)
         except Exception:

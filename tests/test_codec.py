@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from inpaint import codec
-from inpaint.codec import decode_image, decode_mask, encode_image, fit_mask, flatten
+from inpaint.codec import InputLimits, decode_image, decode_mask, encode_image, fit_mask, flatten
 
-LIMIT = 4096 * 4096
+LIMIT = InputLimits()
 
 
 def test_undecodable_file_names_the_input(tmp_path):

@@ -188,6 +188,7 @@ def test_predict_py_inputs_agree_with_the_checks_in_inpaint_inputs():
         assert field.default == default and type(field.default) is type(default), name
         assert field.choices == choices, name
     assert set(fields) - set(expected) == {"negative_prompt", "image", "mask", "invert_mask", "seed", "disable_safety_checker"}
+    assert fields["prompt"].max_length == fields["negative_prompt"].max_length == inputs.PROMPT_MAX_CHARS
 
 
 def test_dockerignore_keeps_tests_caches_and_test_weights_out():

@@ -1,0 +1,184 @@
+"""Files crafted to hurt, built here byte by byte: each is refused from its header or its size, fast
+and in bounded memory, with a message that names the input and the cap."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from inpaint.codec import InputLimits, decode_image, decode_mask
+from inpaint.inputs import PROMPT_MAX_CHARS, check_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_strip(width: int, height: int) -> bytes:
+    """A complete, valid grey PNG of width x height, every pixel black: rows of zeros deflate to almost nothing."""
+    raw = zlib.compressobj(9)
+    row = b"\0" * (1 + width)  # filter byte + pixels
+    body = b"".join(raw.compress(row) for _ in range(height)) + raw.flush()
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + _chunk(
+        b"IDAT", body
+    ) + _chunk(b"IEND", b"")
+
+
+def jpeg_scan_bomb(side: int = 4096, repeats: int = 20_000) -> bytes:
+    """A progressive JPEG whose last scan is repeated `repeats` times before the end marker: each
+    repeat makes the decoder run over the whole picture again."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    last_scan = data.rindex(b"\xff\xda")
+    scan = data[last_scan:-2]  # the last SOS segment and its entropy-coded data, without EOI
+    return data[:-2] + scan * repeats + b"\xff\xd9"
+
+
+def ico_bomb(side: int = 13_000) -> bytes:
+    """An ICO whose one entry is a PNG of side x side: Pillow's ICO plugin decodes it whole, before
+    any size check, since the ICO directory says 256x256 (0)."""
+    png = png_strip(side, side)
+    header = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + entry + png
+
+
+def _refused_fast_in_bounded_memory(path: Path, decoder: str = "decode_image") -> tuple[str, float, int]:
+    """(error message, seconds, growth of the peak resident memory in MB) of decoding `path` in a
+    fresh process, after the imports."""
+    code = f"""
+import json, resource, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from inpaint.codec import InputLimits, {decoder} as decode
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+try:
+    decode(Path({str(path)!r}), InputLimits())
+    message = None
+except ValueError as error:
+    message = str(error)
+seconds = time.perf_counter() - started
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+print(json.dumps([message, seconds, grown]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return tuple(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_a_sixteen_megapixel_strip_one_pixel_tall_is_refused_from_its_header(tmp_path):
+    """Within the pixel limit, but its resize would take gigabytes (113 s and +5 GB before the cap)."""
+    path = tmp_path / "strip.png"
+    path.write_bytes(png_strip(16_777_216, 1))
+    assert path.stat().st_size < 100_000
+    message, seconds, grown = _refused_fast_in_bounded_memory(path)
+    assert message == (
+        "image is 16777216x1, a side over the limit of 8,192 pixels (INPAINT_MAX_INPUT_SIDE); upload a smaller image"
+    )
+    assert seconds < 1 and grown < 50
+
+
+def test_a_strip_within_the_side_limit_is_refused_for_its_shape(tmp_path):
+    path = tmp_path / "strip.png"
+    path.write_bytes(png_strip(8192, 64))
+    with pytest.raises(ValueError, match=r"^mask is 8192x64, longer than 16:1 \(INPAINT_MAX_INPUT_ASPECT\)"):
+        decode_mask(path, InputLimits())
+    decode_mask(path, InputLimits(max_aspect=128))  # a setting: a deployment may allow it
+
+
+def test_a_jpeg_scan_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.jpg"
+    path.write_bytes(jpeg_scan_bomb())
+    assert path.stat().st_size < 2_000_000
+    with Image.open(path) as image:
+        assert image.size == (4096, 4096)  # a well-formed header: only the scans count gives it away
+    message, seconds, grown = _refused_fast_in_bounded_memory(path)
+    assert message.startswith("image is a JPEG of 20,") and "scans, over the limit of 64 (INPAINT_MAX_JPEG_SCANS)" in message
+    assert seconds < 1 and grown < 50
+
+
+def test_an_ordinary_progressive_jpeg_still_decodes(tmp_path):
+    path = tmp_path / "progressive.jpg"
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(path, "JPEG", progressive=True)
+    assert decode_image(path, InputLimits()).shape == (200, 300, 3)
+
+
+def test_an_ico_bomb_is_refused_without_decoding(tmp_path):
+    """169 Mpx inside a 170 KB icon; ICO, ICNS, JPEG 2000 and EPS are not among the accepted formats."""
+    path = tmp_path / "bomb.ico"
+    path.write_bytes(ico_bomb())
+    message, seconds, grown = _refused_fast_in_bounded_memory(path, "decode_mask")
+    assert message.startswith("mask could not be read as an image")
+    assert message.endswith("upload a PNG, JPEG, WebP, GIF or TIFF file")
+    assert seconds < 1 and grown < 50
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "JPEG2000", "BMP", "PPM"])
+def test_formats_outside_the_promised_list_are_refused(tmp_path, fmt):
+    path = tmp_path / f"small.{fmt.lower()}"
+    Image.new("RGB", (32, 32)).save(path, fmt)
+    with pytest.raises(ValueError, match="image could not be read as an image .*upload a PNG, JPEG, WebP, GIF or TIFF file"):
+        decode_image(path, InputLimits())
+
+
+def test_an_upload_over_the_byte_cap_is_refused_before_it_is_read(tmp_path):
+    """A 64x64 PNG followed by a mountain of zeros: refused from the file's size."""
+    path = tmp_path / "padded.png"
+    Image.new("RGB", (64, 64)).save(path)
+    with path.open("ab") as file:
+        file.truncate(path.stat().st_size + (200 << 20))  # sparse: 200 MiB of zeros, no disk used
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"^image is a file of 209,\d{3},\d{3} bytes, over the limit of 134,217,728 "
+                                         r"\(INPAINT_MAX_UPLOAD_BYTES\)"):
+        decode_image(path, InputLimits())
+    assert time.perf_counter() - started < 1
+
+
+def test_pillows_own_guard_is_at_the_input_limit(inpainter, tmp_path):
+    """The service sets Pillow's decompression-bomb limit to the deployment's pixel limit."""
+    assert Image.MAX_IMAGE_PIXELS == inpainter.settings.max_input_pixels
+
+
+def test_prompts_are_capped_in_characters():
+    check_inputs(prompt="x" * PROMPT_MAX_CHARS, negative_prompt="y" * PROMPT_MAX_CHARS)
+    with pytest.raises(ValueError, match="^prompt is 10,000,000 characters, over the limit of 2,000; shorten it"):
+        check_inputs(prompt="x" * 10_000_000)
+    with pytest.raises(ValueError, match="^negative_prompt is 2,001 characters, over the limit of 2,000"):
+        check_inputs(negative_prompt="y" * 2001)
+
+
+def test_the_schema_caps_prompts_so_the_server_refuses_them_first():
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]["Input"]
+    assert schema["properties"]["prompt"]["maxLength"] == PROMPT_MAX_CHARS
+    assert schema["properties"]["negative_prompt"]["maxLength"] == PROMPT_MAX_CHARS
+
+
+def test_hostile_files_through_the_server_fail_alone_and_it_keeps_serving(server, tmp_path):
+    from cogserver import data_uri
+
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(png_strip(16_777_216, 1))
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(jpeg_scan_bomb())
+    for image, expected in ((strip, "a side over the limit"), (bomb, "scans, over the limit")):
+        started = time.monotonic()
+        status, response = server.predict({"image": data_uri(image), "mask": data_uri(image), "num_inference_steps": 1})
+        assert status == 200 and response["status"] == "failed", response
+        assert expected in response["error"]
+        assert time.monotonic() - started < 10
+    status, response = server.predict({"prompt": "x" * (PROMPT_MAX_CHARS + 1), "image": data_uri(strip)})
+    assert status == 422 and "prompt" in json.dumps(response)
+    assert server.wait_ready()["status"] == "READY"
