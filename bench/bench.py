@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,13 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from fullsize import build_full_size, size_report  # noqa: E402
+
+from inpaint.weights import cache_root, manifest_pin  # noqa: E402
+
+
+def forget_verification() -> None:
+    """The next start hashes every file again, as a first start does."""
+    shutil.rmtree(cache_root() / "verified", ignore_errors=True)
 
 CACHE = ROOT / ".cache"
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -108,17 +116,17 @@ def bench_load(folder: Path, runs: int) -> list[list[object]]:
 from inpaint.config import Settings
 from inpaint.service import Inpainter
 start = time.perf_counter()
-Inpainter.load({str(folder)!r}, Settings(device="cpu"))
+Inpainter.load({str(folder)!r}, Settings(device="cpu", weights_manifest_sha256={manifest_pin(folder)!r}))
 elapsed = time.perf_counter() - start
 """
-    ours_no_checker = ours.replace('Settings(device="cpu")', 'Settings(device="cpu", safety_checker=False)')
+    ours_no_checker = ours.replace('Settings(device="cpu"', 'Settings(device="cpu", safety_checker=False')
     reference = f"""
 from diffusers import StableDiffusionInpaintPipeline
 start = time.perf_counter()
 StableDiffusionInpaintPipeline.from_pretrained({str(folder)!r}, variant="fp16", dtype=torch.float32, safety_checker=None)
 elapsed = time.perf_counter() - start
 """
-    (folder / ".verified.json").unlink(missing_ok=True)
+    forget_verification()
     first = _load_in_subprocess(ours)  # includes the sha256 check of every file
     rows = [["ours, first start (sha256 of every file, then load; checker included)", f"{first:.2f}"]]
     ours_times = [_load_in_subprocess(ours) for _ in range(runs)]
@@ -154,7 +162,7 @@ def bench_prepost(runs: int) -> list[list[object]]:
     tiny = CACHE / "tiny-weights"
     if not (tiny / "model_index.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tiny)], check=True)
-    inpainter = Inpainter.load(str(tiny), Settings(device="cpu"))
+    inpainter = Inpainter.load(str(tiny), Settings(device="cpu", weights_manifest_sha256=manifest_pin(tiny)))
     png = _photo_4096(CACHE / "photo-4096.png")
     jpeg = CACHE / "photo-4096.jpg"
     if not jpeg.is_file():
@@ -233,7 +241,7 @@ def bench_cold_starts(folder: Path, runs: int) -> list[list[object]]:
     for _ in range(runs):
         for label, (first, prepare) in conditions.items():
             if first:
-                (folder / ".verified.json").unlink(missing_ok=True)
+                forget_verification()
             prepare(folder)
             text = _cold_start(folder)
             _progress(f"cold start, {label}: {text}")
@@ -447,7 +455,9 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
         return "not measured (cog is not installed)"
     log = Path(tempfile.mkdtemp()) / "server.log"
     started = time.monotonic()
-    server = CogServer(folder, log_path=log, env={"INPAINT_SAFETY_CHECKER": "1", **(env or {})})
+    server = CogServer(folder, log_path=log, env={
+        "INPAINT_SAFETY_CHECKER": "1", "INPAINT_WEIGHTS_MANIFEST_SHA256": manifest_pin(folder), **(env or {}),
+    })
     try:
         server.start(timeout=300)
         text = f"{time.monotonic() - started:.1f} s (safety checker included)"

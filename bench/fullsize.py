@@ -2,18 +2,20 @@
 
 Speed does not depend on the weights' values, and the fp16 files come out at exactly the published
 sizes (checked here against inpaint/weights-sha256.json), so load times on them are representative.
-The folder gets its own weights-sha256.json, so the project's loader verifies it as it would the real one.
+The folder gets its own weights-sha256.json (trusted once INPAINT_WEIGHTS_MANIFEST_SHA256 pins it,
+inpaint.weights.manifest_pin), so the project's loader verifies it as it would the real one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
+
+from inpaint.weights import write_manifest
 
 REFERENCE = Path(__file__).resolve().parent.parent / "inpaint" / "reference"
 PUBLISHED = json.loads((REFERENCE.parent / "weights-sha256.json").read_text())
@@ -44,18 +46,11 @@ def build_full_size(out: Path, safety_checker: bool = True, device: torch.device
     torch.manual_seed(0)
     with torch.device(device):
         models = _random_models(safety_checker)
-    manifest = {"_source": "bench/fullsize.py: full-size random weights from the real configs"}
     for name, model in models.items():
         model.to(torch.float16).save_pretrained(tmp / name, variant="fp16", safe_serialization=True)
         del model
     models.clear()
-    for path in sorted(tmp.rglob("*.fp16.safetensors")):
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            while block := file.read(16 << 20):
-                digest.update(block)
-        manifest[path.relative_to(tmp).as_posix()] = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
-    (tmp / "weights-sha256.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(tmp, "bench/fullsize.py: full-size random weights from the real configs")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"built full-size random weights in {out} in {time.perf_counter() - started:.0f}s")

@@ -25,6 +25,13 @@ class Settings:
     safety_repo: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # Revision of safety_repo, pinned likewise; move it together with inpaint/safety-checker-sha256.json.
     safety_revision: str = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+    # sha256 of a weights folder's own weights-sha256.json (tiny test weights, a fine-tune): only then is that
+    # manifest trusted; unset, every folder is checked against the published manifests packaged here.
+    weights_manifest_sha256: str = ""
+    # A COG_WEIGHTS tar: most bytes (0: 1.2x the published checkpoint), entries, and seconds for all of it.
+    weights_archive_max_bytes: int = 0
+    weights_archive_max_members: int = 1000
+    weights_archive_timeout: float = 3600.0
     # Largest input image, in pixels; checked from the header, before any pixel is decoded (Pillow's own
     # decompression-bomb limit is set to it too).
     max_input_pixels: int = 4096 * 4096

@@ -18,7 +18,7 @@ from . import codec, compositing, geometry, pipeline
 from .config import Settings
 from .inputs import InpaintRequest
 from .safety import AllOutputsFlagged, SafetyChecker
-from .weights import resolve_weights
+from .weights import release_view, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,15 @@ class Inpainter:
         timer = _Timer()
         with timer.stage("weights"):
             folder = weights.result() if isinstance(weights, Future) else resolve_weights(weights, settings)
+        try:
+            safety, pipe = cls._load_models(folder, settings, timer)
+        finally:
+            release_view(folder)  # the loaders have read the configs; the weights are loaded
+        log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
+        return cls(pipe, settings, safety)
+
+    @staticmethod
+    def _load_models(folder: Path, settings: Settings, timer: _Timer) -> tuple[SafetyChecker | None, object]:
         Image.MAX_IMAGE_PIXELS = settings.max_input_pixels  # Pillow's own bomb guard, at the same limit
         device, dtype = pipeline.pick_device(settings.device)
         log.info("loading %s on %s in %s", folder, device, str(dtype).removeprefix("torch."))
@@ -108,8 +117,7 @@ class Inpainter:
                 folder, device, dtype, settings.fast_path, settings.compile, settings.cuda_graphs,
                 settings.compile_cache,
             )
-        log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
-        return cls(pipe, settings, safety)
+        return safety, pipe
 
     def _mask_from_alpha(self, image: np.ndarray) -> np.ndarray:
         if image.shape[2] == 4:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -46,18 +47,31 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """The tiny random checkpoint, written by the same script users run."""
+    """The tiny random checkpoint, written by the same script users run. Its own manifest is trusted
+    for the session as a deployment trusts one: INPAINT_WEIGHTS_MANIFEST_SHA256 pins it (the servers
+    the tests start inherit the variable; in-process tests use tiny_settings)."""
+    from inpaint.weights import manifest_pin
+
     out = tmp_path_factory.mktemp("tiny-weights")
     subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(out)], check=True)
+    os.environ["INPAINT_WEIGHTS_MANIFEST_SHA256"] = manifest_pin(out)
     return out
 
 
 @pytest.fixture(scope="session")
-def inpainter(tiny_weights):
+def tiny_settings(tiny_weights):
+    """Settings() that trust the tiny weights' manifest."""
     from inpaint.config import Settings
+    from inpaint.weights import manifest_pin
+
+    return Settings(weights_manifest_sha256=manifest_pin(tiny_weights))
+
+
+@pytest.fixture(scope="session")
+def inpainter(tiny_weights, tiny_settings):
     from inpaint.service import Inpainter
 
-    return Inpainter.load(str(tiny_weights), Settings())
+    return Inpainter.load(str(tiny_weights), tiny_settings)
 
 
 def make_photo(path: Path, size=(200, 120), mode="RGB", fmt=None) -> Path:

@@ -191,15 +191,18 @@ def _tiny(tmp_path, *args):
     import subprocess
     import sys
 
+    from inpaint.weights import manifest_pin
+
     folder = tmp_path / "weights"
     subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder), *args], check=True)
-    return folder
+    return folder, {"INPAINT_WEIGHTS_MANIFEST_SHA256": manifest_pin(folder)}
 
 
 def test_all_flagged_fails_and_disable_safety_checker_lets_outputs_through(tmp_path):
     from cogserver import CogServer
 
-    with CogServer(_tiny(tmp_path, "--safety", "always"), log_path=tmp_path / "server.log") as flagging:
+    weights, trust = _tiny(tmp_path, "--safety", "always")
+    with CogServer(weights, log_path=tmp_path / "server.log", env=trust) as flagging:
         status, response = flagging.predict(inputs_for(tmp_path, num_outputs=2))
         assert response["status"] == "failed"
         assert "flagged all 2 output(s) as potentially NSFW" in response["error"]
@@ -215,11 +218,11 @@ def test_missing_checker_weights_fail_setup_unless_the_deployment_turns_it_off(t
     import pytest
     from cogserver import CogServer
 
-    weights = _tiny(tmp_path)
+    weights, trust = _tiny(tmp_path)
     shutil.rmtree(weights / "safety_checker")
-    with pytest.raises(RuntimeError, match="safety_checker/model.fp16.safetensors is missing.*INPAINT_SAFETY_CHECKER=0"):
-        CogServer(weights, log_path=tmp_path / "failing.log").start().stop()
-    server = CogServer(weights, log_path=tmp_path / "off.log", env={"INPAINT_SAFETY_CHECKER": "0"})
+    with pytest.raises(RuntimeError, match="safety_checker/.* is missing.*INPAINT_SAFETY_CHECKER=0"):
+        CogServer(weights, log_path=tmp_path / "failing.log", env=trust).start().stop()
+    server = CogServer(weights, log_path=tmp_path / "off.log", env={"INPAINT_SAFETY_CHECKER": "0", **trust})
     with server:
         assert "the safety checker is off for this deployment" in server.health()["setup"]["logs"]
         status, response = server.predict(inputs_for(tmp_path))

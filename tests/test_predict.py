@@ -147,7 +147,8 @@ def _changed(output_path, original: np.ndarray) -> np.ndarray:
 
 @st.composite
 def scenes(draw):
-    width, height = draw(st.integers(8, 300)), draw(st.integers(8, 300))
+    width = draw(st.integers(8, 300))
+    height = draw(st.integers(max(8, -(-width // 16)), min(300, width * 16)))  # within the 16:1 input limit
     boxes = [
         sorted(draw(st.tuples(st.integers(0, width - 1), st.integers(0, width - 1))))
         + sorted(draw(st.tuples(st.integers(0, height - 1), st.integers(0, height - 1))))

@@ -78,11 +78,10 @@ def test_a_large_mask_keeps_every_pixel_beyond_the_feather(inpainter, tmp_path):
         assert (output[binary] != original[binary]).any(axis=-1).mean() > 0.9  # the mask is repainted
 
 
-def test_setup_logs_where_its_time_went(tiny_weights, caplog):
-    from inpaint.config import Settings
+def test_setup_logs_where_its_time_went(tiny_weights, tiny_settings, caplog):
     from inpaint.service import Inpainter
 
     with caplog.at_level("INFO", logger="inpaint"):
-        Inpainter.load(str(tiny_weights), Settings())
+        Inpainter.load(str(tiny_weights), tiny_settings)
     line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("setup: "))
     assert "weights" in line and "safety checker" in line and "model" in line

@@ -1,11 +1,15 @@
-"""Finding, downloading and verifying weights, on the tiny checkpoint and real local servers."""
+"""Finding, downloading and verifying weights, on the tiny checkpoint and real local servers; and the
+weights a hostile folder, archive or URL could slip in, each built here and refused."""
 
 import functools
 import hashlib
-import os
 import http.server
+import io
 import json
+import logging
+import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -20,8 +24,10 @@ from inpaint import weights as weights_module
 from inpaint.weights import (
     PACKAGE_MANIFEST,
     WeightsError,
+    manifest_pin,
     read_ahead,
     read_manifest,
+    release_view,
     resolve_weights,
     resolve_weights_ahead,
     verify_weights,
@@ -31,11 +37,16 @@ ROOT = Path(__file__).resolve().parent.parent
 UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test's own cache (stamps, unpacked archives), as a fresh container has."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def weights_copy(tiny_weights, tmp_path) -> Path:
     folder = tmp_path / "weights"
     shutil.copytree(tiny_weights, folder)
-    (folder / ".verified.json").unlink(missing_ok=True)
     return folder
 
 
@@ -47,7 +58,7 @@ def test_published_manifest_is_the_reference_one():
     }
 
 
-def test_a_folder_without_its_own_manifest_is_checked_against_the_published_fp16_files(tmp_path):
+def test_a_folder_is_checked_against_the_published_fp16_files(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     manifest = read_manifest(tmp_path)
     assert set(manifest) == {
@@ -61,28 +72,126 @@ def test_a_folder_without_its_own_manifest_is_checked_against_the_published_fp16
         verify_weights(tmp_path)
 
 
-def test_tiny_weights_verify_and_the_check_is_remembered(weights_copy):
-    verify_weights(weights_copy)
-    stamp = json.loads((weights_copy / ".verified.json").read_text())
-    assert UNET in stamp
-    verify_weights(weights_copy)  # the stamp matches: no hashing, no error
+def test_tiny_weights_verify_with_their_pinned_manifest_and_the_check_is_remembered_outside_the_folder(weights_copy, monkeypatch):
+    pin = manifest_pin(weights_copy)
+    assert verify_weights(weights_copy, pin=pin) == weights_copy
+    assert not (weights_copy / ".verified.json").exists()
+    stamps = list((Path(os.environ["XDG_CACHE_HOME"]) / "inpaint" / "verified").glob("*.json"))
+    assert len(stamps) == 1 and UNET in json.loads(stamps[0].read_text())
+    hashed = []
+    monkeypatch.setattr(weights_module, "sha256_file", lambda path: hashed.append(path))
+    verify_weights(weights_copy, pin=pin)  # the stamp matches: nothing hashed
+    assert hashed == []
 
 
-def test_corrupt_file_is_caught_even_with_a_stamp(weights_copy):
-    verify_weights(weights_copy)
-    path = weights_copy / UNET
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF  # same size, other bytes, new mtime
-    path.write_bytes(bytes(data))
-    with pytest.raises(WeightsError, match=f"{UNET} is corrupt: sha256 .* delete it and run script/download-weights"):
+def test_a_folders_own_manifest_does_not_vouch_for_it_unless_pinned(weights_copy, caplog):
+    """The tiny weights carry a manifest of their own; without the pin they are checked against the
+    published checkpoint's, and fail."""
+    with caplog.at_level(logging.WARNING, logger="inpaint"), pytest.raises(WeightsError, match="expected 1,731,933,536|expected 608,018,440|expected 680,821,096|expected 167,335,342"):
         verify_weights(weights_copy)
+    assert "counts only when the deployment pins its sha256 in INPAINT_WEIGHTS_MANIFEST_SHA256" in caplog.text
+
+
+def test_a_manifest_other_than_the_pinned_one_is_refused(weights_copy):
+    pin = manifest_pin(weights_copy)
+    manifest = json.loads((weights_copy / "weights-sha256.json").read_text())
+    manifest["_source"] = "rewritten by someone else"
+    (weights_copy / "weights-sha256.json").write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError, match="has sha256 [0-9a-f]{64}, but INPAINT_WEIGHTS_MANIFEST_SHA256 pins"):
+        verify_weights(weights_copy, pin=pin)
+
+
+def test_a_pinned_manifest_must_cover_the_configs(weights_copy):
+    manifest = json.loads((weights_copy / "weights-sha256.json").read_text())
+    del manifest["feature_extractor/preprocessor_config.json"]
+    (weights_copy / "weights-sha256.json").write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError, match="does not list feature_extractor/preprocessor_config.json"):
+        verify_weights(weights_copy, pin=manifest_pin(weights_copy))
+
+
+def test_a_blinding_feature_extractor_config_is_caught(weights_copy):
+    """rescale_factor 0 would hand the safety checker black images: configs are hashed too."""
+    pin = manifest_pin(weights_copy)
+    path = weights_copy / "feature_extractor" / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    config["rescale_factor"] = 0
+    path.write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="feature_extractor/preprocessor_config.json is (corrupt|.* bytes, expected)"):
+        verify_weights(weights_copy, pin=pin)
+
+
+def test_with_the_published_manifests_the_configs_come_from_the_packaged_reference(weights_copy, monkeypatch):
+    """The real checkpoint's configs are not in the published manifests: the loaders read the packaged
+    ones (inpaint/reference) beside links to the verified weights, whatever the folder's configs say."""
+    tiny = json.loads((weights_copy / "weights-sha256.json").read_text())
+    published = weights_copy.parent / "published.json"
+    published.write_text(json.dumps({path: entry for path, entry in tiny.items() if path.endswith(".safetensors") and "safety" not in path}))
+    safety = weights_copy.parent / "published-safety.json"
+    safety.write_text(json.dumps({path: entry for path, entry in tiny.items() if path.startswith("safety_checker/") and path.endswith(".safetensors")}))
+    monkeypatch.setattr(weights_module, "PACKAGE_MANIFEST", published)
+    monkeypatch.setattr(weights_module, "SAFETY_MANIFEST", safety)
+    config = weights_copy / "feature_extractor" / "preprocessor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rescale_factor": 0}))
+    view = verify_weights(weights_copy)
+    try:
+        assert view != weights_copy
+        reference = ROOT / "inpaint" / "reference"
+        for relative in weights_module.CONFIG_FILES:
+            assert (view / relative).read_bytes() == (reference / relative).read_bytes()
+            assert not (view / relative).is_symlink()
+        assert (view / UNET).resolve() == (weights_copy / UNET).resolve()
+    finally:
+        release_view(view)
+    assert not view.exists()
+    release_view(weights_copy)  # only views are removed
+    assert weights_copy.is_dir()
+
+
+@pytest.mark.parametrize("planted", [
+    "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+    "unet/diffusion_pytorch_model-00001-of-00002.fp16.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "text_encoder/model.safetensors",
+])
+def test_files_the_loaders_could_read_instead_are_refused(weights_copy, planted):
+    """The shard-index attack: diffusers prefers an index and its shards, which no manifest names."""
+    (weights_copy / planted).write_bytes(b"{}" if planted.endswith(".json") else b"\0" * 64)
+    with pytest.raises(WeightsError, match=f"{planted} in .* is not a file this model loads"):
+        verify_weights(weights_copy, pin=manifest_pin(weights_copy))
+
+
+def test_links_are_refused(weights_copy, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    (weights_copy / UNET).rename(outside)
+    (weights_copy / UNET).symlink_to(outside)
+    with pytest.raises(WeightsError, match=f"{UNET} in .* is not a regular file"):
+        verify_weights(weights_copy, pin=manifest_pin(weights_copy))
+
+
+def test_a_forged_stamp_does_not_skip_hashing(weights_copy):
+    """A stamp planted in the folder is not read; and a file swapped for another of the same size and
+    mtime after a successful check is hashed again (its ctime and inode changed)."""
+    pin = manifest_pin(weights_copy)
+    verify_weights(weights_copy, pin=pin)
+    path = weights_copy / UNET
+    before = path.stat()
+    (weights_copy / ".verified.json").write_text(json.dumps({UNET: [before.st_size, before.st_mtime_ns, "0" * 64]}))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    swapped = path.with_name("swapped")
+    swapped.write_bytes(bytes(data))
+    os.utime(swapped, ns=(before.st_atime_ns, before.st_mtime_ns))
+    swapped.replace(path)
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(WeightsError, match=f"{UNET} is corrupt: sha256 .* delete it and run script/download-weights"):
+        verify_weights(weights_copy, pin=pin)
 
 
 def test_truncated_file_is_caught_by_size(weights_copy):
     path = weights_copy / UNET
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(WeightsError, match="is 100 bytes, expected"):
-        verify_weights(weights_copy)
+        verify_weights(weights_copy, pin=manifest_pin(weights_copy))
 
 
 def test_missing_checkpoint_says_what_to_run(tmp_path):
@@ -95,7 +204,7 @@ def test_cog_weights_must_be_a_folder(tmp_path):
         resolve_weights(str(tmp_path / "nope"), Settings(weights_dir=tmp_path))
 
 
-def test_weights_resolved_ahead_give_the_folder_verified_and_read(weights_copy, monkeypatch):
+def test_weights_resolved_ahead_give_the_folder_verified_and_read(weights_copy, tiny_settings, monkeypatch):
     read = []
     original = weights_module.read_ahead
 
@@ -104,10 +213,9 @@ def test_weights_resolved_ahead_give_the_folder_verified_and_read(weights_copy, 
         original(folder)
 
     monkeypatch.setattr(weights_module, "read_ahead", recording_read_ahead)
-    future = resolve_weights_ahead(str(weights_copy), Settings())
+    future = resolve_weights_ahead(str(weights_copy), tiny_settings)
     assert future.result(timeout=60) == weights_copy
     assert read == [weights_copy]
-    assert (weights_copy / ".verified.json").is_file()  # hashed in the background, remembered as before
 
 
 def test_weights_resolved_ahead_raise_the_same_error_when_asked(tmp_path):
@@ -127,46 +235,21 @@ def test_read_ahead_reads_every_weight_file_and_skips_an_absent_checker(weights_
 
     monkeypatch.setattr("builtins.open", recording_open)
     read_ahead(weights_copy)
-    expected = {weights_copy / relative for relative in read_manifest(weights_copy)} - {
-        weights_copy / "safety_checker" / "model.fp16.safetensors"
-    }
-    assert set(opened) == expected
+    assert set(opened) == {weights_copy / UNET, weights_copy / "vae/diffusion_pytorch_model.fp16.safetensors",
+                           weights_copy / "text_encoder/model.fp16.safetensors"}
 
 
 def test_make_tiny_weights_is_deterministic(tiny_weights, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tmp_path / "again")], check=True)
-    first = json.loads((tiny_weights / "weights-sha256.json").read_text())
-    second = json.loads((tmp_path / "again" / "weights-sha256.json").read_text())
-    assert first == second
-
-
-def test_cog_weights_url_of_a_tar_is_fetched_unpacked_and_verified(weights_copy, tmp_path, monkeypatch):
-    archive = tmp_path / "served" / "weights.tar.gz"
-    archive.parent.mkdir()
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(weights_copy, arcname="checkpoint")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/weights.tar.gz"
-        folder = resolve_weights(url, Settings(weights_dir=tmp_path / "unused"))
-        assert (folder / UNET).is_file()
-        assert hashlib.sha256((folder / UNET).read_bytes()).digest() == hashlib.sha256((weights_copy / UNET).read_bytes()).digest()
-        assert resolve_weights(url, Settings(weights_dir=tmp_path / "unused")) == folder  # unpacked once
-        with pytest.raises(WeightsError, match="could not fetch the weights archive"):
-            resolve_weights(url.replace("weights.tar.gz", "missing.tar"), Settings(weights_dir=tmp_path / "unused"))
-    finally:
-        httpd.shutdown()
+    assert manifest_pin(tiny_weights) == manifest_pin(tmp_path / "again")
 
 
 def test_safety_checker_files_are_required_unless_the_checker_is_off(weights_copy):
+    pin = manifest_pin(weights_copy)
     (weights_copy / "safety_checker" / "model.fp16.safetensors").unlink()
     with pytest.raises(WeightsError, match="safety_checker/model.fp16.safetensors is missing.*INPAINT_SAFETY_CHECKER=0"):
-        verify_weights(weights_copy)
-    verify_weights(weights_copy, safety_checker=False)
+        verify_weights(weights_copy, pin=pin)
+    verify_weights(weights_copy, pin=pin, safety_checker=False)
 
 
 def test_settings_parse_booleans_and_numbers():
@@ -175,6 +258,152 @@ def test_settings_parse_booleans_and_numbers():
     assert Settings.from_env({"INPAINT_SAFETY_CHECKER": "true"}).safety_checker is True
     with pytest.raises(ValueError, match="INPAINT_SAFETY_CHECKER='maybe' is not a valid bool"):
         Settings.from_env({"INPAINT_SAFETY_CHECKER": "maybe"})
+
+
+# ---------------------------------------------------------------- COG_WEIGHTS archives, over real https
+
+
+class HttpsServer:
+    """A real https server on 127.0.0.1 with a certificate made here (openssl), which clients trust
+    through SSL_CERT_FILE, as a deployment trusts its own CA. Routes: path -> (status, headers, body)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.cert, key = folder / "cert.pem", folder / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(self.cert),
+             "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )
+        self.routes: dict[str, tuple[int, dict, bytes]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                status, headers, body = server.routes.get(self.path.split("?")[0], (404, {}, b"not found"))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def https(tmp_path, monkeypatch):
+    server = HttpsServer(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.cert))
+    yield server
+    server.close()
+
+
+def _tar(folder: Path, arcname: str = "checkpoint", mode: str = "w:gz") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        tar.add(folder, arcname=arcname)
+    return buffer.getvalue()
+
+
+def test_cog_weights_https_tar_is_fetched_unpacked_and_verified(weights_copy, tiny_settings, https, tmp_path):
+    https.routes["/weights.tar.gz"] = (200, {}, _tar(weights_copy))
+    url = f"{https.url}/weights.tar.gz?X-Amz-Signature=secret"
+    folder = resolve_weights(url, tiny_settings)
+    assert hashlib.sha256((folder / UNET).read_bytes()).digest() == hashlib.sha256((weights_copy / UNET).read_bytes()).digest()
+    assert resolve_weights(url, tiny_settings) == folder  # unpacked once
+    assert len(https.requests) == 1
+    with pytest.raises(WeightsError, match="could not fetch the weights archive COG_WEIGHTS=https://127.0.0.1:.*/missing.tar") as error:
+        resolve_weights(f"{https.url}/missing.tar?token=secret", tiny_settings)
+    assert "secret" not in str(error.value)
+
+
+def test_plain_http_is_refused(tiny_settings):
+    with pytest.raises(WeightsError, match="COG_WEIGHTS=http://127.0.0.1:9/weights.tar is not an https URL"):
+        resolve_weights("http://127.0.0.1:9/weights.tar", tiny_settings)
+
+
+def test_a_redirect_from_https_down_to_http_is_refused(weights_copy, tiny_settings, https):
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(weights_copy)))
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        https.routes["/weights.tar"] = (302, {"Location": f"http://127.0.0.1:{plain.server_address[1]}/w.tar?sig=secret"}, b"")
+        with pytest.raises(WeightsError, match=r"refused a redirect to http://127.0.0.1:\d+/w.tar \(query hidden\): only https") as error:
+            resolve_weights(f"{https.url}/weights.tar", tiny_settings)
+        assert "secret" not in str(error.value)
+    finally:
+        plain.shutdown()
+
+
+def test_a_tar_bomb_is_stopped_at_the_byte_cap(tiny_settings, https, tmp_path):
+    """A gzip of zeros that unpacks to far more than the cap: stopped by the sizes the tar declares."""
+    zeros = tmp_path / "zeros"
+    with zeros.open("wb") as file:
+        file.truncate(64 << 20)  # sparse: nothing on disk
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(zeros, arcname="checkpoint/unet/diffusion_pytorch_model.fp16.safetensors")
+    assert len(buffer.getvalue()) < 200_000
+    https.routes["/bomb.tar.gz"] = (200, {}, buffer.getvalue())
+    settings = Settings(weights_manifest_sha256=tiny_settings.weights_manifest_sha256, weights_archive_max_bytes=16 << 20)
+    with pytest.raises(WeightsError, match=r"unpacks to over 16,777,216 bytes \(INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES\)"):
+        resolve_weights(f"{https.url}/bomb.tar.gz", settings)
+    assert not any((Path(os.environ["XDG_CACHE_HOME"]) / "inpaint").glob("weights-*"))  # nothing half-unpacked is left
+
+
+def test_a_tar_of_many_members_and_one_with_a_link_are_refused(weights_copy, tiny_settings, https, tmp_path):
+    many = io.BytesIO()
+    with tarfile.open(fileobj=many, mode="w") as tar:
+        for index in range(1001):
+            tar.addfile(tarfile.TarInfo(f"checkpoint/junk-{index}"), io.BytesIO(b""))
+    https.routes["/many.tar"] = (200, {}, many.getvalue())
+    with pytest.raises(WeightsError, match=r"over 1,000 entries \(INPAINT_WEIGHTS_ARCHIVE_MAX_MEMBERS\)"):
+        resolve_weights(f"{https.url}/many.tar", tiny_settings)
+    linked = io.BytesIO()
+    with tarfile.open(fileobj=linked, mode="w") as tar:
+        link = tarfile.TarInfo("checkpoint/unet/diffusion_pytorch_model.fp16.safetensors")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    https.routes["/linked.tar"] = (200, {}, linked.getvalue())
+    with pytest.raises(WeightsError, match="holds 'checkpoint/unet/diffusion_pytorch_model.fp16.safetensors', which is not a regular file"):
+        resolve_weights(f"{https.url}/linked.tar", tiny_settings)
+
+
+def test_an_archive_that_trickles_is_stopped_at_the_deadline(tiny_settings, https):
+    https.routes["/slow.tar"] = (200, {}, b"\0" * (1 << 20))
+    settings = Settings(weights_manifest_sha256=tiny_settings.weights_manifest_sha256, weights_archive_timeout=0.0)
+    with pytest.raises(WeightsError, match="took longer than INPAINT_WEIGHTS_ARCHIVE_TIMEOUT allows"):
+        resolve_weights(f"{https.url}/slow.tar", settings)
+
+
+def test_the_signed_url_stays_out_of_the_setup_logs_that_the_server_hands_out(weights_copy, https, tmp_path):
+    """Cog's server returns setup logs from GET /health-check: a signed COG_WEIGHTS must not be in them."""
+    from cogserver import CogServer
+
+    https.routes["/weights.tar.gz"] = (200, {}, _tar(weights_copy))
+    url = f"{https.url}/weights.tar.gz?X-Amz-Signature=s3cr3tsignature&X-Amz-Credential=AKIAEXAMPLE"
+    env = {"SSL_CERT_FILE": str(https.cert), "XDG_CACHE_HOME": str(tmp_path / "server-cache"),
+           "INPAINT_WEIGHTS_MANIFEST_SHA256": manifest_pin(weights_copy)}
+    with CogServer(url, log_path=tmp_path / "server.log", env=env) as server:
+        logs = server.health()["setup"]["logs"]
+        assert "downloading weights archive https://127.0.0.1" in logs and "(query hidden)" in logs
+    everything = logs + (tmp_path / "server.log").read_text()
+    assert "s3cr3tsignature" not in everything and "AKIAEXAMPLE" not in everything
 
 
 # ---------------------------------------------------------------- downloads, against a local hub
@@ -223,13 +452,14 @@ def _hub_env(hub, tmp_path, **settings) -> dict:
 
 
 def _with_tiny_manifests(tiny_weights, tmp_path) -> str:
-    """Python lines that point the packaged manifests at the tiny checkpoint's hashes, which stand in for
-    the published ones (the real files' bytes are not on this machine)."""
+    """Python lines that point the packaged manifests and configs at the tiny checkpoint's, which stand
+    in for the published ones (the real files' bytes are not on this machine)."""
     tiny = json.loads((tiny_weights / "weights-sha256.json").read_text())
+    weight_files = {path: entry for path, entry in tiny.items() if path.endswith(".safetensors")}
     published = tmp_path / "published.json"
-    published.write_text(json.dumps({path: entry for path, entry in tiny.items() if not path.startswith(("_", "safety"))}))
+    published.write_text(json.dumps({path: entry for path, entry in weight_files.items() if not path.startswith("safety")}))
     safety = tmp_path / "published-safety.json"
-    safety.write_text(json.dumps({path: entry for path, entry in tiny.items() if path.startswith("safety")}))
+    safety.write_text(json.dumps({path: entry for path, entry in weight_files.items() if path.startswith("safety")}))
     return f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -237,6 +467,7 @@ from pathlib import Path
 from inpaint import weights
 weights.PACKAGE_MANIFEST = Path({str(published)!r})
 weights.SAFETY_MANIFEST = Path({str(safety)!r})
+weights.REFERENCE = Path({str(tiny_weights)!r})  # the tiny checkpoint's configs stand in for the packaged ones
 """
 
 
@@ -268,7 +499,7 @@ def test_download_weights_from_the_real_layout_succeeds_end_to_end(hub, tiny_wei
     assert hub.unknown == []
     assert _weight_files(dest) == set(weights_module.CONFIG_FILES) | {
         UNET, "text_encoder/model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
-        "safety_checker/model.fp16.safetensors", "safety_checker/config.json", ".verified.json",
+        "safety_checker/model.fp16.safetensors", "safety_checker/config.json",
     }
     assert "HTTP Request" not in result.stderr  # the hub client's chatter stays out of the output
 
