@@ -12,6 +12,7 @@ Modules, one concern each:
   pipeline     load the model components and run one inpainting; the GPU fast path (optimize)
   cudagraphs   the UNet's call replayed as a CUDA graph per working shape (part of the fast path)
   compiled     the UNet and VAE compiled per working shape in the background, saved for later starts (fast path)
+  cachetrust   the compile cache is code: private folders, sealed (HMAC) parts and Inductor cache, rejects kept
   service      one prediction end to end: files in, files and metrics out
   environment  what the container runs on: Cog's server version, the NVIDIA driver (checked at setup)
   startup      setup's work in the quickest order: weights read while the libraries import, GC paused

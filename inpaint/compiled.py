@@ -23,6 +23,7 @@ import atexit
 import gc
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ from typing import Any
 
 import torch
 
+from . import cachetrust
 from .config import REPO_ROOT
 from .cudagraphs import plain_kwargs, unet_output
 
@@ -63,7 +65,7 @@ class CompiledForward:
     As is, for the VAE's encoder and decoder (one tensor in, one out); CompiledUNet has the UNet's call."""
 
     def __init__(self, module: torch.nn.Module, part: str, cache_dir: Path | None = None, max_shapes: int = MAX_SHAPES,
-                 config: dict | None = None) -> None:
+                 config: dict | None = None, secret: str = "") -> None:
         if part not in PARTS:
             raise ValueError(f"part {part!r} must be one of {', '.join(PARTS)}")
         self.module = module
@@ -72,6 +74,7 @@ class CompiledForward:
         self.fixed = PARTS[part][1]
         self.eager = module.forward
         self.cache_dir = _usable(cache_dir)
+        self.seal = cachetrust.Seal(self.cache_dir, secret)  # what is saved here is code: sealed, and checked on load
         self.max_shapes = max_shapes
         self.adopted: dict[tuple, Any] = {}  # what calls use; changed only by adopt()
         self.ready: dict[tuple, Any] = {}  # handed over by the worker, adopted at the next prediction
@@ -81,7 +84,7 @@ class CompiledForward:
         self._state = threading.Lock()
         self._pending = 0
         self._idle = threading.Condition(self._state)
-        _keep_inductor_cache_in(self.cache_dir / "inductor")
+        _keep_inductor_cache_in(self.cache_dir / "inductor", self.seal)
 
     def __call__(self, *args: Any, **kwargs: Any):
         if args and plain_kwargs(kwargs):
@@ -175,18 +178,21 @@ class CompiledForward:
                 try:
                     compiled = self._load(path)
                 except Exception as error:
-                    log.warning("saved compiled %s %s not loaded (%s: %s); compiling it again",
-                                _NAMES[self.part], path.name, type(error).__name__, error)
-                    path.unlink(missing_ok=True)
+                    aside = cachetrust.move_aside(path)
+                    log.warning("saved compiled %s %s not loaded (%s: %s); moved aside to %s, compiling it again",
+                                _NAMES[self.part], path.name, type(error).__name__, error, aside.name)
             if compiled is None:
                 _compile_in_child(self, key, path)
+                self.seal.seal(path)
                 compiled, how = self._load(path), "compiled"
             self._check(compiled, key)
+            _seal_inductor_cache(self.seal)
         return compiled, how
 
     def _load(self, path: Path):
-        with path.open("rb") as file:
-            return torch.compiler.load_compiled_function(file, external_data=_external(self.module))
+        """Unpickle a saved part from bytes whose seal checks out (cachetrust.UntrustedCache otherwise)."""
+        data = self.seal.read(path)
+        return torch.compiler.load_compiled_function(io.BytesIO(data), external_data=_external(self.module))
 
     def _check(self, compiled, key: tuple) -> None:
         """Run the compiled and the eager part on the same random inputs; refuse the compiled one if they differ."""
@@ -212,8 +218,9 @@ class CompiledForward:
 class CompiledUNet(CompiledForward):
     """Stands in for `unet.forward`: the UNet's own call (its output a tuple or a UNet2DConditionOutput)."""
 
-    def __init__(self, unet: torch.nn.Module, cache_dir: Path | None = None, max_shapes: int = MAX_SHAPES) -> None:
-        super().__init__(unet, "unet", cache_dir, max_shapes)
+    def __init__(self, unet: torch.nn.Module, cache_dir: Path | None = None, max_shapes: int = MAX_SHAPES,
+                 secret: str = "") -> None:
+        super().__init__(unet, "unet", cache_dir, max_shapes, secret=secret)
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args: Any, return_dict: bool = True, **kwargs: Any):
         if not args and plain_kwargs(kwargs):
@@ -378,34 +385,56 @@ def _external(module: torch.nn.Module) -> dict[str, Any]:
 
 
 def _usable(folder: Path | None) -> Path:
-    """`folder`, made if needed, when this process can write there; else a temporary folder (the
-    compiled parts then last as long as this process)."""
+    """`folder`, made 0700 if needed, when it is this user's own and private (cachetrust) and writable;
+    else a private temporary folder (the compiled parts then last as long as this process)."""
     if folder is not None:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            cachetrust.private_folder(folder)
             with tempfile.TemporaryFile(dir=folder):
                 return folder
-        except OSError as error:
+        except (OSError, cachetrust.UntrustedCache) as error:
             log.warning("compiled parts cannot be kept in %s (%s); they are kept for this process only", folder, error)
     return Path(tempfile.mkdtemp(prefix="inpaint-compiled-"))
 
 
-def _keep_inductor_cache_in(folder: Path) -> None:
+def _keep_inductor_cache_in(folder: Path, seal: cachetrust.Seal) -> None:
     """Inductor's kernels and autotuning results, kept beside the compiled functions that use them (a
-    loaded function whose kernels are not in this cache builds them again). A folder the deployment
-    chose with TORCHINDUCTOR_CACHE_DIR is left as it is; torch sets its own default in /tmp on import."""
+    loaded function whose kernels are not in this cache builds them again), once its seal checks out;
+    otherwise it is moved aside and a new one starts empty. A folder the deployment chose with
+    TORCHINDUCTOR_CACHE_DIR is left as it is; torch sets its own default in /tmp on import."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) != default_cache_dir():
+        return
+    if folder.exists():
+        try:
+            seal.check_tree(folder)
+        except cachetrust.UntrustedCache as error:
+            aside = cachetrust.move_aside(folder)
+            log.warning("Inductor's cache %s not used (%s); moved aside to %s, starting an empty one", folder, error, aside.name)
+    cachetrust.private_folder(folder)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+
+
+def _seal_inductor_cache(seal: cachetrust.Seal) -> None:
+    """Sign Inductor's cache as it is after a compile or a load (its folder when this process chose it)."""
+    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
+    if folder.parent == seal.folder and folder.is_dir():
+        seal.seal_tree(folder)
 
 
 def _save(compiled, path: Path, module: torch.nn.Module) -> None:
-    """Write atomically: a reader sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{os.getpid()}")
-    compiled.save_compiled_function(str(partial), external_data=_external(module))
-    os.replace(partial, path)
+    """Write atomically, through a file of mkstemp's (a unique name even on a volume shared between
+    containers): a reader sees the whole file or none."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
+    os.close(descriptor)
+    try:
+        compiled.save_compiled_function(partial, external_data=_external(module))
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def _inference_call(*values) -> bool:
@@ -413,13 +442,14 @@ def _inference_call(*values) -> bool:
 
 
 def use_compiled(module: torch.nn.Module, cache_dir: Path | None = None, part: str = "unet", config: dict | None = None,
-                 **limits: int) -> CompiledForward:
+                 secret: str = "", **limits: int) -> CompiledForward:
     """Route `module(...)` through a CompiledForward (the module, its config and weights stay as they are).
-    `part` says which (PARTS); the VAE's parts take the VAE's `config`, which the child builds them from."""
+    `part` says which (PARTS); the VAE's parts take the VAE's `config`, which the child builds them from.
+    `secret` keys the seals of what is saved in `cache_dir` (cachetrust)."""
     if part == "unet":
-        compiled = CompiledUNet(module, cache_dir, **limits)
+        compiled = CompiledUNet(module, cache_dir, secret=secret, **limits)
     else:
-        compiled = CompiledForward(module, part, cache_dir, config=config, **limits)
+        compiled = CompiledForward(module, part, cache_dir, config=config, secret=secret, **limits)
     module.forward = compiled
     return compiled
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,11 @@ class Settings:
     # READY comes later and the first prediction is compiled; "off": never.
     compile: str = "background"
     # Where compiled parts and Inductor's cache are kept, so that a later start loads instead of compiling.
+    # They are code: the folder must be this user's own and private (inpaint/cachetrust.py).
     compile_cache: Path = REPO_ROOT / ".cache" / "compiled"
+    # The secret that seals what is saved in compile_cache (HMAC). Set it, as a deployment secret, when that
+    # folder is a volume shared between containers; unset, a random key kept in the folder is used.
+    compile_cache_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         mode = {"1": "setup", "true": "setup", "yes": "setup", "on": "setup", "0": "off", "false": "off",

@@ -95,6 +95,7 @@ def load_pipeline(
     compile: str = "off",
     cuda_graphs: bool = True,
     compile_cache: Path | None = None,
+    compile_key: str = "",
 ) -> StableDiffusionInpaintPipeline:
     """Load the checkpoint from a local folder: safetensors only, no network, no safety checker here.
 
@@ -115,7 +116,7 @@ def load_pipeline(
     diffusers_log = logging.getLogger(StableDiffusionInpaintPipeline.__module__)
     if not any(isinstance(existing, _ShortLog) for existing in diffusers_log.filters):
         diffusers_log.addFilter(_ShortLog())
-    optimize(pipe, device, fast, compile, cuda_graphs, compile_cache)
+    optimize(pipe, device, fast, compile, cuda_graphs, compile_cache, compile_key)
     for name in ("encode", "decode"):
         setattr(pipe.vae, name, _timed(getattr(pipe.vae, name), f"vae_{name}", device))
     pipe.text_encoder.forward = _timed(pipe.text_encoder.forward, "text_encode", device)
@@ -163,6 +164,7 @@ def optimize(
     compile: str = "off",
     cuda_graphs: bool = True,
     compile_cache: Path | None = None,
+    compile_key: str = "",
 ) -> None:
     """Every GPU speed-up lives behind this one switch; on the CPU, or with fast=False, it does nothing.
 
@@ -181,7 +183,7 @@ def optimize(
     """
     if device.type != "cuda" or not fast:
         return
-    apply_fast_path(pipe, compile, cuda_graphs, compile_cache)
+    apply_fast_path(pipe, compile, cuda_graphs, compile_cache, compile_key)
 
 
 def apply_fast_path(
@@ -189,15 +191,17 @@ def apply_fast_path(
     compile: str = "off",
     cuda_graphs: bool = True,
     compile_cache: Path | None = None,
+    compile_key: str = "",
 ) -> None:
     """The fast path's changes themselves, on whatever device the pipeline is (the tests run them on
     the CPU, where `optimize` leaves them out; the CUDA graphs pass CPU calls straight through)."""
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.enable_slicing()
     if compile != "off":  # the modules stay themselves (config, components); their forward is routed
-        compiled.use_compiled(pipe.unet, compile_cache)
+        compiled.use_compiled(pipe.unet, compile_cache, secret=compile_key)
         for part in ("decoder", "encoder"):
-            compiled.use_compiled(getattr(pipe.vae, part), compile_cache, part=f"vae.{part}", config=pipe.vae.config)
+            compiled.use_compiled(getattr(pipe.vae, part), compile_cache, part=f"vae.{part}", config=pipe.vae.config,
+                                  secret=compile_key)
     if cuda_graphs:
         cudagraphs.use_cuda_graphs(pipe.unet)
 

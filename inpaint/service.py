@@ -115,7 +115,7 @@ class Inpainter:
         with timer.stage("model"):
             pipe = pipeline.load_pipeline(
                 folder, device, dtype, settings.fast_path, settings.compile, settings.cuda_graphs,
-                settings.compile_cache,
+                settings.compile_cache, settings.compile_cache_key,
             )
         return safety, pipe
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inpaint import compiled, cudagraphs, pipeline
+from inpaint import cachetrust, compiled, cudagraphs, pipeline
 from inpaint.config import Settings
 
 from conftest import ROOT
@@ -105,7 +105,8 @@ def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_star
     second = _run(pipe)
     assert counting.calls == 4  # every one of the 4 steps
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, second))
-    assert [path.suffix for path in cache_dir.glob("unet-*")] == [".aot"]
+    assert sorted(path.suffix for path in cache_dir.glob("unet-*")) == [".aot", ".hmac"]  # the part and its seal
+    assert not list(cache_dir.glob(".*partial*"))
 
 
 def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(first_start, cache_dir):
@@ -245,7 +246,7 @@ def test_a_compile_whose_server_is_gone_ends_and_saves_nothing(tiny_weights, tmp
         time.sleep(0.2)
     assert not _running(pid)
     assert time.monotonic() - begin < 60  # its imports, then half a second
-    assert not list(tmp_path.glob("unet-*.aot")) and not list(tmp_path.glob("*.partial-*"))
+    assert not list(tmp_path.glob("unet-*.aot")) and not list(tmp_path.glob("*partial*"))
 
 
 def test_a_process_that_exits_mid_compile_ends_the_compile_and_does_not_wait_for_it(tiny_weights, tmp_path):
@@ -298,15 +299,16 @@ def test_an_unusable_cache_folder_falls_back_to_a_temporary_one(tiny_weights, tm
 def test_inductors_cache_goes_beside_the_compiled_unets_unless_the_deployment_chose_one(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    seal = cachetrust.Seal(cachetrust.private_folder(tmp_path))
     for before in (None, default_cache_dir()):  # unset, or the default torch itself set on import
         if before is None:
             monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
         else:
             monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
-        compiled._keep_inductor_cache_in(tmp_path / "inductor")
+        compiled._keep_inductor_cache_in(tmp_path / "inductor", seal)
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/chosen")
-    compiled._keep_inductor_cache_in(tmp_path / "inductor")
+    compiled._keep_inductor_cache_in(tmp_path / "inductor", seal)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/srv/chosen"
 
 

@@ -1,0 +1,147 @@
+"""The compile cache is code: a planted or tampered file is refused before anything is unpickled, and
+kept; folders that others could write are not used."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from inpaint import cachetrust, compiled
+from inpaint.cachetrust import Seal, UntrustedCache
+
+
+class Planted:
+    """What an attacker would leave in a shared cache: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def unet(tiny_weights):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_weights / "unet", variant="fp16", dtype=torch.float32,
+                                                use_safetensors=True, local_files_only=True).eval()
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return cachetrust.private_folder(tmp_path / "compiled")
+
+
+def _key(unet) -> tuple:
+    sample = torch.zeros(2, unet.config.in_channels, 8, 8)
+    with torch.inference_mode():
+        return compiled.call_key(sample, torch.tensor(500), torch.zeros(2, 77, unet.config.cross_attention_dim))
+
+
+def test_a_planted_compiled_part_is_never_unpickled_and_is_kept(unet, tmp_path, caplog, monkeypatch):
+    cache = tmp_path / "compiled"
+    worker = compiled.CompiledUNet(unet, cache)
+    key = _key(unet)
+    path = worker._path(key)
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(Planted(marker))
+    path.write_bytes(payload)
+    path.with_name(path.name + cachetrust.SEAL_SUFFIX).write_text("0" * 64)  # a forged seal
+    with pytest.raises(UntrustedCache, match="does not match its seal"):
+        worker._load(path)
+
+    def no_compile(*args):
+        raise RuntimeError("compiling is not what this test is about")
+
+    monkeypatch.setattr(compiled, "_compile_in_child", no_compile)
+    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
+        worker._work(key)
+    assert not marker.exists()
+    (aside,) = cache.glob(f"{path.name}.rejected-*[0-9]")
+    assert aside.read_bytes() == payload  # moved aside, not deleted
+    assert "does not match its seal" in caplog.text and f"moved aside to {aside.name}" in caplog.text
+    assert worker.sources[key] == "failed"
+
+
+def test_a_part_with_no_seal_is_refused(cache):
+    seal = Seal(cache)
+    part = seal.folder / "unet-abc.aot"
+    part.write_bytes(b"anything")
+    with pytest.raises(UntrustedCache, match="has no seal"):
+        seal.read(part)
+    seal.seal(part)
+    assert seal.read(part) == b"anything"
+    part.write_bytes(b"anything else")
+    with pytest.raises(UntrustedCache, match="does not match its seal"):
+        seal.read(part)
+
+
+def test_the_deployments_secret_keys_the_seals(cache):
+    (cache / "part.aot").write_bytes(b"compiled code")
+    Seal(cache, "deployment secret").seal(cache / "part.aot")
+    assert Seal(cache, "deployment secret").read(cache / "part.aot") == b"compiled code"
+    for other in (Seal(cache, "another secret"), Seal(cache)):  # the folder's own key is another one too
+        with pytest.raises(UntrustedCache):
+            other.read(cache / "part.aot")
+    assert (cache / cachetrust.KEY_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_the_cache_folder_is_made_private_and_one_others_can_write_is_not_used(unet, tmp_path, caplog):
+    made = cachetrust.private_folder(tmp_path / "new" / "compiled")
+    assert made.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
+        worker = compiled.CompiledUNet(unet, shared)
+    assert worker.cache_dir != shared and worker.cache_dir.name.startswith("inpaint-compiled-")
+    assert "has mode 777: writable by others" in caplog.text and "kept for this process only" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
+def test_a_cache_folder_of_another_user_is_not_used(tmp_path):
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 12345, -1)
+    with pytest.raises(UntrustedCache, match="belongs to user 12345"):
+        cachetrust.private_folder(folder)
+
+
+def test_links_in_the_cache_are_refused(cache, tmp_path):
+    (tmp_path / "elsewhere.aot").write_bytes(b"x")
+    (cache / "part.aot").symlink_to(tmp_path / "elsewhere.aot")
+    with pytest.raises(UntrustedCache, match="is a link"):
+        Seal(cache).read(cache / "part.aot")
+
+
+def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = cachetrust.private_folder(tmp_path / "compiled")
+    seal = Seal(folder)
+    inductor = folder / "inductor"
+    (inductor / "kernels").mkdir(parents=True)
+    (inductor / "kernels" / "k.py").write_text("print('a kernel')")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    compiled._keep_inductor_cache_in(inductor, seal)  # no seal: moved aside, a new empty one
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(inductor)
+    assert list(inductor.iterdir()) == []
+    (aside,) = folder.glob("inductor.rejected-*")
+    assert (aside / "kernels" / "k.py").read_text() == "print('a kernel')"
+
+    (inductor / "k.py").write_text("print('a kernel')")
+    compiled._seal_inductor_cache(seal)
+    seal.check_tree(inductor)  # as sealed
+    (inductor / "planted.py").write_text("import os; os.system('touch /tmp/pwned')")
+    with pytest.raises(UntrustedCache, match="holds files that its seal does not list"):
+        seal.check_tree(inductor)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    compiled._keep_inductor_cache_in(inductor, seal)
+    assert not (inductor / "planted.py").exists()
+    assert len(list(folder.glob("inductor.rejected-*"))) == 2
