@@ -1,0 +1,134 @@
+"""This container against diffusers' own StableDiffusionInpaintPipeline, in fp32 on the CPU with the
+tiny weights: the same inputs and seed paint the same pixels, byte for byte, and the UNet sees the
+same inputs at every step. Each case comes with a control: the same case with that one input
+changed paints differently, so a dropped or altered input cannot pass.
+
+The photo is the working size and the mask covers most of it, so the model works on the whole photo
+with no resize, and mask_blur=0 leaves no feather: inside the mask, the output is the model's."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from inpaint.inputs import check_inputs
+
+SIZE = 128
+# Replicate's scheduler names and the diffusers classes they name (its model's published choices).
+SCHEDULERS = {
+    "DDIM": diffusers.DDIMScheduler,
+    "K_EULER": diffusers.EulerDiscreteScheduler,
+    "DPMSolverMultistep": diffusers.DPMSolverMultistepScheduler,
+    "K_EULER_ANCESTRAL": diffusers.EulerAncestralDiscreteScheduler,
+    "PNDM": diffusers.PNDMScheduler,
+    "KLMS": diffusers.LMSDiscreteScheduler,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    prompt: str = "a red barn in the snow"
+    negative_prompt: str | None = None
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 3
+    scheduler: str = "DPMSolverMultistep"
+    strength: float = 1.0
+    seed: int = 7
+    num_outputs: int = 1
+
+
+# (case, the control: the same case with the input under test changed)
+CASES = {
+    **{f"scheduler {name}": (Case(scheduler=name), Case(scheduler="DDIM" if name != "DDIM" else "PNDM")) for name in SCHEDULERS},
+    "prompt": (Case(prompt="a lighthouse at dusk"), Case(prompt="")),
+    "negative_prompt": (Case(negative_prompt="blurry, dark"), Case()),
+    "guidance_scale": (Case(guidance_scale=3.0), Case(guidance_scale=1.0)),
+    "num_inference_steps": (Case(num_inference_steps=5), Case(num_inference_steps=4)),
+    "strength": (Case(strength=0.6, num_inference_steps=5), Case(strength=1.0, num_inference_steps=5)),
+    "seed": (Case(seed=123456789), Case(seed=123456790)),
+    "num_outputs": (Case(num_outputs=2), Case(num_outputs=2, seed=8)),
+}
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
+    """A textured photo at the working size and a mask over most of it (so the crop is the whole photo)."""
+    folder = tmp_path_factory.mktemp("scene")
+    rng = np.random.default_rng(0)
+    photo = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(folder / "photo.png")
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    ImageDraw.Draw(mask).rectangle((8, 8, SIZE - 9, SIZE - 17), fill=255)
+    mask.save(folder / "mask.png")
+    return folder / "photo.png", folder / "mask.png", np.asarray(mask) > 127
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights):
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+        tiny_weights, variant="fp16", dtype=torch.float32, use_safetensors=True, local_files_only=True,
+        safety_checker=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class UNetInputs:
+    """Records what the UNet is called with, step by step."""
+
+    def __init__(self, unet) -> None:
+        self.calls: list[tuple[torch.Tensor, ...]] = []
+        self.handle = unet.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        values = [*args, *(kwargs[name] for name in ("sample", "timestep", "encoder_hidden_states") if name in kwargs)]
+        self.calls.append(tuple(torch.as_tensor(value).detach().clone() for value in values[:3]))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def paint_with_diffusers(pipe, photo: Path, mask: Path, case: Case) -> list[np.ndarray]:
+    pipe.scheduler = SCHEDULERS[case.scheduler].from_config(pipe.scheduler.config)
+    images = pipe(
+        prompt=case.prompt, negative_prompt=case.negative_prompt, image=Image.open(photo).convert("RGB"),
+        mask_image=Image.open(mask).convert("L"), height=SIZE, width=SIZE, strength=case.strength,
+        num_inference_steps=case.num_inference_steps, guidance_scale=case.guidance_scale,
+        num_images_per_prompt=case.num_outputs, generator=torch.Generator("cpu").manual_seed(case.seed),
+    ).images
+    return [np.asarray(image) for image in images]
+
+
+def paint_with_this_container(inpainter, photo: Path, mask: Path, case: Case, out: Path) -> list[np.ndarray]:
+    request = check_inputs(**dataclasses.asdict(case), width=SIZE, height=SIZE, mask_blur=0, disable_safety_checker=True)
+    out.mkdir()
+    prediction = inpainter.inpaint(photo, mask, request, out)
+    assert prediction.metrics["crop_boxes"] == [[0, 0, SIZE, SIZE]]  # the whole photo, no resize
+    return [np.asarray(Image.open(path)) for path in prediction.paths]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_same_inputs_paint_the_same_pixels_as_diffusers(name, inpainter, reference, scene, tmp_path):
+    case, control = CASES[name]
+    photo, mask, inside = scene
+    ours_unet, theirs_unet = UNetInputs(inpainter.pipe.unet), UNetInputs(reference.unet)
+    try:
+        ours = paint_with_this_container(inpainter, photo, mask, case, tmp_path / "ours")
+        theirs = paint_with_diffusers(reference, photo, mask, case)
+    finally:
+        ours_unet.close()
+        theirs_unet.close()
+    assert len(ours) == len(theirs) == case.num_outputs
+    for mine, expected in zip(ours, theirs):
+        assert np.array_equal(mine[inside], expected[inside])
+    assert len(ours_unet.calls) == len(theirs_unet.calls) > 0
+    for step, (mine, expected) in enumerate(zip(ours_unet.calls, theirs_unet.calls)):
+        assert all(torch.equal(a, b) for a, b in zip(mine, expected)), f"UNet inputs differ at step {step}"
+    changed = paint_with_diffusers(reference, photo, mask, control)
+    assert any(not np.array_equal(a[inside], b[inside]) for a, b in zip(changed, theirs)), f"{name}: the control paints the same"
