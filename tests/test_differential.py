@@ -16,19 +16,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from published import REPLICATE_SCHEDULERS
 
 from inpaint.inputs import check_inputs
 
 SIZE = 128
-# Replicate's scheduler names and the diffusers classes they name (its model's published choices).
-SCHEDULERS = {
-    "DDIM": diffusers.DDIMScheduler,
-    "K_EULER": diffusers.EulerDiscreteScheduler,
-    "DPMSolverMultistep": diffusers.DPMSolverMultistepScheduler,
-    "K_EULER_ANCESTRAL": diffusers.EulerAncestralDiscreteScheduler,
-    "PNDM": diffusers.PNDMScheduler,
-    "KLMS": diffusers.LMSDiscreteScheduler,
-}
+SCHEDULERS = REPLICATE_SCHEDULERS
 
 
 @dataclasses.dataclass(frozen=True)

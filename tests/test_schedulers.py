@@ -8,18 +8,13 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from published import REPLICATE_SCHEDULERS
+
 from inpaint import pipeline, schedulers
 from inpaint.schedulers import SCHEDULER_NAMES, make_scheduler
 
 CONFIG = json.loads((Path(__file__).parent.parent / "inpaint/reference/scheduler/scheduler_config.json").read_text())
-EXPECTED = {
-    "DDIM": diffusers.DDIMScheduler,
-    "K_EULER": diffusers.EulerDiscreteScheduler,
-    "DPMSolverMultistep": diffusers.DPMSolverMultistepScheduler,
-    "K_EULER_ANCESTRAL": diffusers.EulerAncestralDiscreteScheduler,
-    "PNDM": diffusers.PNDMScheduler,
-    "KLMS": diffusers.LMSDiscreteScheduler,
-}
+EXPECTED = REPLICATE_SCHEDULERS
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
