@@ -1,0 +1,84 @@
+"""Each deployment setting, set as the deployment sets it (an INPAINT_* environment variable), reaches
+the code: a request the default allows is refused, or the other way round."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inpaint.config import Settings
+from inpaint.inputs import check_inputs
+from inpaint.service import Inpainter
+
+
+def _files(tmp_path, size=(200, 120), fmt="PNG", **save):
+    photo = tmp_path / f"photo.{fmt.lower()}"
+    Image.fromarray((np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(photo, fmt, **save)
+    mask = tmp_path / "mask.png"
+    pixels = np.zeros((size[1], size[0]), np.uint8)
+    pixels[size[1] // 4 : size[1] // 2, size[0] // 4 : size[0] // 2] = 255
+    Image.fromarray(pixels).save(mask)
+    return photo, mask
+
+
+def _predict(inpainter, environ: dict, tmp_path, photo, mask, **inputs):
+    served = Inpainter(inpainter.pipe, Settings.from_env(environ), None)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    request = check_inputs(num_inference_steps=1, seed=0, **inputs)
+    return served.inpaint(photo, mask, request, out)
+
+
+@pytest.mark.parametrize("variable, value, refusal, files, inputs", [
+    ("INPAINT_MAX_INPUT_PIXELS", "10000", "over the limit of 10,000", {}, {}),
+    ("INPAINT_MAX_UPLOAD_BYTES", "1000", "over the limit of 1,000 (INPAINT_MAX_UPLOAD_BYTES)", {}, {}),
+    ("INPAINT_MAX_INPUT_SIDE", "150", "a side over the limit of 150 pixels", {}, {}),
+    ("INPAINT_MAX_INPUT_ASPECT", "1.5", "longer than 1.5:1", {}, {}),
+    ("INPAINT_MAX_JPEG_SCANS", "3", "over the limit of 3 (INPAINT_MAX_JPEG_SCANS)", {"fmt": "JPEG", "progressive": True}, {}),
+    ("INPAINT_MAX_WORKING_PIXELS", "100000", "over this deployment's limit of 100,000", {}, {"width": 512, "height": 512}),
+    ("INPAINT_MAX_BATCH_PIXELS", "300000", "over this deployment's limit of 300,000", {}, {"num_outputs": 2}),
+])
+def test_each_limit_setting_reaches_the_service(inpainter, tmp_path, variable, value, refusal, files, inputs):
+    photo, mask = _files(tmp_path, **files)
+    _predict(inpainter, {}, tmp_path, photo, mask, **inputs)  # the default allows it
+    with pytest.raises(ValueError, match=refusal.replace("(", r"\(").replace(")", r"\)")):
+        _predict(inpainter, {variable: value}, tmp_path, photo, mask, **inputs)
+
+
+def test_the_pixel_limit_setting_sets_pillows_own_guard(inpainter, tiny_weights, tiny_settings):
+    before = Image.MAX_IMAGE_PIXELS
+    try:
+        Inpainter.load(str(tiny_weights), Settings.from_env({
+            "INPAINT_MAX_INPUT_PIXELS": "123456", "INPAINT_WEIGHTS_MANIFEST_SHA256": tiny_settings.weights_manifest_sha256,
+        }))
+        assert Image.MAX_IMAGE_PIXELS == 123456
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def test_the_device_setting_picks_the_device():
+    from inpaint import pipeline
+
+    assert pipeline.pick_device(Settings.from_env({"INPAINT_DEVICE": "cpu"}).device)[0].type == "cpu"
+
+
+def test_the_weights_folder_setting_is_where_weights_are_looked_for(tiny_weights, tiny_settings, tmp_path, monkeypatch):
+    from inpaint.weights import WeightsError, resolve_weights
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = Settings.from_env({"INPAINT_WEIGHTS_DIR": str(tiny_weights),
+                                  "INPAINT_WEIGHTS_MANIFEST_SHA256": tiny_settings.weights_manifest_sha256})
+    assert resolve_weights(None, settings) == tiny_weights
+    wrong = Settings.from_env({"INPAINT_WEIGHTS_DIR": str(tiny_weights), "INPAINT_WEIGHTS_MANIFEST_SHA256": "0" * 64})
+    with pytest.raises(WeightsError, match="INPAINT_WEIGHTS_MANIFEST_SHA256 pins 0000"):
+        resolve_weights(None, wrong)
+
+
+def test_archive_settings_are_read_from_the_environment():
+    settings = Settings.from_env({"INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES": "5", "INPAINT_WEIGHTS_ARCHIVE_MAX_MEMBERS": "6",
+                                  "INPAINT_WEIGHTS_ARCHIVE_TIMEOUT": "7.5", "INPAINT_COMPILE_CACHE_KEY": "s3cret"})
+    assert (settings.weights_archive_max_bytes, settings.weights_archive_max_members, settings.weights_archive_timeout) == (5, 6, 7.5)
+    assert settings.compile_cache_key == "s3cret" and "s3cret" not in repr(settings)  # a secret stays out of logs
