@@ -139,3 +139,31 @@ def test_each_mask_input_changes_what_is_painted(inpainter, painting, tmp_path, 
         assert (rows.min(), rows.max(), columns.min(), columns.max()) == (60 - 5, 119 + 5, 80 - 5, 149 + 5)
     else:
         assert not np.array_equal(changed[0], changed[1]) or option == "padding"
+
+
+def test_safety_flags_attach_to_the_output_whose_region_was_flagged(inpainter, monkeypatch, tmp_path):
+    """Two regions, three outputs; the checker flags only region 1 of output 1: output 1 alone is left out."""
+    from inpaint.service import Inpainter
+
+    def generate(pipe, crops, masks, job, timings=None):  # each (region, output) painted its own solid colour
+        return [[Image.new("RGB", crop.size, (10 * index, 10 * region, 200)) for index in range(job.num_outputs)]
+                for region, crop in enumerate(crops)]
+
+    class Checker:
+        def flags(self, images):
+            return [image.getpixel((0, 0)) == (10, 10, 200) for image in images]
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    served = Inpainter(inpainter.pipe, inpainter.settings, Checker())
+    photo = (np.random.default_rng(3).random((300, 400, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((300, 400), np.uint8)
+    mask[10:50, 10:60] = mask[230:270, 320:370] = 255
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    request = check_inputs(num_outputs=3, num_inference_steps=1, seed=0, mask_blur=0, mask_padding=8)
+    prediction = served.inpaint(tmp_path / "photo.png", tmp_path / "mask.png", request, tmp_path)
+    assert len(prediction.metrics["crop_boxes"]) == 2
+    assert prediction.metrics["nsfw_flagged_indices"] == [1] and prediction.metrics["nsfw_flagged"] == 1
+    kept = [np.asarray(Image.open(path)) for path in prediction.paths]
+    assert [tuple(image[30, 35]) for image in kept] == [(0, 0, 200), (20, 0, 200)]  # outputs 0 and 2, region 0
+    assert [tuple(image[250, 345]) for image in kept] == [(0, 10, 200), (20, 10, 200)]  # and their region 1
