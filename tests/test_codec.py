@@ -321,3 +321,15 @@ def test_webp_keeps_alpha_and_jpg_drops_it(tmp_path):
     assert (webp.suffix, Image.open(webp).format, Image.open(webp).mode) == (".webp", "WEBP", "RGBA")
     assert (jpg.suffix, Image.open(jpg).format, Image.open(jpg).mode) == (".jpg", "JPEG", "RGB")
     assert jpg.stat().st_size < encode_image(image, tmp_path / "hq", "jpg", 100).stat().st_size
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpg"])
+def test_output_quality_is_what_pillow_writes_at_that_quality(tmp_path, fmt):
+    """The lossy outputs are Pillow's own encoding at the quality asked for: the same bytes."""
+    pixels = np.asarray(Image.open(make_photo(tmp_path / "p.png")).convert("RGB"))
+    for quality in (20, 90):
+        path = encode_image(pixels, tmp_path / f"out-{quality}", fmt, quality)
+        expected = io.BytesIO()
+        Image.fromarray(pixels).save(expected, "WEBP" if fmt == "webp" else "JPEG", quality=quality)  # Pillow's defaults
+        assert path.read_bytes() == expected.getvalue()
+    assert (tmp_path / "out-20").with_suffix(f".{fmt}").read_bytes() != (tmp_path / "out-90").with_suffix(f".{fmt}").read_bytes()
