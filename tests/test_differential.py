@@ -125,3 +125,37 @@ def test_the_same_inputs_paint_the_same_pixels_as_diffusers(name, inpainter, ref
         assert all(torch.equal(a, b) for a, b in zip(mine, expected)), f"UNet inputs differ at step {step}"
     changed = paint_with_diffusers(reference, photo, mask, control)
     assert any(not np.array_equal(a[inside], b[inside]) for a, b in zip(changed, theirs)), f"{name}: the control paints the same"
+
+
+def test_a_batch_of_regions_hands_each_region_the_images_painted_from_it(inpainter, monkeypatch):
+    """Two crops with different masks, two outputs each, in one diffusers batch: every image handed
+    back for crop c was denoised with crop c's mask, as the UNet saw it (its mask channel)."""
+    from inpaint import pipeline
+
+    crops = [Image.fromarray((np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8)) for seed in (1, 2)]
+    masks = [Image.new("L", (64, 64), 0) for _ in crops]
+    ImageDraw.Draw(masks[0]).rectangle((0, 0, 31, 63), fill=255)  # left half
+    ImageDraw.Draw(masks[1]).rectangle((32, 0, 63, 63), fill=255)  # right half
+    raw, seen = [], UNetInputs(inpainter.pipe.unet)
+    original = diffusers.StableDiffusionInpaintPipeline.__call__
+
+    def keeping(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        raw.extend(result.images)
+        return result
+
+    monkeypatch.setattr(diffusers.StableDiffusionInpaintPipeline, "__call__", keeping)
+    try:
+        job = pipeline.Generation("a red barn", None, 2, 2, 7.5, 1.0, "DDIM", 3)
+        grouped = pipeline.generate(inpainter.pipe, crops, masks, job)
+    finally:
+        seen.close()
+    sample = seen.calls[0][0]  # (2 x entries, 9, h, w): the unconditional half, then the conditional one
+    entries = sample.shape[0] // 2
+    left_masked = [bool(sample[entry, 4, :, :4].mean() > sample[entry, 4, :, -4:].mean()) for entry in range(entries)]
+    assert sorted(left_masked) == [False, False, True, True]
+    for crop, images in enumerate(grouped):
+        assert len(images) == 2
+        for image in images:
+            entry = next(index for index, candidate in enumerate(raw) if candidate is image)
+            assert left_masked[entry] == (crop == 0), f"crop {crop} was handed the image of batch entry {entry}"
