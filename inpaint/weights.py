@@ -1,13 +1,14 @@
-"""Where the weights live: find or download the checkpoint folder, and verify every weight file by sha256.
+"""Where the weights live: find or download the checkpoint folder, and trust only what is verified.
 
 A weights folder is the checkpoint's diffusers layout with fp16 safetensors:
   model_index.json, scheduler/, tokenizer/, feature_extractor/,
   unet/diffusion_pytorch_model.fp16.safetensors, vae/diffusion_pytorch_model.fp16.safetensors,
-  text_encoder/model.fp16.safetensors (each beside its config.json).
-The files are checked against a sha256 manifest: the folder's own `weights-sha256.json` if it has one
-(test weights written by script/make-tiny-weights do), else the published checkpoint's manifest
-shipped in this package. Hashing 2.6 GB takes seconds, so a successful check is remembered in
-`.verified.json` (size and mtime per file) and repeated only when a file changes.
+  text_encoder/model.fp16.safetensors (each beside its config.json), safety_checker/.
+Every weight file is checked by sha256 against the published manifests shipped in this package,
+and the configs then come from inpaint/reference; a folder's own weights-sha256.json (test weights,
+a fine-tune) counts only when the deployment pins its sha256 (verify_weights). A successful check
+is remembered outside the folder and repeated when a file changes. COG_WEIGHTS may be a folder or an
+https tar, unpacked within caps (download_tar).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from .config import Settings
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "weights-sha256.json"
-STAMP_NAME = ".verified.json"
 PACKAGE_MANIFEST = Path(__file__).with_name(MANIFEST_NAME)
 SAFETY_MANIFEST = Path(__file__).with_name("safety-checker-sha256.json")
 # The file names the two source repositories really hold, from their public tree listings at the
