@@ -27,9 +27,9 @@ class Predictor(BaseRunner):
         negative_prompt: Optional[str] = Input(
             description="What the painted region should not show.", default=None, max_length=2000
         ),
-        image: Path = Input(description="The photo to inpaint. The output has its size."),
+        image: Path = Input(description="The photo to inpaint. The output has its size, plus any outpaint_* margins."),
         mask: Optional[Path] = Input(
-            description="Mask of the photo: white is repainted, black is kept. Without one, the photo's transparent pixels are repainted.",
+            description="Mask of the photo: white is repainted, black is kept. Without one, the photo's transparent pixels are repainted (none, when outpainting an opaque photo).",
             default=None,
         ),
         invert_mask: bool = Input(description="Repaint the black part of the mask instead.", default=False),
@@ -78,6 +78,15 @@ class Predictor(BaseRunner):
         ),
         output_quality: int = Input(description="Quality of webp and jpg outputs.", ge=1, le=100, default=90),
         disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
+        outpaint_left: int = Input(
+            description="Outpainting: pixels of new canvas to paint left of the photo. The photo itself stays as it is.",
+            ge=0,
+            le=2048,
+            default=0,
+        ),
+        outpaint_right: int = Input(description="Outpainting: pixels of new canvas right of the photo.", ge=0, le=2048, default=0),
+        outpaint_up: int = Input(description="Outpainting: pixels of new canvas above the photo.", ge=0, le=2048, default=0),
+        outpaint_down: int = Input(description="Outpainting: pixels of new canvas below the photo.", ge=0, le=2048, default=0),
     ) -> List[Path]:
         # Every input but the two files goes, by name, to the one function that validates them all.
         settings = {name: value for name, value in locals().items() if name not in ("self", "image", "mask")}

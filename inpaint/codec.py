@@ -79,21 +79,7 @@ def _check_header(image: Image.Image, path: Path, name: str, limits: InputLimits
     width, height = image.size
     if width < 1 or height < 1:
         raise ValueError(f"{name} is empty ({width}x{height}); upload a real image")
-    if width * height > limits.max_pixels:
-        raise ValueError(
-            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {limits.max_pixels:,}; "
-            "upload a smaller image"
-        )
-    if max(width, height) > limits.max_side:
-        raise ValueError(
-            f"{name} is {width}x{height}, a side over the limit of {limits.max_side:,} pixels "
-            "(INPAINT_MAX_INPUT_SIDE); upload a smaller image"
-        )
-    if max(width, height) > limits.max_aspect * min(width, height):
-        raise ValueError(
-            f"{name} is {width}x{height}, longer than {limits.max_aspect:g}:1 (INPAINT_MAX_INPUT_ASPECT); "
-            "crop it closer to the region to repaint"
-        )
+    _check_size(image.size, limits, f"{name} is", ("upload a smaller image",) * 2 + ("crop it closer to the region to repaint",))
     if image.format in ("JPEG", "MPO"):
         # Every scan starts with an SOS marker, and entropy-coded data never holds FF DA (0xFF is
         # stuffed as FF 00), so counting them counts the scans, embedded thumbnails included.
@@ -103,6 +89,38 @@ def _check_header(image: Image.Image, path: Path, name: str, limits: InputLimits
                 f"{name} is a JPEG of {scans:,} scans, over the limit of {limits.max_jpeg_scans} "
                 "(INPAINT_MAX_JPEG_SCANS); save it again as a baseline JPEG or a PNG"
             )
+
+
+def _check_size(size: tuple[int, int], limits: InputLimits, subject: str, remedies: tuple[str, str, str]) -> None:
+    """`size` (W, H) against the pixel, side and aspect limits; the error starts with `subject` and ends
+    with the remedy for the limit it is over."""
+    width, height = size
+    if width * height > limits.max_pixels:
+        raise ValueError(
+            f"{subject} {width}x{height} = {width * height:,} pixels, over the limit of {limits.max_pixels:,} "
+            f"(INPAINT_MAX_INPUT_PIXELS); {remedies[0]}"
+        )
+    if max(width, height) > limits.max_side:
+        raise ValueError(
+            f"{subject} {width}x{height}, a side over the limit of {limits.max_side:,} pixels "
+            f"(INPAINT_MAX_INPUT_SIDE); {remedies[1]}"
+        )
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise ValueError(
+            f"{subject} {width}x{height}, longer than {limits.max_aspect:g}:1 (INPAINT_MAX_INPUT_ASPECT); {remedies[2]}"
+        )
+
+
+def check_canvas(size: tuple[int, int], margins: tuple[int, int, int, int], limits: InputLimits) -> None:
+    """An outpainting canvas, the photo of `size` (W, H) grown by `margins` (left, top, right, bottom),
+    is held to the limits of an uploaded image."""
+    canvas = size[0] + margins[0] + margins[2], size[1] + margins[1] + margins[3]
+    subject = (
+        f"the photo ({size[0]}x{size[1]}) with outpaint_left, outpaint_up, outpaint_right and outpaint_down "
+        f"{margins} makes a canvas of"
+    )
+    smaller = "lower the outpaint margins or send a smaller photo"
+    _check_size(canvas, limits, subject, (smaller, smaller, "lower the margins along its long side, or add some across it"))
 
 
 def _reason(error: Exception) -> str:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from .codec import flatten
@@ -30,6 +30,7 @@ _STAMP_BAND = 512  # rows _stamped fills at a time
 _STRIP = 256  # rows composite_over resizes at a time
 _BAND = 256  # rows (or columns) of the photo resize_crop hands to Pillow at a time
 _REDUCING_GAP = 3.0  # resize_crop shrinks by a box filter first when shrinking this much or more
+_FILL_BLUR = 16  # radius of the blur that softens the photo's edge colours carried into outpainting margins
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,44 @@ class Feather:
         left, top, right, bottom = self.box
         full[top:bottom, left:right] = self.weight > 0
         return full
+
+
+def extend_canvas(image: np.ndarray, margins: tuple[int, int, int, int]) -> np.ndarray:
+    """The photo ((H, W, 3 or 4) uint8) on a canvas grown by `margins` (left, top, right, bottom): the
+    photo's pixels as they are, and opaque margins filled with its edge colours (transparency laid
+    onto white, as the model sees it) carried outwards and blurred, so that the model never sees a
+    hard border and `strength` below 1 starts from something plausible."""
+    left, top, right, bottom = margins
+    if not any(margins):
+        return image
+    height, width = image.shape[:2]
+    pad = ((top, bottom), (left, right), (0, 0))
+    canvas = np.pad(image, pad)
+    fill = np.pad(flatten(image), pad, mode="edge")  # each margin pixel: the nearest photo pixel
+    reach = _FILL_BLUR * 3
+    # Each margin with `reach` pixels beside it is blurred on its own (the corners twice): a blur of the
+    # whole canvas would cost as much again for a margin along a large photo.
+    strips = [
+        (slice(None), slice(0, left), slice(0, left + reach)),
+        (slice(None), slice(left + width, None), slice(max(0, left + width - reach), None)),
+        (slice(0, top), slice(None), slice(0, top + reach)),
+        (slice(top + height, None), slice(None), slice(max(0, top + height - reach), None)),
+    ]
+    for margin, (rows, columns, around) in zip((left, right, top, bottom), strips):
+        if not margin:
+            continue
+        if rows == slice(None):  # a left or right margin: blur it with the photo's columns beside it
+            blurred = np.asarray(Image.fromarray(fill[:, around]).filter(ImageFilter.GaussianBlur(_FILL_BLUR)))
+            offset = columns.start - around.start
+            canvas[:, columns, :3] = blurred[:, offset : offset + margin]
+        else:
+            blurred = np.asarray(Image.fromarray(fill[around]).filter(ImageFilter.GaussianBlur(_FILL_BLUR)))
+            offset = rows.start - around.start
+            canvas[rows, :, :3] = blurred[offset : offset + margin]
+    if canvas.shape[2] == 4:
+        canvas[..., 3] = 255
+    canvas[top : top + height, left : left + width] = image
+    return canvas
 
 
 def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0, map=map) -> np.ndarray:
@@ -314,3 +353,37 @@ def _blend(base: np.ndarray, new: np.ndarray, weight: np.ndarray) -> None:
     colour = base.astype(np.float32)
     colour += (new - colour) * weight[..., None]
     base[...] = np.rint(colour, out=colour)
+
+
+def tile_weight(box: Box, join: tuple[int | None, int | None], blend: int) -> np.ndarray:
+    """(h, w) float32 weights of an outpainting tile's painting over the painting of the tiles before it
+    (geometry.plan_tiles): 0 up to `blend` pixels before each join, where the earlier painting is
+    context the model sees; easing (smoothstep) to 1 at the join; 1 beyond. So the tiles' paintings
+    meet without a hard edge, and each tile is painted against its neighbours' painting."""
+    left, top, right, bottom = box
+
+    def ramp(start: int, stop: int, at: int | None) -> np.ndarray:
+        if at is None:
+            return np.ones(stop - start, np.float32)
+        eased = np.clip((np.arange(start, stop) + 0.5 - (at - blend)) / blend, 0.0, 1.0)
+        return (eased * eased * (3.0 - 2.0 * eased)).astype(np.float32)
+
+    return ramp(top, bottom, join[1])[:, None] * ramp(left, right, join[0])[None, :]
+
+
+def blend_layer(canvas: np.ndarray, layer: np.ndarray, feather: Feather, box: Box | None = None) -> np.ndarray:
+    """`canvas` with `layer` (both (H, W, 3 or 4) uint8) blended over it by the feather's weights,
+    rounded: within `box` only (a copy of that crop), or the whole canvas (in place)."""
+    whole = box is None
+    box = (0, 0, canvas.shape[1], canvas.shape[0]) if whole else box
+    left, top, right, bottom = box
+    out = canvas if whole else canvas[top:bottom, left:right].copy()
+    region = intersect(box, feather.box)
+    if region is not None:
+        x0, y0, x1, y1 = region
+        weight = feather.weight[y0 - feather.box[1] : y1 - feather.box[1], x0 - feather.box[0] : x1 - feather.box[0]]
+        for y in range(0, y1 - y0, _STRIP):
+            rows = slice(y0 - top + y, min(y0 - top + y + _STRIP, y1 - top))
+            _blend(out[rows, x0 - left : x1 - left, :3], layer[y0 + y : min(y0 + y + _STRIP, y1), x0:x1, :3],
+                   weight[y : y + _STRIP])
+    return out

@@ -20,12 +20,33 @@ WHOLE_IMAGE_FRACTION = 0.5  # crops covering at least this much of the image: us
 MAX_CROPS = 4  # more separate regions than this: use the whole image
 _CELL = 8  # side of the cells plan_crops labels the mask's regions on, at most (see _padded_regions)
 _MAX_REGIONS = 64  # more regions than this on those cells: label larger ones
+# Outpainting: a single crop shrunk more than this on a side (a margin along a long edge) is painted
+# as tiles instead, near the photo's own resolution; at most MAX_TILES of them, each seeing its painted
+# neighbours over TILE_OVERLAP working pixels, half as context and half blended.
+MAX_SHRINK = 1.5
+MAX_TILES = 16
+TILE_OVERLAP = 128
+TILE_ASPECT = 2.0  # tiles are at most this elongated, so that each sees some of the photo
 
 
 @dataclass(frozen=True)
 class Plan:
     boxes: list[Box]  # regions of the input the model repaints, one batch entry each
     working_size: tuple[int, int]  # (width, height) every box is resized to for the model
+    # Tiles instead of a batch: the boxes are painted one after another, each after the ones before it.
+    # Per box, the right edge of the tile column before it and the bottom edge of the tile row above it
+    # (None in the first column or row): up to there, earlier tiles have painted its pixels.
+    joins: list[tuple[int | None, int | None]] | None = None
+    blend: int = 0  # canvas pixels over which a tile blends into the earlier ones, before a join
+
+    @property
+    def tiled(self) -> bool:
+        return self.joins is not None
+
+    @property
+    def batch(self) -> int:
+        """Crops painted in one call of the model: every box at once, or one tile at a time."""
+        return 1 if self.tiled else len(self.boxes)
 
 
 def bounding_box(binary: np.ndarray, margin: int = 0) -> Box | None:
@@ -217,3 +238,65 @@ def plan_crops(
             return Plan(fitted, working)
         boxes = merged
     return Plan([whole], fit_working_size(size[0] / size[1], width, height))
+
+
+def shrink(plan: Plan) -> float:
+    """How much the plan's largest crop is shrunk for the model, on its more shrunk side (below 1: enlarged)."""
+    width, height = plan.working_size
+    return max(max((box[2] - box[0]) / width, (box[3] - box[1]) / height) for box in plan.boxes)
+
+
+def _tile_starts(low: int, high: int, tile: int, overlap: int, limit: int) -> list[int]:
+    """Starts of tiles of `tile` pixels covering [low, high) of [0, limit), evenly spaced, neighbours
+    sharing at least `overlap` pixels."""
+    if high - low <= tile:
+        return [_expand_1d(low, high, tile, limit)[0]]
+    count = math.ceil((high - low - tile) / (tile - overlap)) + 1
+    return [low + round(index * (high - low - tile) / (count - 1)) for index in range(count)]
+
+
+def plan_tiles(binary: np.ndarray, padding: int, width: int | None = None, height: int | None = None) -> Plan:
+    """Overlapping tiles over the True pixels of (H, W) `binary` and `padding` pixels of context around them,
+    in rows, each tile after the one left of it and the row above it; tiles holding no True pixel are left out.
+
+    Tiles are the working size (its aspect following the region's, within TILE_ASPECT), shown to the
+    model at its own resolution, or shrunk as far as it takes to need at most MAX_TILES of them.
+    """
+    size = (binary.shape[1], binary.shape[0])
+    area = bounding_box(binary, padding)
+    if area is None:
+        raise ValueError("plan_tiles needs a region to cover")
+    aspect = min(max((area[2] - area[0]) / (area[3] - area[1]), 1 / TILE_ASPECT), TILE_ASPECT)
+    working = fit_working_size(aspect, width, height)
+    scale = 1.0
+    while True:
+        tile = min(size[0], math.ceil(working[0] * scale)), min(size[1], math.ceil(working[1] * scale))
+        overlap = [min(round(TILE_OVERLAP * scale), side // 2) for side in tile]
+        columns = _tile_starts(area[0], area[2], tile[0], overlap[0], size[0])
+        rows = _tile_starts(area[1], area[3], tile[1], overlap[1], size[1])
+        boxes, joins = [], []
+        for row, y in enumerate(rows):
+            for column, x in enumerate(columns):
+                if binary[y : y + tile[1], x : x + tile[0]].any():
+                    boxes.append((x, y, x + tile[0], y + tile[1]))
+                    joins.append((
+                        columns[column - 1] + tile[0] if column else None,
+                        rows[row - 1] + tile[1] if row else None,
+                    ))
+        if len(boxes) <= MAX_TILES:
+            break
+        scale *= 1.25
+    # A canvas narrower than a tile: the tile spans that side, and the model works at that side's scale
+    # (unless the side was asked for).
+    if tile[0] < working[0] * scale and not width:
+        working = _round_side(tile[0] / scale), working[1]
+    if tile[1] < working[1] * scale and not height:
+        working = working[0], _round_side(tile[1] / scale)
+    return Plan(boxes, working, joins, min(overlap) // 2)
+
+
+def plan_outpaint(binary: np.ndarray, padding: int, width: int | None = None, height: int | None = None) -> Plan:
+    """Where the model works on a canvas with outpainting margins: the crops of plan_crops, or tiles
+    (plan_tiles) when a crop would be shrunk more than MAX_SHRINK: a margin along a long edge."""
+    plan = plan_crops(binary, padding, width, height)
+    return plan if shrink(plan) <= MAX_SHRINK else plan_tiles(binary, padding, width, height)

@@ -40,6 +40,8 @@ DEFAULT_STRENGTH = 1.0
 DEFAULT_OUTPUT_FORMAT = "png"
 OUTPUT_QUALITY_RANGE = (1, 100)
 DEFAULT_OUTPUT_QUALITY = 90
+OUTPAINT_RANGE = (0, 2048)  # pixels added to one side of the photo; the canvas is bounded by the input limits too
+OUTPAINT_SIDES = ("outpaint_left", "outpaint_up", "outpaint_right", "outpaint_down")  # box order: left, top, right, bottom
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,15 @@ class InpaintRequest:
     output_format: str = DEFAULT_OUTPUT_FORMAT
     output_quality: int = DEFAULT_OUTPUT_QUALITY
     disable_safety_checker: bool = False
+    outpaint_left: int = 0
+    outpaint_right: int = 0
+    outpaint_up: int = 0
+    outpaint_down: int = 0
+
+    @property
+    def margins(self) -> tuple[int, int, int, int]:
+        """The outpainting margins in box order (left, top, right, bottom); all 0 without outpainting."""
+        return self.outpaint_left, self.outpaint_up, self.outpaint_right, self.outpaint_down
 
 
 def _as_int(name: str, value: object) -> int:
@@ -121,6 +132,10 @@ def check_inputs(
     output_format: str = DEFAULT_OUTPUT_FORMAT,
     output_quality: object = DEFAULT_OUTPUT_QUALITY,
     disable_safety_checker: object = False,
+    outpaint_left: object = 0,
+    outpaint_right: object = 0,
+    outpaint_up: object = 0,
+    outpaint_down: object = 0,
 ) -> InpaintRequest:
     """Validate and normalise the inputs; raise ValueError naming the input, its value and what is accepted."""
     prompt = "" if prompt is None else prompt
@@ -164,6 +179,10 @@ def check_inputs(
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     output_quality = _as_int_in("output_quality", output_quality, OUTPUT_QUALITY_RANGE)
+    margins = {
+        name: _as_int_in(name, value, OUTPAINT_RANGE)
+        for name, value in zip(OUTPAINT_SIDES, (outpaint_left, outpaint_up, outpaint_right, outpaint_down))
+    }
 
     if scheduler not in SCHEDULER_NAMES:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {scheduler!r}")
@@ -192,4 +211,5 @@ def check_inputs(
         output_format=output_format,
         output_quality=output_quality,
         disable_safety_checker=disable_safety_checker,
+        **margins,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -119,13 +120,16 @@ class Inpainter:
             )
         return safety, pipe
 
-    def _mask_from_alpha(self, image: np.ndarray) -> np.ndarray:
+    def _mask_from_alpha(self, image: np.ndarray, outpainting: bool) -> np.ndarray:
         if image.shape[2] == 4:
             log.info("no mask given: repainting the image's transparent pixels")
             return np.where(image[..., 3] < 128, 255, 0).astype(np.uint8)
+        if outpainting:
+            log.info("no mask given: painting the outpainting margins only")
+            return np.zeros(image.shape[:2], np.uint8)
         raise ValueError(
             "mask is missing: give a mask (white = repaint, black = keep), "
-            "or an image whose transparent pixels mark the region to repaint"
+            "or an image whose transparent pixels mark the region to repaint, or outpaint_* margins"
         )
 
     def inpaint(
@@ -137,16 +141,19 @@ class Inpainter:
         # decodes the mask and works out the regions from it alone, taking the mask's size for the
         # photo's (checked once the photo is there): 10-20 ms off a 4096x4096 upload on 2 cores (bench/RESULTS.md).
         image_job = self._decoder.submit(codec.decode_image, image_path, self.limits, "image")
+        mask = regions = None
         try:
             with timer.stage("decode"):
                 mask = None if mask_path is None else codec.decode_mask(mask_path, self.limits, "mask")
             with timer.stage("prepare"):
                 regions = None if mask is None else self._regions(mask, request)
-        except Exception:
+        except Exception as error:
             photo_error = image_job.exception()  # waits for the photo: an error in it is reported first
             if photo_error is not None:
                 raise photo_error from None
-            raise
+            if mask is None or not isinstance(error, ValueError) or image_job.result().shape[:2] == mask.shape:
+                raise
+            # A limit of the canvas, measured on the mask's size: worked out again below at the photo's.
         with timer.stage("decode"):
             image = image_job.result()
         self._log_truncation("prompt", request.prompt)
@@ -154,20 +161,26 @@ class Inpainter:
             self._log_truncation("negative_prompt", request.negative_prompt)
         if mask is None or mask.shape != image.shape[:2]:
             with timer.stage("prepare"):
-                mask = self._mask_from_alpha(image) if mask is None else codec.fit_mask(mask, _size(image))
+                if mask is None:
+                    mask = self._mask_from_alpha(image, any(request.margins))
+                else:
+                    mask = codec.fit_mask(mask, _size(image))
                 regions = self._regions(mask, request)
 
+        with timer.stage("prepare"):
+            canvas = compositing.extend_canvas(image, request.margins)  # the photo itself without margins
         metrics: dict[str, object] = {
             "seed": request.seed,
             "image_size": list(_size(image)),
+            "canvas_size": list(_size(canvas)),
             "mask_coverage": regions.coverage,
         }
         if regions.plan is None:
             reason = "the mask is empty" if regions.empty else "strength is 0"
             log.info("%s: returning the image unchanged without running the model", reason)
-            results = [image] * request.num_outputs
+            results = [canvas] * request.num_outputs
         else:
-            results = self._paint(image, regions, mask_path is None, request, timer, metrics)
+            results = self._paint(canvas, regions, mask_path is None, request, timer, metrics)
 
         with timer.stage("encode"):
             paths = [
@@ -180,8 +193,14 @@ class Inpainter:
         return Prediction(paths, metrics)
 
     def _regions(self, mask: np.ndarray, request: InpaintRequest) -> _Regions:
-        """What the mask alone decides: the pixels to repaint, the feathered paste, the crops."""
+        """What the mask (and the outpainting margins) alone decide: the pixels to repaint, the
+        feathered paste, the crops; all on the canvas, which is the photo grown by the margins."""
         binary = compositing.prepare_mask(mask, request.invert_mask, request.mask_grow, self._workers.map)  # (H, W) bool
+        outpainting = any(request.margins)
+        if outpainting:
+            codec.check_canvas(_size(mask), request.margins, self.limits)
+            left, top, right, bottom = request.margins
+            binary = np.pad(binary, ((top, bottom), (left, right)), constant_values=True)  # the margins: always painted
         count = np.count_nonzero(binary)  # 10x faster than mean()
         coverage = round(count / binary.size, 4)
         if not count or request.strength == 0:
@@ -190,35 +209,28 @@ class Inpainter:
         touched = feather.touched(_size(binary))  # (H, W) bool: every pixel the paste changes
         # Context around each region; at least the feather band, so the whole band lies inside a crop.
         padding = max(request.mask_padding, request.mask_blur + 1)
-        plan = geometry.plan_crops(touched, padding, request.width, request.height)
+        plan = (geometry.plan_outpaint if outpainting else geometry.plan_crops)(touched, padding, request.width, request.height)
         self._check_limits(plan, request)
         return _Regions(coverage, False, feather, touched, plan)
 
     def _paint(
         self,
-        image: np.ndarray,
+        canvas: np.ndarray,
         regions: _Regions,
         mask_from_alpha: bool,
         request: InpaintRequest,
         timer: _Timer,
         metrics: dict[str, object],
     ) -> list[np.ndarray]:
-        """The outputs: the model's work on each region pasted over `image` (which the last output reuses)."""
-        feather, touched, plan = regions.feather, regions.touched, regions.plan
-        with timer.stage("prepare"):
-            crops = [compositing.resize_crop(image, box, plan.working_size, self._workers.map) for box in plan.boxes]
-            crop_masks = [
-                Image.fromarray(touched[top:bottom, left:right].view(np.uint8) * np.uint8(255)).resize(
-                    plan.working_size, Image.Resampling.NEAREST
-                )
-                for left, top, right, bottom in plan.boxes
-            ]
+        """The outputs: the model's work on each region pasted over `canvas` (which the last output reuses)."""
+        feather, plan = regions.feather, regions.plan
         metrics["working_size"] = list(plan.working_size)
         metrics["crop_boxes"] = [list(box) for box in plan.boxes]
+        metrics["tiled"] = plan.tiled
         log.info(
-            "working at %dx%d on %d region(s): %s", *plan.working_size, len(plan.boxes), metrics["crop_boxes"]
+            "working at %dx%d on %d %s: %s", *plan.working_size, len(plan.boxes),
+            "tile(s), one after another" if plan.tiled else "region(s)", metrics["crop_boxes"],
         )
-        model_seconds: dict[str, float] = {}
         job = pipeline.Generation(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -229,27 +241,26 @@ class Inpainter:
             scheduler=request.scheduler,
             seed=request.seed,
         )
-        try:
-            generated = pipeline.generate(self.pipe, crops, crop_masks, job, model_seconds)
-        except torch.OutOfMemoryError:
-            pipeline.release_memory(self.pipe.device)
-            raise GPUOutOfMemory(
-                f"the GPU ran out of memory painting {request.num_outputs} output(s) x {len(plan.boxes)} region(s) "
-                f"at {plan.working_size[0]}x{plan.working_size[1]}; lower num_outputs or width/height and try again"
-            ) from None
-        except BaseException:  # cancelled, or any other failure: leave no memory behind for the next prediction
-            pipeline.release_memory(self.pipe.device)
-            raise
-        timer.seconds.update(model_seconds)
+        if plan.tiled:
+            layers, generated = self._paint_tiles(canvas, regions, job, timer)
+        else:
+            with timer.stage("prepare"):
+                crops = [compositing.resize_crop(canvas, box, plan.working_size, self._workers.map) for box in plan.boxes]
+                crop_masks = [self._crop_mask(regions.touched[top:bottom, left:right], plan.working_size)
+                              for left, top, right, bottom in plan.boxes]
+            generated = self._generate(crops, crop_masks, job, plan, timer)
         kept = self._check_safety(generated, request, timer, metrics)
 
         results = []
         with timer.stage("composite"):
             for position, output in enumerate(kept):
                 last = position == len(kept) - 1
-                result = image if last and image.flags.writeable else image.copy()  # no copy for the last one
-                for box, outputs in zip(plan.boxes, generated):
-                    compositing.composite_over(result, outputs[output], feather, box, self._workers.map)
+                result = canvas if last and canvas.flags.writeable else canvas.copy()  # no copy for the last one
+                if plan.tiled:
+                    compositing.blend_layer(result, layers[output], feather)
+                else:
+                    for box, outputs in zip(plan.boxes, generated):
+                        compositing.composite_over(result, outputs[output], feather, box, self._workers.map)
                 if mask_from_alpha and result.shape[2] == 4:
                     # The repainted region was transparent: make it as opaque as it is painted.
                     left, top, right, bottom = feather.box
@@ -258,6 +269,63 @@ class Inpainter:
                 results.append(result)
         return results
 
+    def _paint_tiles(
+        self, canvas: np.ndarray, regions: _Regions, job: pipeline.Generation, timer: _Timer
+    ) -> tuple[list[np.ndarray], list[list[Image.Image]]]:
+        """Outpainting tiles, one after another, every output's at once: each tile is a crop of what the
+        output shows so far, painted where the tile still has to paint, and laid over the output's
+        painting (its layer) by the tile's weights (compositing.tile_weight). Returns the layers, and
+        per tile each output's painting."""
+        feather, touched, plan = regions.feather, regions.touched, regions.plan
+        layers = [canvas.copy() for _ in range(job.num_outputs)]  # what each output paints, over the canvas
+        generated = []
+        for index, (box, join) in enumerate(zip(plan.boxes, plan.joins)):
+            left, top, right, bottom = box
+            with timer.stage("prepare"):
+                weight = compositing.tile_weight(box, join, plan.blend) * touched[top:bottom, left:right]
+                crops = [
+                    compositing.resize_crop(
+                        compositing.blend_layer(canvas, layer, feather, box), (0, 0, right - left, bottom - top),
+                        plan.working_size, self._workers.map,
+                    )
+                    for layer in layers
+                ]
+                crop_mask = self._crop_mask(weight > 0, plan.working_size)
+            # Each output is its own image in the batch; each tile its own seed, so the tiles do not repeat.
+            tile_job = dataclasses.replace(job, num_outputs=1, seed=(job.seed + index) % 2**64 if index else job.seed)
+            painted = [images[0] for images in self._generate(crops, [crop_mask] * len(crops), tile_job, plan, timer)]
+            with timer.stage("composite"):
+                for layer, output in zip(layers, painted):
+                    compositing.composite_over(layer, output, compositing.Feather(box, weight), box, self._workers.map)
+            generated.append(painted)
+        return layers, generated
+
+    @staticmethod
+    def _crop_mask(touched: np.ndarray, size: tuple[int, int]) -> Image.Image:
+        """The model's mask of one crop ((h, w) bool, True = repaint) at the working size."""
+        return Image.fromarray(touched.view(np.uint8) * np.uint8(255)).resize(size, Image.Resampling.NEAREST)
+
+    def _generate(
+        self, crops: list[Image.Image], masks: list[Image.Image], job: pipeline.Generation, plan: geometry.Plan,
+        timer: _Timer,
+    ) -> list[list[Image.Image]]:
+        model_seconds: dict[str, float] = {}
+        try:
+            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds)
+        except torch.OutOfMemoryError:
+            pipeline.release_memory(self.pipe.device)
+            raise GPUOutOfMemory(
+                f"the GPU ran out of memory painting {len(crops) * job.num_outputs // plan.batch} output(s) x "
+                f"{plan.batch} region(s) at {plan.working_size[0]}x{plan.working_size[1]}; lower num_outputs or "
+                "width/height and try again"
+            ) from None
+        except BaseException:  # cancelled, or any other failure: leave no memory behind for the next prediction
+            pipeline.release_memory(self.pipe.device)
+            raise
+        for stage, seconds in model_seconds.items():
+            timer.seconds[stage] = timer.seconds.get(stage, 0.0) + seconds
+        return generated
+
     def _check_limits(self, plan: geometry.Plan, request: InpaintRequest) -> None:
         width, height = plan.working_size
         if width * height > self.settings.max_working_pixels:
@@ -265,10 +333,10 @@ class Inpainter:
                 f"width x height = {width}x{height} = {width * height:,} pixels is over this deployment's limit of "
                 f"{self.settings.max_working_pixels:,}; lower width and height"
             )
-        batch = request.num_outputs * len(plan.boxes) * width * height
+        batch = request.num_outputs * plan.batch * width * height
         if batch > self.settings.max_batch_pixels:
             raise ValueError(
-                f"num_outputs x regions x working size = {request.num_outputs} x {len(plan.boxes)} x {width}x{height} "
+                f"num_outputs x regions x working size = {request.num_outputs} x {plan.batch} x {width}x{height} "
                 f"= {batch:,} pixels is over this deployment's limit of {self.settings.max_batch_pixels:,}; "
                 "lower num_outputs, or width and height"
             )

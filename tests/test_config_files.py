@@ -181,6 +181,7 @@ def test_predict_py_inputs_agree_with_the_checks_in_inpaint_inputs():
         "scheduler": (None, inputs.DEFAULT_SCHEDULER, list(schedulers.SCHEDULER_NAMES)),
         "output_format": (None, inputs.DEFAULT_OUTPUT_FORMAT, list(codec.OUTPUT_FORMATS)),
         "output_quality": (inputs.OUTPUT_QUALITY_RANGE, inputs.DEFAULT_OUTPUT_QUALITY, None),
+        **{side: (inputs.OUTPAINT_RANGE, 0, None) for side in inputs.OUTPAINT_SIDES},
     }
     for name, (bounds, default, choices) in expected.items():
         field = fields[name]

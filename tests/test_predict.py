@@ -35,6 +35,10 @@ DEFAULTS = dict(
     output_format="png",
     output_quality=90,
     disable_safety_checker=False,
+    outpaint_left=0,
+    outpaint_right=0,
+    outpaint_up=0,
+    outpaint_down=0,
 )
 
 
@@ -256,3 +260,8 @@ def test_strength_below_one_runs_and_zero_keeps_the_photo(predictor, photo, mask
     assert not _changed(run(predictor, photo, mask, strength=0.0)[0], original).any()
     with pytest.raises(ValueError, match="strength x num_inference_steps must be at least 1"):
         run(predictor, photo, mask, strength=0.3, num_inference_steps=2)
+
+
+def test_outpaint_margins_reach_the_canvas(predictor, photo):
+    [path] = run(predictor, photo, None, outpaint_left=16, outpaint_down=8)
+    assert Image.open(path).size == (200 + 16, 120 + 8)
