@@ -238,6 +238,35 @@ def test_same_seed_same_bytes_when_tiled(strip, inpainter):
     assert digest(other.paths[0]) != digest(first.paths[0])
 
 
+def test_safety_flags_attach_to_the_output_whose_tile_was_flagged(inpainter, monkeypatch, tmp_path):
+    """Three outputs painted in tiles; the checker flags tile 1 of output 1 only: output 1 alone is left
+    out, and each output returned holds its own tiles' painting."""
+    from inpaint import pipeline
+    from inpaint.service import Inpainter
+
+    def generate(pipe, crops, masks, job, timings=None):  # tiles: one crop per output, each tile its own seed
+        tile = job.seed - 5
+        return [[Image.new("RGB", crop.size, (10 * output, 10 * tile, 200))] for output, crop in enumerate(crops)]
+
+    class Checker:
+        def flags(self, images):
+            return [image.getpixel((0, 0)) == (10, 10, 200) for image in images]
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    served = Inpainter(inpainter.pipe, inpainter.settings, Checker())
+    photo_path = make_photo(tmp_path / "wide.png", (1600, 120))
+    prediction = served.inpaint(photo_path, None, request(outpaint_down=160, num_outputs=3, seed=5), tmp_path)
+    boxes = prediction.metrics["crop_boxes"]
+    assert prediction.metrics["tiled"] and len(boxes) >= 2
+    assert prediction.metrics["nsfw_flagged_indices"] == [1]
+    kept = outputs(prediction)
+    for image, output in zip(kept, (0, 2)):
+        for tile, box in enumerate(boxes):  # one row of tiles: the columns this tile alone paints
+            start = boxes[tile - 1][2] if tile else box[0]
+            stop = boxes[tile + 1][0] if tile + 1 < len(boxes) else box[2]
+            assert start < stop and tuple(image[-10, (start + stop) // 2]) == (10 * output, 10 * tile, 200)
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     photo=st.tuples(st.integers(64, 900), st.integers(64, 900)),
