@@ -21,7 +21,9 @@ safety checker's added time per output.
 --tiny runs the GPU comparison's code on the tiny test weights (on whatever device is present):
 a smoke test of this script, not a measurement.
 
-Results are appended to bench/RESULTS.md with the machine, versions and date.
+Each run appends its report to bench/RESULTS.md (History), writes its figures to
+bench/results/<date>-<time>-<machine>-<mode>.json, and remakes the current table at the top of
+RESULTS.md from every run's figures (bench/results_table.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -62,24 +65,74 @@ CACHE = ROOT / ".cache"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
-def machine() -> str:
-    import diffusers
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
+def _cpu_name() -> str:
     try:
-        cpu = next(
+        return next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    import diffusers
+    import transformers
+
+    cpu = _cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (
         f"{datetime.date.today().isoformat()}; {gpu}; CPU {cpu} x{os.cpu_count()}; Python {platform.python_version()}, "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
     )
+
+
+def _number(text: object) -> float | None:
+    """The first number in a table cell ("613", "58.8 dB", "13.7 s (safety ...)"); None if there is none."""
+    match = re.search(r"-?\d+(?:\.\d+)?", str(text))
+    return float(match.group()) if match else None
+
+
+def _by_label(rows: list[list[object]], start: str) -> float | None:
+    """The number in the second column of the first row whose label starts with `start`."""
+    return next((_number(row[1]) for row in rows if str(row[0]).startswith(start)), None)
+
+
+def machine_facts() -> dict[str, object]:
+    """What bench/results/*.json records of the machine a run measured on."""
+    import diffusers
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu": f"{_cpu_name()} x{os.cpu_count()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def record(report: str, figures: dict[str, object], mode: str) -> None:
+    """Append the report to RESULTS.md's history, write the run's figures to bench/results/, and remake
+    the current table at the top of RESULTS.md from every run's figures."""
+    import results_table
+
+    with open(RESULTS, "a") as file:
+        file.write("\n\n" + report + "\n")
+    print(f"\nappended to {RESULTS.relative_to(ROOT)}")
+    figures = {key: value for key, value in figures.items() if value is not None and value != {}}
+    if not figures:
+        return
+    facts = machine_facts()
+    kind = re.sub(r"[^a-z0-9]+", "-", (facts["gpu"] or "cpu").lower()).strip("-")
+    path = results_table.RESULTS_DIR / f"{facts['date']}-{time.strftime('%H%M')}-{kind}-{mode}.json"
+    path.parent.mkdir(exist_ok=True)
+    heading = report.splitlines()[0].lstrip("# ")
+    path.write_text(json.dumps({"machine": facts, "source": f"bench/RESULTS.md, History: \"{heading}\"", **figures},
+                               indent=2) + "\n")
+    results_table.update()
+    print(f"wrote {path.relative_to(ROOT)}; the current table of {RESULTS.relative_to(ROOT)} remade")
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -252,24 +305,28 @@ def bench_cold_starts(folder: Path, runs: int) -> list[list[object]]:
     return [[label, f"{statistics.median(values):.1f}"] for label, values in seconds.items()]
 
 
-def cold_start_section(folder: Path, runs: int) -> str:
+def cold_start_section(folder: Path, runs: int, rows: list[list[object]] | None = None) -> str:
     where = f"on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "on the CPU (fp32)"
+    rows = bench_cold_starts(folder, runs) if rows is None else rows
     return (f"Cold start {where}, process start to READY through Cog's server (full-size weights, safety "
-            f"checker included), seconds, median of {runs}:\n\n" + table(["start", "seconds"], bench_cold_starts(folder, runs)))
+            f"checker included), seconds, median of {runs}:\n\n" + table(["start", "seconds"], rows))
 
 
-def run_cold_start_only(runs: int) -> str:
+def run_cold_start_only(runs: int) -> tuple[str, dict]:
     folder = build_full_size(CACHE / "full-size-weights", device="cuda" if torch.cuda.is_available() else "cpu")
-    return f"## Cold start only: {machine()}\n\n" + cold_start_section(folder, runs)
+    rows = bench_cold_starts(folder, runs)
+    return f"## Cold start only: {machine()}\n\n" + cold_start_section(folder, runs, rows), {
+        "cold_start_s": _by_label(rows, "later start, page cache warm")}
 
 
-def run_prepost_only(runs: int) -> str:
+def run_prepost_only(runs: int) -> tuple[str, dict]:
+    rows = bench_prepost(runs)
     return f"## Pre/post only: {machine()}\n\n" + table(
-        ["input", "decode", "prepare", "composite", "encode", "total"], bench_prepost(runs)
-    )
+        ["input", "decode", "prepare", "composite", "encode", "total"], rows
+    ), {"prepost_ms": {row[0]: _number(row[-1]) for row in rows}}
 
 
-def run_cpu(runs: int) -> str:
+def run_cpu(runs: int) -> tuple[str, dict]:
     torch.set_num_threads(os.cpu_count() or 1)
     folder = build_full_size(CACHE / "full-size-weights")
     sections = [f"## CPU run: {machine()}"]
@@ -277,15 +334,24 @@ def run_cpu(runs: int) -> str:
         ["file", "bytes", "published", "same"],
         [[name, f"{ours:,}", f"{published:,}" if published else "-", ours == published] for name, ours, published in size_report(folder)],
     ))
+    load = bench_load(folder, runs)
     sections.append(f"Load time to a ready model on the CPU (fp32), seconds, median of {runs} fresh processes:\n\n"
-                    + table(["loader", "seconds"], bench_load(folder, runs)))
+                    + table(["loader", "seconds"], load))
+    prepost = bench_prepost(runs)
     sections.append(f"Pre/post-processing of a 4096x4096 photo (Inpainter.inpaint's own stage "
                     f"timings, model stages left out), ms, median of {runs}:\n\n"
-                    + table(["input", "decode", "prepare", "composite", "encode", "total"], bench_prepost(runs)))
+                    + table(["input", "decode", "prepare", "composite", "encode", "total"], prepost))
+    safety = bench_safety(folder, runs)
     sections.append(f"Safety checker (full-size ViT-L/14, fp32 on the CPU), ms, median of {runs}:\n\n"
-                    + table(["batch", "ms", "ms per output"], bench_safety(folder, runs)))
-    sections.append(cold_start_section(folder, runs))
-    return "\n\n".join(sections)
+                    + table(["batch", "ms", "ms per output"], safety))
+    starts = bench_cold_starts(folder, runs)
+    sections.append(cold_start_section(folder, runs, starts))
+    return "\n\n".join(sections), {
+        "load_s": _by_label(load, "ours, later starts (verified stamp; checker included)"),
+        "prepost_ms": {row[0]: _number(row[-1]) for row in prepost},
+        "safety_ms": _by_label(safety, "1 output"),
+        "cold_start_s": _by_label(starts, "later start, page cache warm"),
+    }
 
 
 # ---------------------------------------------------------------- GPU comparison
@@ -855,7 +921,7 @@ def run_parts(runs: int, tiny: bool, budget: float) -> str:
             + "\n\nWhere a cold start goes (fresh processes, page cache warm):\n\n" + table(["what", "time"], startup))
 
 
-def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -> str:
+def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -> tuple[str, dict]:
     """The GPU comparison; `budget` seconds from the start bound the optional compile levers."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
 
@@ -910,7 +976,19 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
         levers += _section("compile", bench_compile, folder, device, dtype, runs, steps, baseline, started + budget) or []
     _progress(f"whole run {time.monotonic() - started:.0f} s")
     title = "Smoke test on tiny weights (not a measurement)" if tiny else "GPU run"
-    return (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median after a warm-up; "
+    first = rows[0] if rows else [None] * 6
+    figures = {
+        "reference_ms": _number(first[1]),
+        "uncompiled_ms": _number(first[2]),
+        "psnr_db": _number(str(first[5]).removeprefix("PSNR")),
+        "shapes_ms": {row[0]: _number(row[2]) for row in rows[1:] if _number(row[2]) is not None},
+        "default_ms": _by_label(levers, "compile=background, once predictions take"),
+        "saved_parts_ms": _by_label(levers, "compile=setup on a later start"),
+        "during_compile_ms": _by_label(levers, "compile=background (the default), while"),
+        "cold_start_s": _number(cold) if not tiny else None,
+        "safety_ms": _number(safety),
+    }
+    report = (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median after a warm-up; "
             "ours is the fast path uncompiled (as before its compiled UNet is ready; compiled: the lever table):\n\n") + table(
         ["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], rows
     ) + (f"\n\nCold start, process start to READY through Cog's server, weights on local disk: {cold}"
@@ -918,9 +996,10 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
          f"\n\nLevers one at a time, {'64x64' if tiny else '512x512'} x1, {steps} steps, our prediction path, "
          f"median ms (ratio to the default fast path; under 1 is faster):\n\n"
          + table(["configuration", "ms", "ratio"], levers))
+    return report, figures
 
 
-def run_compile_only(runs: int, budget: float) -> str:
+def run_compile_only(runs: int, budget: float) -> tuple[str, dict]:
     """GPU: the default fast path uncompiled, then the compiled rows of the lever table (bench_compile)."""
     from inpaint import pipeline as ours
 
@@ -937,7 +1016,12 @@ def run_compile_only(runs: int, budget: float) -> str:
     rows += _section("compile", bench_compile, folder, device, dtype, runs, 50, baseline, started + budget) or []
     _progress(f"whole run {time.monotonic() - started:.0f} s")
     return (f"## Compiled rows only: {machine()}\n\n512x512 x1, 50 steps, guidance 7.5, DPMSolverMultistep, our prediction "
-            "path, median ms (ratio to the fast path uncompiled):\n\n" + table(["configuration", "ms", "ratio"], rows))
+            "path, median ms (ratio to the fast path uncompiled):\n\n" + table(["configuration", "ms", "ratio"], rows)), {
+        "uncompiled_ms": baseline,
+        "default_ms": _by_label(rows, "compile=background, once predictions take"),
+        "saved_parts_ms": _by_label(rows, "compile=setup on a later start"),
+        "during_compile_ms": _by_label(rows, "compile=background (the default), while"),
+    }
 
 
 def main() -> int:
@@ -957,30 +1041,32 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
                         help="GPU: seconds from the start after which no compile lever begins")
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--no-record", action="store_true",
+                        help="do not append to bench/RESULTS.md nor write bench/results/*.json")
     args = parser.parse_args()
+    figures: dict = {}
     if args.prepost:
-        report = run_prepost_only(args.runs)
+        (report, figures), mode = run_prepost_only(args.runs), "prepost"
     elif args.cold_start:
-        report = run_cold_start_only(args.runs)
+        (report, figures), mode = run_cold_start_only(args.runs), "cold-start"
     elif args.startup:
-        report = run_startup(args.runs)
+        report, mode = run_startup(args.runs), "startup"
     elif args.cpu:
-        report = run_cpu(args.runs)
+        (report, figures), mode = run_cpu(args.runs), "cpu"
     elif args.parts:
-        report = run_parts(args.runs, args.tiny, args.budget)
+        report, mode = run_parts(args.runs, args.tiny, args.budget), "parts"
     elif args.compile_only:
-        report = run_compile_only(args.runs, args.budget)
+        (report, figures), mode = run_compile_only(args.runs, args.budget), "compile-only"
     elif torch.cuda.is_available() or args.tiny:
-        report = run_gpu(args.runs, args.tiny, args.quick, args.budget)
+        (report, figures), mode = run_gpu(args.runs, args.tiny, args.quick, args.budget), "gpu"
     else:
         print("no CUDA GPU here: run with --cpu for the CPU measurements (or --tiny for a smoke test)", file=sys.stderr)
         return 2
     print(report)
+    if figures:
+        print("\nfigures: " + json.dumps(figures))
     if not args.no_record and not args.tiny:
-        with open(RESULTS, "a") as file:
-            file.write("\n\n" + report + "\n")
-        print(f"\nappended to {RESULTS.relative_to(ROOT)}")
+        record(report, figures, mode)
     return 0
 
 

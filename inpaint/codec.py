@@ -147,8 +147,8 @@ def _decode(path: Path, name: str, limits: InputLimits) -> np.ndarray | Image.Im
 
 
 def _decode_fast(image: Image.Image, path: Path) -> np.ndarray | None:
-    """libpng, libjpeg-turbo or libwebp (imagecodecs) straight into an array, 2-3x faster than Pillow
-    at 4096x4096 once Pillow's hand-over to numpy is counted.
+    """libpng, libjpeg-turbo or libwebp (imagecodecs) straight into an array: faster than Pillow once
+    Pillow's hand-over to numpy is counted (bench/RESULTS.md, "Pre/post").
 
     None, for Pillow to decode instead: another format or layout, an animation, a PNG with EXIF
     (Pillow applies its orientation), a JPEG that does not end in its end marker, or a file these
@@ -286,9 +286,9 @@ def _write_png(pixels: np.ndarray, path: Path, map=map) -> None:
     Every row is filtered Up (less the row above; the first row less zeros). Each strip is deflated
     by its own ISA-L compressor at level 1 and ended with a sync flush, so the next strip carries on
     the one zlib stream at a byte boundary; each goes in its own IDAT chunk, and the stream's
-    Adler-32 is put together from the strips'. A 4096x4096 photo on 2 cores: 57 ms against fpng's
-    146 (86 on one thread), the file 22% smaller (bench/RESULTS.md). `map` runs the strips: an
-    executor's map side by side (ISA-L and numpy release Python's lock), the builtin one in turn.
+    Adler-32 is put together from the strips'. Faster than fpng and Pillow, and smaller files
+    (bench/RESULTS.md, "PNG writer"). `map` runs the strips: an executor's map side by side (ISA-L
+    and numpy release Python's lock), the builtin one in turn.
     """
     height, width, channels = pixels.shape
     rows = pixels.reshape(height, width * channels)

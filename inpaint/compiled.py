@@ -1,9 +1,8 @@
 """The UNet and the VAE compiled by torch.compile in the background, so that nothing waits for them.
 
-Compiled (Inductor's fused kernels), a 512x512 prediction on an H100 took 403 ms instead of 591 ms,
-and 369 ms with the VAE's encoder and decoder compiled too (encode 14 -> 5 ms, decode 22 -> 8 ms),
-but compiling the UNet took 40-76 s, and again for every new working shape (bench/RESULTS.md). So
-nothing waits for it here. The first call of a part (the UNet, the VAE's encoder, its decoder) at a
+Compiled (Inductor's fused kernels), the UNet and the VAE run faster, but a compile takes tens of
+seconds, again for every new working shape (bench/RESULTS.md, "Compiled"). So nothing waits for it
+here. The first call of a part (the UNet, the VAE's encoder, its decoder) at a
 new shape runs eagerly and asks the worker thread for that part compiled for that shape; the worker
 takes the UNet first (its 50 calls a prediction gain the most). The worker has a child process
 compile it ahead of time (`torch.compile(...).aot_compile`: a function for exactly that shape, which
@@ -55,7 +54,7 @@ MAX_SHAPES = 8
 # Largest relative difference (L2) from the eager part that a compiled one may show on the same inputs:
 # fp16 rounding gives ~1e-3 (bench: final latents 1.9e-3 after 50 steps); a broken kernel gives ~1.
 MAX_RELATIVE_ERROR = 2e-2
-# Seconds a compile may take in the child process (40-56 s for the 512x512 UNet on an H100).
+# Seconds a compile may take in the child process: far above the UNet's (bench/RESULTS.md, "Compiled").
 COMPILE_TIMEOUT = 1200.0
 
 
@@ -491,9 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent is not None:
         _exit_with_parent(args.parent)
     os.nice(10)  # the server's predictions come first
-    # A process that ends after one compile: no cyclic garbage collection over the objects tracing and
-    # lowering make (2,500 collections, 2.4 s of a 52 s compile of the tiny UNet on the CPU; ~70 MB more
-    # memory at the peak).
+    # A process that ends after one compile: no cyclic garbage collection over the many objects tracing
+    # and lowering make (thousands of collections otherwise, for a little more memory at the peak).
     gc.disable()
     key = _key_from_json(json.loads(args.key))
     with torch.device("meta"):  # no weights read or initialised: their values do not matter here

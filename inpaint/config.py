@@ -53,8 +53,8 @@ class Settings:
     fast_path: bool = True
     # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/cudagraphs.py).
     cuda_graphs: bool = True
-    # torch.compile of the UNet and the VAE's encoder and decoder, part of the fast path (inpaint/compiled.py;
-    # 606 -> 372 ms at 512x512 on an H100, but 85 + 2 x 35 s of compiling per working shape). "background": a
+    # torch.compile of the UNet and the VAE's encoder and decoder, part of the fast path (inpaint/compiled.py:
+    # faster, but slow to compile, per working shape; bench/RESULTS.md, "Compiled"). "background": a
     # child process compiles each part at each working shape, the UNet first, and predictions switch to it
     # once it is loaded and checked; "setup": as background, but setup also waits for the 512x512 parts, so
     # READY comes later and the first prediction is compiled; "off": never.
@@ -78,16 +78,16 @@ class Settings:
         """Read INPAINT_<FIELD> variables (e.g. INPAINT_WEIGHTS_REPO); unset ones keep their defaults."""
         environ = os.environ if environ is None else environ
         values = {}
-        for field in fields(cls):
-            raw = environ.get(f"INPAINT_{field.name.upper()}")
+        for entry in fields(cls):
+            raw = environ.get(f"INPAINT_{entry.name.upper()}")
             if raw is None or raw == "":
                 continue
-            default = getattr(cls, field.name)
+            default = getattr(cls, entry.name)
             try:
-                values[field.name] = _parse_bool(raw) if isinstance(default, bool) else type(default)(raw)
+                values[entry.name] = _parse_bool(raw) if isinstance(default, bool) else type(default)(raw)
             except ValueError:
                 raise ValueError(
-                    f"INPAINT_{field.name.upper()}={raw!r} is not a valid {type(default).__name__}"
+                    f"INPAINT_{entry.name.upper()}={raw!r} is not a valid {type(default).__name__}"
                 ) from None
         return cls(**values)
 

@@ -1,8 +1,8 @@
 """The UNet's forward pass replayed as a CUDA graph, one graph per working shape.
 
 At 512x512 one UNet call is many small kernels, and launching them one by one from Python takes
-longer than running them on an H100: the CPU, not the GPU, sets the pace (measured: 1394 ms eager,
-589 ms replayed, for a 50-step prediction; bench/RESULTS.md). A CUDA graph records those launches
+longer than running them on an H100: the CPU, not the GPU, sets the pace (bench/RESULTS.md, "Fast
+path parts", CUDA graphs). A CUDA graph records those launches
 once and replays them with one call: the same kernels on the same memory, so the same numbers.
 
 The first call at a new shape runs eagerly (its result is that step's result) and then records the

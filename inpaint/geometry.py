@@ -166,7 +166,7 @@ def mask_regions(binary: np.ndarray, block: int = 1, limit: int | None = None) -
         rows, cols = -(-region.shape[0] // block), -(-region.shape[1] // block)
         padded = np.zeros((rows * block, cols * block), bool)
         padded[: region.shape[0], : region.shape[1]] = region
-        # Rows of cells first (an OR of whole rows), then across: 6x faster than any(axis=(1, 3)).
+        # Rows of cells first (an OR of whole rows), then across: faster than any(axis=(1, 3)).
         cells = padded.reshape(rows, block, -1).any(axis=1).reshape(rows, cols, block).any(axis=2)  # (rows, cols)
     else:
         padded, cells = region, region
@@ -200,9 +200,8 @@ def _padded_regions(binary: np.ndarray, padding: int, size: tuple[int, int]) -> 
     Cells of side up to `padding` change nothing: regions in touching cells lie within 2 * padding - 1
     pixels of each other, so their padded boxes overlap and would merge anyway. A mask of more than
     _MAX_REGIONS regions even then (dots, noise) is labelled on ever larger cells until it has no
-    more: the merge is quadratic in the count (before this limit, a 512x512 mask of dots 3 pixels
-    apart took 35 s to plan), and larger cells only merge more, so the crops still hold every
-    region's padded box.
+    more: the merge is quadratic in the count (a mask of dots a few pixels apart would take a long
+    time to plan), and larger cells only merge more, so the crops still hold every region's padded box.
     """
     block = max(1, min(padding, _CELL))
     while (regions := mask_regions(binary, block, _MAX_REGIONS)) is None:
@@ -223,7 +222,7 @@ def plan_crops(
     whole: Box = (0, 0, size[0], size[1])
     if np.count_nonzero(binary) >= WHOLE_IMAGE_FRACTION * box_area(whole):
         # The regions' boxes hold at least the mask's pixels, so they would cover this much too: the
-        # whole image, without labelling the regions (~110 ms for a 3500x3500 mask).
+        # whole image, without labelling the regions (costly for a large mask).
         boxes = [whole]
     else:
         boxes = _padded_regions(binary, padding, size) or [whole]

@@ -70,7 +70,7 @@ def _timed(method, key: str, device: torch.device):
 
 
 def pick_device(requested: str = "") -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16 when present, else the CPU in fp32 (fp16 on a CPU is ~20x slower)."""
+    """CUDA in fp16 when present, else the CPU in fp32 (fp16 on a CPU is many times slower)."""
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     return device, torch.float16 if device.type == "cuda" else torch.float32
 
@@ -175,11 +175,10 @@ def optimize(
     eager ones), the UNet's call replayed as a CUDA graph (inpaint/cudagraphs.py: the same kernels,
     launched at once instead of one by one from Python), a channels_last UNet, and a VAE that
     decodes a batch one image at a time (a lower peak memory: 4 outputs at 1024x1024 in 16 GB).
-    Measured on an H100 (bench/RESULTS.md, "Fast path parts"), at 512x512 / 1024x1024, 50 steps:
-    CUDA graphs 1394 -> 589 / 2281 -> 2144 ms; channels_last pays in the UNet at 512x512 (613 -> 543 ms
-    of denoising) and costs a little at 1024x1024 (1814 -> 1937 ms), so the UNet keeps it (512x512 is
-    the model's own size); it costs the VAE at every size (decode 23 -> 29 / 92 -> 144 ms), so the
-    VAE stays contiguous; fused QKV projections measured no change at any size and are not used.
+    Each choice rests on bench/RESULTS.md, "Fast path parts" (H100): CUDA graphs pay at every size;
+    channels_last pays in the UNet at 512x512 and costs a little at 1024x1024, so the UNet keeps it
+    (512x512 is the model's own size); it costs the VAE at every size, so the VAE stays contiguous;
+    fused QKV projections measured no change and are not used.
     """
     if device.type != "cuda" or not fast:
         return

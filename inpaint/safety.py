@@ -57,7 +57,3 @@ class SafetyChecker:
         with torch.inference_mode():
             _, flagged = self.model(clip_input=pixels.to(self.device, self.dtype), images=placeholders)
         return [bool(flag) for flag in flagged]
-
-
-def weights_present(folder: Path) -> bool:
-    return (folder / FOLDER / "config.json").is_file()

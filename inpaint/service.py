@@ -139,7 +139,7 @@ class Inpainter:
         log.info("seed %d", request.seed)
         # The photo decodes in the decoder thread (the decoders release Python's lock) while this one
         # decodes the mask and works out the regions from it alone, taking the mask's size for the
-        # photo's (checked once the photo is there): 10-20 ms off a 4096x4096 upload on 2 cores (bench/RESULTS.md).
+        # photo's (checked once the photo is there; bench/RESULTS.md, "Pre/post").
         image_job = self._decoder.submit(codec.decode_image, image_path, self.limits, "image")
         mask = regions = None
         try:
@@ -201,7 +201,7 @@ class Inpainter:
             codec.check_canvas(_size(mask), request.margins, self.limits)
             left, top, right, bottom = request.margins
             binary = np.pad(binary, ((top, bottom), (left, right)), constant_values=True)  # the margins: always painted
-        count = np.count_nonzero(binary)  # 10x faster than mean()
+        count = np.count_nonzero(binary)  # faster than mean()
         coverage = round(count / binary.size, 4)
         if not count or request.strength == 0:
             return _Regions(coverage, not count)

@@ -4,8 +4,8 @@ The weights are found, verified and read in a background thread while torch, dif
 transformers import (`weights.resolve_weights_ahead`), and Python's cyclic garbage collector is paused
 meanwhile. The imports make ~0.67 M objects, nearly all of them for the life of the process (modules,
 classes, functions). With the collector on, each import triggers collections, and every full one
-walks all the objects made so far: about 1,070 collections and 1.0 s of an 8-10 s setup on the 2-core
-CPU machine of bench/RESULTS.md (full-size weights). So the collector stays off, what the imports made is frozen (`gc.freeze`: left to
+walks all the objects made so far: about a thousand collections, a sizeable part of setup
+(bench/RESULTS.md, "Cold start"). So the collector stays off, what the imports made is frozen (`gc.freeze`: left to
 reference counting, out of every later collection; their ~7 MB of import-time garbage stays with
 them), and one collection at the end walks only what loading the model made, a few milliseconds.
 The model's objects are not frozen: a CUDA graph recorded again later, or a failed run's tensors,

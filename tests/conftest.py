@@ -10,11 +10,16 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "script"))  # cogserver: the helper that runs Cog's server from this checkout
+
+from inpaint import inputs as _inputs, pipeline  # noqa: E402
 
 
 _MEASURED: list[str] = []
@@ -93,6 +98,61 @@ def make_mask(path: Path, size=(200, 120), box=None) -> Path:
     ImageDraw.Draw(mask).rectangle(box, fill=255)
     mask.save(path)
     return path
+
+
+# ---------------------------------------------------------------- shared helpers of the model tests
+
+
+def pipeline_inputs():
+    """A 64x64 photo and a square mask, for pipeline.generate."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return image, mask
+
+
+def run_pipeline(pipe) -> list[np.ndarray]:
+    """Two outputs of 4 steps on pipeline_inputs(), as int16 arrays (to subtract)."""
+    image, mask = pipeline_inputs()
+    job = pipeline.Generation("a red chair", None, 2, 4, 7.5, 1.0, "DPMSolverMultistep", 3)
+    return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job)[0]]
+
+
+def tiny_unet(tiny_weights, device, dtype=torch.float32) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet", variant="fp16").to(device, dtype).eval()
+
+
+def unet_inputs(unet, device, batch=2, size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, unet.config.in_channels, size, size, generator=generator)
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
+    dtype = unet.dtype
+    return sample.to(device, dtype), torch.tensor(int(torch.randint(0, 1000, (1,), generator=generator))).to(device), states.to(device, dtype)
+
+
+PREDICT_DEFAULTS = dict(  # every input of Predictor.run, small and fast
+    prompt=_inputs.DEFAULT_PROMPT,
+    negative_prompt=None,
+    width=64,
+    height=64,
+    num_outputs=1,
+    num_inference_steps=2,
+    guidance_scale=_inputs.DEFAULT_GUIDANCE,
+    scheduler=_inputs.DEFAULT_SCHEDULER,
+    seed=1,
+    invert_mask=False,
+    mask_grow=0,
+    mask_blur=_inputs.DEFAULT_MASK_BLUR,
+    mask_padding=_inputs.DEFAULT_MASK_PADDING,
+    strength=1.0,
+    output_format="png",
+    output_quality=90,
+    disable_safety_checker=False,
+    outpaint_left=0,
+    outpaint_right=0,
+    outpaint_up=0,
+    outpaint_down=0,
+)
 
 
 @pytest.fixture

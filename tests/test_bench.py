@@ -1,6 +1,7 @@
 """The GPU benchmark stays runnable while no GPU is at hand: its smoke test on the tiny weights."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -45,6 +46,9 @@ def test_bench_smoke_test_prints_every_table():
     assert "Safety checker added time:" in out
     for lever in ("CUDA graphs off", "cudnn.benchmark", "fast path off", "PNDM, timestep read back", "PNDM, host timesteps", "torch.compile"):
         assert lever in out, lever
+    figures = json.loads(out.split("\nfigures: ", 1)[1].splitlines()[0])  # what a real run writes to bench/results/
+    assert figures["reference_ms"] > 0 and figures["uncompiled_ms"] > 0 and figures["psnr_db"] > 0
+    assert "128x128 x2" in figures["shapes_ms"]
 
 
 def test_bench_parts_smoke_test_prints_each_combination():
@@ -72,3 +76,34 @@ def test_requirements_only_env_holds_the_images_packages_and_runs_the_model(tmp_
     imported = subprocess.run([str(python), "-c", "import predict, inpaint.service, cog.server.http"],
                               capture_output=True, text=True, timeout=300, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
     assert imported.returncode == 0, imported.stderr[-3000:]
+
+
+def test_results_md_starts_with_the_current_table_of_the_json_runs():
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "results_table.py"), "--check"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for path in (ROOT / "bench" / "results").glob("*.json"):
+        facts = json.loads(path.read_text())["machine"]
+        assert {"gpu", "cpu", "torch", "diffusers", "date"} <= facts.keys(), path.name
+
+
+def test_the_current_table_takes_each_figures_newest_run_on_each_kind_of_machine(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_table
+
+    machine = {"gpu": "GPU X", "cpu": "c", "torch": "t", "diffusers": "d"}
+    runs = {
+        "a.json": {"machine": {**machine, "date": "2026-01-01"}, "default_ms": 500, "psnr_db": 40.0},
+        "b.json": {"machine": {**machine, "date": "2026-02-01"}, "default_ms": 400},
+        "c.json": {"machine": {**machine, "gpu": None, "date": "2026-03-01"}, "prepost_ms": {"JPEG in": [90, 100]}},
+    }
+    for name, run in runs.items():
+        (tmp_path / name).write_text(json.dumps(run))
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# Results\n\n{results_table.BEGIN}\n{results_table.END}\n\n## History\nold\n")
+    assert results_table.update(md, tmp_path) and not results_table.update(md, tmp_path)
+    text = md.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    assert len(rows) == 3 and text.endswith("## History\nold\n")
+    assert "| 400 ms | GPU X" in rows[0] and "`bench/results/b.json`" in rows[0]  # the newer run's default
+    assert "| 40 dB | GPU X" in rows[1] and "a.json" in rows[1]  # only the older run has it
+    assert ": JPEG in | 90-100 ms | CPU" in rows[2]

@@ -17,10 +17,8 @@ from PIL import Image
 from inpaint import cachetrust, compiled, cudagraphs, pipeline
 from inpaint.config import Settings
 
-from conftest import ROOT
+from conftest import ROOT, run_pipeline, tiny_unet, unet_inputs
 
-from test_cudagraphs import _inputs as _unet_inputs, _unet
-from test_pipeline import _run
 
 WAIT = 600  # seconds; a cold compile of the tiny UNet takes 20-50 s on a 2-core CPU
 
@@ -63,14 +61,14 @@ class _Messages(logging.Handler):
 def first_start(tiny_weights, cache_dir):
     """A pipeline whose first prediction asked for the compiled UNet and VAE, that prediction's images,
     and what the worker logged until every part was ready (the parts' compiles end with the module)."""
-    plain = _run(pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32))
+    plain = run_pipeline(pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32))
     logger, messages = logging.getLogger("inpaint.compiled"), _Messages()
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(messages)
     try:
         pipe = _pipe(tiny_weights, cache_dir)
-        first = _run(pipe)
+        first = run_pipeline(pipe)
         yield pipe, plain, first, messages.messages
         for worker in pipeline.compiled_parts(pipe):
             assert worker.wait(WAIT)
@@ -95,14 +93,14 @@ def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_star
     during = 0
     while not worker.wait(0.2):  # the compile runs in a child process, so nothing here is disturbed
         # (the last of these may already take up the compiled UNet: equal to plain up to rounding)
-        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(pipe)))
+        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, run_pipeline(pipe)))
         during += 1
     assert during > 0
     (key,) = worker.requested
     assert worker.sources[key] == "compiled"
     worker.adopt()  # (or the last prediction above did)
     counting = worker.adopted[key] = _Counting(worker.adopted[key])
-    second = _run(pipe)
+    second = run_pipeline(pipe)
     assert counting.calls == 4  # every one of the 4 steps
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, second))
     assert sorted(path.suffix for path in cache_dir.glob("unet-*")) == [".aot", ".hmac"]  # the part and its seal
@@ -123,7 +121,7 @@ def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(firs
         (key,) = worker.adopted
         counting.append(_Counting(worker.adopted[key]))
         worker.adopted[key] = counting[-1]
-    painted = _run(pipe)
+    painted = run_pipeline(pipe)
     assert [count.calls for count in counting] == [4, 2, 1]  # 4 steps; each output decoded apart; one image encoded
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, painted))
     assert sorted(path.name.rsplit("-", 1)[0] for path in cache_dir.glob("*.aot")) == ["unet", "vae-decoder", "vae-encoder"]
@@ -134,11 +132,11 @@ def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir
     assert compiled.of(pipe.unet).wait(WAIT)  # saved by the first start
     later = _pipe(tiny_weights, cache_dir)
     with caplog.at_level(logging.INFO, logger="inpaint.compiled"):
-        _run(later)
+        run_pipeline(later)
         worker = compiled.of(later.unet)
         assert worker.wait(WAIT)
         assert list(worker.sources.values()) == ["loaded"]
-        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
+        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, run_pipeline(later)))
     assert worker.adopted and "uses the compiled UNet for latents 4x9x8x8" in caplog.text
 
 
@@ -146,7 +144,7 @@ def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, ti
     pipe, _, first, _ = first_start
     assert compiled.of(pipe.unet).wait(WAIT)
     later = _pipe(tiny_weights, cache_dir)
-    _run(later)
+    run_pipeline(later)
     worker = compiled.of(later.unet)
     assert worker.wait(WAIT) and list(worker.sources.values()) == ["loaded"]
     worker.adopt()
@@ -155,7 +153,7 @@ def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, ti
     with torch.inference_mode():  # what cudagraphs does when the compiled UNet's graph cannot be recorded
         worker.reject(*compiled._example(key))
     assert not worker.adopted and worker.sources[key] == "failed"
-    assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled again
+    assert all(np.array_equal(a, b) for a, b in zip(first, run_pipeline(later)))  # uncompiled again
     assert calls.calls == 0 and worker._pending == 0
 
 
@@ -165,12 +163,12 @@ def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_star
     monkeypatch.setattr(compiled, "MAX_RELATIVE_ERROR", -1.0)  # any difference at all is too much
     later = _pipe(tiny_weights, cache_dir)
     with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        _run(later)
+        run_pipeline(later)
         worker = compiled.of(later.unet)
         assert worker.wait(WAIT)
     assert "differs from the eager UNet" in caplog.text and "runs uncompiled" in caplog.text
     assert list(worker.sources.values()) == ["failed"] and not worker.ready
-    assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled, and not asked for again
+    assert all(np.array_equal(a, b) for a, b in zip(first, run_pipeline(later)))  # uncompiled, and not asked for again
     assert not worker.adopted and worker._pending == 0
 
 
@@ -181,21 +179,21 @@ def test_a_damaged_saved_unet_is_compiled_again(first_start, tiny_weights, cache
     saved.write_bytes(b"not a compiled function")
     later = _pipe(tiny_weights, cache_dir)
     with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        _run(later)
+        run_pipeline(later)
         worker = compiled.of(later.unet)
         assert worker.wait(WAIT)
     assert f"saved compiled UNet {saved.name} not loaded" in caplog.text
     assert list(worker.sources.values()) == ["compiled"]
     assert saved.stat().st_size > 1000  # saved again, whole
-    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, run_pipeline(later)))
 
 
 def test_a_failed_compile_leaves_the_shape_uncompiled_and_says_why(tiny_weights, caplog, monkeypatch):
     monkeypatch.setattr(compiled, "COMPILE_TIMEOUT", 0.5)  # the child cannot even import torch in that time
-    unet = _unet(tiny_weights, "cpu")
+    unet = tiny_unet(tiny_weights, "cpu")
     worker = compiled.use_compiled(unet)
     with caplog.at_level(logging.WARNING, logger="inpaint.compiled"), torch.inference_mode():
-        inputs = _unet_inputs(unet, "cpu")
+        inputs = unet_inputs(unet, "cpu")
         expected = worker.eager(*inputs, return_dict=False)[0]
         assert torch.equal(unet(*inputs, return_dict=False)[0], expected)
         assert worker.wait(WAIT)
@@ -218,9 +216,9 @@ def _running(pid: int) -> bool:
 # `ending` says.
 _SERVER = (
     "import os, sys, time, torch\n"
-    "from test_cudagraphs import _inputs, _unet\n"
+    "from conftest import tiny_unet as _unet, unet_inputs as _inputs\n"
     "from inpaint import compiled\n"
-    "unet = _unet(sys.argv[1], 'cpu')\n"
+    "unet = tiny_unet(sys.argv[1], 'cpu')\n"
     "worker = compiled.use_compiled(unet, compiled.Path(sys.argv[2]))\n"
     "with torch.inference_mode():\n"
     "    unet(*_inputs(unet, 'cpu'))\n"
@@ -264,18 +262,18 @@ def test_a_process_that_exits_mid_compile_ends_the_compile_and_does_not_wait_for
 
 
 def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weights):
-    unet = _unet(tiny_weights, "cpu")
+    unet = tiny_unet(tiny_weights, "cpu")
     eager = unet.forward
     worker = compiled.use_compiled(unet, max_shapes=1)
-    sample, timestep, states = _unet_inputs(unet, "cpu")
+    sample, timestep, states = unet_inputs(unet, "cpu")
     expected = eager(sample, timestep, states, return_dict=False)[0]
     with torch.no_grad():
         got = unet(sample, timestep, states, cross_attention_kwargs={"scale": 0.5}, return_dict=False)[0]
     assert torch.equal(got, expected) and not worker.requested  # extra inputs: never compiled
     assert unet(sample, timestep, states).sample.requires_grad and not worker.requested  # autograd: never compiled
-    full = compiled.use_compiled(_unet(tiny_weights, "cpu"), max_shapes=0)
+    full = compiled.use_compiled(tiny_unet(tiny_weights, "cpu"), max_shapes=0)
     with torch.inference_mode():
-        full(*_unet_inputs(unet, "cpu"))
+        full(*unet_inputs(unet, "cpu"))
     assert not full.requested  # past the limit of shapes: eager for good
 
 
@@ -291,7 +289,7 @@ def test_an_unusable_cache_folder_falls_back_to_a_temporary_one(tiny_weights, tm
     blocked = tmp_path / "a file"
     blocked.write_text("not a folder")
     with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        worker = compiled.CompiledUNet(_unet(tiny_weights, "cpu"), blocked / "compiled")
+        worker = compiled.CompiledUNet(tiny_unet(tiny_weights, "cpu"), blocked / "compiled")
     assert worker.cache_dir.is_dir() and worker.cache_dir.name.startswith("inpaint-compiled-")
     assert "cannot be kept in" in caplog.text and "kept for this process only" in caplog.text
 

@@ -197,3 +197,29 @@ def test_dockerignore_keeps_tests_caches_and_test_weights_out():
     for entry in ("tests", ".venv", ".cache", "**/__pycache__", "**/tiny-weights"):
         assert entry in ignored
     assert "weights" not in ignored  # real weights are baked in by script/download-weights
+
+
+# A measured time or speed-up: "40 ms", "1.5 s", "76 seconds", "2.4x faster", "1394 -> 589".
+_TIMING = re.compile(
+    r"\b\d[\d,.]*\s?(?:ms|µs|ns|s|sec|seconds?|minutes?|min)\b(?!-)|\b\d[\d.]*x (?:faster|slower)|\b\d+ -> \d+"
+)
+
+
+def _prose(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every comment and docstring of a module."""
+    found = [(token.start[0], token.string) for token in tokenize.generate_tokens(io.StringIO(source).readline)
+             if token.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
+            found.append((node.body[0].lineno, ast.get_docstring(node)))
+    return found
+
+
+def test_no_comment_or_docstring_in_the_package_quotes_a_timing():
+    """Numbers live in bench/results and bench/RESULTS.md, where they carry their machine and date; a
+    comment names the RESULTS row a choice rests on instead."""
+    quoted = [f"{path.relative_to(ROOT)}:{line}: {match.group()!r}"
+              for path in sorted((ROOT / "inpaint").glob("*.py"))
+              for line, text in _prose(path.read_text())
+              for match in _TIMING.finditer(text)]
+    assert not quoted, "\n".join(quoted)

@@ -9,25 +9,14 @@ from diffusers import UNet2DConditionModel
 
 from inpaint import cudagraphs, pipeline
 
-from test_pipeline import _run
+from conftest import run_pipeline, tiny_unet, unet_inputs
 
-
-def _unet(tiny_weights, device, dtype=torch.float32) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet", variant="fp16").to(device, dtype).eval()
-
-
-def _inputs(unet, device, batch=2, size=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, unet.config.in_channels, size, size, generator=generator)
-    states = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
-    dtype = unet.dtype
-    return sample.to(device, dtype), torch.tensor(int(torch.randint(0, 1000, (1,), generator=generator))).to(device), states.to(device, dtype)
 
 
 def test_on_the_cpu_every_call_runs_eagerly(tiny_weights):
-    unet = _unet(tiny_weights, "cpu")
+    unet = tiny_unet(tiny_weights, "cpu")
     with torch.inference_mode():
-        sample, timestep, states = _inputs(unet, "cpu")
+        sample, timestep, states = unet_inputs(unet, "cpu")
         expected = unet(sample, timestep, encoder_hidden_states=states).sample
         graphed = cudagraphs.use_cuda_graphs(unet)
         assert isinstance(unet, UNet2DConditionModel) and unet.config.in_channels == 9  # the module stays itself
@@ -55,20 +44,20 @@ def test_only_empty_extra_inputs_are_replayable():
 
 def test_the_pipeline_with_graphs_installed_paints_the_same_on_the_cpu(tiny_weights):
     plain = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
-    expected = _run(plain)
+    expected = run_pipeline(plain)
     cudagraphs.use_cuda_graphs(plain.unet)
-    assert all(np.array_equal(a, b) for a, b in zip(expected, _run(plain)))
+    assert all(np.array_equal(a, b) for a, b in zip(expected, run_pipeline(plain)))
 
 
 @pytest.mark.gpu
 def test_replays_compute_what_eager_computes_for_fresh_inputs(tiny_weights):
-    unet = _unet(tiny_weights, "cuda", torch.float16)
+    unet = tiny_unet(tiny_weights, "cuda", torch.float16)
     eager = unet.forward
     graphed = cudagraphs.use_cuda_graphs(unet)
     with torch.inference_mode():
         results = []
         for seed in range(4):  # the first call records, the rest replay: each on new inputs
-            inputs = _inputs(unet, "cuda", seed=seed)
+            inputs = unet_inputs(unet, "cuda", seed=seed)
             got = unet(*inputs[:2], encoder_hidden_states=inputs[2], return_dict=False)[0]
             want = eager(*inputs[:2], encoder_hidden_states=inputs[2], return_dict=False)[0]
             torch.testing.assert_close(got, want)  # the same kernels: equal up to fp16 rounding at most
@@ -80,14 +69,14 @@ def test_replays_compute_what_eager_computes_for_fresh_inputs(tiny_weights):
 
 @pytest.mark.gpu
 def test_one_graph_per_shape_and_the_oldest_is_dropped(tiny_weights):
-    unet = _unet(tiny_weights, "cuda", torch.float16)
+    unet = tiny_unet(tiny_weights, "cuda", torch.float16)
     graphed = cudagraphs.use_cuda_graphs(unet, max_kept_positions=2 * 8 * 8 + 2 * 16 * 16)
     with torch.inference_mode():
         for size in (8, 16, 8, 12):  # 12 does not fit beside 8 and 16: 16, used least recently, goes
-            sample, timestep, states = _inputs(unet, "cuda", size=size)
+            sample, timestep, states = unet_inputs(unet, "cuda", size=size)
             unet(sample, timestep, encoder_hidden_states=states)
         assert [key[0][-1] for key in graphed.graphs] == [8, 12]
-        big = _inputs(unet, "cuda", batch=2, size=32)
+        big = unet_inputs(unet, "cuda", batch=2, size=32)
         unet(big[0], big[1], encoder_hidden_states=big[2])  # over the limit: eager, nothing recorded
         assert len(graphed.graphs) == 2
     cudagraphs.release()
@@ -99,4 +88,4 @@ def test_a_prediction_with_graphs_paints_what_eager_paints(tiny_weights):
     device = torch.device("cuda")
     eager = pipeline.load_pipeline(tiny_weights, device, torch.float16, cuda_graphs=False)
     graphed = pipeline.load_pipeline(tiny_weights, device, torch.float16)
-    assert all(np.abs(a - b).max() <= 1 for a, b in zip(_run(eager), _run(graphed)))
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(run_pipeline(eager), run_pipeline(graphed)))

@@ -5,22 +5,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from inpaint import cudagraphs, pipeline
 
-
-def _inputs():
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    return image, mask
-
-
-def _run(pipe) -> list[np.ndarray]:
-    image, mask = _inputs()
-    job = pipeline.Generation("a red chair", None, 2, 4, 7.5, 1.0, "DPMSolverMultistep", 3)
-    return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job)[0]]
+from conftest import run_pipeline, pipeline_inputs
 
 
 @pytest.fixture
@@ -40,12 +28,12 @@ def test_optimize_does_nothing_on_the_cpu(tiny_pipe):
 def test_the_fast_path_changes_the_images_only_by_rounding(tiny_pipe):
     # channels_last, the sliced VAE and the CUDA graphs' wrapper run here as they do on a GPU, so a
     # change in diffusers that breaks one of them fails on the CPU, not first on a lent GPU.
-    plain = _run(tiny_pipe)
+    plain = run_pipeline(tiny_pipe)
     pipeline.apply_fast_path(tiny_pipe)
     assert tiny_pipe.vae.use_slicing
     assert tiny_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(tiny_pipe.unet.forward, cudagraphs.GraphedForward)
-    fast = _run(tiny_pipe)
+    fast = run_pipeline(tiny_pipe)
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, fast))
 
 
@@ -60,7 +48,7 @@ def test_every_stage_is_timed_and_the_rest_is_denoising(tiny_weights, device):
     """On the CPU wall time; on CUDA events read once the prediction is over (no sync between stages)."""
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = pipeline.load_pipeline(tiny_weights, torch.device(device), dtype)
-    image, mask = _inputs()
+    image, mask = pipeline_inputs()
     timings: dict[str, float] = {}
     start = time.perf_counter()
     pipeline.generate(pipe, [image], [mask], pipeline.Generation("a chair", None, 1, 3, 7.5, 1.0, "DDIM", 1), timings)

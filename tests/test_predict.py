@@ -12,35 +12,9 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageOps
 from scipy import ndimage
 
-from conftest import make_mask, make_photo
-from inpaint import inputs
+from conftest import PREDICT_DEFAULTS, make_mask, make_photo
 from inpaint.schedulers import SCHEDULER_NAMES
 from predict import Predictor
-
-DEFAULTS = dict(
-    prompt=inputs.DEFAULT_PROMPT,
-    negative_prompt=None,
-    width=64,
-    height=64,
-    num_outputs=1,
-    num_inference_steps=2,
-    guidance_scale=inputs.DEFAULT_GUIDANCE,
-    scheduler=inputs.DEFAULT_SCHEDULER,
-    seed=1,
-    invert_mask=False,
-    mask_grow=0,
-    mask_blur=inputs.DEFAULT_MASK_BLUR,
-    mask_padding=inputs.DEFAULT_MASK_PADDING,
-    strength=1.0,
-    output_format="png",
-    output_quality=90,
-    disable_safety_checker=False,
-    outpaint_left=0,
-    outpaint_right=0,
-    outpaint_up=0,
-    outpaint_down=0,
-)
-
 
 @pytest.fixture(scope="module")
 def predictor(tiny_weights):
@@ -52,7 +26,7 @@ def predictor(tiny_weights):
 
 
 def run(predictor, image, mask, **overrides):
-    return predictor.run(image=image, mask=mask, **{**DEFAULTS, **overrides})
+    return predictor.run(image=image, mask=mask, **{**PREDICT_DEFAULTS, **overrides})
 
 
 def digest(path) -> str:

@@ -24,12 +24,12 @@ def test_real_model_on_the_gpu_paints_the_example(tmp_path):
     predictor = Predictor()
     predictor.setup(weights=None)
     assert predictor.inpainter.pipe.unet.dtype.itemsize == 2  # fp16 on CUDA
-    from test_predict import DEFAULTS
+    from conftest import PREDICT_DEFAULTS
 
     outputs = predictor.run(
         image=ROOT / "examples" / "chelsea.png",
         mask=ROOT / "examples" / "chelsea-mask.png",
-        **{**DEFAULTS, "prompt": "a cat wearing round sunglasses, photo", "width": None, "height": None,
+        **{**PREDICT_DEFAULTS, "prompt": "a cat wearing round sunglasses, photo", "width": None, "height": None,
            "num_inference_steps": 25, "seed": 42},
     )
     result = np.asarray(Image.open(outputs[0]), dtype=np.float32)

@@ -3,7 +3,6 @@ the code: a request the default allows is refused, or the other way round."""
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
