@@ -252,6 +252,89 @@ def bench_prepost(runs: int) -> list[list[object]]:
     return rows
 
 
+class _InTurn:
+    """An executor that runs each job at once, in the caller's thread (the decode thread's plain alternative)."""
+
+    def submit(self, function, *args):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except Exception as error:  # noqa: BLE001 - handed to the caller, as an executor does
+            future.set_exception(error)
+        return future
+
+
+def bench_speedups(runs: int, rounds: int = 3) -> list[list[object]]:
+    """Pre/post of realistic 4096x4096 uploads with each second code path on, and with its plain
+    alternative instead: distances by scipy's transform only (no stamping, no cost model), the photo
+    decoded before the mask (no decode thread), PNG written by Pillow (no strips). Medians of `runs`,
+    the variants interleaved over `rounds` rounds; total ms of decode, prepare, composite and encode."""
+    from unittest import mock
+
+    from inpaint import codec, compositing
+    from inpaint.config import Settings
+    from inpaint.inputs import check_inputs
+    from inpaint.service import Inpainter
+
+    tiny = CACHE / "tiny-weights"
+    if not (tiny / "model_index.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tiny)], check=True)
+    inpainter = Inpainter.load(str(tiny), Settings(device="cpu", weights_manifest_sha256=manifest_pin(tiny)))
+    bench_prepost(1)  # writes the photo and masks
+    uploads = {
+        "JPEG, 800x600 mask": (CACHE / "photo-4096.jpg", CACHE / "mask-4096.png"),
+        "PNG, 800x600 mask": (CACHE / "photo-4096.png", CACHE / "mask-4096.png"),
+        "JPEG, 12 brush strokes": (CACHE / "photo-4096.jpg", CACHE / "mask-4096-strokes.png"),
+    }
+
+    def pillow_png(level: int):
+        def write(pixels, path, map=map):
+            Image.fromarray(pixels).save(path, format="PNG", compress_level=level)
+        return write
+
+    variants = {
+        "as built": [],
+        "distances by transform only": [mock.patch.object(compositing, "_stamped", lambda *args: None)],
+        "photo decoded before the mask": [mock.patch.object(inpainter, "_decoder", _InTurn())],
+        "PNG by Pillow, level 6": [mock.patch.object(codec, "_write_png", pillow_png(6))],
+        "PNG by Pillow, level 1": [mock.patch.object(codec, "_write_png", pillow_png(1))],
+    }
+    stages = ("decode", "prepare", "composite", "encode")
+    totals: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for upload, (photo, mask_path) in uploads.items():
+            for variant, patches in variants.items():
+                for patch in patches:
+                    patch.start()
+                try:
+                    for _ in range(runs):
+                        out = Path(tempfile.mkdtemp())
+                        request = check_inputs(seed=1, num_inference_steps=1, width=64, height=64,
+                                               disable_safety_checker=True)
+                        timings = inpainter.inpaint(photo, mask_path, request, out).metrics["timings"]
+                        totals.setdefault((upload, variant), []).append(1000 * sum(timings[stage] for stage in stages))
+                        shutil.rmtree(out, ignore_errors=True)
+                finally:
+                    for patch in patches:
+                        patch.stop()
+    rows = []
+    for (upload, variant), values in totals.items():
+        built = statistics.median(totals[upload, "as built"])
+        median = statistics.median(values)
+        rows.append([f"{upload}: {variant}", f"{median:.0f}", f"{median / built:.2f}"])
+    return rows
+
+
+def run_speedups(runs: int) -> tuple[str, dict]:
+    rows = bench_speedups(runs)
+    report = (f"## Pre/post speed-ups against their plain alternatives: {machine()}\n\n4096x4096 uploads, total of "
+              f"decode, prepare, composite and encode, ms, median of {runs} runs in each of 3 rounds (ratio to as "
+              f"built; over 1: the plain alternative is slower):\n\n" + table(["upload: variant", "ms", "ratio"], rows))
+    return report, {"speedups_ms": {row[0]: _number(row[1]) for row in rows}}
+
+
 def bench_safety(folder: Path, runs: int) -> list[list[object]]:
     from inpaint.safety import SafetyChecker
 
@@ -1028,6 +1111,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU measurements (load time, pre/post, safety)")
     parser.add_argument("--prepost", action="store_true", help="only the 4096x4096 pre/post-processing timings (CPU)")
+    parser.add_argument("--speedups", action="store_true",
+                        help="pre/post with each second code path against its plain alternative (CPU)")
     parser.add_argument("--cold-start", action="store_true",
                         help="only the cold starts through Cog's server: first start, page cache cold and warm")
     parser.add_argument("--startup", action="store_true",
@@ -1047,6 +1132,8 @@ def main() -> int:
     figures: dict = {}
     if args.prepost:
         (report, figures), mode = run_prepost_only(args.runs), "prepost"
+    elif args.speedups:
+        (report, figures), mode = run_speedups(args.runs), "speedups"
     elif args.cold_start:
         (report, figures), mode = run_cold_start_only(args.runs), "cold-start"
     elif args.startup:

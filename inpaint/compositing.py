@@ -355,35 +355,76 @@ def _blend(base: np.ndarray, new: np.ndarray, weight: np.ndarray) -> None:
     base[...] = np.rint(colour, out=colour)
 
 
-def tile_weight(box: Box, join: tuple[int | None, int | None], blend: int) -> np.ndarray:
-    """(h, w) float32 weights of an outpainting tile's painting over the painting of the tiles before it
-    (geometry.plan_tiles): 0 up to `blend` pixels before each join, where the earlier painting is
-    context the model sees; easing (smoothstep) to 1 at the join; 1 beyond. So the tiles' paintings
-    meet without a hard edge, and each tile is painted against its neighbours' painting."""
+def ramp(start: int, stop: int, join: int | None, blend: int) -> np.ndarray:
+    """(stop - start,) float32 weights along one axis of an outpainting tile, from `start` to `stop`:
+    0 up to `blend` pixels before `join` (there the tiles before it painted, and its model sees that
+    as context), easing (smoothstep) to 1 at `join`, 1 beyond; all 1 without a join."""
+    if join is None:
+        return np.ones(stop - start, np.float32)
+    eased = np.clip((np.arange(start, stop) + 0.5 - (join - blend)) / blend, 0.0, 1.0)
+    return (eased * eased * (3.0 - 2.0 * eased)).astype(np.float32)
+
+
+def paint_tiles(canvas: np.ndarray, feather: Feather, touched: np.ndarray, plan, outputs: int, paint, map=map) -> list[np.ndarray]:
+    """Outpainting tiles (geometry.plan_tiles), one after another, for `outputs` outputs at once:
+    returns each output's painting, a canvas-sized layer to blend over `canvas` by the feather.
+
+    `paint(index, crops, mask)` paints tile `index`: `crops` (one RGB image per output, at the working
+    size) show what that output looks like so far, `mask` (L) says where to paint; it returns one
+    image per output. A tile's painting is laid over its row's by `ramp` across (0 over the tile
+    left of it, easing to 1 at its edge), and each row, once painted, over the rows above by `ramp`
+    down. Each of the two is blending along one axis of something continuous, so no tile edge shows.
+    """
+    height, width = touched.shape
+    layers = [canvas.copy() for _ in range(outputs)]
+    rows: list[list[int]] = []  # tile indices, row by row (plan_tiles' order)
+    for index, box in enumerate(plan.boxes):
+        if rows and plan.boxes[rows[-1][0]][1] == box[1]:
+            rows[-1].append(index)
+        else:
+            rows.append([index])
+    for row in rows:
+        top, bottom = plan.boxes[row[0]][1], plan.boxes[row[0]][3]
+        down = np.broadcast_to(ramp(top, bottom, plan.joins[row[0]][1], plan.blend)[:, None], (bottom - top, width))
+        painting = [layer[top:bottom].copy() for layer in layers]  # the row's painting, over what is there
+        for index in row:
+            left, right = plan.boxes[index][0], plan.boxes[index][2]
+            weight = ramp(left, right, plan.joins[index][0], plan.blend) * touched[top:bottom, left:right]  # (h, w)
+            crops = []
+            for layer, row_painting in zip(layers, painting):
+                seen = layer[top:bottom, left:right].copy()  # the rows above, with this row's painting so far
+                _blend(seen[..., :3], row_painting[:, left:right, :3], down[:, left:right])
+                crops.append(_shown(canvas, seen, feather, plan.boxes[index], plan.working_size, map))
+            mask = Image.fromarray(np.where(weight * down[:, left:right] > 0, 255, 0).astype(np.uint8))
+            painted = paint(index, crops, mask.resize(plan.working_size, Image.Resampling.NEAREST))
+            local = (left, 0, right, bottom - top)  # the tile's box in the row's painting
+            for row_painting, output in zip(painting, painted):
+                composite_over(row_painting, output, Feather(local, weight), local, map)
+        for layer, row_painting in zip(layers, painting):
+            band = layer[top:bottom]
+            _blend(band[..., :3], row_painting[..., :3], down)
+    return layers
+
+
+def _shown(canvas: np.ndarray, layer_box: np.ndarray, feather: Feather, box: Box, size: tuple[int, int], map=map) -> Image.Image:
+    """What the model sees of `box`: `canvas` there with `layer_box` (the painting over that box)
+    blended in by the feather, resized to the working `size` as resize_crop does."""
     left, top, right, bottom = box
-
-    def ramp(start: int, stop: int, at: int | None) -> np.ndarray:
-        if at is None:
-            return np.ones(stop - start, np.float32)
-        eased = np.clip((np.arange(start, stop) + 0.5 - (at - blend)) / blend, 0.0, 1.0)
-        return (eased * eased * (3.0 - 2.0 * eased)).astype(np.float32)
-
-    return ramp(top, bottom, join[1])[:, None] * ramp(left, right, join[0])[None, :]
-
-
-def blend_layer(canvas: np.ndarray, layer: np.ndarray, feather: Feather, box: Box | None = None) -> np.ndarray:
-    """`canvas` with `layer` (both (H, W, 3 or 4) uint8) blended over it by the feather's weights,
-    rounded: within `box` only (a copy of that crop), or the whole canvas (in place)."""
-    whole = box is None
-    box = (0, 0, canvas.shape[1], canvas.shape[0]) if whole else box
-    left, top, right, bottom = box
-    out = canvas if whole else canvas[top:bottom, left:right].copy()
+    shown = canvas[top:bottom, left:right].copy()
+    weight = np.zeros((bottom - top, right - left), np.float32)
     region = intersect(box, feather.box)
     if region is not None:
         x0, y0, x1, y1 = region
-        weight = feather.weight[y0 - feather.box[1] : y1 - feather.box[1], x0 - feather.box[0] : x1 - feather.box[0]]
-        for y in range(0, y1 - y0, _STRIP):
-            rows = slice(y0 - top + y, min(y0 - top + y + _STRIP, y1 - top))
-            _blend(out[rows, x0 - left : x1 - left, :3], layer[y0 + y : min(y0 + y + _STRIP, y1), x0:x1, :3],
-                   weight[y : y + _STRIP])
-    return out
+        weight[y0 - top : y1 - top, x0 - left : x1 - left] = feather.weight[
+            y0 - feather.box[1] : y1 - feather.box[1], x0 - feather.box[0] : x1 - feather.box[0]]
+    _blend(shown[..., :3], layer_box[..., :3], weight)
+    return resize_crop(shown, (0, 0, right - left, bottom - top), size, map)
+
+
+def blend_layer(canvas: np.ndarray, layer: np.ndarray, feather: Feather) -> None:
+    """`layer` (a painting of the whole canvas, (H, W, 3 or 4) uint8) blended over `canvas` by the
+    feather's weights, rounded; in place."""
+    left, top, right, bottom = feather.box
+    for y in range(top, bottom, _STRIP):
+        end = min(y + _STRIP, bottom)
+        _blend(canvas[y:end, left:right, :3], layer[y:end, left:right, :3], feather.weight[y - top : end - top])

@@ -272,32 +272,25 @@ class Inpainter:
     def _paint_tiles(
         self, canvas: np.ndarray, regions: _Regions, job: pipeline.Generation, timer: _Timer
     ) -> tuple[list[np.ndarray], list[list[Image.Image]]]:
-        """Outpainting tiles, one after another, every output's at once: each tile is a crop of what the
-        output shows so far, painted where the tile still has to paint, and laid over the output's
-        painting (its layer) by the tile's weights (compositing.tile_weight). Returns the layers, and
-        per tile each output's painting."""
-        feather, touched, plan = regions.feather, regions.touched, regions.plan
-        layers = [canvas.copy() for _ in range(job.num_outputs)]  # what each output paints, over the canvas
-        generated = []
-        for index, (box, join) in enumerate(zip(plan.boxes, plan.joins)):
-            left, top, right, bottom = box
-            with timer.stage("prepare"):
-                weight = compositing.tile_weight(box, join, plan.blend) * touched[top:bottom, left:right]
-                crops = [
-                    compositing.resize_crop(
-                        compositing.blend_layer(canvas, layer, feather, box), (0, 0, right - left, bottom - top),
-                        plan.working_size, self._workers.map,
-                    )
-                    for layer in layers
-                ]
-                crop_mask = self._crop_mask(weight > 0, plan.working_size)
+        """Outpainting tiles, one after another, every output's at once (compositing.paint_tiles):
+        each output's painting of the canvas, and per tile each output's painting of it."""
+        generated: list[list[Image.Image]] = []
+        model_seconds = 0.0
+
+        def paint(index: int, crops: list[Image.Image], mask: Image.Image) -> list[Image.Image]:
+            nonlocal model_seconds
+            start = time.perf_counter()
             # Each output is its own image in the batch; each tile its own seed, so the tiles do not repeat.
             tile_job = dataclasses.replace(job, num_outputs=1, seed=(job.seed + index) % 2**64 if index else job.seed)
-            painted = [images[0] for images in self._generate(crops, [crop_mask] * len(crops), tile_job, plan, timer)]
-            with timer.stage("composite"):
-                for layer, output in zip(layers, painted):
-                    compositing.composite_over(layer, output, compositing.Feather(box, weight), box, self._workers.map)
-            generated.append(painted)
+            generated.append([images[0] for images in self._generate(crops, [mask] * len(crops), tile_job, regions.plan, timer)])
+            model_seconds += time.perf_counter() - start
+            return generated[-1]
+
+        start = time.perf_counter()
+        layers = compositing.paint_tiles(canvas, regions.feather, regions.touched, regions.plan, job.num_outputs,
+                                         paint, self._workers.map)
+        # The pixel work between the model's calls (crops, pastes): the model's stages are timed apart.
+        timer.seconds["composite"] = timer.seconds.get("composite", 0.0) + time.perf_counter() - start - model_seconds
         return layers, generated
 
     @staticmethod

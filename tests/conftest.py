@@ -38,12 +38,18 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
-def pytest_collection_modifyitems(config, items):
-    import torch
+# The slow tier: whole modules that compile, start Cog's server or soak it, and any test that uses the
+# shared server; a few others are marked where they are. `script/test -m "not slow"` leaves them out.
+SLOW_MODULES = {"test_compiled", "test_reliability", "test_http", "test_bench", "test_readme"}
+SLOW_FIXTURES = {"server", "webhook"}
 
+
+def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     has_weights = (ROOT / "weights" / "model_index.json").is_file()
     for item in items:
+        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "real_weights" in item.keywords and not has_weights:

@@ -216,12 +216,12 @@ def _running(pid: int) -> bool:
 # `ending` says.
 _SERVER = (
     "import os, sys, time, torch\n"
-    "from conftest import tiny_unet as _unet, unet_inputs as _inputs\n"
+    "from conftest import tiny_unet, unet_inputs\n"
     "from inpaint import compiled\n"
     "unet = tiny_unet(sys.argv[1], 'cpu')\n"
     "worker = compiled.use_compiled(unet, compiled.Path(sys.argv[2]))\n"
     "with torch.inference_mode():\n"
-    "    unet(*_inputs(unet, 'cpu'))\n"
+    "    unet(*unet_inputs(unet, 'cpu'))\n"
     "while not compiled._children:\n"
     "    time.sleep(0.05)\n"
     "(child,) = compiled._children\n"

@@ -275,33 +275,27 @@ def test_safety_flags_attach_to_the_output_whose_tile_was_flagged(inpainter, mon
     blur=st.integers(0, 8),
 )
 def test_property_tiles_cover_the_new_area_and_blend_without_a_hard_edge(photo, margins, padding, blur):
-    """Whatever each tile paints (here: a flat colour, black and white in turn), the painting covers every
-    new pixel, and where tiles meet the colour changes no faster than the tiles' smoothstep ramps allow."""
+    """Whatever each tile paints (here: flat colours, unlike in turn), the painting covers every new pixel
+    through, and where tiles meet the colour changes no faster than the tiles' smoothstep ramps allow."""
     size = (photo[0] + margins[0] + margins[2], photo[1] + margins[1] + margins[3])
     binary = new_area(size, margins)
     feather = compositing.feather_mask(binary, blur)
     touched = feather.touched(size)
     plan = geometry.plan_tiles(touched, padding)
     canvas = np.full((size[1], size[0], 3), 127, np.uint8)
-    layer = canvas.copy()
-    painted = np.zeros(touched.shape, bool)
-    for index, (box, join) in enumerate(zip(plan.boxes, plan.joins)):
-        left, top, right, bottom = box
-        weight = compositing.tile_weight(box, join, plan.blend) * touched[top:bottom, left:right]
-        assert weight.min() >= 0 and weight.max() <= 1
-        # The weights ramp up only over pixels the tiles before have painted.
-        ramp = (weight > 0) & (weight < 1)
-        assert painted[top:bottom, left:right][ramp].all()
-        painted[top:bottom, left:right] |= weight > 0
-        colour = 255 * (index % 2)
-        compositing.composite_over(
-            layer, Image.new("RGB", plan.working_size, (colour,) * 3), compositing.Feather(box, weight), box
-        )
-    assert painted[touched].all() and len(plan.boxes) <= geometry.MAX_TILES
+    asked = []
+
+    def paint(index, crops, mask):  # tile `index`: red 0 or 255 in turn, and green 200 (the canvas has 127)
+        asked.append(index)
+        return [Image.new("RGB", plan.working_size, (255 * (index % 2), 200, 0))]
+
+    [layer] = compositing.paint_tiles(canvas, feather, touched, plan, 1, paint)
+    assert asked == list(range(len(plan.boxes))) and len(asked) <= geometry.MAX_TILES
     compositing.blend_layer(canvas, layer, feather)
     full = np.zeros(touched.shape, bool)
     left, top, right, bottom = feather.box
     full[top:bottom, left:right] = feather.weight >= 1
+    assert (canvas[..., 1][full] == 200).all()  # every new pixel painted through, none of the canvas left
     values = canvas[..., 0].astype(int)
     slope = 255 * 1.5 / plan.blend + 2  # smoothstep's steepest step, and rounding
     across = np.abs(np.diff(values, axis=1))[full[:, 1:] & full[:, :-1]]

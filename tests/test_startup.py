@@ -59,6 +59,7 @@ def test_the_collector_is_restored_after_an_error_and_stays_off_if_it_was_off(co
         gc.enable()
 
 
+@pytest.mark.slow
 def test_a_fresh_setup_collects_once_freezes_the_imports_and_leaves_the_model_collectable(tiny_weights):
     """Predictor.setup in a new interpreter, as Cog's worker runs it: imports, weights, model, safety
     checker. Without the pause the same setup runs dozens of collections (each import adds objects)."""

@@ -239,6 +239,7 @@ def test_read_ahead_reads_every_weight_file_and_skips_an_absent_checker(weights_
                            weights_copy / "text_encoder/model.fp16.safetensors"}
 
 
+@pytest.mark.slow
 def test_make_tiny_weights_is_deterministic(tiny_weights, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tmp_path / "again")], check=True)
     assert manifest_pin(tiny_weights) == manifest_pin(tmp_path / "again")
@@ -391,6 +392,7 @@ def test_an_archive_that_trickles_is_stopped_at_the_deadline(tiny_settings, http
         resolve_weights(f"{https.url}/slow.tar", settings)
 
 
+@pytest.mark.slow
 def test_the_signed_url_stays_out_of_the_setup_logs_that_the_server_hands_out(weights_copy, https, tmp_path):
     """Cog's server returns setup logs from GET /health-check: a signed COG_WEIGHTS must not be in them."""
     from cogserver import CogServer
@@ -513,6 +515,7 @@ def test_download_weights_checks_the_files_against_the_published_manifests(hub, 
     assert hub.unknown == []
 
 
+@pytest.mark.slow
 def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub, tiny_weights, tmp_path):
     """An empty weights/ is filled at setup from the default sources, checked against the manifests,
     then loaded; a second setup finds it and downloads nothing."""
