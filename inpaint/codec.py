@@ -263,12 +263,14 @@ OUTPUT_FORMATS = ("png", "webp", "jpg")
 _PNG_STRIP_ROWS = 256  # rows of a PNG output deflated at a time, each strip on its own thread
 
 
-def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, quality: int, map=map) -> Path:
+def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, quality: int, map=map,
+                 strip_rows: int = _PNG_STRIP_ROWS) -> Path:
     """Write one output ((H, W, 3 or 4) uint8); PNG is lossless (bit-exact outside the mask), WebP and
-    JPEG use `quality`. A PNG's strips go through `map` (_write_png)."""
+    JPEG use `quality`. A PNG's strips of `strip_rows` go through `map` (_write_png); the file does
+    not depend on either."""
     if output_format == "png":
         path = path_stem.with_suffix(".png")
-        _write_png(np.ascontiguousarray(pixels), path, map)
+        _write_png(np.ascontiguousarray(pixels), path, map, strip_rows)
     elif output_format == "webp":
         path = path_stem.with_suffix(".webp")
         Image.fromarray(pixels).save(path, format="WEBP", quality=quality, method=4)
@@ -280,7 +282,7 @@ def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, qualit
     return path
 
 
-def _write_png(pixels: np.ndarray, path: Path, map=map) -> None:
+def _write_png(pixels: np.ndarray, path: Path, map=map, strip_rows: int = _PNG_STRIP_ROWS) -> None:
     """An 8-bit RGB or RGBA PNG, deflated in strips of rows side by side, as pigz does for gzip.
 
     Every row is filtered Up (less the row above; the first row less zeros). Each strip is deflated
@@ -294,7 +296,7 @@ def _write_png(pixels: np.ndarray, path: Path, map=map) -> None:
     rows = pixels.reshape(height, width * channels)
 
     def deflate(start: int) -> tuple[bytes, int, int]:
-        stop = min(start + _PNG_STRIP_ROWS, height)
+        stop = min(start + strip_rows, height)
         filtered = np.empty((stop - start, 1 + width * channels), np.uint8)  # (rows, filter byte + row)
         filtered[:, 0] = 2  # Up
         filtered[0, 1:] = rows[start] - rows[start - 1] if start else rows[0]  # uint8: modulo 256
@@ -303,7 +305,7 @@ def _write_png(pixels: np.ndarray, path: Path, map=map) -> None:
         flush = isal_zlib.Z_FINISH if stop == height else isal_zlib.Z_SYNC_FLUSH
         return compressor.compress(filtered) + compressor.flush(flush), isal_zlib.adler32(filtered), filtered.size
 
-    strips = list(map(deflate, range(0, height, _PNG_STRIP_ROWS)))
+    strips = list(map(deflate, range(0, height, strip_rows)))
     checksum = 1  # the Adler-32 of nothing
     for _, adler, length in strips:
         checksum = _adler32_combine(checksum, adler, length)

@@ -19,18 +19,30 @@ from scipy import ndimage
 from .codec import flatten
 from .geometry import Box, bounding_box, intersect
 
-_FEATHER_TILE = 128  # side of the tiles the mask's distances and composite_over's blends work on
-_TILE_PER_REACH = 6  # distance tiles are at least this many times as wide as their margin
 # What _by_distance's two ways cost, in ns, fitted to timings of 4096x4096 masks on this project's
 # 2-core machine with 2 threads: scipy's transform per pixel of the tiles with their margins;
 # _stamped per write, per scatter call and per pixel of the region (finding the edge, filling).
+# Stamping pays on brush strokes (bench/RESULTS.md, "speed-ups").
 _TRANSFORM_NS = 17
 _STAMP_NS = {"write": 2.5, "call": 3000, "pixel": 2}
-_STAMP_BAND = 512  # rows _stamped fills at a time
-_STRIP = 256  # rows composite_over resizes at a time
-_BAND = 256  # rows (or columns) of the photo resize_crop hands to Pillow at a time
 _REDUCING_GAP = 3.0  # resize_crop shrinks by a box filter first when shrinking this much or more
 _FILL_BLUR = 16  # radius of the blur that softens the photo's edge colours carried into outpainting margins
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the pixel work is cut up to run side by side and skip what needs no work. No result
+    depends on it: the tests vary it to cross every boundary on small images."""
+
+    tile: int = 128  # side of the tiles the mask's distances and the blends work on
+    per_reach: int = 6  # distance tiles are at least this many times as wide as the distance they look out to
+    stamp_band: int = 512  # rows _stamped fills at a time
+    strip: int = 256  # rows composite_over resizes at a time
+    band: int = 256  # rows (or columns) of the photo resize_crop hands to Pillow at a time
+    distances: str = "cheaper"  # "stamped", "transformed", or whichever the cost model says is cheaper
+
+
+TILING = Tiling()
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ def extend_canvas(image: np.ndarray, margins: tuple[int, int, int, int]) -> np.n
     return canvas
 
 
-def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0, map=map) -> np.ndarray:
+def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0, map=map, tiling: Tiling = TILING) -> np.ndarray:
     """(H, W) bool, True = repaint, from a (H, W) uint8 grey mask: thresholded at 50%, optionally
     inverted, then grown (or shrunk if grow < 0) by Euclidean distance, tile by tile (_by_distance)."""
     binary = mask >= 128
@@ -107,14 +119,14 @@ def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0, map=map)
         view[tile] = squared > grow * grow
 
     if grow > 0:
-        _by_distance(region, grow, grown, map)
+        _by_distance(region, grow, grown, map, tiling)
     else:
         # Distance to the nearest unmasked pixel; the image border does not count as unmasked.
-        _by_distance(~region, -grow, kept, map)
+        _by_distance(~region, -grow, kept, map, tiling)
     return result
 
 
-def feather_mask(binary: np.ndarray, radius: int, map=map) -> Feather:
+def feather_mask(binary: np.ndarray, radius: int, map=map, tiling: Tiling = TILING) -> Feather:
     """1 on the mask, easing (smoothstep) to 0 at `radius` pixels outside it, 0 beyond; tile by tile
     (_by_distance): the same weights as one distance transform of the box."""
     box = bounding_box(binary, radius + 1 if radius > 0 else 0)
@@ -132,11 +144,11 @@ def feather_mask(binary: np.ndarray, radius: int, map=map) -> Feather:
     def ramp(tile: tuple[slice, slice], squared: np.ndarray) -> None:
         weight[tile] = np.take(weights, squared, mode="clip")  # faster than weights[squared]; far: 0
 
-    _by_distance(region, radius, ramp, map)
+    _by_distance(region, radius, ramp, map, tiling)
     return Feather(box, weight)
 
 
-def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
+def _by_distance(region: np.ndarray, reach: int, paint, map=map, tiling: Tiling = TILING) -> None:
     """paint(tile, squared) for each tile of `region` with True pixels within `reach` of it that is
     not all True: `squared` (integers) holds each of the tile's pixels' squared Euclidean distance
     to the nearest True pixel, exact up to reach**2, and over reach**2 farther. Every other tile is
@@ -150,10 +162,12 @@ def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
     releases Python's lock); `paint` writes to disjoint tiles.
     """
     height, width = region.shape
-    side = max(_FEATHER_TILE, _TILE_PER_REACH * reach)  # a wide margin costs less on a larger tile
+    side = max(tiling.tile, tiling.per_reach * reach)  # a wide margin costs less on a larger tile
     corners = [(y, x) for y in range(0, height, side) for x in range(0, width, side)]
     corners = [corner for corner in corners if _crossed(region, corner, side, reach)]
-    squared = _stamped(region, reach, _TRANSFORM_NS * len(corners) * (side + 2 * reach) ** 2, map)
+    budget = {"stamped": float("inf"), "transformed": -1.0}.get(
+        tiling.distances, _TRANSFORM_NS * len(corners) * (side + 2 * reach) ** 2)
+    squared = _stamped(region, reach, budget, map, tiling.stamp_band)
 
     def transform(corner: tuple[int, int]) -> None:
         y, x = corner
@@ -175,7 +189,7 @@ def _by_distance(region: np.ndarray, reach: int, paint, map=map) -> None:
         pass
 
 
-def _stamped(region: np.ndarray, reach: int, budget: float, map=map) -> np.ndarray | None:
+def _stamped(region: np.ndarray, reach: int, budget: float, map=map, band_rows: int = TILING.stamp_band) -> np.ndarray | None:
     """(H, W) squared Euclidean distance of each pixel of `region` to the nearest True pixel, exact
     up to reach**2 and reach**2 + 1 farther; or None when stamping would take over `budget` ns.
 
@@ -192,7 +206,7 @@ def _stamped(region: np.ndarray, reach: int, budget: float, map=map) -> np.ndarr
     wedge = np.select([dx >= abs(dy), -dx >= abs(dy), dy > 0], [0, 1, 2], 3)  # right, left, down, up
     order = np.argsort(-square, kind="stable")  # farthest first
     order = order[(square[order] <= reach * reach) & (square[order] > 0)]  # (True pixels get their 0 at the end)
-    calls = len(order) * -(-height // _STAMP_BAND)
+    calls = len(order) * -(-height // band_rows)
 
     def cost(writes: float) -> float:
         return writes * _STAMP_NS["write"] + calls * _STAMP_NS["call"] + region.size * _STAMP_NS["pixel"]
@@ -220,7 +234,7 @@ def _stamped(region: np.ndarray, reach: int, budget: float, map=map) -> np.ndarr
     disk = list(zip(wedge[order].tolist(), dy[order].tolist(), dx[order].tolist(), square[order].tolist()))
 
     def stamp(top: int) -> None:
-        bottom = min(top + _STAMP_BAND, height)
+        bottom = min(top + band_rows, height)
         band = squared[top:bottom]
         band.fill(far)
         flat = band.reshape(-1)  # a view: the band's rows are contiguous
@@ -233,7 +247,7 @@ def _stamped(region: np.ndarray, reach: int, budget: float, map=map) -> np.ndarr
             flat[starts[side, step] + across] = value
         np.copyto(band[:, reach : reach + width], 0, where=region[top:bottom])
 
-    for _ in map(stamp, range(0, height, _STAMP_BAND)):
+    for _ in map(stamp, range(0, height, band_rows)):
         pass
     return squared[:, reach : reach + width]
 
@@ -248,7 +262,7 @@ def _crossed(region: np.ndarray, corner: tuple[int, int], side: int, reach: int)
     return bool(region[y0 : y + side + reach, x0 : x + side + reach].any())
 
 
-def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> Image.Image:
+def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map, tiling: Tiling = TILING) -> Image.Image:
     """What the model sees of `box` of `image` ((H, W, 3 or 4) uint8): RGB (transparency laid onto
     white), resized to `size` (W, H) with Lanczos, after a box-filter reduction when shrinking 3x or
     more (at most 1 level from a full Lanczos, and much faster for a large photo).
@@ -265,7 +279,7 @@ def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> 
     # Pillow's choice: down first only when that shrinks the height by over twice what across shrinks the width.
     across_first = not (0 < reduced_height - size[1] and reduced_height - size[1] > (reduced_width - size[0]) * 2)
     step = factor_y if across_first else factor_x  # bands hold whole blocks of the reduction
-    band = step * max(1, _BAND // step)
+    band = step * max(1, tiling.band // step)
 
     def first_pass(start: int) -> np.ndarray:
         if across_first:
@@ -284,7 +298,8 @@ def resize_crop(image: np.ndarray, box: Box, size: tuple[int, int], map=map) -> 
     return joined.resize(size, Image.Resampling.LANCZOS, box=second)
 
 
-def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, box: Box, map=map) -> None:
+def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, box: Box, map=map,
+                   tiling: Tiling = TILING) -> None:
     """Blend the model's `output` (RGB, any size), resized to `box` with Lanczos, into `canvas`
     ((H, W, 3 or 4) uint8) at `box`, weighted by the feather; in place.
 
@@ -307,15 +322,15 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
     reach = 3.0 * max(1.0, scale_y) + 1  # Lanczos' support in output rows, and a row to spare
 
     def paste_strip(y: int) -> None:
-        end = min(y + _STRIP, bottom)
+        end = min(y + tiling.strip, bottom)
         weight = feather.weight[y - feather.box[1] : end - feather.box[1], left - feather.box[0] : right - feather.box[0]]
         spans: list[list[int]] = []  # runs of the strip's columns of tiles that the feather reaches
-        for x in range(0, right - left, _FEATHER_TILE):
-            if weight[:, x : x + _FEATHER_TILE].any():
+        for x in range(0, right - left, tiling.tile):
+            if weight[:, x : x + tiling.tile].any():
                 if spans and spans[-1][1] == x:
-                    spans[-1][1] = min(x + _FEATHER_TILE, right - left)
+                    spans[-1][1] = min(x + tiling.tile, right - left)
                 else:
-                    spans.append([x, min(x + _FEATHER_TILE, right - left)])
+                    spans.append([x, min(x + tiling.tile, right - left)])
         if not spans:
             return
         start, stop = (y - box[1]) * scale_y, (end - box[1]) * scale_y  # the strip in output rows
@@ -329,11 +344,11 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
             down = across.resize((b - a, end - y), Image.Resampling.LANCZOS, box=(0, start - first, b - a, stop - first))
             new = np.asarray(down)  # (h, b - a, 3)
             base = canvas[y:end, left + a : left + b, :3]  # a view: written in place
-            for x in range(0, b - a, _FEATHER_TILE):
-                tile = (slice(None), slice(x, x + _FEATHER_TILE))
-                _blend(base[tile], new[tile], weight[:, a + x : a + x + _FEATHER_TILE])
+            for x in range(0, b - a, tiling.tile):
+                tile = (slice(None), slice(x, x + tiling.tile))
+                _blend(base[tile], new[tile], weight[:, a + x : a + x + tiling.tile])
 
-    for _ in map(paste_strip, range(top, bottom, _STRIP)):  # the strips write to disjoint rows
+    for _ in map(paste_strip, range(top, bottom, tiling.strip)):  # the strips write to disjoint rows
         pass
 
 
@@ -425,6 +440,6 @@ def blend_layer(canvas: np.ndarray, layer: np.ndarray, feather: Feather) -> None
     """`layer` (a painting of the whole canvas, (H, W, 3 or 4) uint8) blended over `canvas` by the
     feather's weights, rounded; in place."""
     left, top, right, bottom = feather.box
-    for y in range(top, bottom, _STRIP):
-        end = min(y + _STRIP, bottom)
+    for y in range(top, bottom, TILING.strip):
+        end = min(y + TILING.strip, bottom)
         _blend(canvas[y:end, left:right, :3], layer[y:end, left:right, :3], feather.weight[y - top : end - top])

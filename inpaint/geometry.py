@@ -194,7 +194,7 @@ def mask_regions(binary: np.ndarray, block: int = 1, limit: int | None = None) -
     return boxes
 
 
-def _padded_regions(binary: np.ndarray, padding: int, size: tuple[int, int]) -> list[Box]:
+def _padded_regions(binary: np.ndarray, padding: int, size: tuple[int, int], cell: int = _CELL) -> list[Box]:
     """The regions' boxes grown by `padding` and merged where they overlap.
 
     Cells of side up to `padding` change nothing: regions in touching cells lie within 2 * padding - 1
@@ -203,20 +203,21 @@ def _padded_regions(binary: np.ndarray, padding: int, size: tuple[int, int]) -> 
     more: the merge is quadratic in the count (a mask of dots a few pixels apart would take a long
     time to plan), and larger cells only merge more, so the crops still hold every region's padded box.
     """
-    block = max(1, min(padding, _CELL))
+    block = max(1, min(padding, cell))
     while (regions := mask_regions(binary, block, _MAX_REGIONS)) is None:
         block *= 2
     return _merge_overlapping([_pad(box, padding, size) for box in regions])
 
 
 def plan_crops(
-    binary: np.ndarray, padding: int, width: int | None = None, height: int | None = None
+    binary: np.ndarray, padding: int, width: int | None = None, height: int | None = None, cell: int = _CELL
 ) -> Plan:
     """Where the model works: crops around the mask's regions, or the whole image.
 
     `binary` (H, W) is True where pixels will change. Each region's box is grown by `padding` pixels
     of context; overlapping boxes merge; all boxes share one working size so they run as one
-    batch, and each box is grown to that working size's aspect so nothing is stretched.
+    batch, and each box is grown to that working size's aspect so nothing is stretched. The regions
+    are labelled on cells of up to `cell` pixels a side (_padded_regions), which changes no plan.
     """
     size = (binary.shape[1], binary.shape[0])
     whole: Box = (0, 0, size[0], size[1])
@@ -225,7 +226,7 @@ def plan_crops(
         # whole image, without labelling the regions (costly for a large mask).
         boxes = [whole]
     else:
-        boxes = _padded_regions(binary, padding, size) or [whole]
+        boxes = _padded_regions(binary, padding, size, cell) or [whole]
     for _ in range(8):
         if len(boxes) > MAX_CROPS or sum(map(box_area, boxes)) >= WHOLE_IMAGE_FRACTION * box_area(whole):
             boxes = [whole]

@@ -80,7 +80,6 @@ class Inpainter:
             settings.max_input_pixels, settings.max_upload_bytes, settings.max_input_side, settings.max_input_aspect,
             settings.max_jpeg_scans,
         )
-        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # the decoders release the GIL
         # Tiles of the mask's distances, bands and strips of the resizes and the paste, strips of a PNG
         # output, side by side (scipy, Pillow, numpy and ISA-L release the GIL).
         self._workers = ThreadPoolExecutor(max_workers=_PIXEL_WORKERS, thread_name_prefix="pixels")
@@ -137,35 +136,19 @@ class Inpainter:
     ) -> Prediction:
         timer = _Timer()
         log.info("seed %d", request.seed)
-        # The photo decodes in the decoder thread (the decoders release Python's lock) while this one
-        # decodes the mask and works out the regions from it alone, taking the mask's size for the
-        # photo's (checked once the photo is there; bench/RESULTS.md, "Pre/post").
-        image_job = self._decoder.submit(codec.decode_image, image_path, self.limits, "image")
-        mask = regions = None
-        try:
-            with timer.stage("decode"):
-                mask = None if mask_path is None else codec.decode_mask(mask_path, self.limits, "mask")
-            with timer.stage("prepare"):
-                regions = None if mask is None else self._regions(mask, request)
-        except Exception as error:
-            photo_error = image_job.exception()  # waits for the photo: an error in it is reported first
-            if photo_error is not None:
-                raise photo_error from None
-            if mask is None or not isinstance(error, ValueError) or image_job.result().shape[:2] == mask.shape:
-                raise
-            # A limit of the canvas, measured on the mask's size: worked out again below at the photo's.
+        # One after the other: decoding the photo in a thread beside the mask work gained too little to keep
+        # (bench/RESULTS.md, "speed-ups").
         with timer.stage("decode"):
-            image = image_job.result()
+            image = codec.decode_image(image_path, self.limits, "image")
+            mask = None if mask_path is None else codec.decode_mask(mask_path, self.limits, "mask")
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:
             self._log_truncation("negative_prompt", request.negative_prompt)
-        if mask is None or mask.shape != image.shape[:2]:
-            with timer.stage("prepare"):
-                if mask is None:
-                    mask = self._mask_from_alpha(image, any(request.margins))
-                else:
-                    mask = codec.fit_mask(mask, _size(image))
-                regions = self._regions(mask, request)
+        with timer.stage("prepare"):
+            if mask is None:
+                mask = self._mask_from_alpha(image, any(request.margins))
+            mask = codec.fit_mask(mask, _size(image))
+            regions = self._regions(mask, request)
 
         with timer.stage("prepare"):
             canvas = compositing.extend_canvas(image, request.margins)  # the photo itself without margins

@@ -286,9 +286,8 @@ def test_png_strips_make_one_valid_stream_of_the_same_pixels(width, height, chan
     its Adler-32, and the pixels as Pillow and libpng read them back."""
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
     pixels[: height // 2] //= 64  # some runs to compress, some noise
-    with tempfile.TemporaryDirectory() as folder, ThreadPoolExecutor(3) as pool, \
-            mock.patch.object(codec, "_PNG_STRIP_ROWS", strip_rows):
-        data = encode_image(pixels, Path(folder) / "out", "png", 90, pool.map).read_bytes()
+    with tempfile.TemporaryDirectory() as folder, ThreadPoolExecutor(3) as pool:
+        data = encode_image(pixels, Path(folder) / "out", "png", 90, pool.map, strip_rows).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     position, kinds, stream = 8, [], b""
     while position < len(data):

@@ -1,7 +1,6 @@
 """The compositing code is plain image code: tested without the model."""
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from unittest import mock
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from inpaint import codec, compositing
-from inpaint.compositing import composite_over, feather_mask, prepare_mask
+from inpaint.compositing import TILING, Tiling, composite_over, feather_mask, prepare_mask
 from inpaint.geometry import bounding_box
 
 
@@ -28,18 +27,11 @@ def scenes(draw):
     return mask, draw(st.integers(0, 12)), draw(st.integers(-6, 6)), draw(st.integers(0, 2**16))
 
 
-@contextmanager
-def _tiles(side: int, distances: str = "cheaper"):
-    """Tiles of `side` for the distance transforms and the blend, whatever the margin; the distances
+def _tiles(side: int, distances: str = "cheaper") -> Tiling:
+    """Tiles of `side` for the distance transforms and the blend, whatever the distance; the distances
     "stamped" (in bands of 7 rows), "transformed" or whichever is cheaper (as in production)."""
-    cost = {"stamped": float("inf"), "transformed": 0, "cheaper": compositing._TRANSFORM_NS}[distances]
-    with (
-        mock.patch.object(compositing, "_FEATHER_TILE", side),
-        mock.patch.object(compositing, "_TILE_PER_REACH", 1),
-        mock.patch.object(compositing, "_TRANSFORM_NS", cost),
-        mock.patch.object(compositing, "_STAMP_BAND", 7 if distances == "stamped" else compositing._STAMP_BAND),
-    ):
-        yield
+    return Tiling(tile=side, per_reach=1, stamp_band=7 if distances == "stamped" else TILING.stamp_band,
+                  distances=distances)
 
 
 _DISTANCES = st.sampled_from(["stamped", "transformed", "cheaper"])
@@ -48,21 +40,20 @@ _DISTANCES = st.sampled_from(["stamped", "transformed", "cheaper"])
 @settings(max_examples=150, deadline=None)
 @given(scenes(), st.sampled_from([5, 128]), _DISTANCES)
 def test_pixels_farther_than_blur_from_the_grown_mask_are_bit_identical(scene, tile, distances):
-    with _tiles(tile, distances):  # many tiles, and one
-        _check_scene(scene)
+    _check_scene(scene, _tiles(tile, distances))  # many tiles, and one
 
 
-def _check_scene(scene):
+def _check_scene(scene, tiling=TILING):
     mask, blur, grow, seed = scene
     rng = np.random.default_rng(seed)
     height, width = mask.shape
     shape = (height, width, 3)
     original = rng.integers(0, 256, shape, dtype=np.uint8)
     generated = rng.integers(0, 256, shape, dtype=np.uint8)
-    binary = prepare_mask(mask, grow=grow)
-    feather = feather_mask(binary, blur)
+    binary = prepare_mask(mask, grow=grow, tiling=tiling)
+    feather = feather_mask(binary, blur, tiling=tiling)
     result = original.copy()
-    composite_over(result, Image.fromarray(generated), feather, (0, 0, width, height))
+    composite_over(result, Image.fromarray(generated), feather, (0, 0, width, height), tiling=tiling)
     far = ndimage.distance_transform_edt(~binary) > blur if binary.any() else np.ones(binary.shape, bool)
     assert np.array_equal(result[far], original[far])
     assert np.array_equal(result[binary], generated[binary])  # the mask itself is fully repainted
@@ -143,8 +134,7 @@ def test_tiled_feather_is_exactly_the_one_transform_feather(scene, tile, distanc
     binary = prepare_mask(mask, grow=grow)
     if not binary.any() or blur == 0:
         return
-    with _tiles(tile, distances):
-        feather = feather_mask(binary, blur)
+    feather = feather_mask(binary, blur, tiling=_tiles(tile, distances))
     assert feather.box == bounding_box(binary, blur + 1)
     assert np.array_equal(feather.weight, _feather_in_one_transform(binary, blur))
 
@@ -155,8 +145,8 @@ def test_tiled_feather_on_a_large_mask(distances):
     binary = ((xx - 450) / 400.0) ** 2 + ((yy - 350) / 300.0) ** 2 <= 1
     binary[100:140, 200:700] = False  # a hole, so inside tiles are not all full
     binary[600:, 300:] = np.random.default_rng(0).random((100, 600)) < 0.5  # speckle: a long edge
-    with _tiles(compositing._FEATHER_TILE, distances), ThreadPoolExecutor(3) as pool:
-        feather = feather_mask(binary, 24, pool.map)
+    with ThreadPoolExecutor(3) as pool:
+        feather = feather_mask(binary, 24, pool.map, _tiles(TILING.tile, distances))
     assert np.array_equal(feather.weight, _feather_in_one_transform(binary, 24))
 
 
@@ -203,8 +193,7 @@ def test_pasting_in_strips_is_within_one_level_of_pasting_the_whole_resize(
     expected = canvas.copy()
     composite_over(expected, whole, feather, box)
     result = canvas.copy()
-    with mock.patch.object(compositing, "_STRIP", strip), mock.patch.object(compositing, "_FEATHER_TILE", tile):
-        composite_over(result, output, feather, box)
+    composite_over(result, output, feather, box, tiling=Tiling(tile=tile, strip=strip))
     difference = np.abs(result.astype(int) - expected)
     assert difference.max() <= 1
     if out_width <= width and out_height <= height:
@@ -220,12 +209,12 @@ def test_an_executors_map_gives_the_same_bytes_as_one_thread():
     canvas = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
     output = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
     serial, parallel = canvas.copy(), canvas.copy()
-    with mock.patch.object(compositing, "_STRIP", 64), mock.patch.object(compositing, "_FEATHER_TILE", 32):
-        feather = feather_mask(binary, 16)
-        composite_over(serial, output, feather, (0, 0, 900, 700))
-        with ThreadPoolExecutor(4) as pool:
-            assert np.array_equal(feather_mask(binary, 16, pool.map).weight, feather.weight)
-            composite_over(parallel, output, feather, (0, 0, 900, 700), pool.map)
+    tiling = Tiling(tile=32, strip=64)
+    feather = feather_mask(binary, 16, tiling=tiling)
+    composite_over(serial, output, feather, (0, 0, 900, 700), tiling=tiling)
+    with ThreadPoolExecutor(4) as pool:
+        assert np.array_equal(feather_mask(binary, 16, pool.map, tiling).weight, feather.weight)
+        composite_over(parallel, output, feather, (0, 0, 900, 700), pool.map, tiling)
     assert np.array_equal(parallel, serial)
 
 
@@ -245,8 +234,7 @@ def test_resize_crop_is_pillows_resize_of_the_crop(width, height, out_width, out
     box = (3, 4, 3 + width, 4 + height)
     crop = Image.fromarray(codec.flatten(image[box[1] : box[3], box[0] : box[2]]))
     expected = crop.resize((out_width, out_height), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    with mock.patch.object(compositing, "_BAND", band):
-        result = compositing.resize_crop(image, box, (out_width, out_height))
+    result = compositing.resize_crop(image, box, (out_width, out_height), tiling=Tiling(band=band))
     assert result.mode == "RGB" and result.size == (out_width, out_height)
     assert np.array_equal(np.asarray(result), np.asarray(expected))
 
@@ -266,5 +254,6 @@ def _grown_in_one_transform(mask: np.ndarray, grow: int) -> np.ndarray:
 @given(scenes(), st.integers(-14, 14), st.sampled_from([5, 16, 128]), _DISTANCES)
 def test_tiled_grow_is_exactly_the_one_transform_grow(scene, grow, tile, distances):
     mask = scene[0]
-    with _tiles(tile, distances), ThreadPoolExecutor(3) as pool:
-        assert np.array_equal(prepare_mask(mask, grow=grow, map=pool.map), _grown_in_one_transform(mask, grow))
+    with ThreadPoolExecutor(3) as pool:
+        grown = prepare_mask(mask, grow=grow, map=pool.map, tiling=_tiles(tile, distances))
+    assert np.array_equal(grown, _grown_in_one_transform(mask, grow))

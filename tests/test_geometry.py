@@ -107,8 +107,7 @@ def test_labelling_cells_gives_the_plan_of_labelling_pixels(case):
     """Cells of side up to the padding merge only regions whose padded boxes overlap anyway."""
     binary, padding, width = case
     plan = plan_crops(binary, padding, width=width)
-    with mock.patch.object(geometry, "_CELL", 1):
-        assert plan_crops(binary, padding, width=width) == plan
+    assert plan_crops(binary, padding, width=width, cell=1) == plan
 
 
 @settings(max_examples=100, deadline=None)

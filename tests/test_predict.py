@@ -101,7 +101,7 @@ def test_bad_input_names_it(predictor, broken, mask):
 
 
 def test_a_broken_photo_is_reported_before_a_broken_mask(predictor, broken, photo):
-    # The photo decodes beside the mask's decoding and the mask work: an error in it still comes first.
+    # Both files are broken: the photo's error comes first.
     with pytest.raises(ValueError, match="^image could not be read"):
         run(predictor, broken, broken)
     with pytest.raises(ValueError, match="^mask could not be read"):
