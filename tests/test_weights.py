@@ -78,10 +78,15 @@ def test_tiny_weights_verify_with_their_pinned_manifest_and_the_check_is_remembe
     assert not (weights_copy / ".verified.json").exists()
     stamps = list((Path(os.environ["XDG_CACHE_HOME"]) / "inpaint" / "verified").glob("*.json"))
     assert len(stamps) == 1 and UNET in json.loads(stamps[0].read_text())
-    hashed = []
+    hashed, real, forced = [], weights_module.sha256_file, []
     monkeypatch.setattr(weights_module, "sha256_file", lambda path: hashed.append(path))
     verify_weights(weights_copy, pin=pin)  # the stamp matches: nothing hashed
     assert hashed == []
+    monkeypatch.setattr(weights_module, "sha256_file", lambda path: forced.append(path) or real(path))
+    verify_weights(weights_copy, pin=pin, force=True)  # force: every file hashed again, the stamp notwithstanding
+    manifest = json.loads((weights_copy / "weights-sha256.json").read_text())
+    assert sorted(path.relative_to(weights_copy).as_posix() for path in forced) == sorted(
+        name for name, entry in manifest.items() if isinstance(entry, dict))
 
 
 def test_a_folders_own_manifest_does_not_vouch_for_it_unless_pinned(weights_copy, caplog):
