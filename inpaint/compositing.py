@@ -309,7 +309,9 @@ def composite_over(canvas: np.ndarray, output: Image.Image, feather: Feather, bo
     (an executor's map runs them side by side: Pillow and numpy release Python's lock), and within
     a strip only the runs of tiles it reaches (a brush stroke's strip is mostly untouched). Each run
     takes Lanczos' two passes, across then down, over the output's rows its filter reaches; Pillow
-    places the run's source pixels in float32, so within one level of resizing the whole at once.
+    places the run's source pixels in float32, and each pass rounds to 8 bits, so within two levels
+    of resizing the whole at once (one, in the tests at the default tiling; two found with strips
+    of 3 rows and tiles of 4).
     (The two passes are asked for one at a time because Pillow 13 picks their order from the sizes
     it is given: one resize of a short strip ran down first, up to 19 levels off the whole's.)
     """

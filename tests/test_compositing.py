@@ -176,9 +176,9 @@ def test_pasting_in_strips_is_within_one_level_of_pasting_the_whole_resize(
     width, height, out_width, out_height, strip, tile, seed
 ):
     """composite_over resizes the model's output across, then down in strips, each from its own
-    source rows, and only the runs of tiles the feather reaches: within one level of the same two
-    passes over the whole, which is Pillow's own resize when upscaling (shrinking the height,
-    Pillow may run down first)."""
+    source rows, and only the runs of tiles the feather reaches: within two levels (each pass rounds)
+    of the same two passes over the whole, which is Pillow's own resize when upscaling (shrinking
+    the height, Pillow may run down first)."""
     rng = np.random.default_rng(seed)
     canvas = rng.integers(0, 256, (height + 20, width + 30, 3), dtype=np.uint8)
     box = (13, 7, 13 + width, 7 + height)
@@ -195,7 +195,7 @@ def test_pasting_in_strips_is_within_one_level_of_pasting_the_whole_resize(
     result = canvas.copy()
     composite_over(result, output, feather, box, tiling=Tiling(tile=tile, strip=strip))
     difference = np.abs(result.astype(int) - expected)
-    assert difference.max() <= 1
+    assert difference.max() <= 2
     if out_width <= width and out_height <= height:
         assert (difference > 0).mean() < 0.01
     untouched = ~feather.touched((canvas.shape[1], canvas.shape[0]))
