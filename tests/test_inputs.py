@@ -1,6 +1,6 @@
 import pytest
 
-from inpaint.inputs import SCHEDULER_NAMES, check_inputs
+from inpaint.inputs import SCHEDULER_NAMES, InpaintRequest, check_inputs
 
 
 def test_defaults_are_replicates_and_the_working_size_is_automatic():
@@ -71,3 +71,74 @@ def test_negative_and_large_seeds_within_torchs_range_are_accepted():
 def test_every_scheduler_name_is_accepted():
     for name in SCHEDULER_NAMES:
         assert check_inputs(scheduler=name, seed=0).scheduler == name
+
+
+def test_every_input_reaches_the_request_as_given():
+    values = dict(
+        prompt="a red chair", negative_prompt="blurry", width=128, height=192, num_outputs=3, num_inference_steps=20,
+        guidance_scale=5.5, scheduler="DDIM", seed=7, invert_mask=True, mask_grow=-3, mask_blur=5, mask_padding=40,
+        strength=0.5, output_format="webp", output_quality=55, disable_safety_checker=True, outpaint_left=1,
+        outpaint_right=2, outpaint_up=3, outpaint_down=4,
+    )
+    assert check_inputs(**values) == InpaintRequest(**values)
+    assert check_inputs(**values).margins == (1, 3, 2, 4)
+
+
+def test_the_defaults_are_the_readmes():
+    """Every default, spelled out as the README's inputs table gives it (not from the constants the code uses)."""
+    assert check_inputs(seed=1) == InpaintRequest(
+        prompt="a vision of paradise. unreal engine", negative_prompt=None, width=None, height=None, num_outputs=1,
+        num_inference_steps=50, guidance_scale=7.5, scheduler="DPMSolverMultistep", seed=1, invert_mask=False,
+        mask_grow=0, mask_blur=8, mask_padding=32, strength=1.0, output_format="png", output_quality=90,
+        disable_safety_checker=False, outpaint_left=0, outpaint_right=0, outpaint_up=0, outpaint_down=0,
+    )
+    assert check_inputs(seed=1, prompt=None).prompt == "" and check_inputs(seed=1, negative_prompt="").negative_prompt is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"width": 100}, "width must be a multiple of 64 from 64 to 1024, got 100"),
+        ({"height": 64.5}, "height must be a whole number, got 64.5"),
+        ({"num_outputs": 5}, "num_outputs must be between 1 and 4, got 5"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 500, got 0"),
+        ({"guidance_scale": 21}, "guidance_scale must be between 1.0 and 20.0, got 21.0"),
+        ({"guidance_scale": "7"}, "guidance_scale must be a number, got '7'"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number, got inf"),
+        ({"strength": True}, "strength must be a number, got True"),
+        ({"strength": 0.01, "num_inference_steps": 50},
+         "strength x num_inference_steps must be at least 1 (the steps actually run), got 0.01 x 50; raise strength or "
+         "num_inference_steps"),
+        ({"invert_mask": 1}, "invert_mask must be true or false, got 1"),
+        ({"disable_safety_checker": "no"}, "disable_safety_checker must be true or false, got 'no'"),
+        ({"mask_grow": 65}, "mask_grow must be between -64 and 64, got 65"),
+        ({"mask_blur": 65}, "mask_blur must be between 0 and 64, got 65"),
+        ({"mask_padding": -1}, "mask_padding must be between 0 and 512, got -1"),
+        ({"output_format": "gif"}, "output_format must be one of png, webp, jpg, got 'gif'"),
+        ({"output_quality": 101}, "output_quality must be between 1 and 100, got 101"),
+        ({"outpaint_up": 2049}, "outpaint_up must be between 0 and 2048, got 2049"),
+        ({"scheduler": "Euler"}, "scheduler must be one of DDIM, K_EULER, DPMSolverMultistep, K_EULER_ANCESTRAL, PNDM, KLMS, got 'Euler'"),
+        ({"seed": 2**64}, f"seed must be between {-(2**63)} and {2**64 - 1}, got {2**64}"),
+        ({"seed": "1"}, "seed must be a whole number, got '1'"),
+        ({"prompt": 5}, "prompt must be text, got int"),
+        ({"negative_prompt": ["x"]}, "negative_prompt must be text, got list"),
+        ({"prompt": "x" * 2001}, "prompt is 2,001 characters, over the limit of 2,000; shorten it (the model reads only "
+                                 "the first 77 tokens, about 300 characters)"),
+    ],
+)
+def test_each_error_says_exactly_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        check_inputs(**kwargs)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("name, low, high", [("mask_grow", -64, 64), ("mask_blur", 0, 64), ("mask_padding", 0, 512),
+                                             ("num_outputs", 1, 4), ("num_inference_steps", 1, 500),
+                                             ("output_quality", 1, 100), ("outpaint_left", 0, 2048)])
+def test_the_bounds_themselves_are_accepted(name, low, high):
+    for value in (low, high):
+        assert getattr(check_inputs(seed=0, **{name: value}), name) == value
+    assert check_inputs(seed=0, strength=0.0).strength == 0.0 and check_inputs(seed=0, strength=1.0).strength == 1.0
+    assert check_inputs(seed=0, guidance_scale=1).guidance_scale == 1.0 and check_inputs(seed=0, guidance_scale=20).guidance_scale == 20.0
+    assert check_inputs(seed=-(2**63)).seed == -(2**63)
+    assert check_inputs(seed=0, strength=0.02, num_inference_steps=50).strength == 0.02  # exactly one step
