@@ -206,22 +206,9 @@ def _photo_4096(path: Path) -> Path:
     return path
 
 
-def bench_prepost(runs: int) -> list[list[object]]:
-    """The service's own stage timings for a 4096x4096 photo, end to end through Inpainter.inpaint.
-
-    The model runs too, but it is the tiny test model at 64x64, and its stages (vae_encode, denoise,
-    vae_decode, safety) are left out of the figures: what remains is decode, mask work and crops
-    (prepare), composite and encode, exactly as a real prediction runs them.
-    """
-    from inpaint.config import Settings
-    from inpaint.inputs import check_inputs
-    from inpaint.service import Inpainter
-
+def _prepost_files() -> tuple[Path, Path, Path, Path, Path]:
+    """The 4096x4096 photo (PNG and JPEG) and masks (800x600 ellipse, 3500x3500, brush strokes) of the pre/post rows."""
     CACHE.mkdir(exist_ok=True)
-    tiny = CACHE / "tiny-weights"
-    if not (tiny / "model_index.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tiny)], check=True)
-    inpainter = Inpainter.load(str(tiny), Settings(device="cpu", weights_manifest_sha256=manifest_pin(tiny)))
     png = _photo_4096(CACHE / "photo-4096.png")
     jpeg = CACHE / "photo-4096.jpg"
     if not jpeg.is_file():
@@ -238,6 +225,26 @@ def bench_prepost(runs: int) -> list[list[object]]:
         points = [tuple(rng.integers(200, 3900, 2).tolist()) for _ in range(4)]
         ImageDraw.Draw(mask).line(points, fill=255, width=int(rng.integers(60, 200)), joint="curve")
     mask.save(strokes)
+    return png, jpeg, small, large, strokes
+
+
+def bench_prepost(runs: int) -> list[list[object]]:
+    """The service's own stage timings for a 4096x4096 photo, end to end through Inpainter.inpaint.
+
+    The model runs too, but it is the tiny test model at 64x64, and its stages (vae_encode, denoise,
+    vae_decode, safety) are left out of the figures: what remains is decode, mask work and crops
+    (prepare), composite and encode, exactly as a real prediction runs them.
+    """
+    from inpaint.config import Settings
+    from inpaint.inputs import check_inputs
+    from inpaint.service import Inpainter
+
+    CACHE.mkdir(exist_ok=True)
+    tiny = CACHE / "tiny-weights"
+    if not (tiny / "model_index.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tiny)], check=True)
+    inpainter = Inpainter.load(str(tiny), Settings(device="cpu", weights_manifest_sha256=manifest_pin(tiny)))
+    png, jpeg, small, large, strokes = _prepost_files()
     stages = ("decode", "prepare", "composite", "encode")
     rows = []
     for label, photo, mask_path in (
@@ -276,7 +283,7 @@ def bench_speedups(runs: int, rounds: int = 3) -> list[list[object]]:
     if not (tiny / "model_index.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(tiny)], check=True)
     inpainter = Inpainter.load(str(tiny), Settings(device="cpu", weights_manifest_sha256=manifest_pin(tiny)))
-    bench_prepost(1)  # writes the photo and masks
+    _prepost_files()
     uploads = {
         "JPEG, 800x600 mask": (CACHE / "photo-4096.jpg", CACHE / "mask-4096.png"),
         "PNG, 800x600 mask": (CACHE / "photo-4096.png", CACHE / "mask-4096.png"),

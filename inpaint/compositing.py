@@ -412,8 +412,7 @@ def paint_tiles(canvas: np.ndarray, feather: Feather, touched: np.ndarray, plan:
                 seen = layer[top:bottom, left:right].copy()  # the rows above, with this row's painting so far
                 _blend(seen[..., :3], row_painting[:, left:right, :3], down[:, left:right])
                 crops.append(_shown(canvas, seen, feather, plan.boxes[index], plan.working_size, map))
-            mask = Image.fromarray(np.where(weight * down[:, left:right] > 0, 255, 0).astype(np.uint8))
-            painted = paint(index, crops, mask.resize(plan.working_size, Image.Resampling.NEAREST))
+            painted = paint(index, crops, crop_mask(weight * down[:, left:right] > 0, plan.working_size))
             local = (left, 0, right, bottom - top)  # the tile's box in the row's painting
             for row_painting, output in zip(painting, painted):
                 composite_over(row_painting, output, Feather(local, weight), local, map)
@@ -421,6 +420,11 @@ def paint_tiles(canvas: np.ndarray, feather: Feather, touched: np.ndarray, plan:
             band = layer[top:bottom]
             _blend(band[..., :3], row_painting[..., :3], down)
     return layers
+
+
+def crop_mask(touched: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The model's mask of one crop ((h, w) bool, True = repaint) at the working `size` (W, H)."""
+    return Image.fromarray(touched.view(np.uint8) * np.uint8(255)).resize(size, Image.Resampling.NEAREST)
 
 
 def _shown(canvas: np.ndarray, layer_box: np.ndarray, feather: Feather, box: Box, size: tuple[int, int], map=map) -> Image.Image:

@@ -149,8 +149,6 @@ class Inpainter:
                 mask = self._mask_from_alpha(image, any(request.margins))
             mask = codec.fit_mask(mask, _size(image))
             regions = self._regions(mask, request)
-
-        with timer.stage("prepare"):
             canvas = compositing.extend_canvas(image, request.margins)  # the photo itself without margins
         metrics: dict[str, object] = {
             "seed": request.seed,
@@ -229,7 +227,7 @@ class Inpainter:
         else:
             with timer.stage("prepare"):
                 crops = [compositing.resize_crop(canvas, box, plan.working_size, self._workers.map) for box in plan.boxes]
-                crop_masks = [self._crop_mask(regions.touched[top:bottom, left:right], plan.working_size)
+                crop_masks = [compositing.crop_mask(regions.touched[top:bottom, left:right], plan.working_size)
                               for left, top, right, bottom in plan.boxes]
             generated = self._generate(crops, crop_masks, job, plan, timer)
         kept = self._check_safety(generated, request, timer, metrics)
@@ -275,11 +273,6 @@ class Inpainter:
         # The pixel work between the model's calls (crops, pastes): the model's stages are timed apart.
         timer.seconds["composite"] = timer.seconds.get("composite", 0.0) + time.perf_counter() - start - model_seconds
         return layers, generated
-
-    @staticmethod
-    def _crop_mask(touched: np.ndarray, size: tuple[int, int]) -> Image.Image:
-        """The model's mask of one crop ((h, w) bool, True = repaint) at the working size."""
-        return Image.fromarray(touched.view(np.uint8) * np.uint8(255)).resize(size, Image.Resampling.NEAREST)
 
     def _generate(
         self, crops: list[Image.Image], masks: list[Image.Image], job: pipeline.Generation, plan: geometry.Plan,
