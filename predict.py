@@ -1,25 +1,32 @@
 """Cog adapter: typed inputs in, one call into the `inpaint` package, image files out."""
 
-import shutil
-import tempfile
+import functools
 from typing import List, Optional
 
+import cog
 from cog import BaseRunner, Input, Path
 
 from inpaint import inputs, startup
+from inpaint.concurrency import OutputFolders, run_cancellable
 
 
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
         """Find and verify the weights (COG_WEIGHTS, else ./weights, else download) and load the model."""
         self.inpainter = startup.load(weights)  # imports torch and diffusers while the weights are read
-        self.out_dir: Optional[Path] = None
+        self.outputs = OutputFolders()
+
+    def healthcheck(self) -> bool:
+        """Cog's server asks this for /health-check: False (UNHEALTHY) once the GPU has failed for good."""
+        return self.inpainter.healthy()
 
     # Every argument of Input() is a literal: Cog's CLI reads this signature without running it
     # (static schema generation, its default since replicate/cog#2950, April 2026) and resolves
     # nothing imported; the tests check these values against inpaint.inputs, which validates the
-    # same inputs again.
-    def run(
+    # same inputs again. Several predictions run at once (inpaint/concurrency.py); COG_MAX_CONCURRENCY
+    # overrides max (README, "Serving many clients").
+    @cog.concurrent(max=2)
+    async def run(
         self,
         prompt: str = Input(
             description="What to paint into the masked region.", default="a vision of paradise. unreal engine", max_length=2000
@@ -91,11 +98,9 @@ class Predictor(BaseRunner):
         # Every input but the two files goes, by name, to the one function that validates them all.
         settings = {name: value for name, value in locals().items() if name not in ("self", "image", "mask")}
         request = inputs.check_inputs(**settings)
-        # A fresh folder per prediction; the previous one is removed now that Cog's server has sent its files.
-        if self.out_dir is not None:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
-        self.out_dir = Path(tempfile.mkdtemp(prefix="inpaint-"))
-        prediction = self.inpainter.inpaint(Path(image), Path(mask) if mask else None, request, self.out_dir)
+        with self.outputs.folder() as folder:
+            work = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
+            prediction = await run_cancellable(lambda token: work(token=token))
         for key, value in prediction.metrics.items():
             self.record_metric(key, value)
         return [Path(path) for path in prediction.paths]

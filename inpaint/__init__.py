@@ -14,6 +14,8 @@ Modules, one concern each:
   compiled     the UNet and VAE compiled per working shape in the background, saved for later starts (fast path)
   cachetrust   the compile cache is code: private folders, sealed (HMAC) parts and Inductor cache, rejects kept
   service      one prediction end to end: files in, files and metrics out
+  concurrency  several predictions at once: a thread each, the model's turns in order, cancelling, output folders
+  tracing      OpenTelemetry spans for a prediction's stages, when Cog's tracing is on
   environment  what the container runs on: Cog's server version, the NVIDIA driver (checked at setup)
   startup      setup's work in the quickest order: weights read while the libraries import, GC paused
 

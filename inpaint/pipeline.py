@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
-from . import compiled, cudagraphs
+from . import compiled, cudagraphs, tracing
 from .schedulers import make_scheduler
 from .weights import VARIANT
 
@@ -29,9 +30,17 @@ class _Stages:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.wall_ns: dict[str, tuple[int, int]] = {}  # each stage's first start and last end, host clock (spans)
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def time(self, key: str, device: torch.device, call):
+        started = time.time_ns()
+        with tracing.span(key):
+            result = self._time(key, device, call)
+        self.wall_ns[key] = (self.wall_ns.get(key, (started,))[0], time.time_ns())
+        return result
+
+    def _time(self, key: str, device: torch.device, call):
         if device.type != "cuda":
             start = time.perf_counter()
             result = call()
@@ -44,6 +53,12 @@ class _Stages:
         end.record(stream)
         self._events.append((key, start, end))
         return result
+
+    def denoise_span(self) -> None:
+        """The denoising loop's span: from the end of the last stage before it to the VAE decode."""
+        before = [self.wall_ns[key][1] for key in ("text_encode", "vae_encode") if key in self.wall_ns]
+        if before and "vae_decode" in self.wall_ns:
+            tracing.record("denoise", max(before), self.wall_ns["vae_decode"][0])
 
     def read(self) -> dict[str, float]:
         for key, start, end in self._events:
@@ -216,6 +231,28 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# What the CUDA runtime says (cudaGetErrorString) for its sticky errors: after one, every later call in
+# the process fails the same way, so only a new process recovers (CUDA Runtime API, cudaError).
+FATAL_CUDA_ERRORS = (
+    "an illegal memory access was encountered",
+    "device-side assert triggered",
+    "unspecified launch failure",
+    "an illegal instruction was encountered",
+    "misaligned address",
+    "hardware stack error",
+    "invalid program counter",
+    "operation not supported on global/shared address space",
+    "the launch timed out and was terminated",
+    "uncorrectable ECC error encountered",
+)
+
+
+def fatal_device_error(error: BaseException) -> str | None:
+    """The CUDA error that left the GPU unusable for this process, if `error` is one; else None."""
+    text = str(error)
+    return next((reason for reason in FATAL_CUDA_ERRORS if reason in text), None)
+
+
 @dataclass(frozen=True)
 class Generation:
     prompt: str
@@ -226,6 +263,16 @@ class Generation:
     strength: float
     scheduler: str
     seed: int
+
+
+def _calling(stop: Callable[[], None]):
+    """A diffusers step-end callback that calls `stop` and changes nothing."""
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        stop()
+        return callback_kwargs
+
+    return callback
 
 
 def count_prompt_tokens(pipe: StableDiffusionInpaintPipeline, prompt: str) -> int:
@@ -239,11 +286,13 @@ def generate(
     masks: list[Image.Image],
     job: Generation,
     timings: dict[str, float] | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> list[list[Image.Image]]:
     """Inpaint each image (RGB) where its mask (L, 255 = repaint) is white, all in one batch.
 
     All images share one working size. Returns, for each image, `job.num_outputs` results.
     `timings`, if given, receives the seconds of text_encode, vae_encode, vae_decode and denoise (the rest).
+    `stop`, if given, is called after each denoising step; it raises to end the run there (a cancellation).
     """
     width, height = images[0].size
     count = len(images)
@@ -274,7 +323,9 @@ def generate(
                 num_images_per_prompt=job.num_outputs,
                 generator=generator,
                 output_type="pil",
+                **({"callback_on_step_end": _calling(stop)} if stop else {}),
             )
+        stages.denoise_span()
     finally:
         _stages.reset(token)
     if timings is not None:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import codec, compositing, geometry, pipeline
+from . import codec, compositing, geometry, pipeline, tracing
+from .concurrency import CancelToken, DeviceQueue
 from .config import Settings
 from .inputs import InpaintRequest
 from .safety import AllOutputsFlagged, SafetyChecker
@@ -41,7 +42,8 @@ class _Timer:
     def stage(self, name: str):
         start = time.perf_counter()
         try:
-            yield
+            with tracing.span(name):
+                yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
@@ -69,13 +71,20 @@ class GPUOutOfMemory(RuntimeError):
     """The model ran out of GPU memory; the message says what to lower."""
 
 
+class DeviceFailed(RuntimeError):
+    """The GPU failed in a way this process cannot recover from; the container must be restarted."""
+
+
 class Inpainter:
-    """The loaded model and the settings it runs under; `inpaint` serves one request."""
+    """The loaded model and the settings it runs under; `inpaint` serves one request, and several may run at
+    once in their own threads (inpaint/concurrency.py): the model's work takes turns in `device`."""
 
     def __init__(self, pipe, settings: Settings, safety: SafetyChecker | None = None) -> None:
         self.pipe = pipe
         self.settings = settings
         self.safety = safety
+        self.device = DeviceQueue()
+        self.fault: str | None = None  # the CUDA error that made the GPU unusable, once one has
         self.limits = codec.InputLimits(
             settings.max_input_pixels, settings.max_upload_bytes, settings.max_input_side, settings.max_input_aspect,
             settings.max_jpeg_scans,
@@ -131,9 +140,18 @@ class Inpainter:
             "or an image whose transparent pixels mark the region to repaint, or outpaint_* margins"
         )
 
+    def healthy(self) -> bool:
+        """False once the GPU has failed beyond recovery: Cog's server then reports UNHEALTHY."""
+        return self.fault is None
+
     def inpaint(
-        self, image_path: Path, mask_path: Path | None, request: InpaintRequest, out_dir: Path
+        self, image_path: Path, mask_path: Path | None, request: InpaintRequest, out_dir: Path,
+        token: CancelToken | None = None,
     ) -> Prediction:
+        """One request's outputs in `out_dir`. `token`, if given, is checked between stages and denoising
+        steps; a cancelled request raises concurrency.Cancelled there."""
+        self._check_device()
+        token = token or CancelToken()
         timer = _Timer()
         log.info("seed %d", request.seed)
         # One after the other: decoding the photo in a thread beside the mask work gained too little to keep
@@ -150,6 +168,7 @@ class Inpainter:
             mask = codec.fit_mask(mask, _size(image))
             regions = self._regions(mask, request)
             canvas = compositing.extend_canvas(image, request.margins)  # the photo itself without margins
+        token.check()
         metrics: dict[str, object] = {
             "seed": request.seed,
             "image_size": list(_size(image)),
@@ -161,8 +180,9 @@ class Inpainter:
             log.info("%s: returning the image unchanged without running the model", reason)
             results = [canvas] * request.num_outputs
         else:
-            results = self._paint(canvas, regions, mask_path is None, request, timer, metrics)
+            results = self._paint(canvas, regions, mask_path is None, request, timer, metrics, token)
 
+        token.check()
         with timer.stage("encode"):
             paths = [
                 codec.encode_image(
@@ -202,6 +222,7 @@ class Inpainter:
         request: InpaintRequest,
         timer: _Timer,
         metrics: dict[str, object],
+        token: CancelToken,
     ) -> list[np.ndarray]:
         """The outputs: the model's work on each region pasted over `canvas` (which the last output reuses)."""
         feather, plan = regions.feather, regions.plan
@@ -223,14 +244,17 @@ class Inpainter:
             seed=request.seed,
         )
         if plan.tiled:
-            layers, generated = self._paint_tiles(canvas, regions, job, timer)
+            layers, generated = self._paint_tiles(canvas, regions, job, timer, token)
+            with self._turn(token, timer):
+                kept = self._check_safety(generated, request, timer, metrics)
         else:
             with timer.stage("prepare"):
                 crops = [compositing.resize_crop(canvas, box, plan.working_size, self._workers.map) for box in plan.boxes]
                 crop_masks = [compositing.crop_mask(regions.touched[top:bottom, left:right], plan.working_size)
                               for left, top, right, bottom in plan.boxes]
-            generated = self._generate(crops, crop_masks, job, plan, timer)
-        kept = self._check_safety(generated, request, timer, metrics)
+            with self._turn(token, timer):  # one turn for the model and the checker, so nothing waits between them
+                generated = self._generate(crops, crop_masks, job, plan, timer, token)
+                kept = self._check_safety(generated, request, timer, metrics)
 
         results = []
         with timer.stage("composite"):
@@ -251,7 +275,7 @@ class Inpainter:
         return results
 
     def _paint_tiles(
-        self, canvas: np.ndarray, regions: _Regions, job: pipeline.Generation, timer: _Timer
+        self, canvas: np.ndarray, regions: _Regions, job: pipeline.Generation, timer: _Timer, token: CancelToken
     ) -> tuple[list[np.ndarray], list[list[Image.Image]]]:
         """Outpainting tiles, one after another, every output's at once (compositing.paint_tiles):
         each output's painting of the canvas, and per tile each output's painting of it."""
@@ -263,7 +287,9 @@ class Inpainter:
             start = time.perf_counter()
             # Each output is its own image in the batch; each tile its own seed, so the tiles do not repeat.
             tile_job = dataclasses.replace(job, num_outputs=1, seed=(job.seed + index) % 2**64 if index else job.seed)
-            generated.append([images[0] for images in self._generate(crops, [mask] * len(crops), tile_job, regions.plan, timer)])
+            with self._turn(token, timer):
+                painted = self._generate(crops, [mask] * len(crops), tile_job, regions.plan, timer, token)
+            generated.append([images[0] for images in painted])
             model_seconds += time.perf_counter() - start
             return generated[-1]
 
@@ -277,10 +303,11 @@ class Inpainter:
     def _generate(
         self, crops: list[Image.Image], masks: list[Image.Image], job: pipeline.Generation, plan: geometry.Plan,
         timer: _Timer,
+        token: CancelToken,
     ) -> list[list[Image.Image]]:
         model_seconds: dict[str, float] = {}
         try:
-            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds)
+            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds, token.check)
         except torch.OutOfMemoryError:
             pipeline.release_memory(self.pipe.device)
             raise GPUOutOfMemory(
@@ -288,12 +315,37 @@ class Inpainter:
                 f"{plan.batch} region(s) at {plan.working_size[0]}x{plan.working_size[1]}; lower num_outputs or "
                 "width/height and try again"
             ) from None
-        except BaseException:  # cancelled, or any other failure: leave no memory behind for the next prediction
-            pipeline.release_memory(self.pipe.device)
+        except BaseException as error:  # cancelled, or any other failure: leave no memory behind for the next one
+            self._note_fault(error)
+            if self.fault is None:
+                pipeline.release_memory(self.pipe.device)
             raise
         for stage, seconds in model_seconds.items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + seconds
         return generated
+
+    @contextmanager
+    def _turn(self, token: CancelToken, timer: _Timer):
+        """The model's turn on the device; the wait is timed as the "queue" stage."""
+        with timer.stage("queue"):
+            self.device.acquire(token)
+        try:
+            yield
+        finally:
+            self.device.release()
+
+    def _note_fault(self, error: BaseException) -> None:
+        reason = pipeline.fatal_device_error(error)
+        if reason is not None and self.fault is None:
+            self.fault = reason
+            log.error("the GPU failed beyond recovery (%s): this container now reports UNHEALTHY", reason)
+
+    def _check_device(self) -> None:
+        if self.fault is not None:
+            raise DeviceFailed(
+                f"this container's GPU failed beyond recovery earlier ({self.fault}) and it reports UNHEALTHY; "
+                "send the request to another replica, or restart the container"
+            )
 
     def _check_limits(self, plan: geometry.Plan, request: InpaintRequest) -> None:
         width, height = plan.working_size
@@ -313,13 +365,18 @@ class Inpainter:
     def _check_safety(
         self, generated: list[list[Image.Image]], request: InpaintRequest, timer: _Timer, metrics: dict[str, object]
     ) -> list[int]:
-        """Indices of the outputs to return: those the checker did not flag (all when it is off)."""
+        """Indices of the outputs to return: those the checker did not flag (all when it is off). Called in
+        the request's turn on the device."""
         outputs = list(range(request.num_outputs))
         if self.safety is None or request.disable_safety_checker:
             return outputs
         with timer.stage("safety"):
             # What the model painted is checked: every crop of an output; one flagged crop flags the output.
-            crop_flags = self.safety.flags([crops[output] for output in outputs for crops in generated])
+            try:
+                crop_flags = self.safety.flags([crops[output] for output in outputs for crops in generated])
+            except BaseException as error:
+                self._note_fault(error)
+                raise
         per_output = len(generated)
         flagged = [output for output in outputs if any(crop_flags[output * per_output : (output + 1) * per_output])]
         metrics["nsfw_flagged"] = len(flagged)

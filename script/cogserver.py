@@ -38,6 +38,16 @@ def decode_data_uri(uri: str) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
 
 
+def concurrency_max() -> int:
+    """The max of predict.py's @cog.concurrent, as `cog build` reads it (1 without the decorator)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import predict
+    finally:
+        sys.path.remove(str(ROOT))
+    return getattr(predict.Predictor.run, "__cog_concurrent_max__", 1)
+
+
 class CogServer:
     """One server process on 127.0.0.1; `with CogServer(weights) as server: server.predict({...})`."""
 
@@ -50,6 +60,17 @@ class CogServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> CogServer:
+        """Launch the server and wait until it is READY."""
+        self.launch()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> CogServer:
+        """Start the server process; it runs setup while this returns."""
         bin_dir = str(Path(sys.executable).parent)
         env = {
             **os.environ,
@@ -61,6 +82,9 @@ class CogServer:
         }
         if self.weights:
             env["COG_WEIGHTS"] = str(self.weights)
+        # `cog build` writes ENV COG_MAX_CONCURRENCY=<the @cog.concurrent max> into the image
+        # (pkg/image/build.go); a setting given here or in the environment overrides it, as in a container.
+        env.setdefault("COG_MAX_CONCURRENCY", str(concurrency_max()))
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
@@ -70,11 +94,6 @@ class CogServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def health(self) -> dict:

@@ -41,7 +41,7 @@ def pytest_terminal_summary(terminalreporter):
 # The slow tier: whole modules that compile, start Cog's server or soak it, and any test that uses the
 # shared server; a few others are marked where they are. `script/test -m "not slow"` leaves them out.
 SLOW_MODULES = {"test_compiled", "test_reliability", "test_http", "test_bench", "test_readme"}
-SLOW_FIXTURES = {"server", "webhook"}
+SLOW_FIXTURES = {"server", "webhook", "faulty_server"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -220,4 +220,15 @@ def server(tiny_weights, tmp_path_factory):
 
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with CogServer(tiny_weights, log_path=log_path) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def faulty_server(tiny_weights, tmp_path_factory):
+    """The real Cog server running tests/faulty_predict.py: the prompt FAULT_PROMPT injects a sticky CUDA
+    error, after which the container is UNHEALTHY for good (so the tests that use it come after the fault)."""
+    from cogserver import CogServer
+
+    log_path = tmp_path_factory.mktemp("faulty") / "server.log"
+    with CogServer(tiny_weights, log_path=log_path, env={"COG_PREDICT_TYPE_STUB": "tests/faulty_predict.py:Predictor"}) as running:
         yield running

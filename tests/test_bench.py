@@ -107,3 +107,27 @@ def test_the_current_table_takes_each_figures_newest_run_on_each_kind_of_machine
     assert "| 400 ms | GPU X" in rows[0] and "`bench/results/b.json`" in rows[0]  # the newer run's default
     assert "| 40 dB | GPU X" in rows[1] and "a.json" in rows[1]  # only the older run has it
     assert ": JPEG in | 90-100 ms | CPU" in rows[2]
+
+
+def test_load_bench_smoke_run_through_the_real_server_writes_the_throughput_object(tiny_weights, tmp_path):
+    """bench/load.py as a user runs it, on the tiny weights: single client, then 3 clients closed loop,
+    then Poisson arrivals; each prints its figures and writes `throughput` into the run JSON given."""
+    into = tmp_path / "run.json"
+    into.write_text(json.dumps({"machine": {"gpu": None}, "default_ms": 1.0}))
+    for arrivals in (["--clients", "3"], ["--arrivals", "poisson", "--rate", "6"]):
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "load.py"), "--weights", str(tiny_weights), *arrivals,
+             "--seconds", "4", "--size", "64", "--steps", "2", "--warm-up", "1", "--into", str(into),
+             "--log", str(tmp_path / "server.log")],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        for figure in ("single_ips", "concurrent_ips", "p50_ms", "p95_ms", "p99_ms"):
+            assert f"| {figure} |" in run.stdout
+        written = json.loads(into.read_text())
+        throughput = written["throughput"]
+        assert written["default_ms"] == 1.0  # the run's other figures are kept
+        assert {"clients", "single_ips", "concurrent_ips", "p50_ms", "p95_ms", "p99_ms"} <= set(throughput)
+        assert throughput["single_ips"] > 0 and throughput["concurrent_ips"] > 0 and throughput["failed"] == 0
+        assert 0 < throughput["p50_ms"] <= throughput["p95_ms"] <= throughput["p99_ms"]
+        assert throughput["predictions"] >= 3

@@ -148,7 +148,7 @@ def test_predict_py_inputs_are_literals_for_cogs_static_schema_generator():
     resolve is dropped (the default silently becomes null); it takes implicitly joined strings
     quotes and all."""
     source = (ROOT / "predict.py").read_text()
-    run = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef) and node.name == "run")
+    run = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "run")
     calls = [default for default in run.args.defaults if isinstance(default, ast.Call)]
     assert len(calls) == len(run.args.args) - 1  # every input but self
     for call in calls:

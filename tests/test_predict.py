@@ -1,7 +1,7 @@
 """The Cog Predictor in-process: setup with the tiny weights through the real loading code, then run."""
 
+import asyncio
 import hashlib
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageOps
 from scipy import ndimage
 
 from conftest import PREDICT_DEFAULTS, make_mask, make_photo
+from inpaint.concurrency import OutputFolders
 from inpaint.schedulers import SCHEDULER_NAMES
 from predict import Predictor
 
@@ -20,13 +21,12 @@ from predict import Predictor
 def predictor(tiny_weights):
     runner = Predictor()
     runner.setup(weights=str(tiny_weights))
-    yield runner
-    if runner.out_dir is not None:  # the last prediction's folder (each run removes the one before)
-        shutil.rmtree(runner.out_dir, ignore_errors=True)
+    runner.outputs = OutputFolders(grace_seconds=0)  # nothing reads the files later here: each run removes the last's
+    return runner
 
 
 def run(predictor, image, mask, **overrides):
-    return predictor.run(image=image, mask=mask, **{**PREDICT_DEFAULTS, **overrides})
+    return asyncio.run(predictor.run(image=image, mask=mask, **{**PREDICT_DEFAULTS, **overrides}))
 
 
 def digest(path) -> str:

@@ -20,6 +20,8 @@ NOT_RUN_HERE = {
     "cog ": "needs a Docker engine",
     "COGLET_WHEEL=pypi:0.23.1 cog build": "needs a Docker engine",
     "script/test": "runs this suite (CI runs it as .ci/run)",
+    "kubectl ": "needs a Kubernetes cluster: tests/test_deploy.py validates each manifest against Kubernetes' "
+                "published schemas and runs its probe commands against Cog's real server",
     "script/download-weights": "needs the hub: tests/test_weights.py runs it against a stand-in hub with the real layout",
 }
 

@@ -1,5 +1,6 @@
 """Checks that need the real checkpoint (script/download-weights) or a GPU; they skip cleanly without."""
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,12 @@ def test_real_model_on_the_gpu_paints_the_example(tmp_path):
     assert predictor.inpainter.pipe.unet.dtype.itemsize == 2  # fp16 on CUDA
     from conftest import PREDICT_DEFAULTS
 
-    outputs = predictor.run(
+    outputs = asyncio.run(predictor.run(
         image=ROOT / "examples" / "chelsea.png",
         mask=ROOT / "examples" / "chelsea-mask.png",
         **{**PREDICT_DEFAULTS, "prompt": "a cat wearing round sunglasses, photo", "width": None, "height": None,
            "num_inference_steps": 25, "seed": 42},
-    )
+    ))
     result = np.asarray(Image.open(outputs[0]), dtype=np.float32)
     assert result.shape == (300, 451, 3)
     assert 20 < result.std() < 120  # a picture, not black or noise-free grey

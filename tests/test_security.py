@@ -73,6 +73,6 @@ def test_output_paths_are_fixed_names_in_a_fresh_folder(tmp_path):
 
     path = encode_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "out-0", "webp", 50)
     assert path == tmp_path / "out-0.webp"
-    source = (ROOT / "predict.py").read_text()
-    assert 'tempfile.mkdtemp(prefix="inpaint-")' in source
+    assert "self.outputs.folder() as folder" in (ROOT / "predict.py").read_text()
+    assert 'tempfile.mkdtemp(prefix="inpaint-")' in (ROOT / "inpaint" / "concurrency.py").read_text()
     assert 'out_dir / f"out-{index}"' in (ROOT / "inpaint" / "service.py").read_text()

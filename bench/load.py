@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Throughput and latency under load, through Cog's real HTTP server, as clients see them.
+
+Runs one client in a closed loop (single_ips), then K clients, each posting its next prediction as
+soon as its last one is back (closed loop), or predictions arriving at random (Poisson, --rate per
+second) from as many clients as it takes. A 409 ("At capacity") is retried after a short wait, as
+the README tells clients to; latency is from the first attempt to the answer, so waits count. Prints
+images/s and p50/p95/p99 latency, and writes the `throughput` object
+{clients, single_ips, concurrent_ips, p50_ms, p95_ms, p99_ms, ...}: into the run JSON given with
+--into (a GPU run's bench/results/*.json), else into a new bench/results/ file with a RESULTS.md
+History section (--no-record: print only).
+
+  bench/load.py --weights weights --clients 4 --seconds 60         a server started here (real weights)
+  bench/load.py --url http://127.0.0.1:5000 --clients 4             a server already running
+  bench/load.py --weights DIR --arrivals poisson --rate 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "script"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cogserver import CogServer  # noqa: E402
+
+RETRY_409_SECONDS = 0.02
+
+
+def _photo_and_mask(size: int) -> tuple[str, str]:
+    """A textured photo of size x size and a mask of its middle third, as PNG data URIs."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size]
+    pixels = np.stack([(x * 255 // size), (y * 255 // size), ((x + y) * 127 // size)], -1)
+    pixels = (pixels + rng.integers(0, 24, pixels.shape)).clip(0, 255).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 255
+
+    def uri(image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    return uri(Image.fromarray(pixels)), uri(Image.fromarray(mask))
+
+
+class Load:
+    """Predictions against one server, and what each cost."""
+
+    def __init__(self, server: CogServer, body: dict) -> None:
+        self.server = server
+        self.body = body
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []  # seconds, first attempt to answer, successful predictions
+        self.finished: list[float] = []  # monotonic time of each success
+        self.failed: list[str] = []
+        self.refused = 0  # 409s retried
+        self.seed = 0
+
+    def one(self, started: float | None = None) -> None:
+        started = started or time.monotonic()
+        with self.lock:
+            self.seed += 1
+            body = {**self.body, "seed": self.seed}
+        while True:
+            status, response = self.server.request("POST", "/predictions", {"input": body})
+            if status != 409:
+                break
+            with self.lock:
+                self.refused += 1
+            time.sleep(RETRY_409_SECONDS)
+        done = time.monotonic()
+        with self.lock:
+            if status == 200 and response.get("status") == "succeeded":
+                self.latencies.append(done - started)
+                self.finished.append(done)
+            else:
+                self.failed.append(f"{status}: {response.get('error') if isinstance(response, dict) else response}")
+
+    def closed_loop(self, clients: int, seconds: float) -> float:
+        """K clients for `seconds`; returns the wall time from the start to the last answer."""
+        start = time.monotonic()
+        deadline = start + seconds
+
+        def client():
+            while time.monotonic() < deadline:
+                self.one()
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.monotonic() - start
+
+    def poisson(self, rate: float, seconds: float) -> float:
+        """Arrivals at `rate` per second for `seconds`, each from its own client; wall time to the last answer."""
+        start = time.monotonic()
+        arrivals = random.Random(1)
+        threads, at = [], start
+        while True:
+            at += arrivals.expovariate(rate)
+            if at > start + seconds:
+                break
+            time.sleep(max(0.0, at - time.monotonic()))
+            thread = threading.Thread(target=self.one, args=(at,))
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+        return time.monotonic() - start
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]  # nearest rank
+
+
+def measure(server: CogServer, body: dict, clients: int, seconds: float, arrivals: str, rate: float | None,
+            warm_up: int) -> dict:
+    warm = Load(server, body)
+    for _ in range(warm_up):
+        warm.one()
+    if warm.failed:
+        raise SystemExit(f"warm-up prediction failed: {warm.failed[0]}")
+    single = Load(server, body)
+    single_wall = single.closed_loop(1, seconds)
+    single_ips = len(single.latencies) / single_wall
+    loaded = Load(server, body)
+    if arrivals == "poisson":
+        wall = loaded.poisson(rate or clients * single_ips, seconds)
+    else:
+        wall = loaded.closed_loop(clients, seconds)
+    if not loaded.latencies:
+        raise SystemExit(f"no prediction succeeded under load: {loaded.failed[:3]}")
+    concurrent_ips = len(loaded.latencies) / wall
+    milliseconds = [latency * 1000 for latency in loaded.latencies]
+    return {
+        "clients": clients,
+        "arrivals": arrivals if arrivals == "closed" else f"poisson {rate or clients * single_ips:.3g}/s",
+        "seconds": seconds,
+        "single_ips": round(single_ips, 4),
+        "concurrent_ips": round(concurrent_ips, 4),
+        "speedup": round(concurrent_ips / single_ips, 3),
+        "single_mean_ms": round(statistics.mean(single.latencies) * 1000, 1),
+        "mean_ms": round(statistics.mean(milliseconds), 1),
+        "p50_ms": round(_percentile(milliseconds, 0.50), 1),
+        "p95_ms": round(_percentile(milliseconds, 0.95), 1),
+        "p99_ms": round(_percentile(milliseconds, 0.99), 1),
+        "predictions": len(loaded.latencies),
+        "failed": len(loaded.failed) + len(single.failed),
+        "refused_409": loaded.refused,
+        "inputs": {key: value for key, value in body.items() if key not in ("image", "mask")},
+    }
+
+
+def report(throughput: dict) -> str:
+    lines = [
+        f"# Load: {throughput['clients']} clients ({throughput['arrivals']}), {throughput['seconds']:.0f} s each, "
+        f"{throughput['inputs']}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    for key in ("single_ips", "concurrent_ips", "speedup", "single_mean_ms", "mean_ms", "p50_ms", "p95_ms", "p99_ms",
+                "predictions", "failed", "refused_409"):
+        lines.append(f"| {key} | {throughput[key]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server")
+    where.add_argument("--weights", help="start a server here on these weights (a folder)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=60.0, help="for the single client, then again under load")
+    parser.add_argument("--arrivals", choices=["closed", "poisson"], default="closed")
+    parser.add_argument("--rate", type=float, help="Poisson arrivals per second (default: clients x single_ips)")
+    parser.add_argument("--size", type=int, default=512, help="photo side; the model works at this size")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warm-up", type=int, default=3)
+    parser.add_argument("--into", type=Path, help="add the throughput object to this run JSON")
+    parser.add_argument("--no-record", action="store_true", help="print only")
+    parser.add_argument("--log", type=Path, default=Path("/tmp/inpaint-load-server.log"))
+    args = parser.parse_args(argv)
+
+    image, mask = _photo_and_mask(args.size)
+    body = {"image": image, "mask": mask, "width": args.size, "height": args.size, "num_inference_steps": args.steps,
+            "scheduler": "DPMSolverMultistep", "guidance_scale": 7.5, "prompt": "a red brick wall"}
+    if args.url:
+        server = CogServer(None, log_path=args.log)
+        server.url = args.url.rstrip("/")
+        context = nullcontext(server)
+    else:
+        context = CogServer(args.weights, log_path=args.log)
+    with context as server:
+        throughput = measure(server, body, args.clients, args.seconds, args.arrivals, args.rate, args.warm_up)
+    text = report(throughput)
+    print(text)
+    if args.into:
+        run = json.loads(args.into.read_text()) if args.into.exists() else {}
+        run["throughput"] = throughput
+        args.into.write_text(json.dumps(run, indent=2) + "\n")
+        print(f"wrote the throughput object into {args.into}")
+    elif not args.no_record:
+        import bench
+
+        bench.record(text, {"throughput": throughput}, "load")
+    return 1 if throughput["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

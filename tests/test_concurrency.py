@@ -1,0 +1,360 @@
+"""Several predictions at once: the parts (inpaint/concurrency.py), the Inpainter from threads, and the
+contract through Cog's real server (N at once, the N+1-th refused, cancel, webhooks, faults, health)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogserver import concurrency_max, data_uri, decode_data_uri
+from conftest import make_mask, make_photo
+from faulty_predict import CUDA_FAULT, FAULT_PROMPT
+from inpaint import pipeline
+from inpaint.concurrency import Cancelled, CancelToken, DeviceQueue, OutputFolders, run_cancellable
+from inpaint.inputs import check_inputs
+from inpaint.service import DeviceFailed, GPUOutOfMemory, Inpainter
+
+# ---------------------------------------------------------------- the parts
+
+
+def _token(age: int) -> CancelToken:
+    token = CancelToken()
+    token.age = age
+    return token
+
+
+def test_device_queue_gives_the_turn_to_the_oldest_request_waiting():
+    queue, order = DeviceQueue(), []
+    holder = _token(0)
+    queue.acquire(holder)
+    waiters = []
+    for age in (3, 1, 2):  # ask in this order; served by age
+        token = _token(age)
+
+        def wait(token=token):
+            with queue.turn(token):
+                order.append(token.age)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        waiters.append(thread)
+    while queue.waiting < 3:
+        time.sleep(0.01)
+    queue.release()
+    for thread in waiters:
+        thread.join(5)
+    assert order == [1, 2, 3]
+
+
+def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_gets_the_turn():
+    queue = DeviceQueue()
+    queue.acquire(_token(0))
+    cancelled, next_one = _token(1), _token(2)
+    outcome = {}
+
+    def wait(name, token):
+        try:
+            with queue.turn(token):
+                outcome[name] = "turn"
+        except Cancelled:
+            outcome[name] = "cancelled"
+
+    threads = [threading.Thread(target=wait, args=(name, token)) for name, token in (("a", cancelled), ("b", next_one))]
+    for thread in threads:
+        thread.start()
+    while queue.waiting < 2:
+        time.sleep(0.01)
+    cancelled.cancel()
+    while queue.waiting > 1:
+        time.sleep(0.01)
+    queue.release()
+    for thread in threads:
+        thread.join(5)
+    assert outcome == {"a": "cancelled", "b": "turn"} and queue.waiting == 0
+
+
+def test_run_cancellable_sets_the_token_and_waits_for_the_thread_before_cancelling():
+    ended = threading.Event()
+
+    def work(token: CancelToken) -> str:
+        while not token.cancelled:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the last step after the check
+        ended.set()
+        token.check()
+        return "not reached"
+
+    async def main():
+        task = asyncio.ensure_future(run_cancellable(work))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return ended.is_set()
+
+    assert asyncio.run(main())  # the thread had ended when the cancellation arrived
+
+
+def test_run_cancellable_returns_the_result_and_passes_errors_on():
+    assert asyncio.run(run_cancellable(lambda token: 42)) == 42
+    with pytest.raises(ValueError, match="bad"):
+        asyncio.run(run_cancellable(lambda token: (_ for _ in ()).throw(ValueError("bad"))))
+
+
+def test_output_folders_outlive_their_run_by_the_grace_period():
+    folders = OutputFolders(grace_seconds=0.3)
+    with folders.folder() as first:
+        (first / "out-0.png").write_bytes(b"x")
+    with folders.folder() as second:
+        assert first.exists()  # returned moments ago: the server may still be reading it
+    time.sleep(0.35)
+    with folders.folder() as third:
+        assert not first.exists() and not second.exists() and third.exists()
+
+
+# ---------------------------------------------------------------- the Inpainter from threads
+
+
+def _request(**overrides):
+    settings = dict(prompt="a red boat", negative_prompt=None, invert_mask=False, mask_grow=0, mask_blur=4,
+                    mask_padding=16, width=128, height=128, num_outputs=1, num_inference_steps=4,
+                    guidance_scale=7.5, strength=1.0, scheduler="DDIM", seed=5, output_format="png",
+                    output_quality=90, disable_safety_checker=False)
+    return check_inputs(**{**settings, **overrides})
+
+
+def _digest(paths) -> list[str]:
+    return [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
+
+
+def test_a_result_does_not_depend_on_what_runs_beside_it(inpainter, tmp_path):
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    requests = [_request(seed=seed, prompt=f"prompt {seed}", num_inference_steps=3 + seed % 3) for seed in range(4)]
+    alone = []
+    for index, request in enumerate(requests):
+        out = tmp_path / f"alone-{index}"
+        out.mkdir()
+        alone.append(_digest(inpainter.inpaint(photo, mask, request, out).paths))
+    together: dict[int, list[str]] = {}
+
+    def run(index):
+        out = tmp_path / f"together-{index}"
+        out.mkdir()
+        together[index] = _digest(inpainter.inpaint(photo, mask, requests[index], out).paths)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [together[index] for index in range(4)] == alone
+
+
+def test_a_cancelled_request_stops_between_steps_and_frees_the_device(inpainter, tmp_path):
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    token, steps = CancelToken(), []
+    check = token.check
+
+    def counting_check():
+        steps.append(1)
+        if len(steps) == 2:
+            token.cancel()
+        check()
+
+    token.check = counting_check
+    with pytest.raises(Cancelled):
+        inpainter.inpaint(photo, mask, _request(num_inference_steps=50), tmp_path, token)
+    assert len(steps) <= 4  # a check before the model, then one per step: stopped at the second step
+    assert inpainter.device.waiting == 0
+    assert inpainter.inpaint(photo, mask, _request(), tmp_path).paths  # the device was released
+
+
+def test_an_out_of_memory_error_fails_only_the_request_that_caused_it(inpainter, tmp_path, monkeypatch):
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    generate = pipeline.generate
+
+    def generate_or_run_out(pipe, images, masks, job, *args, **kwargs):
+        if job.prompt == "too big":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return generate(pipe, images, masks, job, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", generate_or_run_out)
+    outcome = {}
+
+    def run(name, request):
+        try:
+            out = tmp_path / name
+            out.mkdir()
+            outcome[name] = len(inpainter.inpaint(photo, mask, request, out).paths)
+        except GPUOutOfMemory as error:
+            outcome[name] = str(error)
+
+    threads = [threading.Thread(target=run, args=("ok-1", _request(seed=1))),
+               threading.Thread(target=run, args=("big", _request(prompt="too big"))),
+               threading.Thread(target=run, args=("ok-2", _request(seed=2)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert outcome["ok-1"] == 1 and outcome["ok-2"] == 1
+    assert "ran out of memory" in outcome["big"] and "lower num_outputs" in outcome["big"]
+    assert inpainter.healthy()  # out of memory is not a fault of the GPU
+
+
+def test_a_sticky_cuda_error_makes_the_container_unhealthy_and_later_requests_fail_fast(inpainter, tmp_path,
+                                                                                       monkeypatch):
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    faulty = Inpainter(inpainter.pipe, inpainter.settings, inpainter.safety)  # its own health, the same model
+    monkeypatch.setattr(pipeline, "generate", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError(CUDA_FAULT)))
+    assert faulty.healthy()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        faulty.inpaint(photo, mask, _request(), tmp_path)
+    assert not faulty.healthy()
+    started = time.monotonic()
+    with pytest.raises(DeviceFailed, match="restart the container"):
+        faulty.inpaint(photo, mask, _request(), tmp_path)
+    assert time.monotonic() - started < 0.1
+    assert inpainter.healthy()
+
+
+def test_other_runtime_errors_leave_the_container_healthy(inpainter, tmp_path, monkeypatch):
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    other = Inpainter(inpainter.pipe, inpainter.settings, inpainter.safety)
+    monkeypatch.setattr(pipeline, "generate", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError):
+        other.inpaint(photo, mask, _request(), tmp_path)
+    assert other.healthy()
+
+
+# ---------------------------------------------------------------- through Cog's real server
+
+SLOTS = concurrency_max()
+
+
+def _inputs(tmp_path, **overrides) -> dict:
+    photo, mask = make_photo(tmp_path / "photo.png", size=(96, 64)), make_mask(tmp_path / "mask.png", size=(96, 64))
+    return {"image": data_uri(photo), "mask": data_uri(mask), "width": 64, "height": 64, "num_inference_steps": 2,
+            "seed": 1, **overrides}
+
+
+def _start(server, webhook, body: dict, prediction_id: str, events=None) -> int:
+    payload = {"id": prediction_id, "input": body, "webhook": webhook.url}
+    if events:
+        payload["webhook_events_filter"] = events
+    status, _ = server.request("POST", "/predictions", payload, {"Prefer": "respond-async"})
+    return status
+
+
+def _final(webhook, prediction_id: str, timeout: float = 120) -> dict:
+    return webhook.wait_for(
+        lambda event: event.get("id") == prediction_id and event.get("status") in ("succeeded", "failed", "canceled"),
+        timeout,
+    )
+
+
+def test_the_default_concurrency_is_more_than_one():
+    assert SLOTS >= 2
+
+
+def test_n_predictions_run_at_once_and_the_next_one_gets_409(server, tmp_path, webhook):
+    server.wait_ready(30)
+    ids = [f"slot-{index}-{uuid.uuid4().hex[:6]}" for index in range(SLOTS)]
+    for index, prediction_id in enumerate(ids):
+        body = _inputs(tmp_path, num_inference_steps=150, width=256, height=256, seed=index)
+        assert _start(server, webhook, body, prediction_id) == 202
+    for prediction_id in ids:  # each has started (its start webhook); they run one after the other on the model
+        webhook.wait_for(lambda event, pid=prediction_id: event.get("id") == pid and event.get("status") == "processing", 60)
+    status, response = server.request("POST", "/predictions", {"input": _inputs(tmp_path)})
+    refused = _start(server, webhook, _inputs(tmp_path), "refused")
+    assert status == 409 and "At capacity" in response["error"]
+    assert refused == 409
+    finals = [_final(webhook, prediction_id) for prediction_id in ids]
+    assert [final["status"] for final in finals] == ["succeeded"] * SLOTS
+    assert not any(event.get("id") == "refused" for event in webhook.events)  # refused, so never started
+
+
+def test_concurrent_predictions_keep_their_own_logs_metrics_and_bytes(server, tmp_path):
+    bodies = [_inputs(tmp_path, seed=100 + index, prompt=f"prompt number {index}", num_inference_steps=6)
+              for index in range(SLOTS)]
+    alone = []
+    for body in bodies:
+        server.wait_ready(30)
+        status, response = server.predict(body)
+        alone.append(response["output"])
+    together: dict[int, dict] = {}
+
+    def run(index):
+        together[index] = server.predict(bodies[index])[1]
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(SLOTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for index, body in enumerate(bodies):
+        response = together[index]
+        assert response["status"] == "succeeded"
+        assert response["metrics"]["seed"] == body["seed"]
+        logs = response["logs"]
+        assert f"seed {body['seed']}" in logs
+        assert not any(f"seed {other['seed']}" in logs for other in bodies if other is not body)
+        assert logs.count("working at") == 1
+        assert [decode_data_uri(uri) for uri in response["output"]] == [decode_data_uri(uri) for uri in alone[index]]
+
+
+def test_cancelling_one_prediction_cancels_only_that_one(server, tmp_path, webhook):
+    server.wait_ready(30)
+    keep, cancel = f"keep-{uuid.uuid4().hex[:6]}", f"cancel-{uuid.uuid4().hex[:6]}"
+    assert _start(server, webhook, _inputs(tmp_path, num_inference_steps=30, width=256, height=256), keep) == 202
+    assert _start(server, webhook, _inputs(tmp_path, num_inference_steps=300, width=256, height=256), cancel) == 202
+    webhook.wait_for(lambda event: event.get("id") == cancel and "denoising" in (event.get("logs") or ""), 60)
+    started = time.monotonic()
+    assert server.request("POST", f"/predictions/{cancel}/cancel")[0] == 200
+    assert _final(webhook, cancel, 30)["status"] == "canceled"
+    assert time.monotonic() - started < 5
+    assert _final(webhook, keep)["status"] == "succeeded"
+    server.wait_ready(30)
+    assert server.predict(_inputs(tmp_path))[1]["status"] == "succeeded"
+
+
+def test_every_accepted_async_prediction_ends_with_its_webhook_under_load(server, tmp_path, webhook):
+    accepted, refused = [], 0
+    for index in range(12):
+        prediction_id = f"load-{index}-{uuid.uuid4().hex[:6]}"
+        body = _inputs(tmp_path, seed=index)
+        if index % 4 == 3:
+            body["image"] = "data:image/png;base64," + "QUJD"  # not an image: fails with a reason
+        status = _start(server, webhook, body, prediction_id, ["completed"])
+        if status == 202:
+            accepted.append((prediction_id, index % 4 == 3))
+        else:
+            assert status == 409
+            refused += 1
+        time.sleep(0.02)
+    assert len(accepted) >= SLOTS
+    for prediction_id, broken in accepted:
+        final = _final(webhook, prediction_id)
+        assert final["status"] == ("failed" if broken else "succeeded"), final.get("error")
+        if broken:
+            assert "image could not be read" in final["error"]
+
+
+def test_health_check_turns_unhealthy_after_a_sticky_cuda_error(faulty_server, tmp_path):
+    server = faulty_server
+    status, response = server.predict(_inputs(tmp_path, prompt=FAULT_PROMPT))
+    # (the fault may have been injected already by another test on this session's faulty server)
+    assert response["status"] == "failed"
+    assert "illegal memory access" in response["error"] or "failed beyond recovery" in response["error"]
+    deadline = time.monotonic() + 30
+    while server.health()["status"] != "UNHEALTHY" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.health()["status"] == "UNHEALTHY"
+    status, response = server.predict(_inputs(tmp_path))  # fails fast, saying what to do
+    assert response["status"] == "failed" and "restart the container" in response["error"]

@@ -1,0 +1,171 @@
+"""deploy/kubernetes/: every manifest valid against Kubernetes' published OpenAPI schemas (kubernetes-validate,
+offline, strict: an unknown field fails), consistent with the container, and its probe commands run as
+written against Cog's real server in each state they must tell apart."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from cogserver import CogServer, concurrency_max
+from faulty_predict import FAULT_PROMPT
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+# The oldest Kubernetes the manifests are for (preStop's sleep action is on by default from 1.30), and the
+# newest kubernetes-validate knows.
+VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+KNATIVE = "serving.knative.dev/v1"
+# Fields of Knative's RevisionSpec beside the PodSpec it inlines (Knative Serving API, RevisionSpec).
+KNATIVE_REVISION_FIELDS = ("containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds", "idleTimeoutSeconds")
+
+
+def documents() -> list[tuple[str, dict]]:
+    return [(path.name, document) for path in MANIFESTS for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def _as_pod(service: dict) -> dict:
+    """A Knative Service's revision template as the Pod it becomes, for the PodSpec schema (Knative names an
+    unnamed container "user-container")."""
+    template = copy.deepcopy(service["spec"]["template"])
+    spec = {key: value for key, value in template["spec"].items() if key not in KNATIVE_REVISION_FIELDS}
+    for container in spec["containers"]:
+        container.setdefault("name", "user-container")
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": service["metadata"]["name"], **template.get("metadata", {})},
+            "spec": spec}
+
+
+def _containers(document: dict) -> list[dict]:
+    if document["kind"] == "Deployment":
+        return document["spec"]["template"]["spec"]["containers"]
+    if document.get("apiVersion") == KNATIVE:
+        return document["spec"]["template"]["spec"]["containers"]
+    return []
+
+
+def test_there_are_manifests_for_a_deployment_a_service_a_volume_and_knative():
+    kinds = {(document["apiVersion"], document["kind"]) for _, document in documents()}
+    assert {("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"), (KNATIVE, "Service")} <= kinds
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_manifest_is_valid_against_the_published_schemas(version):
+    for name, document in documents():
+        resource = _as_pod(document) if document["apiVersion"] == KNATIVE else document
+        kubernetes_validate.validate(resource, version, strict=True)  # raises with the field and the reason
+
+
+def test_the_validator_refuses_a_broken_manifest():
+    """The check above is real: a misspelt field, a string where a number goes, a missing image all fail."""
+    deployment = next(document for _, document in documents() if document["kind"] == "Deployment")
+    for breaking in (
+        lambda d: d["spec"]["template"]["spec"]["containers"][0].update(livenesProbe={}),
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"].update(periodSeconds="10"),
+        lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("name"),
+    ):
+        broken = copy.deepcopy(deployment)
+        breaking(broken)
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+def test_the_manifests_agree_with_the_container():
+    slots = concurrency_max()
+    for name, document in documents():
+        for container in _containers(document):
+            env = {entry["name"]: entry.get("value") for entry in container["env"]}
+            assert env["COG_MAX_CONCURRENCY"] == str(slots), name
+            assert container["ports"][0]["containerPort"] == 5000, name  # Cog's server
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                command = container[probe]["exec"]["command"]
+                assert command[:2] == ["python", "script/probe"] and (ROOT / command[1]).exists(), (name, probe)
+            mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+            assert env["INPAINT_COMPILE_CACHE"].startswith(mounts["compiled"] + "/"), name
+        if document.get("apiVersion") == KNATIVE:
+            spec, annotations = document["spec"]["template"]["spec"], document["spec"]["template"]["metadata"]["annotations"]
+            assert spec["containerConcurrency"] == slots  # the queue-proxy never sends more than Cog takes
+            assert int(annotations["autoscaling.knative.dev/target"]) <= slots
+        if document["kind"] == "Deployment":
+            spec = document["spec"]["template"]["spec"]
+            pre_stop = spec["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+            assert spec["terminationGracePeriodSeconds"] > pre_stop + 60
+    claims = {document["metadata"]["name"] for _, document in documents() if document["kind"] == "PersistentVolumeClaim"}
+    for name, document in documents():
+        for volume in document.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
+            assert volume["persistentVolumeClaim"]["claimName"] in claims, name
+
+
+def _probe_commands() -> dict[str, list[str]]:
+    """Each distinct probe command of the manifests, by the check it makes."""
+    commands = {}
+    for _, document in documents():
+        for container in _containers(document):
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                command = container[probe]["exec"]["command"]
+                commands[command[-1]] = command
+    assert set(commands) == {"ready", "live"}
+    return commands
+
+
+def _run_probe(command: list[str], port: int) -> int:
+    """The command as the kubelet runs it in the container: from the working directory (Cog's /src is the
+    repository root), `python` from PATH."""
+    env = {**os.environ, "PORT": str(port), "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=30).returncode
+
+
+def test_probes_pass_on_a_ready_server(server):
+    server.wait_ready(30)
+    commands = _probe_commands()
+    assert _run_probe(commands["ready"], server.port) == 0
+    assert _run_probe(commands["live"], server.port) == 0
+
+
+def test_probes_during_setup_and_with_no_server(tiny_weights, tmp_path):
+    commands = _probe_commands()
+    starting = CogServer(tiny_weights, log_path=tmp_path / "server.log").launch()
+    try:
+        deadline = time.monotonic() + 60
+        state = None
+        while time.monotonic() < deadline:
+            try:
+                state = starting.health().get("status")
+                break
+            except OSError:
+                time.sleep(0.05)
+        if state != "STARTING":
+            pytest.skip(f"setup was over before the first health check ({state})")
+        assert _run_probe(commands["ready"], starting.port) == 1  # not ready: no traffic yet
+        assert _run_probe(commands["live"], starting.port) == 0  # but not restarted during setup
+        starting.wait_ready(120)
+        assert _run_probe(commands["ready"], starting.port) == 0
+    finally:
+        starting.stop()
+    assert _run_probe(commands["ready"], starting.port) == 1  # nothing listening
+    assert _run_probe(commands["live"], starting.port) == 1
+
+
+def test_probes_fail_once_the_gpu_failed_for_good(faulty_server, tmp_path):
+    from conftest import make_mask, make_photo
+    from cogserver import data_uri
+
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    body = {"image": data_uri(photo), "mask": data_uri(mask), "width": 64, "height": 64, "num_inference_steps": 2,
+            "prompt": FAULT_PROMPT}
+    status, response = faulty_server.predict(body)
+    assert response["status"] == "failed"
+    deadline = time.monotonic() + 30
+    while faulty_server.health()["status"] != "UNHEALTHY" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    commands = _probe_commands()
+    assert _run_probe(commands["live"], faulty_server.port) == 1  # the kubelet restarts the container
+    assert _run_probe(commands["ready"], faulty_server.port) == 1

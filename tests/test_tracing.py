@@ -1,0 +1,137 @@
+"""Each prediction stage is an OpenTelemetry span under Cog's own prediction span, exported over OTLP/HTTP
+by Cog's worker when tracing is on; with it off, no span is made."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import secrets
+import threading
+import time
+from contextlib import closing
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from cogserver import CogServer, data_uri
+from conftest import make_mask, make_photo
+from inpaint import tracing
+from inpaint.inputs import check_inputs
+
+STAGES = ("decode", "text_encode", "denoise", "vae_decode", "safety", "encode")
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace endpoint on loopback (opentelemetry-proto's ExportTraceServiceRequest, binary
+    protobuf, as the OTLP specification's HTTP transport defines it), collecting every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest.FromString(body)
+                with receiver.arrived:
+                    for resource_spans in request.resource_spans:
+                        service = next((a.value.string_value for a in resource_spans.resource.attributes
+                                        if a.key == "service.name"), "")
+                        for scope_spans in resource_spans.scope_spans:
+                            for span in scope_spans.spans:
+                                receiver.spans.append({
+                                    "name": span.name, "trace": span.trace_id.hex(), "id": span.span_id.hex(),
+                                    "parent": span.parent_span_id.hex(), "scope": scope_spans.scope.name,
+                                    "service": service, "path": self.path,
+                                    "start": span.start_time_unix_nano, "end": span.end_time_unix_nano,
+                                })
+                    receiver.arrived.notify_all()
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, timeout: float = 30.0) -> list[dict]:
+        with self.arrived:
+            self.arrived.wait_for(lambda: predicate(self.spans), timeout)
+            return list(self.spans)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def receiver():
+    with closing(OtlpReceiver()) as running:
+        yield running
+
+
+def _chain(spans: list[dict], trace_id: str, name: str, root: str) -> list[str] | None:
+    """The names of the spans from stage `name` up to the span `root`, or None while that chain is incomplete."""
+    by_id = {span["id"]: span for span in spans if span["trace"] == trace_id}
+    stage = next((span for span in by_id.values() if span["name"] == name and span["scope"] == tracing.TRACER_NAME), None)
+    chain, parent = [], stage and stage["parent"]
+    while parent in by_id:
+        chain.append(by_id[parent]["name"])
+        parent = by_id[parent]["parent"]
+    return chain if stage and parent == root else None
+
+
+@pytest.mark.slow
+def test_each_stage_is_a_span_under_the_servers_prediction_span(tiny_weights, tmp_path, receiver):
+    # Tracing on, as docs/serving.md says: COG_TRACE_CONFIGURED and an OTLP endpoint (spans sent every 0.1 s).
+    env = {"COG_TRACE_CONFIGURED": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    body = {"image": data_uri(photo), "mask": data_uri(mask), "width": 64, "height": 64, "num_inference_steps": 2}
+    with CogServer(tiny_weights, log_path=tmp_path / "server.log", env=env) as server:
+        # A traced caller (a gateway, a client) sends W3C trace context; sampled (flags 01).
+        status, response = server.predict(body, headers={"traceparent": f"00-{trace_id}-{caller_span}-01"})
+        assert response["status"] == "succeeded"
+        spans = receiver.wait_for(lambda spans: all(_chain(spans, trace_id, name, caller_span) for name in STAGES))
+    stage_spans = {span["name"]: span for span in spans
+                   if span["trace"] == trace_id and span["scope"] == tracing.TRACER_NAME}
+    assert set(STAGES) <= set(stage_spans), sorted(stage_spans)
+    for name in STAGES:
+        span = stage_spans[name]
+        assert span["path"] == "/v1/traces" and span["end"] >= span["start"] > 0
+        # Up the parents to the caller's span: every stage hangs under the server's prediction span.
+        chain = _chain(spans, trace_id, name, caller_span)
+        assert chain and any(link.startswith("cog.prediction") for link in chain), (name, chain)
+    # The stages follow each other in time.
+    order = sorted(STAGES, key=lambda name: stage_spans[name]["start"])
+    assert order.index("decode") < order.index("denoise") < order.index("vae_decode") < order.index("encode")
+
+
+def test_with_tracing_off_no_span_is_made(inpainter, tmp_path, monkeypatch):
+    from opentelemetry import trace
+
+    assert not tracing.enabled()  # no provider installed: OpenTelemetry's proxy
+
+    def no_tracer(*args, **kwargs):
+        raise AssertionError("a tracer was asked for with tracing off")
+
+    monkeypatch.setattr(trace, "get_tracer", no_tracer)
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    request = check_inputs(prompt="x", negative_prompt=None, invert_mask=False, mask_grow=0, mask_blur=4,
+                           mask_padding=16, width=64, height=64, num_outputs=1, num_inference_steps=2,
+                           guidance_scale=7.5, strength=1.0, scheduler="DDIM", seed=1, output_format="png",
+                           output_quality=90, disable_safety_checker=False)
+    started = time.monotonic()
+    assert inpainter.inpaint(photo, mask, request, tmp_path).paths
+    assert time.monotonic() - started < 60
