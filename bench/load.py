@@ -172,7 +172,8 @@ def measure(server: CogServer, body: dict, clients: int, seconds: float, arrival
 def report(throughput: dict) -> str:
     lines = [
         f"# Load: {throughput['clients']} clients ({throughput['arrivals']}), {throughput['seconds']:.0f} s each, "
-        f"{throughput['inputs']}",
+        f"{throughput['inputs']}, photo {throughput.get('photo_size')} px, "
+        f"COG_MAX_CONCURRENCY {throughput.get('max_concurrency', 'default')}",
         "",
         "| figure | value |",
         "|---|---|",
@@ -192,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="for the single client, then again under load")
     parser.add_argument("--arrivals", choices=["closed", "poisson"], default="closed")
     parser.add_argument("--rate", type=float, help="Poisson arrivals per second (default: clients x single_ips)")
-    parser.add_argument("--size", type=int, default=512, help="photo side; the model works at this size")
+    parser.add_argument("--size", type=int, default=512, help="the working size (width and height)")
+    parser.add_argument("--photo-size", type=int, help="the photo's side (default: --size); larger means more pixel work")
+    parser.add_argument("--concurrency", type=int, help="COG_MAX_CONCURRENCY of a server started here (default: the image's)")
+    parser.add_argument("--note", default="", help="what to know about this run, kept beside its figures")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warm-up", type=int, default=3)
     parser.add_argument("--into", type=Path, help="add the throughput object to this run JSON")
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=Path("/tmp/inpaint-load-server.log"))
     args = parser.parse_args(argv)
 
-    image, mask = _photo_and_mask(args.size)
+    image, mask = _photo_and_mask(args.photo_size or args.size)
     body = {"image": image, "mask": mask, "width": args.size, "height": args.size, "num_inference_steps": args.steps,
             "scheduler": "DPMSolverMultistep", "guidance_scale": 7.5, "prompt": "a red brick wall"}
     if args.url:
@@ -208,20 +212,27 @@ def main(argv: list[str] | None = None) -> int:
         server.url = args.url.rstrip("/")
         context = nullcontext(server)
     else:
-        context = CogServer(args.weights, log_path=args.log)
+        env = {"COG_MAX_CONCURRENCY": str(args.concurrency)} if args.concurrency else {}
+        context = CogServer(args.weights, log_path=args.log, env=env)
     with context as server:
         throughput = measure(server, body, args.clients, args.seconds, args.arrivals, args.rate, args.warm_up)
+    throughput["photo_size"] = args.photo_size or args.size
+    if args.concurrency:
+        throughput["max_concurrency"] = args.concurrency
     text = report(throughput)
     print(text)
     if args.into:
         run = json.loads(args.into.read_text()) if args.into.exists() else {}
         run["throughput"] = throughput
+        if args.note:
+            run.setdefault("notes", {})["throughput"] = args.note
         args.into.write_text(json.dumps(run, indent=2) + "\n")
         print(f"wrote the throughput object into {args.into}")
     elif not args.no_record:
         import bench
 
-        bench.record(text, {"throughput": throughput}, "load")
+        bench.record(text + (f"\n\n{args.note}" if args.note else ""), {"throughput": throughput,
+                     "notes": {"throughput": args.note} if args.note else None}, "load")
     return 1 if throughput["failed"] else 0
 
 

@@ -39,6 +39,7 @@ FIGURES = {
     "load_s": ("model load on the CPU, full-size weights, fp32", "s"),
     "prepost_ms": ("pre/post-processing of a 4096x4096 upload (decode, mask work, crops, paste, PNG encode)", "ms"),
     "speedups_ms": ("pre/post of a 4096x4096 upload with and without each second code path", "ms"),
+    "throughput": ("under load through Cog's server (bench/load.py; the run has its clients and inputs)", ""),
 }
 
 
@@ -82,6 +83,7 @@ def render(runs: list[dict]) -> str:
             where = f"{kind}, {machine.get('cpu', '?')}; torch {machine.get('torch', '?')}, diffusers {machine.get('diffusers', '?')}"
             value = run[key]
             entries = value.items() if isinstance(value, dict) else [(None, value)]
+            entries = [(name, figure) for name, figure in entries if not isinstance(figure, (dict, str))]  # the inputs
             for name, figure in entries:
                 text = f"{label}: {name}" if name else label
                 note = run.get("notes", {}).get(key, "")

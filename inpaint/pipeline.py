@@ -275,9 +275,9 @@ def _calling(stop: Callable[[], None]):
     return callback
 
 
-def count_prompt_tokens(pipe: StableDiffusionInpaintPipeline, prompt: str) -> int:
+def count_prompt_tokens(tokenizer, prompt: str) -> int:
     """Tokens of the prompt without start/end tokens, as the text encoder would see them untruncated."""
-    return len(pipe.tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids)
+    return len(tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids)
 
 
 def generate(

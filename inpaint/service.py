@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -85,6 +87,11 @@ class Inpainter:
         self.safety = safety
         self.device = DeviceQueue()
         self.fault: str | None = None  # the CUDA error that made the GPU unusable, once one has
+        # The prompts' lengths are counted outside the model's turn, on a tokenizer of their own: a tokenizer
+        # call sets its padding and truncation on the shared Rust tokenizer, so counting on the model's
+        # while another request encodes its prompt there unpadded that request's tokens (reproduced).
+        self._counter = copy.deepcopy(pipe.tokenizer)
+        self._counting = threading.Lock()
         self.limits = codec.InputLimits(
             settings.max_input_pixels, settings.max_upload_bytes, settings.max_input_side, settings.max_input_aspect,
             settings.max_jpeg_scans,
@@ -395,7 +402,8 @@ class Inpainter:
         return [output for output in outputs if output not in flagged]
 
     def _log_truncation(self, name: str, text: str) -> None:
-        tokens = pipeline.count_prompt_tokens(self.pipe, text)
+        with self._counting:
+            tokens = pipeline.count_prompt_tokens(self._counter, text)
         if tokens > MAX_PROMPT_TOKENS:
             log.warning(
                 "%s is %d tokens; the model reads only the first %d, the rest is ignored",

@@ -157,6 +157,31 @@ def test_a_result_does_not_depend_on_what_runs_beside_it(inpainter, tmp_path):
     assert [together[index] for index in range(4)] == alone
 
 
+def test_counting_a_prompts_tokens_beside_a_running_model_leaves_the_models_tokens_padded(inpainter):
+    """The model encodes prompts padded to 77 tokens in one request's turn while another request counts its
+    prompt's tokens outside it. On one shared tokenizer that unpadded the model's tokens ("Sizes of tensors
+    must match ... 77", seen under load through the server)."""
+    shapes, stop = [], threading.Event()
+
+    def encode():
+        for index in range(1500):
+            ids = inpainter.pipe.tokenizer(["a photo of a dog " * (index % 3)] * 2, padding="max_length", max_length=77,
+                                           truncation=True, return_tensors="pt").input_ids
+            shapes.append(tuple(ids.shape))
+        stop.set()
+
+    def count():
+        while not stop.is_set():
+            inpainter._log_truncation("prompt", "a photo of a cat " * 30)
+
+    threads = [threading.Thread(target=encode), threading.Thread(target=count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert set(shapes) == {(2, 77)}
+
+
 def test_a_cancelled_request_stops_between_steps_and_frees_the_device(inpainter, tmp_path):
     photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
     token, steps = CancelToken(), []
