@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "script"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cogserver import CogServer  # noqa: E402
+from cogserver import CogServer, concurrency_max  # noqa: E402
 
 RETRY_409_SECONDS = 0.02
 
@@ -184,6 +184,15 @@ def report(throughput: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(runs: dict) -> str:
+    """One row per COG_MAX_CONCURRENCY measured, the same clients each time."""
+    lines = ["| COG_MAX_CONCURRENCY | images/s | mean ms | p50 ms | p95 ms | p99 ms | 409s retried |", "|---|---|---|---|---|---|---|"]
+    for slots, run in runs.items():
+        lines.append(f"| {slots} | {run['concurrent_ips']} | {run['mean_ms']} | {run['p50_ms']} | {run['p95_ms']} | "
+                     f"{run['p99_ms']} | {run['refused_409']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
@@ -195,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="Poisson arrivals per second (default: clients x single_ips)")
     parser.add_argument("--size", type=int, default=512, help="the working size (width and height)")
     parser.add_argument("--photo-size", type=int, help="the photo's side (default: --size); larger means more pixel work")
-    parser.add_argument("--concurrency", type=int, help="COG_MAX_CONCURRENCY of a server started here (default: the image's)")
+    parser.add_argument("--concurrency", default="",
+                        help="COG_MAX_CONCURRENCY of a server started here (default: the image's); several, comma-separated "
+                             "(1,2,3): a server and a measurement each, compared in one table")
     parser.add_argument("--note", default="", help="what to know about this run, kept beside its figures")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warm-up", type=int, default=3)
@@ -207,19 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     image, mask = _photo_and_mask(args.photo_size or args.size)
     body = {"image": image, "mask": mask, "width": args.size, "height": args.size, "num_inference_steps": args.steps,
             "scheduler": "DPMSolverMultistep", "guidance_scale": 7.5, "prompt": "a red brick wall"}
-    if args.url:
-        server = CogServer(None, log_path=args.log)
-        server.url = args.url.rstrip("/")
-        context = nullcontext(server)
-    else:
-        env = {"COG_MAX_CONCURRENCY": str(args.concurrency)} if args.concurrency else {}
-        context = CogServer(args.weights, log_path=args.log, env=env)
-    with context as server:
-        throughput = measure(server, body, args.clients, args.seconds, args.arrivals, args.rate, args.warm_up)
-    throughput["photo_size"] = args.photo_size or args.size
-    if args.concurrency:
-        throughput["max_concurrency"] = args.concurrency
+    settings = [int(value) for value in args.concurrency.split(",") if value] or [None]
+    if args.url and settings != [None]:
+        parser.error("--concurrency starts its own servers: give --weights, not --url")
+    runs = {}
+    for slots in settings:
+        if args.url:
+            server = CogServer(None, log_path=args.log)
+            server.url = args.url.rstrip("/")
+            context = nullcontext(server)
+        else:
+            context = CogServer(args.weights, log_path=args.log, env={"COG_MAX_CONCURRENCY": str(slots)} if slots else {})
+        with context as server:
+            runs[slots] = measure(server, body, args.clients, args.seconds, args.arrivals, args.rate, args.warm_up)
+        runs[slots]["photo_size"] = args.photo_size or args.size
+        if slots:
+            runs[slots]["max_concurrency"] = slots
+    throughput = runs[concurrency_max() if concurrency_max() in runs else settings[-1]]
     text = report(throughput)
+    if len(runs) > 1:
+        text += "\n\n" + compare(runs)
     print(text)
     if args.into:
         run = json.loads(args.into.read_text()) if args.into.exists() else {}
@@ -231,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_record:
         import bench
 
-        bench.record(text + (f"\n\n{args.note}" if args.note else ""), {"throughput": throughput,
-                     "notes": {"throughput": args.note} if args.note else None}, "load")
-    return 1 if throughput["failed"] else 0
+        figures = {"throughput": throughput, "notes": {"throughput": args.note} if args.note else None}
+        if len(runs) > 1:
+            figures["concurrency_ips"] = {f"COG_MAX_CONCURRENCY={slots}": run["concurrent_ips"] for slots, run in runs.items()}
+        bench.record(text + (f"\n\n{args.note}" if args.note else ""), figures, "load")
+    return 1 if any(run["failed"] for run in runs.values()) else 0
 
 
 if __name__ == "__main__":
