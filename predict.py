@@ -24,8 +24,8 @@ class Predictor(BaseRunner):
     # (static schema generation, its default since replicate/cog#2950, April 2026) and resolves
     # nothing imported; the tests check these values against inpaint.inputs, which validates the
     # same inputs again. Several predictions run at once (inpaint/concurrency.py); COG_MAX_CONCURRENCY
-    # overrides max (README, "Serving many clients").
-    @cog.concurrent(max=2)
+    # overrides max. Why 3: bench/RESULTS.md, "Load through Cog's server" (docs/serving.md).
+    @cog.concurrent(max=3)
     async def run(
         self,
         prompt: str = Input(

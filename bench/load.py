@@ -169,11 +169,13 @@ def measure(server: CogServer, body: dict, clients: int, seconds: float, arrival
     }
 
 
-def report(throughput: dict) -> str:
+def report(throughput: dict, machine: str = "") -> str:
     lines = [
-        f"# Load: {throughput['clients']} clients ({throughput['arrivals']}), {throughput['seconds']:.0f} s each, "
+        f"### Load through Cog's server: {machine}",
+        "",
+        f"{throughput['clients']} clients ({throughput['arrivals']}), {throughput['seconds']:.0f} s each, "
         f"{throughput['inputs']}, photo {throughput.get('photo_size')} px, "
-        f"COG_MAX_CONCURRENCY {throughput.get('max_concurrency', 'default')}",
+        f"COG_MAX_CONCURRENCY {throughput.get('max_concurrency', 'default')}:",
         "",
         "| figure | value |",
         "|---|---|",
@@ -232,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         with context as server:
             runs[slots] = measure(server, body, args.clients, args.seconds, args.arrivals, args.rate, args.warm_up)
         runs[slots]["photo_size"] = args.photo_size or args.size
-        if slots:
-            runs[slots]["max_concurrency"] = slots
+        if slots or not args.url:
+            runs[slots]["max_concurrency"] = slots or concurrency_max()  # a server started here: the image's default
     throughput = runs[concurrency_max() if concurrency_max() in runs else settings[-1]]
-    text = report(throughput)
+    import bench
+
+    text = report(throughput, bench.machine())
     if len(runs) > 1:
         text += "\n\n" + compare(runs)
     print(text)
@@ -247,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         args.into.write_text(json.dumps(run, indent=2) + "\n")
         print(f"wrote the throughput object into {args.into}")
     elif not args.no_record:
-        import bench
-
         figures = {"throughput": throughput, "notes": {"throughput": args.note} if args.note else None}
         if len(runs) > 1:
             figures["concurrency_ips"] = {f"COG_MAX_CONCURRENCY={slots}": run["concurrent_ips"] for slots, run in runs.items()}

@@ -44,6 +44,10 @@ FIGURES = {
 }
 
 
+# Of a figure whose value is an object, the entries the table shows (others: every number).
+SHOWN = {"throughput": ("clients", "max_concurrency", "single_ips", "concurrent_ips", "mean_ms", "p50_ms", "p95_ms", "p99_ms")}
+
+
 def load_runs(folder: Path = RESULTS_DIR) -> list[dict]:
     """Every run, oldest first (by date, then file name)."""
     runs = []
@@ -84,10 +88,11 @@ def render(runs: list[dict]) -> str:
             where = f"{kind}, {machine.get('cpu', '?')}; torch {machine.get('torch', '?')}, diffusers {machine.get('diffusers', '?')}"
             value = run[key]
             entries = value.items() if isinstance(value, dict) else [(None, value)]
-            entries = [(name, figure) for name, figure in entries if not isinstance(figure, (dict, str))]  # the inputs
-            for name, figure in entries:
+            entries = [(name, figure) for name, figure in entries if not isinstance(figure, (dict, str))  # the inputs
+                       and (key not in SHOWN or name in SHOWN[key])]
+            for position, (name, figure) in enumerate(entries):
                 text = f"{label}: {name}" if name else label
-                note = run.get("notes", {}).get(key, "")
+                note = run.get("notes", {}).get(key, "") if position == 0 else ""
                 rows.append(f"| {text} | {_value(figure)} {unit} | {where} | {machine['date']} | "
                             f"`bench/results/{run['file']}`{'; ' + note if note else ''} |")
     header = ("| figure | value | machine | date | run (and what to know) |\n|---|---|---|---|---|")
