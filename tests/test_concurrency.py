@@ -349,6 +349,32 @@ def test_cancelling_one_prediction_cancels_only_that_one(server, tmp_path, webho
     assert server.predict(_inputs(tmp_path))[1]["status"] == "succeeded"
 
 
+def test_a_cancel_storm_loses_nothing_and_the_server_keeps_serving(server, tmp_path, webhook):
+    """Rounds of predictions cancelled at once, while waiting for the model, in it, or already done: each
+    accepted one ends with a final webhook, and the server serves the next prediction."""
+    accepted = []
+    for round_ in range(4):
+        ids = [f"storm-{round_}-{index}-{uuid.uuid4().hex[:6]}" for index in range(SLOTS)]
+        for index, prediction_id in enumerate(ids):
+            body = _inputs(tmp_path, seed=index, num_inference_steps=(2, 60, 200)[index % 3], width=128, height=128)
+            if _start(server, webhook, body, prediction_id, ["completed"]) == 202:
+                accepted.append(prediction_id)
+        time.sleep(0.05 * round_)
+        for prediction_id in ids:
+            server.request("POST", f"/predictions/{prediction_id}/cancel")
+        for prediction_id in ids:
+            if prediction_id in accepted:
+                final = _final(webhook, prediction_id, 60)
+                # Cancelled while Cog's server still prepares the inputs, before run(): coglet 0.23.1 ends it
+                # "failed" with an empty "Input validation error: " (docs/serving.md).
+                before_run = final["status"] == "failed" and final["error"].startswith("Input validation error")
+                assert final["status"] in ("canceled", "succeeded") or (before_run and not final.get("logs")), (
+                    final.get("error"), final.get("logs", "")[-500:])
+    assert len(accepted) >= 4 * SLOTS - 4  # a few 409s while a slot is being freed
+    server.wait_ready(30)
+    assert server.predict(_inputs(tmp_path))[1]["status"] == "succeeded"
+
+
 def test_every_accepted_async_prediction_ends_with_its_webhook_under_load(server, tmp_path, webhook):
     accepted, refused = [], 0
     for index in range(12):
