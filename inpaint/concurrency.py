@@ -4,9 +4,10 @@ Each prediction runs in its own thread, so the pixel work of one (decode, mask, 
 encode) overlaps the model work of another. The model's work takes turns: one request at a time on
 the device (`DeviceQueue`), the oldest waiting request first, so a request that has started is not
 overtaken by newer ones between its turns (an outpainting's tiles, the safety check), no request
-waits for more than the requests older than it, and the GPU memory one request needs is all it gets. A cancelled
-request stops at its next check (before its turn, between denoising steps, between stages) and its
-thread ends before `run()` reports the cancellation, so nothing of it keeps the device busy.
+waits for more than the requests older than it, and the GPU memory one request needs is all it
+gets. A cancelled request stops at its next check (before its turn, between denoising steps,
+between stages) and its thread ends before `run()` reports the cancellation, so nothing of it keeps
+the device busy.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-WAIT_CHECK_SECONDS = 0.05
-OUTPUT_GRACE_SECONDS = 30.0  # an output folder outlives its run() by this much (OutputFolders)  # how often a request waiting for its turn looks whether it was cancelled
+WAIT_CHECK_SECONDS = 0.05  # how often a request waiting for its turn looks whether it was cancelled
+OUTPUT_GRACE_SECONDS = 30.0  # an output folder outlives its run() by this much (OutputFolders)
 
 
 class Cancelled(Exception):
