@@ -98,9 +98,9 @@ class Predictor(BaseRunner):
         # Every input but the two files goes, by name, to the one function that validates them all.
         settings = {name: value for name, value in locals().items() if name not in ("self", "image", "mask")}
         request = inputs.check_inputs(**settings)
-        with self.outputs.folder() as folder:
-            work = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
-            prediction = await run_cancellable(lambda token: work(token=token))
+        with self.outputs.folder() as folder:  # in a thread of its own; the token is inpaint's last argument
+            inpaint = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
+            prediction = await run_cancellable(inpaint)
         for key, value in prediction.metrics.items():
             self.record_metric(key, value)
         return [Path(path) for path in prediction.paths]

@@ -130,6 +130,7 @@ def test_probes_pass_on_a_ready_server(server):
     assert _run_probe(commands["live"], server.port) == 0
 
 
+@pytest.mark.slow
 def test_probes_during_setup_and_with_no_server(tiny_weights, tmp_path):
     commands = _probe_commands()
     starting = CogServer(tiny_weights, log_path=tmp_path / "server.log").launch()
