@@ -323,8 +323,7 @@ class Inpainter:
                 "width/height and try again"
             ) from None
         except BaseException as error:  # cancelled, or any other failure: leave no memory behind for the next one
-            self._note_fault(error)
-            if self.fault is None:
+            if pipeline.fatal_device_error(error) is None:  # after a sticky CUDA error every CUDA call fails
                 pipeline.release_memory(self.pipe.device)
             raise
         for stage, seconds in model_seconds.items():
@@ -333,19 +332,20 @@ class Inpainter:
 
     @contextmanager
     def _turn(self, token: CancelToken, timer: _Timer):
-        """The model's turn on the device; the wait is timed as the "queue" stage."""
+        """The model's turn on the device; the wait is timed as the "queue" stage. Everything that runs on the
+        GPU runs in a turn, so a sticky CUDA error is noted here."""
         with timer.stage("queue"):
             self.device.acquire(token)
         try:
             yield
+        except BaseException as error:
+            reason = pipeline.fatal_device_error(error)
+            if reason is not None and self.fault is None:
+                self.fault = reason
+                log.error("the GPU failed beyond recovery (%s): this container now reports UNHEALTHY", reason)
+            raise
         finally:
             self.device.release()
-
-    def _note_fault(self, error: BaseException) -> None:
-        reason = pipeline.fatal_device_error(error)
-        if reason is not None and self.fault is None:
-            self.fault = reason
-            log.error("the GPU failed beyond recovery (%s): this container now reports UNHEALTHY", reason)
 
     def _check_device(self) -> None:
         if self.fault is not None:
@@ -379,11 +379,7 @@ class Inpainter:
             return outputs
         with timer.stage("safety"):
             # What the model painted is checked: every crop of an output; one flagged crop flags the output.
-            try:
-                crop_flags = self.safety.flags([crops[output] for output in outputs for crops in generated])
-            except BaseException as error:
-                self._note_fault(error)
-                raise
+            crop_flags = self.safety.flags([crops[output] for output in outputs for crops in generated])
         per_output = len(generated)
         flagged = [output for output in outputs if any(crop_flags[output * per_output : (output + 1) * per_output])]
         metrics["nsfw_flagged"] = len(flagged)

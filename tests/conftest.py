@@ -171,11 +171,13 @@ def mask(tmp_path) -> Path:
     return make_mask(tmp_path / "mask.png")
 
 
-class WebhookReceiver:
-    """A real HTTP endpoint on loopback collecting the webhook events Cog's server sends."""
+class LoopbackReceiver:
+    """A real HTTP endpoint on loopback: each POST's body goes to `take` (under `arrived`, which then
+    notifies), and is answered 200 with `reply()`. Subclasses say what they collect."""
+
+    path = ""
 
     def __init__(self) -> None:
-        self.events: list[dict] = []
         self.arrived = threading.Condition()
         receiver = self
 
@@ -183,17 +185,44 @@ class WebhookReceiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver.arrived:
-                    receiver.events.append(json.loads(body))
+                    receiver.take(body, self)
                     receiver.arrived.notify_all()
+                reply, content_type = receiver.reply()
                 self.send_response(200)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
+                self.wfile.write(reply)
 
             def log_message(self, *args):
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/webhook"
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{self.path}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def take(self, body: bytes, request: http.server.BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    def reply(self) -> tuple[bytes, str]:
+        return b"", ""
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+class WebhookReceiver(LoopbackReceiver):
+    """The webhook events Cog's server sends."""
+
+    path = "/webhook"
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        super().__init__()
+
+    def take(self, body: bytes, request) -> None:
+        self.events.append(json.loads(body))
 
     def wait_for(self, predicate, timeout: float = 60.0) -> dict:
         with self.arrived:
@@ -201,9 +230,6 @@ class WebhookReceiver:
         if not found:
             raise TimeoutError(f"no matching webhook in {timeout}s; got {[e.get('status') for e in self.events]}")
         return found
-
-    def close(self) -> None:
-        self.httpd.shutdown()
 
 
 @pytest.fixture

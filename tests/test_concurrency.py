@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cogserver import concurrency_max, data_uri, decode_data_uri
-from conftest import make_mask, make_photo
+from conftest import PREDICT_DEFAULTS, make_mask, make_photo
 from faulty_predict import CUDA_FAULT, FAULT_PROMPT
 from inpaint import pipeline
 from inpaint.concurrency import Cancelled, CancelToken, DeviceQueue, OutputFolders, run_cancellable
@@ -123,10 +123,8 @@ def test_output_folders_outlive_their_run_by_the_grace_period():
 
 
 def _request(**overrides):
-    settings = dict(prompt="a red boat", negative_prompt=None, invert_mask=False, mask_grow=0, mask_blur=4,
-                    mask_padding=16, width=128, height=128, num_outputs=1, num_inference_steps=4,
-                    guidance_scale=7.5, strength=1.0, scheduler="DDIM", seed=5, output_format="png",
-                    output_quality=90, disable_safety_checker=False)
+    settings = dict(PREDICT_DEFAULTS, prompt="a red boat", mask_blur=4, mask_padding=16, width=128, height=128,
+                    num_inference_steps=4, scheduler="DDIM", seed=5)
     return check_inputs(**{**settings, **overrides})
 
 

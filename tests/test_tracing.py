@@ -4,9 +4,7 @@ by Cog's worker when tracing is on; with it off, no span is made."""
 from __future__ import annotations
 
 import gzip
-import http.server
 import secrets
-import threading
 import time
 from contextlib import closing
 
@@ -17,62 +15,44 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from cogserver import CogServer, data_uri
-from conftest import make_mask, make_photo
+from conftest import PREDICT_DEFAULTS, LoopbackReceiver, make_mask, make_photo
 from inpaint import tracing
 from inpaint.inputs import check_inputs
 
 STAGES = ("decode", "text_encode", "denoise", "vae_decode", "safety", "encode")
 
 
-class OtlpReceiver:
+class OtlpReceiver(LoopbackReceiver):
     """An OTLP/HTTP trace endpoint on loopback (opentelemetry-proto's ExportTraceServiceRequest, binary
-    protobuf, as the OTLP specification's HTTP transport defines it), collecting every span it is sent."""
+    protobuf, as the OTLP specification's HTTP transport defines it), collecting every span it is sent.
+    Its url is the base the exporters add /v1/traces to."""
 
     def __init__(self) -> None:
         self.spans: list[dict] = []
-        self.arrived = threading.Condition()
-        receiver = self
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                request = ExportTraceServiceRequest.FromString(body)
-                with receiver.arrived:
-                    for resource_spans in request.resource_spans:
-                        service = next((a.value.string_value for a in resource_spans.resource.attributes
-                                        if a.key == "service.name"), "")
-                        for scope_spans in resource_spans.scope_spans:
-                            for span in scope_spans.spans:
-                                receiver.spans.append({
-                                    "name": span.name, "trace": span.trace_id.hex(), "id": span.span_id.hex(),
-                                    "parent": span.parent_span_id.hex(), "scope": scope_spans.scope.name,
-                                    "service": service, "path": self.path,
-                                    "start": span.start_time_unix_nano, "end": span.end_time_unix_nano,
-                                })
-                    receiver.arrived.notify_all()
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
+    def take(self, body: bytes, request) -> None:
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+            service = next((a.value.string_value for a in resource_spans.resource.attributes
+                            if a.key == "service.name"), "")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append({
+                        "name": span.name, "trace": span.trace_id.hex(), "id": span.span_id.hex(),
+                        "parent": span.parent_span_id.hex(), "scope": scope_spans.scope.name,
+                        "service": service, "path": request.path,
+                        "start": span.start_time_unix_nano, "end": span.end_time_unix_nano,
+                    })
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def reply(self) -> tuple[bytes, str]:
+        return ExportTraceServiceResponse().SerializeToString(), "application/x-protobuf"
 
     def wait_for(self, predicate, timeout: float = 30.0) -> list[dict]:
         with self.arrived:
             self.arrived.wait_for(lambda: predicate(self.spans), timeout)
             return list(self.spans)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
 
 
 @pytest.fixture
@@ -128,10 +108,7 @@ def test_with_tracing_off_no_span_is_made(inpainter, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trace, "get_tracer", no_tracer)
     photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
-    request = check_inputs(prompt="x", negative_prompt=None, invert_mask=False, mask_grow=0, mask_blur=4,
-                           mask_padding=16, width=64, height=64, num_outputs=1, num_inference_steps=2,
-                           guidance_scale=7.5, strength=1.0, scheduler="DDIM", seed=1, output_format="png",
-                           output_quality=90, disable_safety_checker=False)
+    request = check_inputs(**dict(PREDICT_DEFAULTS, prompt="x", mask_blur=4, mask_padding=16, scheduler="DDIM"))
     started = time.monotonic()
     assert inpainter.inpaint(photo, mask, request, tmp_path).paths
     assert time.monotonic() - started < 60
