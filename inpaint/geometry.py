@@ -107,24 +107,21 @@ def _union(a: Box, b: Box) -> Box:
 
 
 def _merge_overlapping(boxes: list[Box]) -> list[Box]:
-    """Boxes merged into their unions until none overlaps another, sorted (the same boxes whatever the order given)."""
-    boxes = list(boxes)
-    merged = True
-    while merged:
-        merged = False
-        kept: list[Box] = []
-        for box in boxes:
-            index = 0
-            while index < len(kept):  # fold every kept box that overlaps this one into it
-                if _overlap(kept[index], box):
-                    box = _union(box, kept.pop(index))
-                    merged = True
-                    index = 0
-                else:
-                    index += 1
-            kept.append(box)
-        boxes = kept
-    return sorted(boxes)
+    """Boxes merged into their unions until none overlaps another, sorted (the same boxes whatever the order given).
+
+    One pass does it: a box is kept only once it overlaps none of those kept, and a kept box is only
+    ever taken out (folded into a newer one), so those kept never overlap one another."""
+    kept: list[Box] = []
+    for box in boxes:
+        index = 0
+        while index < len(kept):  # fold every kept box that overlaps this one into it, then look again
+            if _overlap(kept[index], box):
+                box = _union(box, kept.pop(index))
+                index = 0
+            else:
+                index += 1
+        kept.append(box)
+    return sorted(kept)
 
 
 def _expand_1d(low: int, high: int, length: int, limit: int) -> tuple[int, int]:

@@ -63,8 +63,11 @@ def tiny_weights(tmp_path_factory) -> Path:
     the tests start inherit the variable; in-process tests use tiny_settings)."""
     from inpaint.weights import manifest_pin
 
-    out = tmp_path_factory.mktemp("tiny-weights")
-    subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(out)], check=True)
+    if os.environ.get("TEST_TINY_WEIGHTS"):  # one written before by the same script (script/mutation does)
+        out = Path(os.environ["TEST_TINY_WEIGHTS"])
+    else:
+        out = tmp_path_factory.mktemp("tiny-weights")
+        subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(out)], check=True)
     os.environ["INPAINT_WEIGHTS_MANIFEST_SHA256"] = manifest_pin(out)
     return out
 

@@ -3,6 +3,7 @@
 from unittest import mock
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -134,3 +135,179 @@ def test_a_mask_of_many_dots_is_planned_at_once():
     binary[100:160:3, 100:160:3] = True  # a patch of 400 dots, 100 to 157: one crop around them and their padding
     (box,) = plan_crops(binary, padding=1).boxes
     assert box[0] <= 99 and box[1] <= 99 and box[2] >= 159 and box[3] >= 159 and box[2] - box[0] < 100
+
+
+def test_boxes_intersect_only_where_they_share_pixels():
+    assert geometry.intersect((0, 0, 10, 10), (5, 2, 20, 8)) == (5, 2, 10, 8)
+    assert geometry.intersect((0, 0, 10, 10), (10, 0, 20, 10)) is None  # touching along x
+    assert geometry.intersect((0, 0, 10, 10), (0, 10, 10, 20)) is None  # touching along y
+    assert geometry.intersect((0, 0, 10, 10), (20, 2, 30, 8)) is None  # apart along x only
+    assert geometry.intersect((0, 0, 10, 10), (2, 20, 8, 30)) is None  # apart along y only
+    assert geometry.box_area((10, 20, 13, 27)) == 21
+
+
+def test_overlapping_boxes_merge_and_touching_ones_do_not():
+    merge = geometry._merge_overlapping
+    touching = [(0, 0, 10, 10), (10, 0, 20, 10), (0, 10, 10, 20)]
+    assert merge(touching) == merge(touching[::-1]) == sorted(touching)
+    # the third bridges the first two; the union of all three then reaches the fourth
+    assert merge([(0, 0, 10, 10), (20, 0, 30, 10), (5, 0, 25, 4), (28, 9, 40, 40)]) == [(0, 0, 40, 40)]
+    assert merge([(28, 9, 40, 40), (5, 0, 25, 4), (20, 0, 30, 10), (0, 0, 10, 10)]) == [(0, 0, 40, 40)]
+    assert merge([(50, 50, 60, 60), (0, 0, 10, 10), (5, 5, 15, 15)]) == [(0, 0, 15, 15), (50, 50, 60, 60)]
+
+
+def test_regions_are_eight_connected_and_exact_by_default():
+    binary = np.zeros((20, 20), bool)
+    binary[5, 5] = binary[6, 6] = True  # touching at a corner: one region
+    binary[5, 8] = True  # a pixel apart from it: another
+    assert mask_regions(binary) == [(5, 5, 7, 7), (8, 5, 9, 6)]
+    assert mask_regions(binary, limit=2) == [(5, 5, 7, 7), (8, 5, 9, 6)]  # at the limit, not over it
+    assert mask_regions(binary, limit=1) is None
+    assert mask_regions(binary, block=4) == [(5, 5, 9, 7)]  # cells of 4: the two in one cell
+
+
+# ------------------------------------------------------------------------------------ outpainting tiles
+# Worked by hand from plan_tiles' contract: the region's box grown by the padding, tiles of the working
+# size for its aspect (clamped to 1:2..2:1) with TILE_OVERLAP pixels shared, as few as cover the box,
+# evenly spaced from its first pixel to its last; along a side shorter than a tile, one tile centred on
+# the box and pushed inside the canvas.
+
+
+def test_tiles_along_a_long_bottom_margin():
+    binary = np.zeros((600, 2000), bool)
+    binary[500:, 100:1900] = True
+    plan = geometry.plan_tiles(binary, 40)
+    # padded box (60, 460, 1940, 600): aspect 1880/140, clamped to 2 -> 704x384 at about 512x512 in area.
+    # Columns: 1880 = 704 + 3 x (704 - 128 shared) at most -> 4 tiles, from 60 to 1940 - 704 = 1236.
+    # Rows: 140 < 384 -> one tile centred on 460..600 (338), pushed inside the canvas: 600 - 384 = 216.
+    assert plan.working_size == (704, 384)
+    assert plan.boxes == [(60, 216, 764, 600), (452, 216, 1156, 600), (844, 216, 1548, 600), (1236, 216, 1940, 600)]
+    assert plan.joins == [(None, None), (764, None), (1156, None), (1548, None)]
+    assert plan.blend == 64 and plan.tiled and plan.batch == 1
+
+
+def test_tiles_along_a_tall_right_margin():
+    binary = np.zeros((2000, 600), bool)
+    binary[100:1900, 500:] = True
+    plan = geometry.plan_tiles(binary, 40)
+    # the transpose of the case above: aspect 140/1880, clamped to 1/2 -> 384x704
+    assert plan.working_size == (384, 704)
+    assert plan.boxes == [(216, 60, 600, 764), (216, 452, 600, 1156), (216, 844, 600, 1548), (216, 1236, 600, 1940)]
+    assert plan.joins == [(None, None), (None, 764), (None, 1156), (None, 1548)]
+
+
+def test_tiles_around_a_photo_in_a_square_frame():
+    binary = np.ones((1400, 1400), bool)
+    binary[300:1100, 300:1100] = False  # the photo; the frame around it is painted
+    plan = geometry.plan_tiles(binary, 0)
+    # the box is the canvas, aspect 1 -> 512x512 tiles; 1400 = 512 + 3 x 384 at most -> 4 x 4, at 0, 296, 592, 888
+    starts = [0, 296, 592, 888]
+    assert plan.working_size == (512, 512)
+    assert plan.boxes == [(x, y, x + 512, y + 512) for y in starts for x in starts]  # row by row
+    assert plan.joins == [(x - 296 + 512 if x else None, y - 296 + 512 if y else None) for y in starts for x in starts]
+
+
+@pytest.mark.parametrize("side", ["width", "height"])
+def test_tiles_keep_an_explicit_working_side(side):
+    binary = np.zeros((600, 2000), bool)
+    binary[500:, 100:1900] = True
+    plan = geometry.plan_tiles(binary, 40, **{side: 512 if side == "width" else 256})
+    # as the bottom margin above, at 512x256 (the other side follows the aspect, 2): 1880 = 512 + 4 x 384
+    # at most -> 5 columns from 60 to 1428; one row centred on 460..600 and pushed inside: 600 - 256
+    starts = [60, 402, 744, 1086, 1428]
+    assert plan.working_size == (512, 256)
+    assert plan.boxes == [(x, 344, x + 512, 600) for x in starts]
+    assert plan.joins == [(None, None)] + [(x + 512, None) for x in starts[:-1]]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_a_canvas_narrower_than_a_tile_works_at_its_own_side(transpose):
+    binary = np.zeros((3000, 250), bool)
+    binary[2000:] = True
+    plan = geometry.plan_tiles(binary.T if transpose else binary, 0)
+    # aspect 250/1000, clamped to 1/2 -> 384x704 tiles, but the canvas is 250 wide: tiles 250 wide, sharing
+    # at most half of that (125, not 128) across; 1000 = 704 + 1 x 576 -> 2 rows, at 2000 and 2296; the
+    # model works at 256 (250 in multiples of 64) across
+    boxes, working, joins = [(0, 2000, 250, 2704), (0, 2296, 250, 3000)], (256, 704), [(None, None), (None, 2704)]
+    if transpose:
+        boxes, working, joins = [(b[1], b[0], b[3], b[2]) for b in boxes], working[::-1], [j[::-1] for j in joins]
+    assert (plan.boxes, plan.working_size, plan.joins, plan.blend) == (boxes, working, joins, 62)
+    # an explicit side is kept whatever the canvas (the other follows the aspect)
+    if transpose:
+        assert geometry.plan_tiles(binary.T, 0, height=384).working_size == (768, 384)
+    else:
+        assert geometry.plan_tiles(binary, 0, width=384).working_size == (384, 768)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tiles_grow_until_at_most_sixteen_are_needed(transpose):
+    binary = np.ones((12000, 300), bool)
+    plan = geometry.plan_tiles(binary.T if transpose else binary, 0)
+    # 384x704 tiles (aspect 1/40 clamped to 1/2) on a 300-wide canvas: 300x704 tiles need 21 rows; 1.25x
+    # larger (300x880, sharing 160 px, or 150 across: half the tile) 17; 1.5625x larger (300x1100, sharing
+    # 200) 14, from 0 to 12000 - 1100. The model sees 300 / 1.5625 = 192 across, and 704 along.
+    starts = [round(index * 10900 / 13) for index in range(14)]
+    boxes, working = [(0, y, 300, y + 1100) for y in starts], (192, 704)
+    joins = [(None, None)] + [(None, y + 1100) for y in starts[:-1]]
+    if transpose:
+        boxes, working, joins = [(b[1], b[0], b[3], b[2]) for b in boxes], working[::-1], [j[::-1] for j in joins]
+    assert (plan.boxes, plan.working_size, plan.joins, plan.blend) == (boxes, working, joins, 75)
+
+
+def test_tiles_over_a_large_square_canvas():
+    plan = geometry.plan_tiles(np.ones((4000, 4000), bool), 0)
+    # 512x512 tiles sharing 128 px need 11 x 11; grown 1.25x at a time, 1250x1250 (2.44x, sharing
+    # round(312.5) = 312 px) need 4 x 4: from 0 to 2750
+    starts = [0, 917, 1833, 2750]
+    assert plan.boxes == [(x, y, x + 1250, y + 1250) for y in starts for x in starts]
+    assert plan.working_size == (512, 512) and plan.blend == 156
+
+
+def test_tiles_need_a_region():
+    with pytest.raises(ValueError, match=r"^plan_tiles needs a region to cover$"):
+        geometry.plan_tiles(np.zeros((100, 100), bool), 8)
+
+
+@st.composite
+def margins(draw):
+    width, height = draw(st.integers(100, 3000)), draw(st.integers(100, 3000))
+    binary = np.zeros((height, width), bool)
+    rectangles = draw(st.integers(1, 3))
+    for _ in range(rectangles):
+        left, top = draw(st.integers(0, width - 1)), draw(st.integers(0, height - 1))
+        binary[top : top + draw(st.integers(1, 2000)), left : left + draw(st.integers(1, 2000))] = True
+    return binary, draw(st.integers(0, 100)), rectangles
+
+
+@settings(max_examples=150, deadline=None)
+@given(margins())
+def test_tiles_cover_the_region_evenly_and_overlap(case):
+    binary, padding, rectangles = case
+    height, width = binary.shape
+    plan = geometry.plan_tiles(binary, padding)
+    assert 1 <= len(plan.boxes) <= geometry.MAX_TILES
+    (tile_width, tile_height), = {(box[2] - box[0], box[3] - box[1]) for box in plan.boxes}
+    covered = np.zeros_like(binary)
+    for left, top, right, bottom in plan.boxes:
+        assert 0 <= left and 0 <= top and right <= width and bottom <= height
+        assert binary[top:bottom, left:right].any()  # no tile without a pixel to paint
+        covered[top:bottom, left:right] = True
+    assert covered[binary].all()
+    rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+    area = (max(0, cols[0] - padding), max(0, rows[0] - padding), min(width, cols[-1] + 1 + padding),
+            min(height, rows[-1] + 1 + padding))
+    for axis, tile in ((0, tile_width), (1, tile_height)):
+        starts = sorted({box[axis] for box in plan.boxes})
+        steps = np.diff(starts)
+        first = starts[0]
+        if area[axis + 2] - area[axis] > tile:  # tiles from the padded box's first pixel to its last
+            first = area[axis]
+            assert starts[0] == first and starts[-1] + tile == area[axis + 2]
+        if steps.size and rectangles == 1:  # (with more, a column or row may hold nothing to paint: left out)
+            assert steps.max() - steps.min() <= 1  # evenly spaced
+            assert tile - steps.max() >= 2 * plan.blend  # neighbours share at least what they blend over
+        for box, join in zip(plan.boxes, plan.joins):  # the far edge of the tiles before it along this axis
+            if box[axis] == first:
+                assert join[axis] is None
+            else:  # (those may hold nothing to paint and be left out)
+                assert box[axis] + 2 * plan.blend <= join[axis] < box[axis] + tile
