@@ -224,7 +224,7 @@ def plan_crops(
         boxes = [whole]
     else:
         boxes = _padded_regions(binary, padding, size, cell) or [whole]
-    for _ in range(8):
+    while True:  # each round that merges has fewer boxes, so one box at the latest returns
         if len(boxes) > MAX_CROPS or sum(map(box_area, boxes)) >= WHOLE_IMAGE_FRACTION * box_area(whole):
             boxes = [whole]
         largest = max(boxes, key=box_area)
@@ -234,7 +234,6 @@ def plan_crops(
         if len(merged) == len(fitted):
             return Plan(fitted, working)
         boxes = merged
-    return Plan([whole], fit_working_size(size[0] / size[1], width, height))
 
 
 def shrink(plan: Plan) -> float:

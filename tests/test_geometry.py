@@ -166,6 +166,49 @@ def test_regions_are_eight_connected_and_exact_by_default():
     assert mask_regions(binary, block=4) == [(5, 5, 9, 7)]  # cells of 4: the two in one cell
 
 
+def test_padded_regions_merge_only_where_the_padding_overlaps():
+    binary = np.zeros((400, 400), bool)
+    binary[10, 10] = binary[10, 13] = True  # 2 pixels apart: with no padding, two regions
+    binary[10, 150] = True  # 136 pixels further
+    size = (400, 400)
+    assert geometry._padded_regions(binary, 0, size) == [(10, 10, 11, 11), (13, 10, 14, 11), (150, 10, 151, 11)]
+    assert geometry._padded_regions(binary, 1, size) == [(9, 9, 12, 12), (12, 9, 15, 12), (149, 9, 152, 12)]  # touching
+    assert geometry._padded_regions(binary, 8, size) == [(2, 2, 22, 19), (142, 2, 159, 19)]
+
+
+def test_four_regions_get_four_crops_and_the_largest_sets_the_working_aspect():
+    binary = np.zeros((3000, 3000), bool)
+    binary[100:140, 100:300] = True  # wide, the largest
+    for left in (1500, 2000, 2500):  # small and tall, further right
+        binary[2000:2060, left : left + 20] = True
+    plan = plan_crops(binary, padding=8)
+    assert len(plan.boxes) == MAX_CROPS
+    assert plan.working_size == fit_working_size(216 / 56)
+
+
+def test_how_much_a_plan_shrinks_its_crops():
+    assert geometry.shrink(geometry.Plan([(0, 100, 200, 300)], (100, 100))) == 2.0
+    assert geometry.shrink(geometry.Plan([(10, 100, 60, 400), (0, 0, 64, 64)], (50, 100))) == 3.0
+    assert geometry.shrink(geometry.Plan([(0, 0, 256, 256)], (512, 512))) == 0.5
+
+
+def test_outpainting_keeps_explicit_sides_and_tiles_only_beyond_the_shrink_limit():
+    whole = np.ones((768, 768), bool)  # one crop of 768 at 512: shrunk exactly 1.5x, still one crop
+    assert geometry.plan_outpaint(whole, 0).boxes == [(0, 0, 768, 768)]
+    assert geometry.plan_outpaint(np.ones((832, 832), bool), 0).tiled  # 1.625x: tiles
+    strip = np.zeros((600, 2000), bool)
+    strip[500:] = True
+    cases = [  # (mask, sides asked for, working size, tiled)
+        (whole, {"width": 576}, (576, 576), False), (whole, {"height": 576}, (576, 576), False),
+        (whole, {"width": 256}, (256, 256), True),  # 3x: tiles
+        (strip, {"width": 512}, (512, 256), True), (strip, {"height": 256}, (512, 256), True),
+        (strip, {"width": 320, "height": 192}, (320, 192), True),
+    ]
+    for binary, sides, working, tiled in cases:
+        plan = geometry.plan_outpaint(binary, 16, **sides)
+        assert (plan.working_size, plan.tiled) == (working, tiled)
+
+
 # ------------------------------------------------------------------------------------ outpainting tiles
 # Worked by hand from plan_tiles' contract: the region's box grown by the padding, tiles of the working
 # size for its aspect (clamped to 1:2..2:1) with TILE_OVERLAP pixels shared, as few as cover the box,
