@@ -5,16 +5,19 @@ everything, or exactly the images whose similarity lies above a chosen value.
 """
 
 import contextlib
+import logging
+import shutil
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
-from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
 from PIL import Image
 
 from conftest import make_mask, make_photo
 from inpaint.inputs import check_inputs
-from inpaint.safety import AllOutputsFlagged
+from inpaint.safety import AllOutputsFlagged, SafetyChecker
 
 
 @contextlib.contextmanager
@@ -101,3 +104,33 @@ def test_empty_mask_is_not_checked(inpainter, tmp_path):
     with thresholds(inpainter.safety, -2.0):
         result = inpainter.inpaint(image, tmp_path / "black.png", check_inputs(seed=1), tmp_path)
     assert len(result.paths) == 1  # nothing was generated, so nothing can be flagged
+
+
+# ------------------------------------------------------------------------------------ loading the checker
+
+
+def test_the_checker_loads_as_asked_and_flags(tiny_weights):
+    """Built here, not in a fixture: what setup does, checked in full."""
+    root = logging.getLogger().level
+    checker = SafetyChecker.load(tiny_weights, torch.device("cpu"), torch.float32)
+    assert (checker.device, checker.dtype) == (torch.device("cpu"), torch.float32)
+    assert not checker.model.training and next(checker.model.parameters()).dtype == torch.float32
+    assert checker.flags([Image.new("RGB", (64, 48), "white"), Image.new("RGB", (30, 90), "red")]) == [False, False]
+    with thresholds(checker, -2.0):  # a cosine similarity is above -2 always: everything flagged
+        assert checker.flags([Image.new("RGB", (64, 48), "white")]) == [True]
+    # its module's promise of black images is silenced, and nothing else's logging
+    assert logging.getLogger(StableDiffusionSafetyChecker.__module__).level == logging.ERROR
+    assert logging.getLogger().level == root
+    half = SafetyChecker.load(tiny_weights, torch.device("cpu"), torch.float16)
+    assert next(half.model.parameters()).dtype == torch.float16 and half.dtype == torch.float16
+
+
+def test_the_checker_never_unpickles_weights(tiny_weights, tmp_path):
+    """A checker folder holding only a pickle (which runs code when loaded) is refused, not loaded."""
+    shutil.copytree(tiny_weights, tmp_path / "w")
+    folder = tmp_path / "w" / "safety_checker"
+    weights = safetensors.torch.load_file(folder / "model.fp16.safetensors")
+    (folder / "model.fp16.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.fp16.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        SafetyChecker.load(tmp_path / "w", torch.device("cpu"), torch.float32)
