@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from inpaint import codec, compositing
+from inpaint import codec, compositing, geometry
 from inpaint.compositing import TILING, Tiling, composite_over, feather_mask, prepare_mask
 from inpaint.geometry import bounding_box
 
@@ -257,3 +257,59 @@ def test_tiled_grow_is_exactly_the_one_transform_grow(scene, grow, tile, distanc
     with ThreadPoolExecutor(3) as pool:
         grown = prepare_mask(mask, grow=grow, map=pool.map, tiling=_tiles(tile, distances))
     assert np.array_equal(grown, _grown_in_one_transform(mask, grow))
+
+
+# ------------------------------------------------------------------------------------ outpainting tiles
+
+
+def test_the_ramp_eases_over_the_blend_before_a_join():
+    assert compositing.ramp(10, 20, None, 4).tolist() == [1.0] * 10
+    assert compositing.ramp(10, 20, None, 4).dtype == np.float32
+    weights = compositing.ramp(0, 8, 6, 4)  # pixel centres 2.5, 3.5, 4.5, 5.5 lie in the blend (2..6)
+    assert weights.dtype == np.float32
+    # smoothstep e^2 (3 - 2e) of e = 0.125, 0.375, 0.625, 0.875
+    assert weights.tolist() == [0.0, 0.0, 0.04296875, 0.31640625, 0.68359375, 0.95703125, 1.0, 1.0]
+    assert compositing.ramp(100, 108, 106, 4).tolist() == weights.tolist()  # the same wherever it lies
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_each_tile_is_shown_the_painting_so_far_and_asked_to_paint_only_its_share(channels):
+    """Two tiles side by side on a grey canvas (RGB, or RGBA as an outpainted photo with transparency
+    makes it), painted red then blue by a painter that records what it is shown and asked; a photo
+    (not to be painted) in the second tile, a feather a little inside the canvas."""
+    height, width = 200, 1000
+    canvas = np.full((height, width, channels), 128, np.uint8)
+    canvas[..., 3:] = 255  # opaque (extend_canvas makes the margins so)
+    touched = np.ones((height, width), bool)
+    touched[50:150, 800:900] = False  # the photo
+    feather = compositing.Feather((10, 5, width - 10, height - 5), touched[5:-5, 10:-10].astype(np.float32))
+    plan = geometry.plan_tiles(touched, 0)
+    # 704x200 tiles at 0 and 296 (plan_tiles' tests), blending over 50 px before the first one's edge, 704
+    assert (plan.boxes, plan.joins, plan.blend) == ([(0, 0, 704, 200), (296, 0, 1000, 200)], [(None, None), (704, None)], 50)
+    shown, asked = [], []
+
+    def paint(index, crops, mask):
+        shown.append(np.asarray(crops[0].resize((704, 200), Image.Resampling.NEAREST)))
+        asked.append(np.asarray(mask.resize((704, 200), Image.Resampling.NEAREST)) > 0)
+        return [Image.new("RGB", plan.working_size, ((255, 0, 0), (0, 0, 255))[index])]
+
+    (layer,) = compositing.paint_tiles(canvas, feather, touched, plan, 1, paint)
+    red, blue, grey = [255, 0, 0, 255][:channels], [0, 0, 255, 255][:channels], [128, 128, 128, 255][:channels]
+    # The first tile: the canvas as it is, all of it to paint.
+    assert (shown[0] == grey[:3]).all() and asked[0].all()
+    # The second: the first's red where that was painted and the feather shows it (x 296..704), the
+    # canvas beyond it; it paints from 50 px before that edge on, and never the photo.
+    # (the crops are resized for the model, so a few pixels at each edge are a mix)
+    def near(part, colour):
+        return (np.abs(part.astype(int) - colour) <= 2).all()
+
+    shown_red, shown_grey = red[:3], grey[:3]  # the model is shown RGB
+    assert near(shown[1][10:190, : 704 - 296 - 4], shown_red) and near(shown[1][:2], shown_grey)
+    assert near(shown[1][:, 704 - 296 + 4 :], shown_grey)
+    expected = np.zeros((height, 704), bool)
+    expected[:, 654 - 296 :] = True
+    expected[50:150, 800 - 296 : 900 - 296] = False
+    assert (asked[1] == expected).all()
+    # The painting: red, easing into blue over 654..704, blue beyond; the photo's pixels as they were.
+    assert (layer[:, :654] == red).all() and (layer[:, 704:800] == blue).all() and (layer[:, 900:] == blue).all()
+    assert (np.diff(layer[100, 654:704, 2].astype(int)) >= 0).all() and (layer[50:150, 800:900] == grey).all()

@@ -248,6 +248,9 @@ def test_tiles_around_a_photo_in_a_square_frame():
     assert plan.working_size == (512, 512)
     assert plan.boxes == [(x, y, x + 512, y + 512) for y in starts for x in starts]  # row by row
     assert plan.joins == [(x - 296 + 512 if x else None, y - 296 + 512 if y else None) for y in starts for x in starts]
+    offset = np.zeros((1400, 1600), bool)
+    offset[100:1300, 300:1500] = True  # square, away from the canvas' corner: square tiles too
+    assert geometry.plan_tiles(offset, 0).working_size == (512, 512)
 
 
 @pytest.mark.parametrize("side", ["width", "height"])

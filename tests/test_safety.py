@@ -111,18 +111,25 @@ def test_empty_mask_is_not_checked(inpainter, tmp_path):
 
 def test_the_checker_loads_as_asked_and_flags(tiny_weights):
     """Built here, not in a fixture: what setup does, checked in full."""
-    root = logging.getLogger().level
-    checker = SafetyChecker.load(tiny_weights, torch.device("cpu"), torch.float32)
+    root, module = logging.getLogger(), logging.getLogger(StableDiffusionSafetyChecker.__module__)
+    levels = root.level, module.level
+    root.setLevel(logging.INFO)
+    module.setLevel(logging.NOTSET)
+    try:
+        checker = SafetyChecker.load(tiny_weights, torch.device("cpu"), torch.float32)
+        # its module's promise of black images is silenced, and nothing else's logging
+        assert (module.level, root.level) == (logging.ERROR, logging.INFO)
+    finally:
+        root.setLevel(levels[0])
+        module.setLevel(levels[1])
     assert (checker.device, checker.dtype) == (torch.device("cpu"), torch.float32)
     assert not checker.model.training and next(checker.model.parameters()).dtype == torch.float32
     assert checker.flags([Image.new("RGB", (64, 48), "white"), Image.new("RGB", (30, 90), "red")]) == [False, False]
     with thresholds(checker, -2.0):  # a cosine similarity is above -2 always: everything flagged
         assert checker.flags([Image.new("RGB", (64, 48), "white")]) == [True]
-    # its module's promise of black images is silenced, and nothing else's logging
-    assert logging.getLogger(StableDiffusionSafetyChecker.__module__).level == logging.ERROR
-    assert logging.getLogger().level == root
     half = SafetyChecker.load(tiny_weights, torch.device("cpu"), torch.float16)
     assert next(half.model.parameters()).dtype == torch.float16 and half.dtype == torch.float16
+    assert half.flags([Image.new("RGB", (64, 48), "white")]) == [False]  # its input in its own dtype
 
 
 def test_the_checker_never_unpickles_weights(tiny_weights, tmp_path):
