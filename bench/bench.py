@@ -459,22 +459,30 @@ def _job(count: int, steps: int):
 
 
 def _time(function, device: torch.device, runs: int, warm_up: bool = True) -> tuple[float, object]:
+    """Median ms of `runs` calls (the package's Stopwatch: CUDA events on a GPU, wall time on the CPU), and the last result."""
+    from inpaint.stopwatch import Stopwatch
+
     if warm_up:
         function()  # warm-up (and compile, or the CUDA graph's recording, at a new shape)
     times, value = [], None
     for _ in range(runs):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        watch = Stopwatch(device)
+        with watch.time("run"):
             value = function()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            value = function()
-            times.append(1000 * (time.perf_counter() - begin))
+        times.append(1000 * watch.read()["run"])
     return statistics.median(times), value
+
+
+def _load(folder: Path, device: torch.device, dtype: torch.dtype, fast: bool = True, **options):
+    """Our pipeline as the service loads it, and its fast path (installed, and warmed up on a GPU);
+    `options` are FastPath's (compile, cuda_graphs, cache_dir)."""
+    from inpaint import pipeline as ours
+    from inpaint.fastpath import FastPath
+
+    path = FastPath(fast and device.type == "cuda", **options)
+    pipe = ours.load_pipeline(folder, device, dtype, path)
+    path.warm_up(pipe)
+    return pipe, path
 
 
 def _timeline(function, activities, categories: tuple[str, ...]) -> tuple[float, float, list[float], list[tuple[str, float]]]:
@@ -535,23 +543,23 @@ def _unet_replays(pipe, device: torch.device, calls: int = 51) -> str:
     """GPU ms of `calls` replays of the UNet's most recently used CUDA graph, back to back (a 50-step
     prediction calls the UNet 51 times): the denoising loop's floor with this UNet, apart from the
     scheduler's own kernels and the host."""
-    from inpaint import cudagraphs
+    from inpaint.fastpath import FastPart
 
-    graphed = pipe.unet.forward
-    if device.type != "cuda" or not isinstance(graphed, cudagraphs.GraphedForward):
+    part = pipe.unet.forward
+    if device.type != "cuda" or not isinstance(part, FastPart) or part.graphs is None:
         return "UNet replays: no CUDA graph"
-    recorded = [entry for entry in graphed.graphs.values() if entry is not None]
+    recorded = [entry for entry in part.graphs.graphs.values() if hasattr(entry, "graph")]
     if not recorded:
         return "UNet replays: no CUDA graph"
+    from inpaint.stopwatch import Stopwatch
+
     graph = recorded[-1].graph
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return f"{calls} UNet replays {start.elapsed_time(end):.0f} ms"
+    watch = Stopwatch(device)
+    with watch.time("replays"):
+        for _ in range(calls):
+            graph.replay()
+    return f"{calls} UNet replays {1000 * watch.read()['replays']:.0f} ms"
 
 
 def _psnr(a: Image.Image, b: Image.Image) -> float:
@@ -638,8 +646,8 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
         server.stop()
 
 
-def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, runs: int, steps: int, tiny: bool,
-                 ) -> list[list[object]]:
+def bench_levers(folder: Path, fast, fast_path, device: torch.device, dtype: torch.dtype, runs: int, steps: int,
+                 tiny: bool) -> list[list[object]]:
     """Each lever alone at 512x512 x1 (64x64 on tiny weights), our prediction path, median ms.
 
     The default fast path against itself with CUDA graphs off and switched off entirely; cuDNN's
@@ -647,8 +655,8 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
     sync-free loop, on PNDM, the scheduler whose step reads the timestep back from the GPU in plain
     diffusers (DPMSolverMultistep never does). torch.compile is measured apart (bench_compile), last.
     """
-    from inpaint import cudagraphs, schedulers
     from inpaint import pipeline as ours
+    from inpaint import schedulers
 
     size = 64 if tiny else 512
     image, mask = _inputs(size)
@@ -673,18 +681,18 @@ def bench_levers(folder: Path, fast, device: torch.device, dtype: torch.dtype, r
         ("CUDA graphs off (INPAINT_CUDA_GRAPHS=0)", {"cuda_graphs": False}),
         ("fast path off (INPAINT_FAST_PATH=0): fp16 + SDPA only", {"fast": False}),
     ):
-        other = ours.load_pipeline(folder, device, dtype, **options)
+        other, other_path = _load(folder, device, dtype, **options)
         milliseconds = timed(other)
         add([label, f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
-        del other
+        del other, other_path
         ours.release_memory(device)
     torch.backends.cudnn.benchmark = True  # not part of the fast path yet: measured here first
-    cudagraphs.release()  # recorded again, with the convolution algorithms cuDNN picks
+    fast_path.release()  # recorded again, with the convolution algorithms cuDNN picks
     try:
         tuned = timed(fast)
     finally:
         torch.backends.cudnn.benchmark = False
-        cudagraphs.release()
+        fast_path.release()
     add(["+ torch.backends.cudnn.benchmark (cuDNN times its convolution algorithms per shape)", f"{tuned:.0f}",
          f"{tuned / baseline:.2f}"])
     with_host = timed(fast, "PNDM")
@@ -717,28 +725,29 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         rows.append([label, f"{milliseconds:.0f}", f"{milliseconds / baseline:.2f}"])
         _progress("lever: " + " | ".join(rows[-1]))
 
-    def timed(pipe) -> tuple[float, object, str]:
+    def timed(pipe, path) -> tuple[float, object, str]:
         """Median ms, the last output, and the last run's own stages (wall ms, synchronised around the VAE),
         with the cudaMalloc/cudaFree calls the timed runs made (a fragmented cache makes them costly)
         and one more run's GPU timeline (_gpu_busy)."""
         stages: dict[str, float] = {}
-        ours.generate(pipe, [image], [mask], job)  # warm-up (the CUDA graph's recording at a new UNet)
+        ours.generate(pipe, [image], [mask], job, fast=path)  # warm-up (the CUDA graph's recording at a new UNet)
         stats = torch.cuda.memory_stats if device.type == "cuda" else lambda _: {}
         before = stats(device)
         each: list[float] = []
         for _ in range(2 * runs):  # twice the runs: these rows decide the 400 ms target; their spread is printed
-            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages), device, 1, warm_up=False)
+            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages, fast=path), device, 1,
+                                          warm_up=False)
             each.append(milliseconds)
         after = stats(device)
         calls = ", ".join(f"{key} {after.get(key, 0) - before.get(key, 0)}" for key in ("num_device_alloc", "num_device_free"))
-        timeline = _gpu_busy(lambda: ours.generate(pipe, [image], [mask], job), device)
+        timeline = _gpu_busy(lambda: ours.generate(pipe, [image], [mask], job, fast=path), device)
         return statistics.median(each), painted, (
             f"runs {min(each):.0f}-{max(each):.0f}; last run's "
             + ", ".join(f"{name} {1000 * seconds:.0f}" for name, seconds in sorted(stages.items()))
             + f"; {calls}; {_unet_replays(pipe, device)}; {timeline}")
 
     def sources(workers) -> str:
-        return ", ".join(f"{worker.part} {'x'.join(map(str, key[0][0]))} {worker.sources[key]} in {seconds:.1f} s"
+        return ", ".join(f"{worker.part} {key} {worker.sources[key]} in {seconds:.1f} s"
                          for worker in workers for key, seconds in worker.seconds.items()) or "nothing compiled"
 
     cache = Path(tempfile.mkdtemp(prefix="compiled-"))  # cold: nothing saved, Inductor's cache empty
@@ -747,12 +756,12 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         return rows
     try:
         begin = time.monotonic()
-        pipe = ours.load_pipeline(folder, device, dtype, compile="background", compile_cache=cache)
+        pipe, path = _load(folder, device, dtype, compile="background", cache_dir=cache)
         setup = time.monotonic() - begin
-        workers = ours.compiled_parts(pipe)
+        workers = path.compiled_parts
         during, uncompiled, unet_at = [], None, None
         while not all(worker.wait(0) for worker in workers) and time.monotonic() < deadline:
-            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job), device, runs=1,
+            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, fast=path), device, runs=1,
                                           warm_up=False)
             during.append(milliseconds)
             uncompiled = uncompiled or painted  # the first: surely before the take-up (the last may be after it)
@@ -765,19 +774,21 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
             add(f"compile=background (the default), while the worker compiles: {len(during)} predictions "
                 f"(setup {setup:.0f} s; then {sources(workers)}; the UNet ready {unet_at or 0:.0f} s after the start, "
                 f"everything {time.monotonic() - begin:.0f} s)", statistics.median(during))
-        milliseconds, painted, stages = timed(pipe)
+        milliseconds, painted, stages = timed(pipe, path)
         agreement = f"; PSNR {_psnr(uncompiled[0][0], painted[0][0]):.1f} dB against the first, uncompiled" if uncompiled else ""
         add(f"compile=background, once predictions take the compiled UNet and VAE up (the default from then on{agreement}; "
             f"stages, ms: {stages})", milliseconds)
         del pipe, workers
-        ours.release_memory(device)
+        path.stop()
+        ours.release_memory(device, path)
         begin = time.monotonic()
-        later = ours.load_pipeline(folder, device, dtype, compile="setup", compile_cache=cache)
+        later, path = _load(folder, device, dtype, compile="setup", cache_dir=cache)
         setup = time.monotonic() - begin
-        milliseconds, _, stages = timed(later)
-        add(f"compile=setup on a later start (saved compiled parts: {sources(ours.compiled_parts(later))}; setup {setup:.0f} s; "
+        milliseconds, _, stages = timed(later, path)
+        add(f"compile=setup on a later start (saved compiled parts: {sources(path.compiled_parts)}; setup {setup:.0f} s; "
             f"stages, ms: {stages})", milliseconds)
-        del later
+        path.stop()
+        del later, path
     except Exception as error:  # report it and keep the rest of the run
         rows.append(["torch.compile in the background", f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
         _progress("lever: " + " | ".join(rows[-1]))
@@ -883,11 +894,11 @@ def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: in
                 sizes: tuple[int, ...]) -> list[list[object]]:
     """The fast path's parts in combinations, at each size: median ms of the prediction, and of its
     denoising loop, VAE encode and VAE decode (the last run's own stage timings)."""
-    from inpaint import cudagraphs
     from inpaint import pipeline as ours
+    from inpaint.fastpath import Graphs, UNetPart
 
     def build(unet_channels_last: bool, vae_channels_last: bool, fused_qkv: bool, graphs: bool):
-        pipe = ours.load_pipeline(folder, device, dtype, fast=False)
+        pipe = ours.load_pipeline(folder, device, dtype)
         if unet_channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
         if vae_channels_last:
@@ -896,7 +907,7 @@ def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: in
             pipe.fuse_qkv_projections()
         pipe.vae.enable_slicing()
         if graphs:
-            cudagraphs.use_cuda_graphs(pipe.unet)
+            pipe.unet.forward = UNetPart(pipe.unet, "unet", graphs=Graphs())
         return pipe
 
     rows = []
@@ -1034,7 +1045,7 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
     reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)
     begin = time.monotonic()
-    fast = ours.load_pipeline(folder, device, dtype)
+    fast, fast_path = _load(folder, device, dtype)
     _progress(f"our pipeline loaded and warmed up in {time.monotonic() - begin:.1f} s")
     rows = []
     for index, (size, count, shape_runs) in enumerate(shapes):
@@ -1049,10 +1060,11 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
         if row:
             rows.append(row)
             _progress(" | ".join(rows[-1]))
-    levers = _section("levers", bench_levers, folder, fast, device, dtype, runs, steps, tiny) or []
+    levers = _section("levers", bench_levers, folder, fast, fast_path, device, dtype, runs, steps, tiny) or []
     baseline = float(levers[0][1]) if levers else float("nan")
     del fast
-    ours.release_memory(device)
+    ours.release_memory(device, fast_path)
+    del fast_path
     cold = "not measured on tiny weights" if tiny else _cold_start(folder, predict=True)
     _progress(f"cold start: {cold}")
     safety = _section("safety", _safety_on, folder, device, dtype, runs)
@@ -1093,13 +1105,14 @@ def run_compile_only(runs: int, budget: float) -> tuple[str, dict]:
     started = time.monotonic()
     device, dtype = ours.pick_device()
     folder = build_full_size(CACHE / "full-size-weights", device=device)
-    fast = ours.load_pipeline(folder, device, dtype)
+    fast, fast_path = _load(folder, device, dtype)
     image, mask = _inputs(512)
     baseline, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, 50)), device, runs)
     rows = [["fast path uncompiled (the default until its compiled parts are ready)", f"{baseline:.0f}", "1.00"]]
     _progress("lever: " + " | ".join(rows[-1]))
     del fast
-    ours.release_memory(device)
+    ours.release_memory(device, fast_path)
+    del fast_path
     rows += _section("compile", bench_compile, folder, device, dtype, runs, 50, baseline, started + budget) or []
     _progress(f"whole run {time.monotonic() - started:.0f} s")
     return (f"## Compiled rows only: {machine()}\n\n512x512 x1, 50 steps, guidance 7.5, DPMSolverMultistep, our prediction "

@@ -9,9 +9,12 @@ Modules, one concern each:
   schedulers   user-facing scheduler name -> diffusers scheduler
   weights      where the weights live: manifest, download, sha256 verification
   safety       the safety checker: per-output flags, never an exception for content
-  pipeline     load the model components and run one inpainting; the GPU fast path (optimize)
-  cudagraphs   the UNet's call replayed as a CUDA graph per working shape (part of the fast path)
-  compiled     the UNet and VAE compiled per working shape in the background, saved for later starts (fast path)
+  pipeline     load the model components and run one inpainting
+  fastpath     the GPU speed-ups as one object the service owns (a no-op on the CPU):
+    keys         the shape key of a CUDA graph or a compiled part
+    graphs       a part's call replayed as a CUDA graph per shape key
+    compiler     the UNet and VAE compiled per shape in the background, saved for later starts
+  stopwatch    timing: CUDA events on a GPU, wall time on the CPU
   cachetrust   the compile cache is code: private folders, sealed (HMAC) parts and Inductor cache, rejects kept
   service      one prediction end to end: files in, files and metrics out
   concurrency  several predictions at once: a thread each, the model's turns in order, cancelling, output folders

@@ -2,7 +2,7 @@
 Python that torch imports. What of it this process may load is decided here.
 
 - The folder is made 0700. A folder or file that is a link, is not owned by this user, or is
-  writable by group or others is refused with a log line (compiled.py then keeps its parts in a
+  writable by group or others is refused with a log line (fastpath/compiler.py then keeps its parts in a
   private temporary folder for this process).
 - Every saved part is sealed with an HMAC-SHA256 of its bytes, keyed by the deployment's secret
   (INPAINT_COMPILE_CACHE_KEY), else by a random key kept 0600 in the folder. A part is unpickled
@@ -82,7 +82,7 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 class Seal:
-    """Signs and checks what compiled.py saves in one cache folder."""
+    """Signs and checks what fastpath/compiler.py saves in one cache folder."""
 
     def __init__(self, folder: Path, secret: str = "") -> None:
         self.folder = folder

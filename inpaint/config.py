@@ -49,11 +49,11 @@ class Settings:
     max_batch_pixels: int = 4 * 1024 * 1024
     # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
     device: str = ""
-    # The GPU fast path (pipeline.optimize): CUDA graphs, channels_last UNet, sliced VAE decode. Off: plain diffusers.
+    # The GPU fast path (inpaint/fastpath, FastPath.for_device): CUDA graphs, channels_last UNet, sliced VAE decode. Off: plain diffusers.
     fast_path: bool = True
-    # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/cudagraphs.py).
+    # Replay the UNet's call as a CUDA graph per working shape (part of the fast path; inpaint/fastpath/graphs.py).
     cuda_graphs: bool = True
-    # torch.compile of the UNet and the VAE's encoder and decoder, part of the fast path (inpaint/compiled.py:
+    # torch.compile of the UNet and the VAE's encoder and decoder, part of the fast path (inpaint/fastpath/compiler.py:
     # faster, but slow to compile, per working shape; bench/RESULTS.md, "Compiled"). "background": a
     # child process compiles each part at each working shape, the UNet first, and predictions switch to it
     # once it is loaded and checked; "setup": as background, but setup also waits for the 512x512 parts, so
@@ -62,6 +62,9 @@ class Settings:
     # Where compiled parts and Inductor's cache are kept, so that a later start loads instead of compiling.
     # They are code: the folder must be this user's own and private (inpaint/cachetrust.py).
     compile_cache: Path = REPO_ROOT / ".cache" / "compiled"
+    # sha256 of the manifest of compiled parts shipped in a COG_WEIGHTS folder or tar (its compiled/ folder,
+    # written by script/bake-compiled): only then are they loaded; those baked into the image need no pin.
+    compiled_manifest_sha256: str = ""
     # The secret that seals what is saved in compile_cache (HMAC). Set it, as a deployment secret, when that
     # folder is a volume shared between containers; unset, a random key kept in the folder is used.
     compile_cache_key: str = field(default="", repr=False)

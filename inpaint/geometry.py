@@ -93,6 +93,19 @@ def fit_working_size(aspect: float, width: int | None = None, height: int | None
     return _round_side(math.sqrt(NATIVE_AREA * aspect)), _round_side(math.sqrt(NATIVE_AREA / aspect))
 
 
+def automatic_working_sizes() -> list[tuple[int, int]]:
+    """Every (width, height) fit_working_size gives without explicit sides, in order: the shapes a
+    compiled-parts artifact is built for (script/bake-compiled). Each side is a step function of the
+    aspect, so evaluating just either side of each step, and at 1, finds them all."""
+    low, high = SIDE_RANGE
+    aspects = {1.0}
+    for step in range(low // SIDE_MULTIPLE, high // SIDE_MULTIPLE + 1):
+        side = (step - 0.5) * SIDE_MULTIPLE  # where round() moves from step - 1 to step
+        for aspect in (side * side / NATIVE_AREA, NATIVE_AREA / (side * side)):
+            aspects.update((aspect * (1 - 1e-9), aspect * (1 + 1e-9)))
+    return sorted({fit_working_size(aspect) for aspect in aspects})
+
+
 def _pad(box: Box, padding: int, size: tuple[int, int]) -> Box:
     left, top, right, bottom = box
     return max(0, left - padding), max(0, top - padding), min(size[0], right + padding), min(size[1], bottom + padding)

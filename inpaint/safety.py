@@ -45,10 +45,7 @@ class SafetyChecker:
             device_map=device.type,  # straight to the device, no copy in CPU memory first
         )
         processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor", local_files_only=True)
-        checker = cls(model.eval(), processor, device, dtype)
-        if device.type == "cuda":
-            checker.flags([Image.new("RGB", (224, 224))])  # warm-up: CUDA's first-use costs go to setup
-        return checker
+        return cls(model.eval(), processor, device, dtype)  # its warm-up is the fast path's (FastPath.warm_up)
 
     def flags(self, images: list[Image.Image]) -> list[bool]:
         """True for each image the checker flags as potentially NSFW."""

@@ -20,9 +20,11 @@ from PIL import Image
 from . import codec, compositing, geometry, pipeline, tracing
 from .concurrency import CancelToken, DeviceQueue
 from .config import Settings
+from .fastpath import FastPath
 from .inputs import InpaintRequest
 from .safety import AllOutputsFlagged, SafetyChecker
-from .weights import release_view, resolve_weights
+from .stopwatch import Stopwatch
+from .weights import COMPILED, release_view, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +38,13 @@ class Prediction:
     metrics: dict[str, object] = field(default_factory=dict)
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+class _Timer(Stopwatch):
+    """A request's stages on the host clock (the model's own stages come from pipeline.generate), each a span."""
 
     @contextmanager
     def stage(self, name: str):
-        start = time.perf_counter()
-        try:
-            with tracing.span(name):
-                yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        with tracing.span(name), self.time(name):
+            yield
 
     def rounded(self) -> dict[str, float]:
         return {name: round(seconds, 4) for name, seconds in self.seconds.items()}
@@ -81,8 +78,9 @@ class Inpainter:
     """The loaded model and the settings it runs under; `inpaint` serves one request, and several may run at
     once in their own threads (inpaint/concurrency.py): the model's work takes turns in `device`."""
 
-    def __init__(self, pipe, settings: Settings, safety: SafetyChecker | None = None) -> None:
+    def __init__(self, pipe, settings: Settings, safety: SafetyChecker | None = None, fast: FastPath | None = None) -> None:
         self.pipe = pipe
+        self.fast = fast  # the GPU fast path installed on pipe (None: plain diffusers)
         self.settings = settings
         self.safety = safety
         self.device = DeviceQueue()
@@ -101,21 +99,25 @@ class Inpainter:
         self._workers = ThreadPoolExecutor(max_workers=_PIXEL_WORKERS, thread_name_prefix="pixels")
 
     @classmethod
-    def load(cls, weights: str | Future[Path] | None, settings: Settings) -> Inpainter:
+    def load(cls, weights: str | Future[Path] | None, settings: Settings, *, from_image: bool | None = None) -> Inpainter:
         """The model ready to paint. `weights` as resolve_weights takes it, or the future of
-        resolve_weights_ahead, started earlier (the "weights" stage is then only the wait for it)."""
+        resolve_weights_ahead, started earlier (the "weights" stage is then only the wait for it).
+        `from_image`: the weights are the image's own folder (COG_WEIGHTS unset), so compiled parts
+        shipped there are trusted without a pin; by default, when `weights` is None."""
         timer = _Timer()
         with timer.stage("weights"):
             folder = weights.result() if isinstance(weights, Future) else resolve_weights(weights, settings)
         try:
-            safety, pipe = cls._load_models(folder, settings, timer)
+            shipped_trusted = weights is None if from_image is None else from_image
+            safety, pipe, fast = cls._load_models(folder, settings, timer, shipped_trusted)
         finally:
             release_view(folder)  # the loaders have read the configs; the weights are loaded
         log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
-        return cls(pipe, settings, safety)
+        return cls(pipe, settings, safety, fast)
 
     @staticmethod
-    def _load_models(folder: Path, settings: Settings, timer: _Timer) -> tuple[SafetyChecker | None, object]:
+    def _load_models(folder: Path, settings: Settings, timer: _Timer,
+                     shipped_trusted: bool) -> tuple[SafetyChecker | None, object, FastPath]:
         Image.MAX_IMAGE_PIXELS = settings.max_input_pixels  # Pillow's own bomb guard, at the same limit
         device, dtype = pipeline.pick_device(settings.device)
         log.info("loading %s on %s in %s", folder, device, str(dtype).removeprefix("torch."))
@@ -128,12 +130,12 @@ class Inpainter:
                 "the safety checker is off for this deployment (INPAINT_SAFETY_CHECKER=0): no output is "
                 "checked, and the disable_safety_checker input has no effect"
             )
+        artifact = folder / COMPILED if (folder / COMPILED).is_dir() else None
+        fast = FastPath.for_device(device, settings, artifact, shipped_trusted)
         with timer.stage("model"):
-            pipe = pipeline.load_pipeline(
-                folder, device, dtype, settings.fast_path, settings.compile, settings.cuda_graphs,
-                settings.compile_cache, settings.compile_cache_key,
-            )
-        return safety, pipe
+            pipe = pipeline.load_pipeline(folder, device, dtype, fast)
+            fast.warm_up(pipe, safety)  # nothing on the CPU
+        return safety, pipe, fast
 
     def _mask_from_alpha(self, image: np.ndarray, outpainting: bool) -> np.ndarray:
         if image.shape[2] == 4:
@@ -314,9 +316,9 @@ class Inpainter:
     ) -> list[list[Image.Image]]:
         model_seconds: dict[str, float] = {}
         try:
-            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds, token.check)
+            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds, token.check, fast=self.fast)
         except torch.OutOfMemoryError:
-            pipeline.release_memory(self.pipe.device)
+            pipeline.release_memory(self.pipe.device, self.fast)
             raise GPUOutOfMemory(
                 f"the GPU ran out of memory painting {len(crops) * job.num_outputs // plan.batch} output(s) x "
                 f"{plan.batch} region(s) at {plan.working_size[0]}x{plan.working_size[1]}; lower num_outputs or "
@@ -324,7 +326,7 @@ class Inpainter:
             ) from None
         except BaseException as error:  # cancelled, or any other failure: leave no memory behind for the next one
             if pipeline.fatal_device_error(error) is None:  # after a sticky CUDA error every CUDA call fails
-                pipeline.release_memory(self.pipe.device)
+                pipeline.release_memory(self.pipe.device, self.fast)
             raise
         for stage, seconds in model_seconds.items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + seconds

@@ -43,7 +43,7 @@ def load(weights: str | os.PathLike | None) -> Inpainter:
         environment.check_server()
         environment.check_gpu(settings.device)
         gc.freeze()
-        return Inpainter.load(folder, settings)
+        return Inpainter.load(folder, settings, from_image=not weights)
 
 
 @contextmanager

@@ -61,6 +61,7 @@ CONFIG_FILES = (
 # when the packaged manifests (weights only) are the trust anchor.
 REFERENCE = Path(__file__).with_name("reference")
 VIEW_PREFIX = "inpaint-checkpoint-"
+COMPILED = "compiled"  # compiled parts shipped beside the checkpoint (fastpath/artifact.py); not read by the loaders
 _FIX = "run script/download-weights (or set COG_WEIGHTS to a folder or URL holding the checkpoint)"
 
 
@@ -239,6 +240,8 @@ def _reference_view(folder: Path, manifest: dict[str, dict]) -> Path:
     for relative in manifest:
         (view / relative).parent.mkdir(parents=True, exist_ok=True)
         (view / relative).symlink_to((folder / relative).resolve())
+    if (folder / COMPILED).is_dir():  # compiled parts shipped beside the weights: checked by fastpath/artifact.py
+        (view / COMPILED).symlink_to((folder / COMPILED).resolve())
     return view
 
 

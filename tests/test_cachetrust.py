@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from inpaint import cachetrust, compiled
+from inpaint import cachetrust
+from inpaint.fastpath import compiler
+from inpaint.fastpath.compiler import CompiledPart, Compiler
+from inpaint.fastpath.keys import ShapeKey
 from inpaint.cachetrust import Seal, UntrustedCache
 
 
@@ -38,15 +41,15 @@ def cache(tmp_path) -> Path:
     return cachetrust.private_folder(tmp_path / "compiled")
 
 
-def _key(unet) -> tuple:
+def _key(unet) -> ShapeKey:
     sample = torch.zeros(2, unet.config.in_channels, 8, 8)
     with torch.inference_mode():
-        return compiled.call_key(sample, torch.tensor(500), torch.zeros(2, 77, unet.config.cross_attention_dim))
+        return ShapeKey.of(sample, torch.tensor(500), torch.zeros(2, 77, unet.config.cross_attention_dim))
 
 
 def test_a_planted_compiled_part_is_never_unpickled_and_is_kept(unet, tmp_path, caplog, monkeypatch):
     cache = tmp_path / "compiled"
-    worker = compiled.CompiledUNet(unet, cache)
+    worker = CompiledPart(unet, "unet", Compiler(), cache)
     key = _key(unet)
     path = worker._path(key)
     marker = tmp_path / "ran"
@@ -59,9 +62,9 @@ def test_a_planted_compiled_part_is_never_unpickled_and_is_kept(unet, tmp_path, 
     def no_compile(*args):
         raise RuntimeError("compiling is not what this test is about")
 
-    monkeypatch.setattr(compiled, "_compile_in_child", no_compile)
-    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        worker._work(key)
+    monkeypatch.setattr(worker.compiler, "compile_in_child", no_compile)
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
+        worker.work(key)
     assert not marker.exists()
     (aside,) = cache.glob(f"{path.name}.rejected-*[0-9]")
     assert aside.read_bytes() == payload  # moved aside, not deleted
@@ -98,8 +101,8 @@ def test_the_cache_folder_is_made_private_and_one_others_can_write_is_not_used(u
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        worker = compiled.CompiledUNet(unet, shared)
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
+        worker = CompiledPart(unet, "unet", Compiler(), shared)
     assert worker.cache_dir != shared and worker.cache_dir.name.startswith("inpaint-compiled-")
     assert "has mode 777: writable by others" in caplog.text and "kept for this process only" in caplog.text
 
@@ -129,19 +132,19 @@ def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch):
     (inductor / "kernels").mkdir(parents=True)
     (inductor / "kernels" / "k.py").write_text("print('a kernel')")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    compiled._keep_inductor_cache_in(inductor, seal)  # no seal: moved aside, a new empty one
+    compiler._keep_inductor_cache_in(inductor, seal)  # no seal: moved aside, a new empty one
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(inductor)
     assert list(inductor.iterdir()) == []
     (aside,) = folder.glob("inductor.rejected-*")
     assert (aside / "kernels" / "k.py").read_text() == "print('a kernel')"
 
     (inductor / "k.py").write_text("print('a kernel')")
-    compiled._seal_inductor_cache(seal)
+    compiler._seal_inductor_cache(seal)
     seal.check_tree(inductor)  # as sealed
     (inductor / "planted.py").write_text("import os; os.system('touch /tmp/pwned')")
     with pytest.raises(UntrustedCache, match="holds files that its seal does not list"):
         seal.check_tree(inductor)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-    compiled._keep_inductor_cache_in(inductor, seal)
+    compiler._keep_inductor_cache_in(inductor, seal)
     assert not (inductor / "planted.py").exists()
     assert len(list(folder.glob("inductor.rejected-*"))) == 2

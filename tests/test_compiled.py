@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from inpaint import cachetrust, compiled, cudagraphs, pipeline
+from inpaint import cachetrust, pipeline
 from inpaint.config import Settings
+from inpaint.fastpath import FastPath, UNetPart, compiler
+from inpaint.fastpath.compiler import CompiledPart, Compiler
 
 from conftest import ROOT, run_pipeline, tiny_unet, unet_inputs
 
@@ -38,9 +40,20 @@ class _Counting:
 
 
 def _pipe(tiny_weights, cache_dir):
-    pipe = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
-    pipeline.apply_fast_path(pipe, compile="background", compile_cache=cache_dir)
-    return pipe
+    """A CPU pipeline with the fast path installed as on a GPU (FastPath.for_device leaves it off on the CPU)."""
+    fast = FastPath(compile="background", cache_dir=cache_dir)
+    return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
+
+
+def _run(pipe_and_fast) -> list[np.ndarray]:
+    return run_pipeline(*pipe_and_fast)
+
+
+def _unet_part(unet, cache_dir=None, **limits) -> CompiledPart:
+    """The UNet's calls through its compiled part alone (no CUDA graphs), on a compiler of its own."""
+    part = CompiledPart(unet, "unet", Compiler(), cache_dir, **limits)
+    unet.forward = UNetPart(unet, "unet", compiled=part)
+    return part
 
 
 @pytest.fixture(scope="module")
@@ -62,45 +75,45 @@ def first_start(tiny_weights, cache_dir):
     """A pipeline whose first prediction asked for the compiled UNet and VAE, that prediction's images,
     and what the worker logged until every part was ready (the parts' compiles end with the module)."""
     plain = run_pipeline(pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32))
-    logger, messages = logging.getLogger("inpaint.compiled"), _Messages()
+    logger, messages = logging.getLogger("inpaint.fastpath.compiler"), _Messages()
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(messages)
     try:
         pipe = _pipe(tiny_weights, cache_dir)
-        first = run_pipeline(pipe)
+        first = _run(pipe)
         yield pipe, plain, first, messages.messages
-        for worker in pipeline.compiled_parts(pipe):
-            assert worker.wait(WAIT)
+        assert pipe[1].wait(WAIT)
     finally:
         logger.removeHandler(messages)
         logger.setLevel(level)
 
 
 def test_a_prediction_asks_for_the_compiled_unet_and_does_not_wait(first_start):
-    pipe, plain, first, _ = first_start
-    worker = compiled.of(pipe.unet)
-    assert isinstance(pipe.unet.forward, cudagraphs.GraphedForward) and pipe.unet.forward.eager is worker
+    (pipe, fast), plain, first, _ = first_start
+    worker = fast.compiled_parts[0]
+    assert pipe.unet.forward is fast.parts["unet"] and fast.parts["unet"].compiled is worker
+    assert fast.parts["unet"].graphs is not None  # CUDA graphs too (a pass-through on the CPU)
     assert len(worker.requested) == 1 and not worker.adopted  # the first prediction ran uncompiled
     (key,) = worker.requested
-    assert key[0][0] == (4, 9, 8, 8)  # two outputs of 64x64 pixels, doubled by classifier-free guidance
+    assert key.shape == (4, 9, 8, 8)  # two outputs of 64x64 pixels, doubled by classifier-free guidance
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, first))  # channels_last: rounding
 
 
 def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_start, cache_dir):
     pipe, plain, _, _ = first_start
-    worker = compiled.of(pipe.unet)
+    worker = pipe[1].compiled_parts[0]
     during = 0
     while not worker.wait(0.2):  # the compile runs in a child process, so nothing here is disturbed
         # (the last of these may already take up the compiled UNet: equal to plain up to rounding)
-        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, run_pipeline(pipe)))
+        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(pipe)))
         during += 1
     assert during > 0
     (key,) = worker.requested
     assert worker.sources[key] == "compiled"
     worker.adopt()  # (or the last prediction above did)
     counting = worker.adopted[key] = _Counting(worker.adopted[key])
-    second = run_pipeline(pipe)
+    second = _run(pipe)
     assert counting.calls == 4  # every one of the 4 steps
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, second))
     assert sorted(path.suffix for path in cache_dir.glob("unet-*")) == [".aot", ".hmac"]  # the part and its seal
@@ -109,7 +122,7 @@ def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_star
 
 def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(first_start, cache_dir):
     pipe, plain, _, messages = first_start
-    workers = pipeline.compiled_parts(pipe)
+    workers = pipe[1].compiled_parts
     assert [worker.part for worker in workers] == ["unet", "vae.decoder", "vae.encoder"]
     assert all(worker.wait(WAIT) for worker in workers)
     assert [list(worker.sources.values()) for worker in workers] == [["compiled"]] * 3
@@ -121,7 +134,7 @@ def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(firs
         (key,) = worker.adopted
         counting.append(_Counting(worker.adopted[key]))
         worker.adopted[key] = counting[-1]
-    painted = run_pipeline(pipe)
+    painted = _run(pipe)
     assert [count.calls for count in counting] == [4, 2, 1]  # 4 steps; each output decoded apart; one image encoded
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, painted))
     assert sorted(path.name.rsplit("-", 1)[0] for path in cache_dir.glob("*.aot")) == ["unet", "vae-decoder", "vae-encoder"]
@@ -129,70 +142,69 @@ def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(firs
 
 def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir, caplog):
     pipe, plain, _, _ = first_start
-    assert compiled.of(pipe.unet).wait(WAIT)  # saved by the first start
+    assert pipe[1].compiled_parts[0].wait(WAIT)  # saved by the first start
     later = _pipe(tiny_weights, cache_dir)
-    with caplog.at_level(logging.INFO, logger="inpaint.compiled"):
-        run_pipeline(later)
-        worker = compiled.of(later.unet)
+    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+        _run(later)
+        worker = later[1].compiled_parts[0]
         assert worker.wait(WAIT)
         assert list(worker.sources.values()) == ["loaded"]
-        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, run_pipeline(later)))
+        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
     assert worker.adopted and "uses the compiled UNet for latents 4x9x8x8" in caplog.text
 
 
 def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, tiny_weights, cache_dir):
     pipe, _, first, _ = first_start
-    assert compiled.of(pipe.unet).wait(WAIT)
+    assert pipe[1].compiled_parts[0].wait(WAIT)
     later = _pipe(tiny_weights, cache_dir)
-    run_pipeline(later)
-    worker = compiled.of(later.unet)
+    _run(later)
+    worker = later[1].compiled_parts[0]
     assert worker.wait(WAIT) and list(worker.sources.values()) == ["loaded"]
     worker.adopt()
     (key,) = worker.adopted
     calls = worker.adopted[key] = _Counting(worker.adopted[key])
-    with torch.inference_mode():  # what cudagraphs does when the compiled UNet's graph cannot be recorded
-        worker.reject(*compiled._example(key))
+    worker.reject(key)  # what the UNet's FastPart does when the compiled UNet's graph cannot be recorded
     assert not worker.adopted and worker.sources[key] == "failed"
-    assert all(np.array_equal(a, b) for a, b in zip(first, run_pipeline(later)))  # uncompiled again
+    assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled again
     assert calls.calls == 0 and worker._pending == 0
 
 
 def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_start, tiny_weights, cache_dir, caplog, monkeypatch):
     pipe, _, first, _ = first_start
-    assert compiled.of(pipe.unet).wait(WAIT)
-    monkeypatch.setattr(compiled, "MAX_RELATIVE_ERROR", -1.0)  # any difference at all is too much
+    assert pipe[1].compiled_parts[0].wait(WAIT)
+    monkeypatch.setattr(compiler, "MAX_RELATIVE_ERROR", -1.0)  # any difference at all is too much
     later = _pipe(tiny_weights, cache_dir)
-    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        run_pipeline(later)
-        worker = compiled.of(later.unet)
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
+        _run(later)
+        worker = later[1].compiled_parts[0]
         assert worker.wait(WAIT)
     assert "differs from the eager UNet" in caplog.text and "runs uncompiled" in caplog.text
     assert list(worker.sources.values()) == ["failed"] and not worker.ready
-    assert all(np.array_equal(a, b) for a, b in zip(first, run_pipeline(later)))  # uncompiled, and not asked for again
+    assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled, and not asked for again
     assert not worker.adopted and worker._pending == 0
 
 
 def test_a_damaged_saved_unet_is_compiled_again(first_start, tiny_weights, cache_dir, caplog):
     pipe, plain, _, _ = first_start
-    assert compiled.of(pipe.unet).wait(WAIT)
+    assert pipe[1].compiled_parts[0].wait(WAIT)
     (saved,) = cache_dir.glob("unet-*.aot")
     saved.write_bytes(b"not a compiled function")
     later = _pipe(tiny_weights, cache_dir)
-    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        run_pipeline(later)
-        worker = compiled.of(later.unet)
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
+        _run(later)
+        worker = later[1].compiled_parts[0]
         assert worker.wait(WAIT)
     assert f"saved compiled UNet {saved.name} not loaded" in caplog.text
     assert list(worker.sources.values()) == ["compiled"]
     assert saved.stat().st_size > 1000  # saved again, whole
-    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, run_pipeline(later)))
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
 
 
 def test_a_failed_compile_leaves_the_shape_uncompiled_and_says_why(tiny_weights, caplog, monkeypatch):
-    monkeypatch.setattr(compiled, "COMPILE_TIMEOUT", 0.5)  # the child cannot even import torch in that time
+    monkeypatch.setattr(compiler, "COMPILE_TIMEOUT", 0.5)  # the child cannot even import torch in that time
     unet = tiny_unet(tiny_weights, "cpu")
-    worker = compiled.use_compiled(unet)
-    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"), torch.inference_mode():
+    worker = _unet_part(unet)
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"), torch.inference_mode():
         inputs = unet_inputs(unet, "cpu")
         expected = worker.eager(*inputs, return_dict=False)[0]
         assert torch.equal(unet(*inputs, return_dict=False)[0], expected)
@@ -212,19 +224,22 @@ def _running(pid: int) -> bool:
 
 
 # A stand-in server, in a fresh interpreter: its first UNet call asks for a compile, it waits until the
-# compile process runs (started by the real _compile_in_child), says that process's pid, then ends as
+# compile process runs (started by the real Compiler.compile_in_child), says that process's pid, then ends as
 # `ending` says.
 _SERVER = (
     "import os, sys, time, torch\n"
+    "from pathlib import Path\n"
     "from conftest import tiny_unet, unet_inputs\n"
-    "from inpaint import compiled\n"
+    "from inpaint.fastpath import UNetPart\n"
+    "from inpaint.fastpath.compiler import CompiledPart, Compiler\n"
     "unet = tiny_unet(sys.argv[1], 'cpu')\n"
-    "worker = compiled.use_compiled(unet, compiled.Path(sys.argv[2]))\n"
+    "compiler = Compiler()\n"
+    "unet.forward = UNetPart(unet, 'unet', compiled=CompiledPart(unet, 'unet', compiler, Path(sys.argv[2])))\n"
     "with torch.inference_mode():\n"
     "    unet(*unet_inputs(unet, 'cpu'))\n"
-    "while not compiled._children:\n"
+    "while not compiler.children:\n"
     "    time.sleep(0.05)\n"
-    "(child,) = compiled._children\n"
+    "(child,) = compiler.children\n"
     "print(child.pid, flush=True)\n"
 )
 
@@ -264,16 +279,17 @@ def test_a_process_that_exits_mid_compile_ends_the_compile_and_does_not_wait_for
 def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weights):
     unet = tiny_unet(tiny_weights, "cpu")
     eager = unet.forward
-    worker = compiled.use_compiled(unet, max_shapes=1)
+    worker = _unet_part(unet, max_shapes=1)
     sample, timestep, states = unet_inputs(unet, "cpu")
     expected = eager(sample, timestep, states, return_dict=False)[0]
     with torch.no_grad():
         got = unet(sample, timestep, states, cross_attention_kwargs={"scale": 0.5}, return_dict=False)[0]
     assert torch.equal(got, expected) and not worker.requested  # extra inputs: never compiled
     assert unet(sample, timestep, states).sample.requires_grad and not worker.requested  # autograd: never compiled
-    full = compiled.use_compiled(tiny_unet(tiny_weights, "cpu"), max_shapes=0)
+    other = tiny_unet(tiny_weights, "cpu")
+    full = _unet_part(other, max_shapes=0)
     with torch.inference_mode():
-        full(*unet_inputs(unet, "cpu"))
+        other(*unet_inputs(other, "cpu"))
     assert not full.requested  # past the limit of shapes: eager for good
 
 
@@ -281,15 +297,15 @@ def test_only_the_unet_and_the_vaes_parts_are_compiled():
     module = torch.nn.Linear(2, 2)
     forward = module.forward
     with pytest.raises(ValueError, match="part 'text_encoder' must be one of unet, vae.decoder, vae.encoder"):
-        compiled.use_compiled(module, part="text_encoder", config={})
+        CompiledPart(module, "text_encoder", Compiler(), config={})
     assert module.forward == forward
 
 
 def test_an_unusable_cache_folder_falls_back_to_a_temporary_one(tiny_weights, tmp_path, caplog):
     blocked = tmp_path / "a file"
     blocked.write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="inpaint.compiled"):
-        worker = compiled.CompiledUNet(tiny_unet(tiny_weights, "cpu"), blocked / "compiled")
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
+        worker = CompiledPart(tiny_unet(tiny_weights, "cpu"), "unet", Compiler(), blocked / "compiled")
     assert worker.cache_dir.is_dir() and worker.cache_dir.name.startswith("inpaint-compiled-")
     assert "cannot be kept in" in caplog.text and "kept for this process only" in caplog.text
 
@@ -303,10 +319,10 @@ def test_inductors_cache_goes_beside_the_compiled_unets_unless_the_deployment_ch
             monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
         else:
             monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
-        compiled._keep_inductor_cache_in(tmp_path / "inductor", seal)
+        compiler._keep_inductor_cache_in(tmp_path / "inductor", seal)
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/chosen")
-    compiled._keep_inductor_cache_in(tmp_path / "inductor", seal)
+    compiler._keep_inductor_cache_in(tmp_path / "inductor", seal)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/srv/chosen"
 
 
@@ -319,28 +335,31 @@ def test_the_compile_setting():
         Settings.from_env({"INPAINT_COMPILE": "max"})
 
 
-def _run_at_512(pipe) -> list[np.ndarray]:
+def _run_at_512(pipe, fast) -> list[np.ndarray]:
     """One output at 512x512: the shape setup's warm-up asks the worker for, so one compile serves all."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
     mask = Image.new("L", (512, 512), 0)
     mask.paste(255, (128, 128, 384, 384))
     job = pipeline.Generation("a red chair", None, 1, 4, 7.5, 1.0, "DPMSolverMultistep", 3)
-    return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job)[0]]
+    return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job, fast=fast)[0]]
 
 
 @pytest.mark.gpu
 def test_on_the_gpu_the_graphs_are_recorded_again_from_the_compiled_unet_and_the_vae_is_compiled_too(tiny_weights, tmp_path):
     device = torch.device("cuda")
-    eager = _run_at_512(pipeline.load_pipeline(tiny_weights, device, torch.float16, cuda_graphs=False))
-    pipe = pipeline.load_pipeline(tiny_weights, device, torch.float16, compile="background", compile_cache=tmp_path)
-    workers = pipeline.compiled_parts(pipe)
+    plain = FastPath(cuda_graphs=False)
+    eager = _run_at_512(pipeline.load_pipeline(tiny_weights, device, torch.float16, plain), plain)
+    fast = FastPath(compile="background", cache_dir=tmp_path)
+    pipe = pipeline.load_pipeline(tiny_weights, device, torch.float16, fast)
+    fast.warm_up(pipe)
+    workers = fast.compiled_parts
     key = next(iter(workers[0].requested))  # setup's warm-up asked for 512x512
     assert [len(worker.requested) for worker in workers] == [1, 1, 1]
-    before = _run_at_512(pipe)
+    before = _run_at_512(pipe, fast)
     assert all(worker.wait(WAIT) for worker in workers)
     assert [list(worker.sources.values()) for worker in workers] == [["compiled"]] * 3
-    after = _run_at_512(pipe)
+    after = _run_at_512(pipe, fast)
     assert all(worker.adopted for worker in workers)
-    assert [graph_key[-1] for graph_key in pipe.unet.forward.graphs if graph_key[0] == key[0][0]] == [True]  # re-recorded
+    assert [graph_key.compiled for graph_key in fast.parts["unet"].graphs.graphs if graph_key.shape == key] == [True]  # re-recorded
     for images in (before, after):
         assert all(np.abs(a - b).max() <= 2 for a, b in zip(eager, images))

@@ -219,7 +219,7 @@ def test_no_comment_or_docstring_in_the_package_quotes_a_timing():
     """Numbers live in bench/results and bench/RESULTS.md, where they carry their machine and date; a
     comment names the RESULTS row a choice rests on instead."""
     quoted = [f"{path.relative_to(ROOT)}:{line}: {match.group()!r}"
-              for path in sorted((ROOT / "inpaint").glob("*.py"))
+              for path in sorted((ROOT / "inpaint").rglob("*.py"))
               for line, text in _prose(path.read_text())
               for match in _TIMING.finditer(text)]
     assert not quoted, "\n".join(quoted)

@@ -25,6 +25,20 @@ def test_explicit_sides_are_kept():
     assert fit_working_size(2.0, height=256) == (512, 256)
 
 
+AUTOMATIC = geometry.automatic_working_sizes()
+
+
+def test_the_automatic_working_sizes_are_listed_in_order():
+    assert len(AUTOMATIC) == 31 and AUTOMATIC == sorted(set(AUTOMATIC))
+    assert {(512, 512), (576, 448), (448, 576), (1024, 64), (64, 1024)} <= set(AUTOMATIC)
+    assert all(width % 64 == height % 64 == 0 for width, height in AUTOMATIC)
+
+
+@given(st.floats(min_value=1e-3, max_value=1e3))
+def test_every_aspect_gets_a_listed_automatic_working_size(aspect):
+    assert fit_working_size(aspect) in AUTOMATIC
+
+
 def test_fit_box_to_aspect_grows_the_short_side_inside_the_image():
     assert fit_box_to_aspect((100, 100, 200, 150), 1.0, (1000, 1000)) == (100, 75, 200, 175)
     assert fit_box_to_aspect((0, 0, 100, 50), 1.0, (1000, 1000)) == (0, 0, 100, 100)  # shifted, not clipped

@@ -1,4 +1,4 @@
-"""The model wrapper on the tiny weights: the fast path's changes, and what optimize does on the CPU."""
+"""The model wrapper on the tiny weights: the fast path's changes, and what the fast path does on the CPU."""
 
 import time
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from inpaint import cudagraphs, pipeline
+from inpaint import fastpath, pipeline
+from inpaint.config import Settings
+from inpaint.fastpath import FastPart, FastPath, UNetPart
 
 from conftest import run_pipeline, pipeline_inputs
 
@@ -16,30 +18,48 @@ def tiny_pipe(tiny_weights):
     return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
 
 
-def test_optimize_does_nothing_on_the_cpu(tiny_pipe):
-    before = {name: tensor.clone() for name, tensor in tiny_pipe.unet.state_dict().items()}
-    pipeline.optimize(tiny_pipe, torch.device("cpu"), fast=True, compile="setup")
-    after = tiny_pipe.unet.state_dict()
+def test_the_deployments_fast_path_does_nothing_on_the_cpu(tiny_weights):
+    fast = FastPath.for_device(torch.device("cpu"), Settings(compile="setup"))
+    pipe = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast)
+    plain = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
+    before, after = plain.unet.state_dict(), pipe.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
-    assert "forward" not in vars(tiny_pipe.unet)  # neither compiled nor routed through CUDA graphs
-    assert not tiny_pipe.vae.use_slicing
+    assert "forward" not in vars(pipe.unet)  # neither compiled nor routed through CUDA graphs
+    assert not pipe.vae.use_slicing and not fast.parts and fast.compiler is None
+    fast.warm_up(pipe)  # nothing: no inpainting, no compile asked for
+    with fast.prediction():
+        pass
+    fast.release()
+    assert FastPath.for_device(torch.device("cuda"), Settings()).enabled
+    assert not FastPath.for_device(torch.device("cuda"), Settings(fast_path=False)).enabled
 
 
 def test_the_fast_path_changes_the_images_only_by_rounding(tiny_pipe):
     # channels_last, the sliced VAE and the CUDA graphs' wrapper run here as they do on a GPU, so a
     # change in diffusers that breaks one of them fails on the CPU, not first on a lent GPU.
     plain = run_pipeline(tiny_pipe)
-    pipeline.apply_fast_path(tiny_pipe)
+    fast = FastPath().install(tiny_pipe)
     assert tiny_pipe.vae.use_slicing
     assert tiny_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert isinstance(tiny_pipe.unet.forward, cudagraphs.GraphedForward)
-    fast = run_pipeline(tiny_pipe)
-    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, fast))
+    assert isinstance(tiny_pipe.unet.forward, UNetPart) and list(fast.parts) == ["unet"]  # graphs; nothing compiled
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, run_pipeline(tiny_pipe, fast)))
+
+
+def test_every_part_is_routed_through_one_stand_in_when_compiling(tiny_pipe, tmp_path):
+    fast = FastPath(compile="background", cache_dir=tmp_path).install(tiny_pipe)
+    modules = {"unet": tiny_pipe.unet, "vae.decoder": tiny_pipe.vae.decoder, "vae.encoder": tiny_pipe.vae.encoder}
+    assert list(fast.parts) == list(modules) == [part.part for part in fast.compiled_parts]
+    for name, module in modules.items():
+        part = fast.parts[name]
+        assert isinstance(part, FastPart) and module.forward is part and part.module is module
+        assert part.compiled.compiler is fast.compiler  # one worker for all the parts
+        assert (part.graphs is not None) == (name == "unet")
+    fast.stop()
 
 
 def test_warm_up_runs_one_short_inpainting(tiny_pipe, caplog):
-    with caplog.at_level("INFO", logger="inpaint.pipeline"):
-        seconds = pipeline.warm_up(tiny_pipe, size=64)
+    with caplog.at_level("INFO", logger="inpaint.fastpath"):
+        seconds = fastpath.warm_up(tiny_pipe, size=64)
     assert seconds > 0 and "warm-up inpainting at 64x64" in caplog.text
 
 

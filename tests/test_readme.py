@@ -23,6 +23,8 @@ NOT_RUN_HERE = {
     "kubectl ": "needs a Kubernetes cluster: tests/test_deploy.py validates each manifest against Kubernetes' "
                 "published schemas and runs its probe commands against Cog's real server",
     "script/download-weights": "needs the hub: tests/test_weights.py runs it against a stand-in hub with the real layout",
+    "script/bake-compiled": "needs the real checkpoint and a GPU of the deployment's type: tests/test_artifact.py runs "
+                            "it on the tiny weights on the CPU (--weights, --shapes 64x64, --device cpu)",
 }
 
 

@@ -202,7 +202,7 @@ def test_gpu_out_of_memory_fails_with_advice_and_the_next_prediction_succeeds(in
 
     photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
     released = []
-    monkeypatch.setattr("inpaint.pipeline.release_memory", lambda device: released.append(device))
+    monkeypatch.setattr("inpaint.pipeline.release_memory", lambda device, fast=None: released.append(device))
     unet = inpainter.pipe.unet
 
     def out_of_memory(*args, **kwargs):

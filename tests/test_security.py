@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_CODE = sorted((ROOT / "inpaint").glob("*.py")) + [ROOT / "predict.py"]
+MODEL_CODE = sorted((ROOT / "inpaint").rglob("*.py")) + [ROOT / "predict.py"]
+COMPILER = ROOT / "inpaint" / "fastpath" / "compiler.py"
 NETWORK_MODULES = {"urllib", "urllib.request", "requests", "httpx", "http.client", "huggingface_hub", "socket"}
 
 
@@ -34,15 +35,15 @@ def test_no_pickle_no_remote_code_no_shell():
         text = path.read_text()
         assert "trust_remote_code" not in text, path.name
         assert "torch.load(" not in text and "import pickle" not in text, path.name
-        allowed = {"subprocess"} if path.name == "compiled.py" else set()  # its one child: below
+        allowed = {"subprocess"} if path == COMPILER else set()  # its one child: below
         assert not (_imports(path) - allowed) & {"subprocess", "pickle", "shelve"}, path.name
         assert "os.system(" not in text and "shell=True" not in text, path.name
 
 
 def test_the_one_child_process_is_this_interpreter_compiling_the_unet():
-    """inpaint/compiled.py starts `python -m inpaint.compiled` with an argument list (no shell); what a
-    request decides there is the working shape, as JSON numbers, and nothing else."""
-    tree = ast.parse((ROOT / "inpaint" / "compiled.py").read_text())
+    """inpaint/fastpath/compiler.py starts `python -m inpaint.fastpath.compiler` with an argument list (no
+    shell); what a request decides there is the working shape, as JSON numbers, and nothing else."""
+    tree = ast.parse(COMPILER.read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
              and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"]
     assert [call.func.attr for call in calls] == ["Popen"]
@@ -51,12 +52,12 @@ def test_the_one_child_process_is_this_interpreter_compiling_the_unet():
                 and any(isinstance(target, ast.Name) and target.id == "command" for target in node.targets)]
     assert len(commands) == 1 and isinstance(commands[0], ast.List)
     assert ast.unparse(commands[0].elts[0]) == "sys.executable"
-    assert [ast.literal_eval(element) for element in commands[0].elts[1:3]] == ["-m", "inpaint.compiled"]
+    assert [ast.literal_eval(element) for element in commands[0].elts[1:3]] == ["-m", "inpaint.fastpath.compiler"]
 
 
 def test_every_loader_is_local_and_weights_are_safetensors():
     calls = 0
-    for path in (ROOT / "inpaint" / "pipeline.py", ROOT / "inpaint" / "safety.py", ROOT / "inpaint" / "compiled.py"):
+    for path in (ROOT / "inpaint" / "pipeline.py", ROOT / "inpaint" / "safety.py", COMPILER):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
                 calls += 1
