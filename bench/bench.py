@@ -605,10 +605,13 @@ def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int
     return "; ".join(figures)
 
 
-def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None = None) -> str:
+def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None = None,
+                figures: dict | None = None) -> str:
     """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place,
     and where setup spent them (its own log line). With `predict`, also the first two 512x512 50-step
-    predictions through HTTP: wall time at the client and the prediction's own stage timings."""
+    predictions through HTTP: wall time at the client and the prediction's own stage timings.
+    `figures`, if given, receives ready_s and first_ms and second_ms (client-side)."""
+    figures = {} if figures is None else figures
     try:
         sys.path.insert(0, str(ROOT / "script"))
         from cogserver import CogServer, data_uri
@@ -621,7 +624,8 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
     })
     try:
         server.start(timeout=300)
-        text = f"{time.monotonic() - started:.1f} s (safety checker included)"
+        figures["ready_s"] = round(time.monotonic() - started, 2)
+        text = f"{figures['ready_s']:.1f} s (safety checker included)"
         setup = [line for line in log.read_text(errors="replace").splitlines() if "setup:" in line]
         if setup:
             text += f"; the server's log: `{setup[-1].split('setup:', 1)[1].split('\"')[0].strip()}`"
@@ -636,6 +640,7 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
                 if status != 200 or response.get("status") != "succeeded":
                     text += f"; {attempt} prediction failed: {status} {str(response)[:300]}"
                     break
+                figures[f"{attempt}_ms"] = round(1000 * wall, 1)
                 stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in response["metrics"]["timings"].items())
                 text += (f"; {attempt} 512x512 prediction through HTTP {1000 * wall:.0f} ms (stages, ms: {stages}; "
                          "on a GPU the compile worker is busy meanwhile)")
@@ -1098,6 +1103,35 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
     return report, figures
 
 
+def run_shipped(tiny: bool) -> tuple[str, dict]:
+    """Compiled parts shipped with the weights: script/bake-compiled at 512x512 (64x64 on tiny weights)
+    into a COG_WEIGHTS folder, then a fresh server that loads them (pinned by
+    INPAINT_COMPILED_MANIFEST_SHA256): its cold start and its first two predictions through HTTP."""
+    folder = CACHE / ("tiny-weights" if tiny else "full-size-weights")
+    if tiny:
+        if not (folder / "model_index.json").is_file():
+            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
+    else:
+        folder = build_full_size(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+    size = 64 if tiny else 512
+    env = {**os.environ, "INPAINT_WEIGHTS_MANIFEST_SHA256": manifest_pin(folder)}
+    begin = time.monotonic()
+    baked = subprocess.run([sys.executable, str(ROOT / "script" / "bake-compiled"), "--weights", str(folder), "--shapes",
+                            f"{size}x{size}"], capture_output=True, text=True, env=env)
+    bake_s = time.monotonic() - begin
+    if baked.returncode != 0:
+        return f"## Shipped compiled parts: {machine()}\n\nthe bake failed: {baked.stderr[-1500:]}", {}
+    pin = baked.stdout.strip().rsplit(" ", 1)[-1]
+    _progress(f"baked {size}x{size} in {bake_s:.0f} s; manifest {pin}")
+    figures: dict = {}
+    text = _cold_start(folder, predict=True, env={"INPAINT_COMPILED_MANIFEST_SHA256": pin}, figures=figures)
+    _progress(f"fresh server with the shipped parts: {text}")
+    return (f"## Shipped compiled parts: {machine()}\n\nscript/bake-compiled at {size}x{size}: {bake_s:.0f} s. "
+            f"A fresh server with them (COG_WEIGHTS folder, manifest pinned): {text}"), {
+        "bake_s": round(bake_s, 1), "cold_start_s": figures.get("ready_s"),
+        "fresh_first_ms": figures.get("first_ms"), "fresh_second_ms": figures.get("second_ms")}
+
+
 def run_compile_only(runs: int, budget: float) -> tuple[str, dict]:
     """GPU: the default fast path uncompiled, then the compiled rows of the lever table (bench_compile)."""
     from inpaint import pipeline as ours
@@ -1139,6 +1173,8 @@ def main() -> int:
                         help="GPU: the fast path's parts at 512/768/1024, and where a cold start goes")
     parser.add_argument("--compile-only", action="store_true",
                         help="GPU: only the fast path uncompiled and the compiled rows (a shorter run)")
+    parser.add_argument("--shipped", action="store_true",
+                        help="GPU: bake the compiled parts at 512x512, then a fresh server's cold start and first predictions")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
@@ -1159,6 +1195,8 @@ def main() -> int:
         (report, figures), mode = run_cpu(args.runs), "cpu"
     elif args.parts:
         report, mode = run_parts(args.runs, args.tiny, args.budget), "parts"
+    elif args.shipped:
+        (report, figures), mode = run_shipped(args.tiny), "shipped"
     elif args.compile_only:
         (report, figures), mode = run_compile_only(args.runs, args.budget), "compile-only"
     elif torch.cuda.is_available() or args.tiny:

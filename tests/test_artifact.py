@@ -19,7 +19,8 @@ from inpaint import pipeline
 from inpaint.fastpath import FastPath, artifact
 from inpaint.weights import COMPILED, _reference_view, read_manifest, resolve_weights
 
-from conftest import ROOT, run_pipeline
+from conftest import ROOT, pipeline_inputs
+from test_compiled import _Counting
 from test_weights import _tar, https  # noqa: F401  (the real https server COG_WEIGHTS tars come from)
 
 WAIT = 900  # seconds: three cold compiles of the tiny model on a 2-core CPU
@@ -67,17 +68,31 @@ def test_the_bake_writes_every_part_a_manifest_of_sha256s_and_prints_its_pin(bak
     assert any(name.startswith("inductor/") for name in manifest["files"])  # the kernels travel with the parts
 
 
+def _one_output(pipe, fast=None) -> list[np.ndarray]:
+    """One output at 64x64, 3 steps: the shapes the bake compiled."""
+    image, mask = pipeline_inputs()
+    job = pipeline.Generation("a red chair", None, 1, 3, 7.5, 1.0, "DPMSolverMultistep", 3)
+    return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job, fast=fast)[0]]
+
+
 def test_parts_baked_into_the_image_load_at_setup_and_the_first_prediction_is_compiled(baked, tmp_path, caplog):
     folder = _copy(baked, tmp_path)
-    plain = run_pipeline(pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32))
+    plain = _one_output(pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32))
     fast = _fast(tmp_path, folder, artifact_trusted=True)
     with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
         pipe = pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32, fast)
         assert fast.load_shipped(WAIT)
-    assert "compiled parts shipped with the weights: 3" in caplog.text and "setup loaded the 3 shipped" in caplog.text
+    assert "compiled parts shipped with the weights: 3" in caplog.text and "setup took up the 3 shipped" in caplog.text
+    assert "not loaded as shipped" not in caplog.text
     assert [list(part.sources.values()) for part in fast.compiled_parts] == [["loaded"]] * 3  # nothing compiled
-    first = run_pipeline(pipe, fast)
-    assert all(part.adopted for part in fast.compiled_parts)  # taken up by the first prediction
+    counting = []
+    for part in fast.compiled_parts:
+        part.adopt()  # (as the first prediction would)
+        (key,) = part.adopted
+        part.adopted[key] = _Counting(part.adopted[key])
+        counting.append(part.adopted[key])
+    first = _one_output(pipe, fast)
+    assert [count.calls for count in counting] == [3, 1, 1]  # every step compiled; one decode, one encode
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, first))
     assert [len(part.requested) for part in fast.compiled_parts] == [1, 1, 1]  # nothing more asked for
     fast.stop()

@@ -6,7 +6,9 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +293,27 @@ def test_calls_it_cannot_compile_for_run_eagerly_and_ask_for_nothing(tiny_weight
     with torch.inference_mode():
         other(*unet_inputs(other, "cpu"))
     assert not full.requested  # past the limit of shapes: eager for good
+
+
+def test_calls_from_several_threads_at_once_ask_for_one_compile_and_each_get_their_own_result(tiny_weights):
+    unet = tiny_unet(tiny_weights, "cpu")
+    eager = unet.forward
+    part = _unet_part(unet, max_shapes=4)
+    inputs = [unet_inputs(unet, "cpu", seed=seed) for seed in range(6)]  # one shape, different values
+    with torch.inference_mode():
+        expected = [eager(*values, return_dict=False)[0] for values in inputs]
+        start = threading.Barrier(len(inputs))
+
+        def call(values):
+            start.wait()
+            with torch.inference_mode():  # a thread's own mode, as each prediction's thread sets it
+                return unet(*values, return_dict=False)[0]
+
+        with ThreadPoolExecutor(len(inputs)) as pool:
+            got = list(pool.map(call, inputs))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(part.requested) == 1 and part._pending == 1  # one shape: one compile asked for, however many threads called
+    part.compiler.stop()  # the compile it started is not wanted here
 
 
 def test_only_the_unet_and_the_vaes_parts_are_compiled():

@@ -36,6 +36,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -52,16 +53,16 @@ log = logging.getLogger(__name__)
 class Part:
     rank: int  # the worker's order, lowest first
     name: str  # as the log says it
-    fixed: dict  # the keyword inputs of its compiled calls
+    fixed: MappingProxyType  # the keyword inputs of its compiled calls
     inputs: str  # what its first input holds, as the log says it
 
 
 # The parts that may be compiled. The VAE's encoder and decoder take one tensor and give one; the UNet's output is a tuple.
-PARTS = {
-    "unet": Part(0, "UNet", {"return_dict": False}, "latents"),
-    "vae.decoder": Part(1, "VAE decoder", {}, "latents"),
-    "vae.encoder": Part(2, "VAE encoder", {}, "images"),
-}
+PARTS = MappingProxyType({
+    "unet": Part(0, "UNet", MappingProxyType({"return_dict": False}), "latents"),
+    "vae.decoder": Part(1, "VAE decoder", MappingProxyType({}), "latents"),
+    "vae.encoder": Part(2, "VAE encoder", MappingProxyType({}), "images"),
+})
 # Working shapes that may get a compiled part in one process: each compile costs tens of seconds of a
 # CPU core beside the predictions, so a stream of odd sizes must not keep the worker busy for good.
 MAX_SHAPES = 8
@@ -167,7 +168,10 @@ class CompiledPart:
         self.module = module
         self.part = part
         self.compiler = compiler
-        self.config = dict(module.config if config is None else config)  # what the child builds the part from
+        # What the child builds the part from; not where it was loaded from, which would key the saved parts
+        # to a folder (a shipped artifact is built from another one).
+        self.config = {name: value for name, value in (module.config if config is None else config).items()
+                       if name != "_name_or_path"}
         self.fixed = PARTS[part].fixed
         self.eager = module.forward
         self.cache_dir = _usable(cache_dir)
@@ -307,7 +311,7 @@ def aot_compile(module: torch.nn.Module, part: str, key: ShapeKey):
         # identity, which cannot be saved (the same module object is passed at every call)
         options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
     )
-    return function.aot_compile(((module, *key.example()), PARTS[part].fixed))
+    return function.aot_compile(((module, *key.example()), dict(PARTS[part].fixed)))
 
 
 def first(output):
