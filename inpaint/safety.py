@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -50,7 +49,7 @@ class SafetyChecker:
     def flags(self, images: list[Image.Image]) -> list[bool]:
         """True for each image the checker flags as potentially NSFW."""
         pixels = self.processor(images=images, return_tensors="pt").pixel_values  # (N, 3, 224, 224)
-        placeholders = [np.zeros((1, 1, 3)) for _ in images]  # the checker blacks these out, not our images
+        placeholders = torch.zeros(len(images))  # one per image: the checker blacks these out, not our images
         with torch.inference_mode():
             _, flagged = self.model(clip_input=pixels.to(self.device, self.dtype), images=placeholders)
         return [bool(flag) for flag in flagged]
