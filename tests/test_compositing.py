@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from inpaint import codec, compositing, geometry
@@ -226,6 +226,9 @@ def test_an_executors_map_gives_the_same_bytes_as_one_thread():
 @example(299, 97, 32, 32, 16, False, 0)  # wide, reduced 3x across with a remainder: across first
 @example(97, 299, 32, 32, 16, True, 1)  # tall, reduced 3x down: down first, bands of columns
 @example(40, 30, 120, 90, 5, False, 2)  # growing
+@example(100, 68, 10, 20, 16, False, 3)  # Pillow's order turns on the reduced width rounded up (34, not 33.3)
+@example(40, 60, 30, 40, 16, False, 4)  # the height shrinks by exactly twice the width's: across first
+@example(30, 41, 40, 40, 16, False, 5)  # the height shrinks by one row while the width grows: down first
 def test_resize_crop_is_pillows_resize_of_the_crop(width, height, out_width, out_height, band, alpha, seed):
     """Bands of rows or columns, reduced and resized apart, then joined: exactly Pillow's resize of
     the whole crop with reducing_gap=3.0 (wide, tall, shrinking and growing crops alike)."""
@@ -313,3 +316,85 @@ def test_each_tile_is_shown_the_painting_so_far_and_asked_to_paint_only_its_shar
     # The painting: red, easing into blue over 654..704, blue beyond; the photo's pixels as they were.
     assert (layer[:, :654] == red).all() and (layer[:, 704:800] == blue).all() and (layer[:, 900:] == blue).all()
     assert (np.diff(layer[100, 654:704, 2].astype(int)) >= 0).all() and (layer[50:150, 800:900] == grey).all()
+
+
+def _photo(height: int, width: int, channels: int, seed: int = 7) -> np.ndarray:
+    """Gradients with noise (so a wrong fill or blend shows), and random alpha when RGBA."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    photo = (np.stack([xx * 3, yy * 4, (xx + yy) * 2], -1) % 200 + rng.integers(0, 50, (height, width, 3))).astype(np.uint8)
+    if channels == 4:
+        photo = np.concatenate([photo, rng.integers(0, 256, (height, width, 1), dtype=np.uint8)], -1)
+    return photo
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("margins", [(40, 0, 0, 24), (0, 20, 48, 0), (8, 8, 8, 8)])
+def test_the_outpainting_fill_is_the_photos_edge_carried_out_and_blurred(channels, margins):
+    """extend_canvas against its plain definition: the photo laid onto white (Pillow's alpha_composite),
+    its edge pixels carried outwards (numpy's edge padding), the whole canvas blurred by Pillow's
+    Gaussian of the same radius. The code blurs each margin apart, with three radii of the photo beside
+    it: as far as Pillow's blur reaches, so the margins are the same bytes. The photo is itself, and
+    the margins are opaque."""
+    photo = _photo(60, 80, channels)
+    left, top, right, bottom = margins
+    canvas = compositing.extend_canvas(photo, margins)
+    assert canvas.shape == (60 + top + bottom, 80 + left + right, channels)
+    flat = Image.fromarray(photo)
+    if channels == 4:
+        flat = Image.alpha_composite(Image.new("RGBA", flat.size, "white"), flat)
+    padded = np.pad(np.asarray(flat.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    expected = np.asarray(Image.fromarray(padded).filter(ImageFilter.GaussianBlur(compositing._FILL_BLUR)))
+    margin = np.ones(canvas.shape[:2], bool)
+    margin[top : top + 60, left : left + 80] = False
+    assert np.array_equal(canvas[top : top + 60, left : left + 80], photo)
+    assert np.array_equal(canvas[..., :3][margin], expected[margin])
+    if channels == 4:
+        assert (canvas[..., 3][margin] == 255).all()
+
+
+def test_the_models_mask_of_a_crop_is_0_or_255_resized_nearest():
+    touched = np.zeros((30, 50), bool)
+    touched[5:20, 10:33] = True
+    mask = compositing.crop_mask(touched, (100, 60))
+    assert mask.mode == "L" and mask.size == (100, 60)
+    pixels = np.asarray(mask)
+    assert set(np.unique(pixels)) == {0, 255}
+    assert np.array_equal(pixels == 255, np.repeat(np.repeat(touched, 2, axis=0), 2, axis=1))  # nearest, 2x
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_layer_blends_in_by_the_feather_over_several_strips_and_keeps_alpha(channels):
+    """blend_layer against the oracle's mix, rint(canvas + (layer - canvas) x weight) in float32, on a
+    feather box that starts below the top and spans more than one strip of rows."""
+    canvas = _photo(600, 90, channels, seed=1)
+    layer = _photo(600, 90, channels, seed=2)
+    box = (10, 30, 70, 30 + 2 * TILING.strip + 17)
+    rng = np.random.default_rng(3)
+    weight = rng.random((box[3] - box[1], box[2] - box[0])).astype(np.float32)
+    weight[:40] = 0
+    weight[-40:] = 1
+    expected = canvas.copy()
+    base = canvas[box[1] : box[3], box[0] : box[2], :3].astype(np.float32)
+    new = layer[box[1] : box[3], box[0] : box[2], :3].astype(np.float32)
+    expected[box[1] : box[3], box[0] : box[2], :3] = np.rint(base + (new - base) * weight[..., None])
+    compositing.blend_layer(canvas, layer, compositing.Feather(box, weight))
+    assert np.array_equal(canvas, expected)
+
+
+def test_a_tile_is_shown_the_canvas_with_the_painting_blended_in_and_resized_as_pillow_does():
+    """_shown against its definition: the canvas over the box, the layer mixed in by the feather where
+    the feather overlaps the box (the oracle's rint mix), then Pillow's resize of exactly that box."""
+    canvas = _photo(120, 150, 3, seed=4)
+    layer_box_pixels = _photo(70, 90, 3, seed=5)
+    box = (40, 30, 130, 100)  # 90 x 70
+    feather_box = (20, 50, 100, 120)  # overlaps the box's lower left
+    weight = np.random.default_rng(6).random((70, 80)).astype(np.float32)
+    shown = compositing._shown(canvas, layer_box_pixels, compositing.Feather(feather_box, weight), box, (64, 48))
+    expected = canvas[30:100, 40:130].copy()
+    here = np.zeros((70, 90), np.float32)
+    here[20:70, 0:60] = weight[0:50, 20:80]  # rows 50-100 and columns 40-100 of the canvas
+    base = expected.astype(np.float32)
+    expected = np.rint(base + (layer_box_pixels.astype(np.float32) - base) * here[..., None]).astype(np.uint8)
+    resized = Image.fromarray(expected).resize((64, 48), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    assert shown.size == (64, 48) and np.array_equal(np.asarray(shown), np.asarray(resized))
