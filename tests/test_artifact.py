@@ -179,9 +179,13 @@ def test_a_harmed_artifact_is_refused_before_anything_is_copied(baked, tmp_path,
     assert not list(cache.iterdir())
 
 
-def test_the_service_trusts_only_the_images_own_folder_without_a_pin(baked, tmp_path, tiny_settings):
+def test_the_service_trusts_only_the_images_own_folder_without_a_pin(baked, tmp_path, tiny_settings, monkeypatch):
+    from PIL import Image
+
     from inpaint.config import Settings
     from inpaint.service import Inpainter
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # setup sets Pillow's guard: put it back after
 
     folder = _copy(baked, tmp_path)
     from_cog_weights = Inpainter.load(str(folder), tiny_settings)
