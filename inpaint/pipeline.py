@@ -156,6 +156,24 @@ class Generation:
     seed: int
 
 
+class EmptyPrompt:
+    """The text embedding of the empty negative prompt, made once per batch size: a request without a
+    negative prompt then runs the text encoder for its prompt alone. diffusers' own encode_prompt makes it
+    from the same tokens through the same call, so it is the tensor diffusers makes each time
+    (tests/test_differential.py compares the pixels and the UNet's inputs)."""
+
+    def __init__(self) -> None:
+        self._embeds: dict[int, torch.Tensor] = {}
+
+    def embeds(self, pipe: StableDiffusionInpaintPipeline, count: int) -> torch.Tensor:
+        """For `count` prompts; call under torch.inference_mode, as diffusers' call runs."""
+        embeds = self._embeds.get(count)
+        if embeds is None:  # two predictions making it at once make the same tensor
+            embeds = pipe.encode_prompt([""] * count, pipe._execution_device, 1, False)[0]
+            self._embeds[count] = embeds
+        return embeds
+
+
 def _calling(stop: Callable[[], None]):
     """A diffusers step-end callback that calls `stop` and changes nothing."""
 
@@ -179,6 +197,7 @@ def generate(
     timings: dict[str, float] | None = None,
     stop: Callable[[], None] | None = None,
     fast: FastPath | None = None,
+    empty_prompt: EmptyPrompt | None = None,
 ) -> list[list[Image.Image]]:
     """Inpaint each image (RGB) where its mask (L, 255 = repaint) is white, all in one batch.
 
@@ -186,6 +205,7 @@ def generate(
     `timings`, if given, receives the seconds of text_encode, vae_encode, vae_decode and denoise (the rest).
     `stop`, if given, is called after each denoising step; it raises to end the run there (a cancellation).
     `fast`, the fast path installed on `pipe` if any, takes up its compiled parts that are ready.
+    `empty_prompt`, if given, holds the empty negative prompt's embedding, used when there is no negative prompt.
     """
     width, height = images[0].size
     count = len(images)
@@ -203,9 +223,15 @@ def generate(
     try:
         # The compiled parts ready by now are taken up for the whole prediction; the worker waits.
         with torch.inference_mode(), fast.prediction() if fast is not None else nullcontext():
+            if job.negative_prompt:
+                negative = {"negative_prompt": [job.negative_prompt] * count}
+            elif empty_prompt is not None:  # unused without guidance (guidance_scale 1), as diffusers' own
+                negative = {"negative_prompt_embeds": empty_prompt.embeds(run, count)}
+            else:
+                negative = {}
             result = run(
                 prompt=[job.prompt] * count,
-                negative_prompt=[job.negative_prompt] * count if job.negative_prompt else None,
+                **negative,
                 image=images,
                 mask_image=masks,
                 height=height,

@@ -81,6 +81,7 @@ class Inpainter:
     def __init__(self, pipe, settings: Settings, safety: SafetyChecker | None = None, fast: FastPath | None = None) -> None:
         self.pipe = pipe
         self.fast = fast  # the GPU fast path installed on pipe (None: plain diffusers)
+        self.empty_prompt = pipeline.EmptyPrompt()
         self.settings = settings
         self.safety = safety
         self.device = DeviceQueue()
@@ -316,7 +317,8 @@ class Inpainter:
     ) -> list[list[Image.Image]]:
         model_seconds: dict[str, float] = {}
         try:
-            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds, token.check, fast=self.fast)
+            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds, token.check, fast=self.fast,
+                                          empty_prompt=self.empty_prompt)
         except torch.OutOfMemoryError:
             pipeline.release_memory(self.pipe.device, self.fast)
             raise GPUOutOfMemory(

@@ -159,3 +159,32 @@ def test_a_batch_of_regions_hands_each_region_the_images_painted_from_it(inpaint
         for image in images:
             entry = next(index for index, candidate in enumerate(raw) if candidate is image)
             assert left_masked[entry] == (crop == 0), f"crop {crop} was handed the image of batch entry {entry}"
+
+
+def test_the_empty_negative_prompt_is_encoded_once_and_is_what_diffusers_makes(inpainter, monkeypatch):
+    """Without a negative prompt the text encoder runs for the empty one once per batch size, and then for
+    the prompt alone; the UNet sees what it sees when diffusers encodes the empty prompt itself, for a
+    batch of two regions with two outputs each."""
+    from inpaint import pipeline
+
+    crops = [Image.fromarray((np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8)) for seed in (1, 2)]
+    masks = [Image.new("L", (64, 64), 255)] * 2
+    job = pipeline.Generation("a red barn", None, 2, 2, 7.5, 1.0, "DDIM", 3)
+    encoded = []
+    forward = inpainter.pipe.text_encoder.forward
+    monkeypatch.setattr(inpainter.pipe.text_encoder, "forward", lambda ids, **kwargs: encoded.append(len(ids)) or forward(ids, **kwargs))
+    runs = []
+    for empty_prompt in (None, pipeline.EmptyPrompt()):
+        seen = UNetInputs(inpainter.pipe.unet)
+        try:
+            images = pipeline.generate(inpainter.pipe, crops, masks, job, empty_prompt=empty_prompt)
+            if empty_prompt is not None:
+                again = pipeline.generate(inpainter.pipe, crops, masks, job, empty_prompt=empty_prompt)
+        finally:
+            seen.close()
+        runs.append((images, seen.calls[:2]))
+    assert encoded == [2, 2] + [2, 2] + [2]  # diffusers alone; with the cache, then the cache again
+    (theirs, their_inputs), (ours, our_inputs) = runs
+    assert all(torch.equal(a, b) for mine, expected in zip(our_inputs, their_inputs) for a, b in zip(mine, expected))
+    assert [[image.tobytes() for image in images] for images in ours] == [[image.tobytes() for image in images] for images in theirs]
+    assert [[image.tobytes() for image in images] for images in again] == [[image.tobytes() for image in images] for images in ours]

@@ -31,7 +31,7 @@ def painter(seen: Image.Image, index: int, region: int) -> Image.Image:
 def painting(monkeypatch):
     """The service with the model replaced by `painter` (the differential tests cover the model)."""
 
-    def generate(pipe, crops, masks, job, timings=None, stop=None, fast=None):
+    def generate(pipe, crops, masks, job, timings=None, stop=None, **speed_ups):
         return [[painter(crop, index, region) for index in range(job.num_outputs)] for region, crop in enumerate(crops)]
 
     monkeypatch.setattr(pipeline, "generate", generate)
@@ -145,7 +145,7 @@ def test_safety_flags_attach_to_the_output_whose_region_was_flagged(inpainter, m
     """Two regions, three outputs; the checker flags only region 1 of output 1: output 1 alone is left out."""
     from inpaint.service import Inpainter
 
-    def generate(pipe, crops, masks, job, timings=None, stop=None, fast=None):  # each (region, output) painted its own solid colour
+    def generate(pipe, crops, masks, job, timings=None, stop=None, **speed_ups):  # each (region, output) painted its own solid colour
         return [[Image.new("RGB", crop.size, (10 * index, 10 * region, 200)) for index in range(job.num_outputs)]
                 for region, crop in enumerate(crops)]
 

@@ -244,7 +244,7 @@ def test_safety_flags_attach_to_the_output_whose_tile_was_flagged(inpainter, mon
     from inpaint import pipeline
     from inpaint.service import Inpainter
 
-    def generate(pipe, crops, masks, job, timings=None, stop=None, fast=None):  # tiles: one crop per output, each tile its own seed
+    def generate(pipe, crops, masks, job, timings=None, stop=None, **speed_ups):  # tiles: one crop per output, each tile its own seed
         tile = job.seed - 5
         return [[Image.new("RGB", crop.size, (10 * output, 10 * tile, 200))] for output, crop in enumerate(crops)]
 
