@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import stat
 import shutil
 import ssl
 import subprocess
@@ -23,6 +24,7 @@ from inpaint.config import Settings
 from inpaint import weights as weights_module
 from inpaint.weights import (
     PACKAGE_MANIFEST,
+    SAFETY_MANIFEST,
     WeightsError,
     manifest_pin,
     read_ahead,
@@ -566,3 +568,148 @@ def test_a_missing_repository_is_a_clear_error_not_a_hang(hub, tmp_path):
     assert "could not download model_index.json from test/no-such-repo at revision 5f74973c" in result.stderr
     assert "INPAINT_WEIGHTS_REPO" in result.stderr  # says what to change
     assert time.monotonic() - started < 30
+
+
+FIX = "run script/download-weights (or set COG_WEIGHTS to a folder or URL holding the checkpoint)"
+
+
+def test_what_a_missing_file_error_says_whole(weights_copy):
+    """The error names the file, says whether it is a weight file, and for the checker's files adds the
+    setting that runs without them."""
+    pin = manifest_pin(weights_copy)
+    (weights_copy / "safety_checker" / "config.json").unlink()
+    with pytest.raises(WeightsError) as error:
+        verify_weights(weights_copy, pin=pin)
+    assert str(error.value) == (f"file safety_checker/config.json is missing from {weights_copy}; {FIX}"
+                                " (or set INPAINT_SAFETY_CHECKER=0 to run without the checker)")
+    (weights_copy / "unet" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    with pytest.raises(WeightsError) as error:
+        verify_weights(weights_copy, pin=pin, safety_checker=False)
+    assert str(error.value) == f"weight file unet/diffusion_pytorch_model.fp16.safetensors is missing from {weights_copy}; {FIX}"
+
+
+def test_each_file_hashed_is_logged_with_its_size_and_the_stamp_is_private(weights_copy, caplog):
+    pin = manifest_pin(weights_copy)
+    with caplog.at_level(logging.INFO, logger="inpaint.weights"):
+        verify_weights(weights_copy, pin=pin)
+    size = (weights_copy / UNET).stat().st_size
+    assert f"verifying sha256 of {UNET} ({size / 1e6:.0f} MB)" in caplog.messages
+    assert sum(message.startswith("verifying sha256 of ") for message in caplog.messages) == len(
+        [entry for entry in json.loads((weights_copy / "weights-sha256.json").read_text()).values() if isinstance(entry, dict)])
+    (stamp,) = (Path(os.environ["XDG_CACHE_HOME"]) / "inpaint" / "verified").glob("*.json")
+    assert stat.S_IMODE(stamp.parent.stat().st_mode) == 0o700
+    assert not list(stamp.parent.glob(".stamp-*"))  # written through a temporary file beside it, then renamed
+
+
+def test_a_redirect_to_another_https_url_is_followed(weights_copy, tiny_settings, https):
+    """The hub answers a file's URL with a redirect to its CDN: an https redirect is followed."""
+    https.routes["/weights.tar.gz"] = (200, {}, _tar(weights_copy))
+    https.routes["/moved.tar.gz"] = (302, {"Location": f"{https.url}/weights.tar.gz"}, b"")
+    folder = resolve_weights(f"{https.url}/moved.tar.gz", tiny_settings)
+    assert (folder / UNET).read_bytes() == (weights_copy / UNET).read_bytes()
+    assert https.requests == ["/moved.tar.gz", "/weights.tar.gz"]
+
+
+def test_the_download_cap_counts_every_byte_up_to_the_last(tiny_settings, https):
+    """A plain tar of one 5,000-byte file is 10,240 bytes on the wire (tar's records): a cap of 10,240
+    lets it through (it then holds no checkpoint), a cap of 10,239 stops the download."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        member = tarfile.TarInfo("checkpoint/notes.txt")
+        member.size = 5000
+        tar.addfile(member, io.BytesIO(b"x" * 5000))
+    assert len(buffer.getvalue()) == 10240
+    https.routes["/small.tar"] = (200, {}, buffer.getvalue())
+    url = f"{https.url}/small.tar"
+    at_cap = Settings(weights_manifest_sha256=tiny_settings.weights_manifest_sha256, weights_archive_max_bytes=10240)
+    with pytest.raises(WeightsError) as error:
+        resolve_weights(url, at_cap)
+    assert str(error.value) == f"the archive COG_WEIGHTS={url} holds no model_index.json"
+    under = Settings(weights_manifest_sha256=tiny_settings.weights_manifest_sha256, weights_archive_max_bytes=10239)
+    with pytest.raises(WeightsError) as error:
+        resolve_weights(f"{https.url}/small.tar?again", under)
+    assert str(error.value) == (f"the weights archive {https.url}/small.tar (query hidden) is over 10,239 bytes "
+                                "(INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES)")
+
+
+def test_the_default_archive_cap_is_the_published_checkpoint_and_a_fifth_plus_16_mib():
+    """docs/weights.md: 1.2x the published checkpoint with its safety checker, 3.8 GB (and 16 MiB for the
+    configs and tokenizer), from the published sizes of the fp16 files."""
+    from inpaint.weights import archive_cap
+
+    published = {**json.loads(PACKAGE_MANIFEST.read_text()), **json.loads(SAFETY_MANIFEST.read_text())}
+    fp16 = [entry["size"] for name, entry in published.items() if name.endswith(".fp16.safetensors")]
+    assert len(fp16) == 4
+    assert archive_cap(Settings()) == int(sum(fp16) * 1.2) + 16 * 1024 * 1024
+    assert round(archive_cap(Settings()) / 1e9, 1) == 3.8
+    assert archive_cap(Settings(weights_archive_max_bytes=12345)) == 12345
+
+
+def test_what_the_own_manifests_errors_and_warning_say_whole(weights_copy, caplog):
+    manifest_path = weights_copy / "weights-sha256.json"
+    pin = manifest_pin(weights_copy)
+    kept = weights_copy.parent / "kept.json"
+    manifest_path.rename(kept)
+    manifest_path.symlink_to(kept)  # a link is not the folder's own file
+    with pytest.raises(WeightsError) as error:
+        verify_weights(weights_copy, pin=pin)
+    assert str(error.value) == (f"INPAINT_WEIGHTS_MANIFEST_SHA256 is set, but {weights_copy} has no weights-sha256.json; "
+                                "unset it to verify against the published checkpoint's manifest")
+    manifest_path.unlink()
+    manifest = json.loads(kept.read_text())
+    with caplog.at_level(logging.WARNING, logger="inpaint.weights"):
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(WeightsError):
+            verify_weights(weights_copy)
+    assert caplog.messages[0] == (f"weights-sha256.json in {weights_copy} is ignored: a folder's own manifest counts only "
+                                  "when the deployment pins its sha256 in INPAINT_WEIGHTS_MANIFEST_SHA256; verifying "
+                                  "against the published checkpoint's")
+    for name in ("model_index.json", "safety_checker/config.json"):
+        del manifest[name]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError) as error:
+        verify_weights(weights_copy, pin=manifest_pin(weights_copy))
+    assert str(error.value) == (f"weights-sha256.json in {weights_copy} does not list model_index.json, "
+                                "safety_checker/config.json: an own manifest must hash every file the model reads "
+                                "(write it with inpaint.weights.write_manifest)")
+
+
+def test_an_own_manifest_without_the_checker_need_not_list_its_config(weights_copy):
+    """The checker's config is required in an own manifest only beside the checker's weights."""
+    shutil.rmtree(weights_copy / "safety_checker")
+    manifest = json.loads((weights_copy / "weights-sha256.json").read_text())
+    for name in [name for name in manifest if name.startswith("safety_checker/")]:
+        del manifest[name]
+    (weights_copy / "weights-sha256.json").write_text(json.dumps(manifest))
+    assert verify_weights(weights_copy, pin=manifest_pin(weights_copy), safety_checker=False) == weights_copy
+
+
+def test_a_linked_model_index_is_refused_and_each_folder_is_checked_without_the_checkers(weights_copy):
+    pin = manifest_pin(weights_copy)
+    index = weights_copy / "model_index.json"
+    index.rename(weights_copy.parent / "model_index.json")
+    index.symlink_to(weights_copy.parent / "model_index.json")
+    with pytest.raises(WeightsError) as error:
+        verify_weights(weights_copy, pin=pin)
+    assert str(error.value) == f"model_index.json in {weights_copy} is a link; the weights folder may hold only regular files"
+    index.unlink()
+    (weights_copy.parent / "model_index.json").rename(index)
+    shutil.rmtree(weights_copy / "safety_checker")  # the folders after it in the order are still checked
+    (weights_copy / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(WeightsError, match="unet/diffusion_pytorch_model.bin in .* is not a file this model loads"):
+        verify_weights(weights_copy, pin=pin, safety_checker=False)
+
+
+def test_releasing_a_folder_that_is_not_a_view_leaves_it(tmp_path):
+    """release_view removes only its own views; a user's folder in the temporary directory stays."""
+    import tempfile
+
+    user = Path(tempfile.mkdtemp(prefix="my-weights-"))
+    nested = tmp_path / (weights_module.VIEW_PREFIX + "x")  # named like a view, but not in the temporary directory
+    nested.mkdir()
+    try:
+        release_view(user)
+        release_view(nested)
+        assert user.is_dir() and nested.is_dir()
+    finally:
+        shutil.rmtree(user)
