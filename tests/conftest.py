@@ -72,6 +72,39 @@ def tiny_weights(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def https(tmp_path, monkeypatch):
+    """A real https server (tests/https_server.py) whose certificate the clients trust through SSL_CERT_FILE."""
+    from https_server import HttpsServer
+
+    server = HttpsServer(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.cert))
+    yield server
+    server.close()
+
+
+class Counting:
+    """Counts the calls that reach a compiled part (to see that a prediction used it)."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled, self.calls = compiled, 0
+
+    def guard_check(self, *args, **kwargs):
+        return self.compiled.guard_check(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.compiled(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory) -> Path:
+    """One Inductor cache for the session's compiles (TORCHINDUCTOR_CACHE_DIR), as a deployment that chose
+    one keeps it: a part compiled again at the same shape, by another test or by the bake, reuses the
+    kernels built before. Tests of where Inductor's own cache goes leave the variable unset."""
+    return tmp_path_factory.mktemp("inductor")
+
+
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_weights):
     """Settings() that trust the tiny weights' manifest."""

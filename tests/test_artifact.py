@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -19,23 +20,30 @@ from inpaint import pipeline
 from inpaint.fastpath import FastPath, artifact
 from inpaint.weights import COMPILED, _reference_view, read_manifest, resolve_weights
 
-from conftest import ROOT, pipeline_inputs
-from test_compiled import _Counting
-from test_weights import _tar, https  # noqa: F401  (the real https server COG_WEIGHTS tars come from)
+from conftest import ROOT, Counting, run_pipeline
+from https_server import tar_of
 
 WAIT = 900  # seconds: three cold compiles of the tiny model on a 2-core CPU
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _no_inductor_cache_chosen(monkeypatch):
+    """Each test starts as a fresh container does: no Inductor cache chosen (a FastPath points the variable
+    at its own cache for the rest of the process), so a loaded artifact's kernels go into the test's cache."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+
 @pytest.fixture(scope="module")
-def baked(tiny_weights, tmp_path_factory):
-    """A copy of the tiny checkpoint with compiled/ written by script/bake-compiled at 64x64 on the CPU,
+def baked(tiny_weights, inductor_cache, tmp_path_factory):
+    """A copy of the tiny checkpoint with compiled/ written by script/bake-compiled at 64x64, two outputs, on the CPU,
     and what the script printed."""
     folder = tmp_path_factory.mktemp("baked") / "weights"
     shutil.copytree(tiny_weights, folder)
     result = subprocess.run([sys.executable, ROOT / "script" / "bake-compiled", "--weights", folder, "--shapes", "64x64",
-                             "--device", "cpu"], capture_output=True, text=True, timeout=WAIT, cwd=ROOT)
+                             "--outputs", "2", "--device", "cpu"], capture_output=True, text=True, timeout=WAIT, cwd=ROOT,
+                            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, result.stdout
 
@@ -60,24 +68,18 @@ def test_the_bake_writes_every_part_a_manifest_of_sha256s_and_prints_its_pin(bak
     manifest = json.loads(manifest_bytes)
     assert manifest["format"] == 1 and manifest["machine"] == artifact.machine(torch.device("cpu"))
     shapes = {entry["part"]: json.loads(entry["key"])[0][0][0] for entry in manifest["parts"]}
-    # one output at 64x64: the UNet sees 2 (guidance) x 9 x 8 x 8, the VAE decodes 1 x 4 x 8 x 8, encodes 1 x 3 x 64 x 64
-    assert shapes == {"unet": [2, 9, 8, 8], "vae.decoder": [1, 4, 8, 8], "vae.encoder": [1, 3, 64, 64]}
+    # two outputs at 64x64 (conftest.run_pipeline's, as test_compiled's compiles: they share Inductor's kernels):
+    # the UNet sees 2 (guidance) x 2 x 9 x 8 x 8, the VAE decodes 1 x 4 x 8 x 8 at a time, encodes 1 x 3 x 64 x 64
+    assert shapes == {"unet": [4, 9, 8, 8], "vae.decoder": [1, 4, 8, 8], "vae.encoder": [1, 3, 64, 64]}
     for name, entry in manifest["files"].items():
         data = (folder / COMPILED / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
     assert any(name.startswith("inductor/") for name in manifest["files"])  # the kernels travel with the parts
 
 
-def _one_output(pipe, fast=None) -> list[np.ndarray]:
-    """One output at 64x64, 3 steps: the shapes the bake compiled."""
-    image, mask = pipeline_inputs()
-    job = pipeline.Generation("a red chair", None, 1, 3, 7.5, 1.0, "DPMSolverMultistep", 3)
-    return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job, fast=fast)[0]]
-
-
 def test_parts_baked_into_the_image_load_at_setup_and_the_first_prediction_is_compiled(baked, tmp_path, caplog):
     folder = _copy(baked, tmp_path)
-    plain = _one_output(pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32))
+    plain = run_pipeline(pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32))
     fast = _fast(tmp_path, folder, artifact_trusted=True)
     with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
         pipe = pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32, fast)
@@ -89,18 +91,18 @@ def test_parts_baked_into_the_image_load_at_setup_and_the_first_prediction_is_co
     for part in fast.compiled_parts:
         part.adopt()  # (as the first prediction would)
         (key,) = part.adopted
-        part.adopted[key] = _Counting(part.adopted[key])
+        part.adopted[key] = Counting(part.adopted[key])
         counting.append(part.adopted[key])
-    first = _one_output(pipe, fast)
-    assert [count.calls for count in counting] == [3, 1, 1]  # every step compiled; one decode, one encode
+    first = run_pipeline(pipe, fast)
+    assert [count.calls for count in counting] == [4, 2, 1]  # every step compiled; each output decoded, one encode
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, first))
     assert [len(part.requested) for part in fast.compiled_parts] == [1, 1, 1]  # nothing more asked for
     fast.stop()
 
 
 def test_unpinned_parts_that_came_in_a_cog_weights_tar_are_ignored_and_the_log_says_why(
-        baked, tmp_path, https, tiny_settings, caplog, monkeypatch):  # noqa: F811
-    https.routes["/weights.tar.gz"] = (200, {}, _tar(baked[0]))
+        baked, tmp_path, https, tiny_settings, caplog, monkeypatch):
+    https.routes["/weights.tar.gz"] = (200, {}, tar_of(baked[0]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # a fresh container's cache: unpacked here
     folder = resolve_weights(f"{https.url}/weights.tar.gz", tiny_settings)
     assert (folder / COMPILED / artifact.MANIFEST).is_file()  # it came with the tar

@@ -21,24 +21,10 @@ from inpaint.config import Settings
 from inpaint.fastpath import FastPath, UNetPart, compiler
 from inpaint.fastpath.compiler import CompiledPart, Compiler
 
-from conftest import ROOT, run_pipeline, tiny_unet, unet_inputs
+from conftest import ROOT, Counting, run_pipeline, tiny_unet, unet_inputs
 
 
 WAIT = 600  # seconds; a cold compile of the tiny UNet takes 20-50 s on a 2-core CPU
-
-
-class _Counting:
-    """Counts the calls that reach a compiled UNet (to see that a prediction used it)."""
-
-    def __init__(self, compiled_unet) -> None:
-        self.compiled_unet, self.calls = compiled_unet, 0
-
-    def guard_check(self, *args, **kwargs):
-        return self.compiled_unet.guard_check(*args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.compiled_unet(*args, **kwargs)
 
 
 def _pipe(tiny_weights, cache_dir):
@@ -56,6 +42,19 @@ def _unet_part(unet, cache_dir=None, **limits) -> CompiledPart:
     part = CompiledPart(unet, "unet", Compiler(), cache_dir, **limits)
     unet.forward = UNetPart(unet, "unet", compiled=part)
     return part
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_inductor_cache(inductor_cache):
+    """Compiles here build Inductor's kernels once per session (conftest.inductor_cache); the children of
+    the compile worker inherit the variable."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
+    yield
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +113,7 @@ def test_predictions_go_on_while_it_compiles_and_the_next_one_uses_it(first_star
     (key,) = worker.requested
     assert worker.sources[key] == "compiled"
     worker.adopt()  # (or the last prediction above did)
-    counting = worker.adopted[key] = _Counting(worker.adopted[key])
+    counting = worker.adopted[key] = Counting(worker.adopted[key])
     second = _run(pipe)
     assert counting.calls == 4  # every one of the 4 steps
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, second))
@@ -134,7 +133,7 @@ def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(firs
     for worker in workers:
         worker.adopt()
         (key,) = worker.adopted
-        counting.append(_Counting(worker.adopted[key]))
+        counting.append(Counting(worker.adopted[key]))
         worker.adopted[key] = counting[-1]
     painted = _run(pipe)
     assert [count.calls for count in counting] == [4, 2, 1]  # 4 steps; each output decoded apart; one image encoded
@@ -164,7 +163,7 @@ def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, ti
     assert worker.wait(WAIT) and list(worker.sources.values()) == ["loaded"]
     worker.adopt()
     (key,) = worker.adopted
-    calls = worker.adopted[key] = _Counting(worker.adopted[key])
+    calls = worker.adopted[key] = Counting(worker.adopted[key])
     worker.reject(key)  # what the UNet's FastPart does when the compiled UNet's graph cannot be recorded
     assert not worker.adopted and worker.sources[key] == "failed"
     assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled again

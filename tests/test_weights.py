@@ -8,9 +8,8 @@ import io
 import json
 import logging
 import os
-import stat
 import shutil
-import ssl
+import stat
 import subprocess
 import sys
 import tarfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from https_server import tar_of
 from inpaint.config import Settings
 from inpaint import weights as weights_module
 from inpaint.weights import (
@@ -271,66 +271,8 @@ def test_settings_parse_booleans_and_numbers():
 # ---------------------------------------------------------------- COG_WEIGHTS archives, over real https
 
 
-class HttpsServer:
-    """A real https server on 127.0.0.1 with a certificate made here (openssl), which clients trust
-    through SSL_CERT_FILE, as a deployment trusts its own CA. Routes: path -> (status, headers, body)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.cert, key = folder / "cert.pem", folder / "key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(self.cert),
-             "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True,
-        )
-        self.routes: dict[str, tuple[int, dict, bytes]] = {}
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.requests.append(self.path)
-                status, headers, body = server.routes.get(self.path.split("?")[0], (404, {}, b"not found"))
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.cert, key)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-
-
-@pytest.fixture
-def https(tmp_path, monkeypatch):
-    server = HttpsServer(tmp_path)
-    monkeypatch.setenv("SSL_CERT_FILE", str(server.cert))
-    yield server
-    server.close()
-
-
-def _tar(folder: Path, arcname: str = "checkpoint", mode: str = "w:gz") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as tar:
-        tar.add(folder, arcname=arcname)
-    return buffer.getvalue()
-
-
 def test_cog_weights_https_tar_is_fetched_unpacked_and_verified(weights_copy, tiny_settings, https, tmp_path):
-    https.routes["/weights.tar.gz"] = (200, {}, _tar(weights_copy))
+    https.routes["/weights.tar.gz"] = (200, {}, tar_of(weights_copy))
     url = f"{https.url}/weights.tar.gz?X-Amz-Signature=secret"
     folder = resolve_weights(url, tiny_settings)
     assert hashlib.sha256((folder / UNET).read_bytes()).digest() == hashlib.sha256((weights_copy / UNET).read_bytes()).digest()
@@ -404,7 +346,7 @@ def test_the_signed_url_stays_out_of_the_setup_logs_that_the_server_hands_out(we
     """Cog's server returns setup logs from GET /health-check: a signed COG_WEIGHTS must not be in them."""
     from cogserver import CogServer
 
-    https.routes["/weights.tar.gz"] = (200, {}, _tar(weights_copy))
+    https.routes["/weights.tar.gz"] = (200, {}, tar_of(weights_copy))
     url = f"{https.url}/weights.tar.gz?X-Amz-Signature=s3cr3tsignature&X-Amz-Credential=AKIAEXAMPLE"
     env = {"SSL_CERT_FILE": str(https.cert), "XDG_CACHE_HOME": str(tmp_path / "server-cache"),
            "INPAINT_WEIGHTS_MANIFEST_SHA256": manifest_pin(weights_copy)}
@@ -603,7 +545,7 @@ def test_each_file_hashed_is_logged_with_its_size_and_the_stamp_is_private(weigh
 
 def test_a_redirect_to_another_https_url_is_followed(weights_copy, tiny_settings, https):
     """The hub answers a file's URL with a redirect to its CDN: an https redirect is followed."""
-    https.routes["/weights.tar.gz"] = (200, {}, _tar(weights_copy))
+    https.routes["/weights.tar.gz"] = (200, {}, tar_of(weights_copy))
     https.routes["/moved.tar.gz"] = (302, {"Location": f"{https.url}/weights.tar.gz"}, b"")
     folder = resolve_weights(f"{https.url}/moved.tar.gz", tiny_settings)
     assert (folder / UNET).read_bytes() == (weights_copy / UNET).read_bytes()

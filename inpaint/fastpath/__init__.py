@@ -28,7 +28,7 @@ from PIL import Image
 
 from .. import cachetrust
 from . import artifact as shipped
-from .compiler import MAX_SHAPES, PARTS, CompiledPart, Compiler, _usable, describe, first
+from .compiler import MAX_SHAPES, PARTS, CompiledPart, Compiler, usable_folder, describe, first
 from .graphs import MAX_KEPT_POSITIONS, MAX_POSITIONS, Graphs
 from .keys import GraphKey, ShapeKey
 
@@ -150,7 +150,7 @@ class FastPath:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.enable_slicing()
         if self.compiler is not None:
-            self.cache_dir = _usable(self.cache_dir)  # one folder for every part (and the artifact's files)
+            self.cache_dir = usable_folder(self.cache_dir)  # one folder for every part (and the artifact's files)
             self._install_artifact(pipe.device)
         modules = {"unet": (pipe.unet, None), "vae.decoder": (pipe.vae.decoder, pipe.vae.config),
                    "vae.encoder": (pipe.vae.encoder, pipe.vae.config)}

@@ -174,7 +174,7 @@ class CompiledPart:
                        if name != "_name_or_path"}
         self.fixed = PARTS[part].fixed
         self.eager = module.forward
-        self.cache_dir = _usable(cache_dir)
+        self.cache_dir = usable_folder(cache_dir)
         self.seal = cachetrust.Seal(self.cache_dir, secret)  # what is saved here is code: sealed, and checked on load
         self.max_shapes = max_shapes
         self.adopted: dict[ShapeKey, Any] = {}  # what calls use; changed only by adopt() and reject()
@@ -339,7 +339,7 @@ def _external(module: torch.nn.Module) -> dict[str, Any]:
     return {"forward": forward, "forward.inner": inspect.unwrap(forward)}
 
 
-def _usable(folder: Path | None) -> Path:
+def usable_folder(folder: Path | None) -> Path:
     """`folder`, made 0700 if needed, when it is this user's own and private (cachetrust) and writable;
     else a private temporary folder (the compiled parts then last as long as this process)."""
     if folder is not None:
