@@ -398,7 +398,7 @@ def _extract(tar: tarfile.TarFile, into: Path, cap: int, max_members: int, deadl
             raise WeightsError(f"the weights archive {shown} unpacks to over {cap:,} bytes (INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES)")
         if time.monotonic() > deadline:
             raise WeightsError(f"the weights archive {shown} took longer than INPAINT_WEIGHTS_ARCHIVE_TIMEOUT allows")
-        tar.extract(member, into, filter="data")  # "data" also refuses absolute paths and names out of the folder
+        tar.extract(member, into, filter="data")  # "data" also refuses names out of the folder; "/x" is unpacked as "x"
 
 
 def _without_url(error: BaseException, url: str) -> str:

@@ -655,3 +655,75 @@ def test_releasing_a_folder_that_is_not_a_view_leaves_it(tmp_path):
         assert user.is_dir() and nested.is_dir()
     finally:
         shutil.rmtree(user)
+
+
+def test_an_archive_of_a_folders_contents_unpacks_at_its_top(weights_copy, tiny_settings, https):
+    """`tar -C weights -czf weights.tar.gz .`: model_index.json at the top of the archive, not in a subfolder."""
+    https.routes["/flat.tar.gz"] = (200, {}, tar_of(weights_copy, arcname="."))
+    folder = resolve_weights(f"{https.url}/flat.tar.gz", tiny_settings)
+    assert (folder / UNET).read_bytes() == (weights_copy / UNET).read_bytes()
+
+
+def test_a_member_that_climbs_out_of_the_folder_is_refused(tiny_settings, https, tmp_path):
+    """A regular file named ../ would be written outside the unpacking folder: tar's "data" filter refuses
+    it. An absolute name loses its leading slash and stays inside. Nothing lands outside either way."""
+    for name in ("checkpoint/../../escaped.txt", f"{tmp_path}/escaped-absolute.txt"):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            member = tarfile.TarInfo(name)
+            member.size = 4
+            tar.addfile(member, io.BytesIO(b"evil"))
+        https.routes[f"/climb-{len(name)}.tar"] = (200, {}, buffer.getvalue())
+        url = f"{https.url}/climb-{len(name)}.tar"
+        expected = (r"could not fetch the weights archive COG_WEIGHTS=.*/climb-\d+.tar \('checkpoint/../../escaped.txt' would "
+                    r"be extracted to '.*', which is outside the destination\)" if ".." in name else "holds no model_index.json")
+        with pytest.raises(WeightsError, match=expected):
+            resolve_weights(url, tiny_settings)
+    cache = Path(os.environ["XDG_CACHE_HOME"])
+    assert not list(cache.parent.glob("escaped*")) and not (tmp_path / "escaped-absolute.txt").exists()
+    assert len(list(cache.rglob("escaped*"))) == 1  # the absolute one, inside its unpacked folder
+
+
+def test_the_member_and_unpacked_limits_hold_up_to_their_last_unit(tiny_settings, https):
+    """1,000 members and a cap reached exactly pass those checks (and then hold no checkpoint); one more
+    member, or a cap one byte lower, is refused."""
+    many = io.BytesIO()
+    with tarfile.open(fileobj=many, mode="w") as tar:
+        for index in range(1000):
+            tar.addfile(tarfile.TarInfo(f"checkpoint/junk-{index}"), io.BytesIO(b""))
+    https.routes["/thousand.tar"] = (200, {}, many.getvalue())
+    with pytest.raises(WeightsError, match="holds no model_index.json"):
+        resolve_weights(f"{https.url}/thousand.tar", tiny_settings)
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w:gz") as tar:
+        for index, size in enumerate((3000, 2000)):
+            member = tarfile.TarInfo(f"checkpoint/part-{index}")
+            member.size = size
+            tar.addfile(member, io.BytesIO(bytes(size)))
+    https.routes["/five.tar.gz"] = (200, {}, packed.getvalue())
+    pin = tiny_settings.weights_manifest_sha256
+    with pytest.raises(WeightsError, match="holds no model_index.json"):
+        resolve_weights(f"{https.url}/five.tar.gz", Settings(weights_manifest_sha256=pin, weights_archive_max_bytes=5000))
+    with pytest.raises(WeightsError, match=r"unpacks to over 4,999 bytes \(INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES\)"):
+        resolve_weights(f"{https.url}/five.tar.gz?again", Settings(weights_manifest_sha256=pin, weights_archive_max_bytes=4999))
+
+
+def test_cog_weights_without_the_checker_files_load_only_with_the_checker_off(weights_copy, tiny_settings):
+    manifest = json.loads((weights_copy / "weights-sha256.json").read_text())
+    shutil.rmtree(weights_copy / "safety_checker")
+    pin = manifest_pin(weights_copy)
+    assert manifest_pin(weights_copy) == pin and "safety_checker/config.json" in manifest
+    with pytest.raises(WeightsError, match="safety_checker/config.json is missing"):
+        resolve_weights(str(weights_copy), Settings(weights_manifest_sha256=pin))
+    assert resolve_weights(str(weights_copy), Settings(weights_manifest_sha256=pin, safety_checker=False)) == weights_copy
+
+
+def test_the_cache_is_under_xdg_cache_home_else_home_dot_cache(monkeypatch, tmp_path):
+    """The XDG Base Directory rule: $XDG_CACHE_HOME, else $HOME/.cache."""
+    from inpaint.weights import cache_root
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "inpaint"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "inpaint"
