@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -278,6 +279,7 @@ def test_cog_weights_https_tar_is_fetched_unpacked_and_verified(weights_copy, ti
     assert hashlib.sha256((folder / UNET).read_bytes()).digest() == hashlib.sha256((weights_copy / UNET).read_bytes()).digest()
     assert resolve_weights(url, tiny_settings) == folder  # unpacked once
     assert len(https.requests) == 1
+    assert stat.S_IMODE((Path(os.environ["XDG_CACHE_HOME"]) / "inpaint").stat().st_mode) == 0o700  # the unpacked weights are private
     with pytest.raises(WeightsError, match="could not fetch the weights archive COG_WEIGHTS=https://127.0.0.1:.*/missing.tar") as error:
         resolve_weights(f"{https.url}/missing.tar?token=secret", tiny_settings)
     assert "secret" not in str(error.value)
@@ -402,8 +404,8 @@ def _hub_env(hub, tmp_path, **settings) -> dict:
             "HF_HOME": str(tmp_path / "hf-home"), **settings}
 
 
-def _with_tiny_manifests(tiny_weights, tmp_path) -> str:
-    """Python lines that point the packaged manifests and configs at the tiny checkpoint's, which stand
+def _tiny_published(tiny_weights, tmp_path) -> tuple[Path, Path]:
+    """Manifests in the packaged ones' form that vouch for the tiny checkpoint's weight files: they stand
     in for the published ones (the real files' bytes are not on this machine)."""
     tiny = json.loads((tiny_weights / "weights-sha256.json").read_text())
     weight_files = {path: entry for path, entry in tiny.items() if path.endswith(".safetensors")}
@@ -411,6 +413,12 @@ def _with_tiny_manifests(tiny_weights, tmp_path) -> str:
     published.write_text(json.dumps({path: entry for path, entry in weight_files.items() if not path.startswith("safety")}))
     safety = tmp_path / "published-safety.json"
     safety.write_text(json.dumps({path: entry for path, entry in weight_files.items() if path.startswith("safety")}))
+    return published, safety
+
+
+def _with_tiny_manifests(tiny_weights, tmp_path) -> str:
+    """Python lines that point the packaged manifests and configs at the tiny checkpoint's."""
+    published, safety = _tiny_published(tiny_weights, tmp_path)
     return f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -511,6 +519,109 @@ def test_a_missing_repository_is_a_clear_error_not_a_hang(hub, tmp_path):
     assert "INPAINT_WEIGHTS_REPO" in result.stderr  # says what to change
     assert time.monotonic() - started < 30
 
+
+
+@pytest.fixture
+def hub_here(hub, tiny_weights, tmp_path, monkeypatch):
+    """`hub` for download_checkpoint called in this process (mutation runs see only this process): the
+    hub client's endpoint constants set as HF_ENDPOINT sets them at import, the packaged manifests and
+    configs pointed at the tiny checkpoint's, and temporary folders (verify_weights' views) kept here."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    published, safety = _tiny_published(tiny_weights, tmp_path)
+    monkeypatch.setattr(weights_module, "PACKAGE_MANIFEST", published)
+    monkeypatch.setattr(weights_module, "SAFETY_MANIFEST", safety)
+    monkeypatch.setattr(weights_module, "REFERENCE", tiny_weights)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return hub
+
+
+def test_a_download_fetches_the_plan_verifies_every_file_each_time_and_leaves_no_view(hub_here, tmp_path, caplog):
+    settings, dest = Settings(), tmp_path / "weights"
+    weight_files = [path for _, _, _, files in weights_module.download_plan(settings) for path in files if path.endswith(".safetensors")]
+    for attempt in (1, 2):
+        caplog.clear()
+        requests = len(hub_here.requests)
+        with caplog.at_level(logging.INFO, logger="inpaint.weights"):
+            assert weights_module.download_checkpoint(settings, dest) == dest
+        for prefix, repo, revision, files in weights_module.download_plan(settings):
+            assert f"downloading {len(files)} files of {repo} at revision {revision} into {dest}" in caplog.messages
+        # What it hands over is verified whole, though the first download's check is remembered.
+        assert sorted(m.split()[3] for m in caplog.messages if m.startswith("verifying sha256 of ")) == sorted(weight_files)
+        assert list((tmp_path / "tmp").iterdir()) == []  # the verified view was released
+        if attempt == 2:
+            assert not [r for r in hub_here.requests[requests:] if r.startswith("GET")]  # nothing fetched again
+    assert _weight_files(dest) == set(weights_module.CONFIG_FILES) | set(weight_files) | {weights_module.SAFETY_CONFIG}
+    assert hub_here.unknown == []
+
+
+def test_a_download_without_the_checker_asks_its_source_for_nothing(hub_here, tmp_path):
+    dest = tmp_path / "weights"
+    weights_module.download_checkpoint(Settings(safety_checker=False), dest)
+    assert not [r for r in hub_here.requests if SAFETY_REPO in r]
+    assert not (dest / "safety_checker").exists()
+
+
+def _failed_download(settings: Settings, dest: Path) -> tuple[str, BaseException]:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(WeightsError) as error:
+        weights_module.download_checkpoint(settings, dest)
+    cause = error.value.__cause__
+    assert isinstance(cause, HfHubHTTPError), cause  # the hub client's own error is kept as the cause
+    return str(error.value), cause
+
+
+def test_what_a_failed_download_says_whole(hub_here, tmp_path):
+    """Each source's error names the first file that failed, the hub client's error (its type and first
+    line) and what to change; the checker's adds the setting that runs without it."""
+    dest = tmp_path / "weights"
+    revision = Settings().weights_revision
+    settings = Settings(safety_repo=SD2_REPO, safety_revision=revision)  # the SD2 mirror has no safety_checker/
+    message, cause = _failed_download(settings, dest)
+    reason = str(cause).strip().splitlines()[0]
+    assert "\n" in str(cause).strip() and reason  # the hub's message has more lines; only the first is shown
+    assert message == (
+        f"could not download {weights_module.SAFETY_CONFIG} from {SD2_REPO} at revision {revision} "
+        f"({type(cause).__name__}: {reason}); check the network and HF_TOKEN, or set INPAINT_SAFETY_REPO and "
+        "INPAINT_SAFETY_REVISION to a source that holds it (with a matching manifest in inpaint/), or turn the "
+        "safety checker off with INPAINT_SAFETY_CHECKER=0"
+    )
+    dest = tmp_path / "other"  # (the first folder holds the SD2 files now: the hub client would not ask for them)
+    message, cause = _failed_download(Settings(weights_repo="test/no-such-repo"), dest)
+    assert message == (
+        f"could not download model_index.json from test/no-such-repo at revision {revision} "
+        f"({type(cause).__name__}: {str(cause).strip().splitlines()[0]}); check the network and HF_TOKEN, or set "
+        "INPAINT_WEIGHTS_REPO and INPAINT_WEIGHTS_REVISION to a source that holds it (with a matching manifest in "
+        f"inpaint/), or put the checkpoint in {dest}"
+    )
+
+
+def test_write_manifest_hashes_every_file_but_itself_and_hidden_ones_in_a_stable_form(tmp_path):
+    """The bytes are what a deployment pins (INPAINT_WEIGHTS_MANIFEST_SHA256), so their form is fixed:
+    sorted paths, two-space JSON, a newline at the end."""
+    folder = tmp_path / "checkpoint"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "weights.safetensors").write_bytes(bytes(range(256)) * 5)
+    (folder / "model_index.json").write_text('{"a": 1}')
+    (folder / ".cache" / "huggingface").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "model_index.json.metadata").write_text("hub client's bookkeeping")
+    (folder / ".lock").write_text("")
+    (folder / "weights-sha256.json").write_text("an earlier manifest")
+    pin = weights_module.write_manifest(folder, "made here")
+    data = (folder / "weights-sha256.json").read_bytes()
+    assert data.decode() == json.dumps({
+        "_source": "made here",
+        "model_index.json": {"sha256": hashlib.sha256(b'{"a": 1}').hexdigest(), "size": 8},
+        "unet/weights.safetensors": {"sha256": hashlib.sha256(bytes(range(256)) * 5).hexdigest(), "size": 1280},
+    }, indent=2) + "\n"
+    assert pin == hashlib.sha256(data).hexdigest() == manifest_pin(folder)
 
 FIX = "run script/download-weights (or set COG_WEIGHTS to a folder or URL holding the checkpoint)"
 
