@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import os
@@ -22,19 +23,19 @@ sys.path.insert(0, str(ROOT / "script"))  # cogserver: the helper that runs Cog'
 from inpaint import inputs as _inputs, pipeline  # noqa: E402
 
 
-_MEASURED: list[str] = []
-
-
 @pytest.fixture
-def report():
-    """Record a measured figure; all of them are printed at the end of the run."""
-    return _MEASURED.append
+def report(record_property):
+    """Record a measured figure; all of them are printed at the end of the run. They travel as the test's
+    report properties, so they reach the summary from pytest-xdist's workers too."""
+    return functools.partial(record_property, "measured")
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _MEASURED:
+    measured = [value for reports in terminalreporter.stats.values() for report in reports
+                if getattr(report, "when", None) == "call" for key, value in report.user_properties if key == "measured"]
+    if measured:
         terminalreporter.section("measured")
-        for line in _MEASURED:
+        for line in measured:
             terminalreporter.write_line(line)
 
 

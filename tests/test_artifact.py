@@ -25,7 +25,9 @@ from https_server import tar_of
 
 WAIT = 900  # seconds: three cold compiles of the tiny model on a 2-core CPU
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs this file and test_compiled.py, in order: their compiles share the
+# session's Inductor cache (conftest.inductor_cache), so test_compiled reuses the bake's kernels.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("inductor")]
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,8 @@ from inpaint.fastpath.compiler import CompiledPart, Compiler
 from conftest import ROOT, Counting, run_pipeline, tiny_unet, unet_inputs
 
 
+pytestmark = pytest.mark.xdist_group("inductor")  # with test_artifact.py, in one worker (see there)
+
 WAIT = 600  # seconds; a cold compile of the tiny UNet takes 20-50 s on a 2-core CPU
 
 
