@@ -543,7 +543,7 @@ def hub_here(hub, tiny_weights, tmp_path, monkeypatch):
 
 
 def test_a_download_fetches_the_plan_verifies_every_file_each_time_and_leaves_no_view(hub_here, tmp_path, caplog):
-    settings, dest = Settings(), tmp_path / "weights"
+    settings, dest = Settings(), tmp_path / "models" / "weights"  # its parent made too
     weight_files = [path for _, _, _, files in weights_module.download_plan(settings) for path in files if path.endswith(".safetensors")]
     for attempt in (1, 2):
         caplog.clear()
@@ -815,8 +815,35 @@ def test_the_member_and_unpacked_limits_hold_up_to_their_last_unit(tiny_settings
     pin = tiny_settings.weights_manifest_sha256
     with pytest.raises(WeightsError, match="holds no model_index.json"):
         resolve_weights(f"{https.url}/five.tar.gz", Settings(weights_manifest_sha256=pin, weights_archive_max_bytes=5000))
-    with pytest.raises(WeightsError, match=r"unpacks to over 4,999 bytes \(INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES\)"):
+    with pytest.raises(WeightsError) as error:
         resolve_weights(f"{https.url}/five.tar.gz?again", Settings(weights_manifest_sha256=pin, weights_archive_max_bytes=4999))
+    assert str(error.value) == (f"the weights archive {https.url}/five.tar.gz (query hidden) unpacks to over 4,999 bytes "
+                                "(INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES)")
+
+
+def test_an_archive_mended_at_the_same_url_is_fetched_again_and_a_broken_one_leaves_nothing(weights_copy, tiny_settings,
+                                                                                           https, caplog):
+    """The archive at a URL first holds no checkpoint, then arrives cut short, then whole: each try downloads
+    it again, a broken one leaves no partial folder, and the whole one replaces what the first left."""
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "inpaint"
+    url, shown = f"{https.url}/weights.tar?X-Amz-Signature=secret", f"{https.url}/weights.tar (query hidden)"
+    notes = io.BytesIO()
+    with tarfile.open(fileobj=notes, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("notes.txt"), io.BytesIO(b""))
+    https.routes["/weights.tar"] = (200, {}, notes.getvalue())
+    with caplog.at_level(logging.INFO, logger="inpaint.weights"), pytest.raises(WeightsError) as error:
+        resolve_weights(url, tiny_settings)
+    assert str(error.value) == f"the archive COG_WEIGHTS={shown} holds no model_index.json"
+    assert caplog.messages == [f"downloading weights archive {shown}"]
+    whole = tar_of(weights_copy)
+    https.routes["/weights.tar"] = (200, {}, whole[: len(whole) // 2])
+    with pytest.raises(WeightsError, match=r"could not fetch the weights archive COG_WEIGHTS=https://127\.0\.0\.1:\d+/weights\.tar \(query hidden\)"):
+        resolve_weights(url, tiny_settings)
+    assert not list(cache.glob("weights-*"))  # the partial unpack was removed
+    https.routes["/weights.tar"] = (200, {}, whole)
+    folder = resolve_weights(url, tiny_settings)
+    assert (folder / UNET).read_bytes() == (weights_copy / UNET).read_bytes()
+    assert len(https.requests) == 3
 
 
 def test_cog_weights_without_the_checker_files_load_only_with_the_checker_off(weights_copy, tiny_settings):
