@@ -40,6 +40,7 @@ FIGURES = {
     "prepost_ms": ("pre/post-processing of a 4096x4096 upload (decode, mask work, crops, paste, PNG encode)", "ms"),
     "speedups_ms": ("pre/post of a 4096x4096 upload with and without each second code path", "ms"),
     "throughput": ("under load through Cog's server (bench/load.py; the run has its clients and inputs)", ""),
+    "test_suite_s": ("the test suite on this project's 2-core CPU machine (tiny random weights)", "s"),
     "concurrency_ips": ("images/s under the same load at each COG_MAX_CONCURRENCY (bench/load.py --concurrency)", ""),
 }
 
