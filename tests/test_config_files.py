@@ -4,6 +4,7 @@ import ast
 import inspect
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -223,3 +224,32 @@ def test_no_comment_or_docstring_in_the_package_quotes_a_timing():
               for line, text in _prose(path.read_text())
               for match in _TIMING.finditer(text)]
     assert not quoted, "\n".join(quoted)
+
+
+def test_the_pinned_test_tools_keep_an_xdist_group_in_one_worker(tmp_path):
+    """script/test runs two workers and keeps test_artifact.py and test_compiled.py in one (their
+    xdist_group) so that the bake runs once and its kernels are reused; with pytest 9.2 and
+    pytest-xdist 3.8 the group is silently ignored (pytest-dev/pytest-xdist#1386). Two files of one
+    group, a module fixture that records each setup, and enough other tests to keep both workers busy."""
+    group = """import os, time, pytest
+pytestmark = pytest.mark.xdist_group("together")
+@pytest.fixture(scope="module")
+def once():
+    with open(os.environ["SETUPS"], "a") as log:
+        log.write(f"{__name__} {os.environ['PYTEST_XDIST_WORKER']}\\n")
+@pytest.mark.parametrize("i", range(4))
+def test_grouped(once, i):
+    time.sleep(0.05)
+"""
+    (tmp_path / "test_one.py").write_text(group)
+    (tmp_path / "test_two.py").write_text(group)
+    (tmp_path / "test_rest.py").write_text(
+        "import time, pytest\n@pytest.mark.parametrize('i', range(16))\ndef test_other(i):\n    time.sleep(0.05)\n")
+    setups = tmp_path / "setups.txt"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
+                             "-q", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SETUPS": str(setups)})
+    assert result.returncode == 0, result.stdout[-2000:]
+    lines = setups.read_text().split()
+    assert sorted(lines[::2]) == ["test_one", "test_two"]  # each module's fixture set up once...
+    assert len(set(lines[1::2])) == 1  # ...and both in the same worker
