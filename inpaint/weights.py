@@ -133,12 +133,9 @@ def manifest_pin(folder: Path) -> str:
     return hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def check_layout(folder: Path, manifest: dict[str, dict]) -> None:
@@ -220,7 +217,7 @@ def verify_weights(folder: Path, *, pin: str = "", force: bool = False, safety_c
         stamp_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=stamp_path.parent, prefix=".stamp-")
         with os.fdopen(fd, "w") as file:
-            json.dump(verified, file, indent=1)
+            json.dump(verified, file)
         os.replace(partial, stamp_path)
     except OSError:
         pass  # no writable cache: the files are simply hashed again next time
@@ -328,7 +325,7 @@ class _Budget:
     def __init__(self, response, max_bytes: int, deadline: float, url: str) -> None:
         self.response, self.max_bytes, self.deadline, self.url, self.read_bytes = response, max_bytes, deadline, url, 0
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int) -> bytes:  # tarfile always asks for a size
         if time.monotonic() > self.deadline:
             raise WeightsError(f"the weights archive {self.url} took longer than INPAINT_WEIGHTS_ARCHIVE_TIMEOUT allows")
         data = self.response.read(size)
@@ -370,7 +367,7 @@ def download_tar(url: str, cache_root: Path, settings: Settings) -> Path:
             with opener.open(url, timeout=60) as response:
                 budget = _Budget(response, cap, deadline, shown)
                 with tarfile.open(fileobj=budget, mode="r|*") as tar:
-                    _extract(tar, tmp, cap, settings.weights_archive_max_members, deadline, shown)
+                    _extract(tar, tmp, cap, settings.weights_archive_max_members, shown)
         except (OSError, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
             shutil.rmtree(tmp, ignore_errors=True)
             raise WeightsError(f"could not fetch the weights archive COG_WEIGHTS={shown} ({_without_url(error, url)})") from None
@@ -385,8 +382,9 @@ def download_tar(url: str, cache_root: Path, settings: Settings) -> Path:
     return root
 
 
-def _extract(tar: tarfile.TarFile, into: Path, cap: int, max_members: int, deadline: float, shown: str) -> None:
-    """Unpack a streamed tar member by member, each checked before it is written."""
+def _extract(tar: tarfile.TarFile, into: Path, cap: int, max_members: int, shown: str) -> None:
+    """Unpack a streamed tar member by member, each checked before it is written (the deadline is
+    _Budget's: every byte of a header or a member's data is read through it)."""
     unpacked = 0
     for count, member in enumerate(tar, start=1):
         if count > max_members:
@@ -396,8 +394,6 @@ def _extract(tar: tarfile.TarFile, into: Path, cap: int, max_members: int, deadl
         unpacked += member.size
         if unpacked > cap:
             raise WeightsError(f"the weights archive {shown} unpacks to over {cap:,} bytes (INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES)")
-        if time.monotonic() > deadline:
-            raise WeightsError(f"the weights archive {shown} took longer than INPAINT_WEIGHTS_ARCHIVE_TIMEOUT allows")
         tar.extract(member, into, filter="data")  # "data" also refuses names out of the folder; "/x" is unpacked as "x"
 
 

@@ -42,6 +42,7 @@ class FakeHub:
             self.repos[repo] = (entry["revision"], files)
         self.requests: list[str] = []
         self.unknown: list[str] = []  # requests for a file, revision or repository the real hub does not have
+        self.hold = lambda path: None  # called with each request's path before it is answered: a slow network
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,6 +69,7 @@ class FakeHub:
             def _route(self, head: bool):
                 path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
                 hub.requests.append(f"{self.command} {path}")
+                hub.hold(path)
                 for repo, (revision, files) in hub.repos.items():
                     for api in (f"/api/models/{repo}/revision/", f"/api/models/{repo}/tree/"):
                         if path.startswith(api):

@@ -285,9 +285,11 @@ def test_cog_weights_https_tar_is_fetched_unpacked_and_verified(weights_copy, ti
     assert "secret" not in str(error.value)
 
 
-def test_plain_http_is_refused(tiny_settings):
-    with pytest.raises(WeightsError, match="COG_WEIGHTS=http://127.0.0.1:9/weights.tar is not an https URL"):
-        resolve_weights("http://127.0.0.1:9/weights.tar", tiny_settings)
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/weights.tar", "file:///etc/passwd"])
+def test_plain_http_and_local_file_urls_are_refused(tiny_settings, url):
+    with pytest.raises(WeightsError) as error:
+        resolve_weights(url, tiny_settings)
+    assert str(error.value) == f"COG_WEIGHTS={url} is not an https URL; serve the weights archive over https"
 
 
 def test_a_redirect_from_https_down_to_http_is_refused(weights_copy, tiny_settings, https):
@@ -472,27 +474,6 @@ def test_download_weights_checks_the_files_against_the_published_manifests(hub, 
     assert hub.unknown == []
 
 
-@pytest.mark.slow
-def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub, tiny_weights, tmp_path):
-    """An empty weights/ is filled at setup from the default sources, checked against the manifests,
-    then loaded; a second setup finds it and downloads nothing."""
-    script = _with_tiny_manifests(tiny_weights, tmp_path) + f"""
-from inpaint.config import Settings
-from inpaint.service import Inpainter
-settings = Settings(weights_dir=Path({str(tmp_path / "weights")!r}))
-assert Inpainter.load(None, settings).safety is not None
-print("loaded")
-"""
-    env = _hub_env(hub, tmp_path)
-    for attempt in (1, 2):
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
-        assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
-        if attempt == 1:
-            requests = len(hub.requests)
-            assert requests > 0 and (tmp_path / "weights" / weights_module.SAFETY_WEIGHTS).is_file()
-    assert len(hub.requests) == requests  # the second setup found the weights: no download at all
-    assert hub.unknown == []
-
 
 def test_a_file_the_source_lacks_is_named_with_the_repository_revision_and_what_to_do(hub, tmp_path):
     """The bug this layout catches: asking the checker's repository for a name it does not have. Here
@@ -566,6 +547,69 @@ def test_a_download_without_the_checker_asks_its_source_for_nothing(hub_here, tm
     weights_module.download_checkpoint(Settings(safety_checker=False), dest)
     assert not [r for r in hub_here.requests if SAFETY_REPO in r]
     assert not (dest / "safety_checker").exists()
+
+
+def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub_here, tmp_path, monkeypatch):
+    """An empty weights/ is filled at setup from the default sources, checked against the manifests,
+    then loaded; a second setup finds it and downloads nothing, though it checks it again."""
+    from PIL import Image
+
+    from inpaint.service import Inpainter
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # (setup sets Pillow's limit)
+    settings = Settings(weights_dir=tmp_path / "models" / "weights")
+    for attempt in (1, 2):
+        requests = len(hub_here.requests)
+        folder = resolve_weights(None, settings)
+        try:  # the published manifests are the anchor: the loaders read a view of the verified files
+            assert folder.parent == tmp_path / "tmp" and (folder / UNET).resolve() == settings.weights_dir / UNET
+        finally:
+            release_view(folder)
+        assert Inpainter.load(None, settings).safety is not None
+        assert list((tmp_path / "tmp").iterdir()) == []
+        if attempt == 1:
+            assert (settings.weights_dir / weights_module.SAFETY_WEIGHTS).is_file()
+    assert len(hub_here.requests) == requests  # the second setup found the weights: no download at all
+    assert hub_here.unknown == []
+
+
+def test_a_failed_download_stops_the_files_not_yet_started(hub_here, tmp_path):
+    """The first file that fails ends the download: the files still queued are not fetched (and the
+    ones under way are waited for, so nothing writes into the folder after the error)."""
+    revision, files = hub_here.repos[SD2_REPO]
+    del files["model_index.json"]  # the first file of the plan is gone from the source
+    release = threading.Event()
+    hub_here.hold = lambda path: path.startswith(f"/{SD2_REPO}/resolve/") and release.wait(30)
+    threading.Timer(2.0, release.set).start()  # the files under way wait for this
+    with pytest.raises(WeightsError, match="could not download model_index.json"):
+        weights_module.download_checkpoint(Settings(), tmp_path / "weights")
+    assert release.is_set()  # the error came after the downloads under way were done
+    asked = {r.split(f"/{SD2_REPO}/resolve/{revision}/")[1] for r in hub_here.requests if f"/{SD2_REPO}/resolve/" in r}
+    plan = weights_module.download_plan(Settings())[0][3]
+    # the four workers' first files, and perhaps the next that the failed file's worker took up at once
+    assert asked in (set(plan[:4]), set(plan[:5])) and len(plan) > 5
+    assert not [r for r in hub_here.requests if SAFETY_REPO in r]  # nor the next source
+
+
+def test_a_compiled_folder_beside_the_weights_is_linked_into_the_view(hub_here, weights_copy):
+    """Compiled parts shipped beside the checkpoint reach the loaders' view (fastpath/artifact.py checks them)."""
+    view = verify_weights(weights_copy)
+    try:
+        assert not (view / weights_module.COMPILED).exists()
+    finally:
+        release_view(view)
+    (weights_copy / weights_module.COMPILED).mkdir()
+    view = verify_weights(weights_copy)
+    try:
+        link = view / weights_module.COMPILED
+        assert link.is_symlink() and link.readlink() == (weights_copy / weights_module.COMPILED).resolve()
+    finally:
+        release_view(view)
+
+
+def test_a_download_error_without_text_still_names_its_type():
+    message = weights_module._download_failed("INPAINT_WEIGHTS", "a/b", "main", "model_index.json", TimeoutError(), Path("/w"))
+    assert message.startswith("could not download model_index.json from a/b at revision main (TimeoutError: ); ")
 
 
 def _failed_download(settings: Settings, dest: Path) -> tuple[str, BaseException]:
