@@ -13,7 +13,9 @@ from pathlib import Path
 
 class HttpsServer:
     """A real https server on 127.0.0.1 with a certificate made here (openssl), which clients trust
-    through SSL_CERT_FILE, as a deployment trusts its own CA. Routes: path -> (status, headers, body)."""
+    through SSL_CERT_FILE, as a deployment trusts its own CA. Routes: path -> (status, headers, body);
+    a body that is not bytes is an iterable of chunks, sent without a length until it ends or the client
+    hangs up (`sent` counts the bytes that went out)."""
 
     def __init__(self, folder: Path) -> None:
         self.cert, key = folder / "cert.pem", folder / "key.pem"
@@ -24,6 +26,7 @@ class HttpsServer:
         )
         self.routes: dict[str, tuple[int, dict, bytes]] = {}
         self.requests: list[str] = []
+        self.sent = 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -36,10 +39,14 @@ class HttpsServer:
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                chunks = [body] if isinstance(body, bytes) else body
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 try:
-                    self.wfile.write(body)
+                    for chunk in chunks:
+                        self.wfile.write(chunk)
+                        server.sent += len(chunk)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 

@@ -285,6 +285,31 @@ def test_cog_weights_https_tar_is_fetched_unpacked_and_verified(weights_copy, ti
     assert "secret" not in str(error.value)
 
 
+def test_weights_resolved_ahead_hand_back_the_future_before_the_download_ends(weights_copy, tiny_settings, https):
+    """Setup's imports run beside the download: the call returns while the archive is still on its way."""
+    gate = threading.Event()
+
+    def held():
+        gate.wait(30)  # (bounded: a call that waited for the download would still end)
+        yield tar_of(weights_copy)
+
+    https.routes["/weights.tar.gz"] = (200, {}, held())
+    future = resolve_weights_ahead(f"{https.url}/weights.tar.gz", tiny_settings)
+    assert not future.done()
+    gate.set()
+    assert (future.result(timeout=60) / "model_index.json").is_file()
+
+
+def test_a_body_that_is_not_an_archive_is_refused_from_its_first_bytes(tiny_settings, https):
+    """The archive is read a buffer at a time through the caps: junk, however long (here endless for
+    all the client can tell), fails as junk from its first bytes, not after it was read whole."""
+    https.routes["/junk.tar"] = (200, {}, (os.urandom(1 << 16) for _ in range(1024)))  # 64 MiB, made as sent
+    with pytest.raises(WeightsError) as error:
+        resolve_weights(f"{https.url}/junk.tar", tiny_settings)
+    assert str(error.value).startswith(f"could not fetch the weights archive COG_WEIGHTS={https.url}/junk.tar (")
+    assert https.sent < 16 << 20
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/weights.tar", "file:///etc/passwd"])
 def test_plain_http_and_local_file_urls_are_refused(tiny_settings, url):
     with pytest.raises(WeightsError) as error:
@@ -549,7 +574,7 @@ def test_a_download_without_the_checker_asks_its_source_for_nothing(hub_here, tm
     assert not (dest / "safety_checker").exists()
 
 
-def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub_here, tmp_path, monkeypatch):
+def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub_here, tmp_path, monkeypatch, caplog):
     """An empty weights/ is filled at setup from the default sources, checked against the manifests,
     then loaded; a second setup finds it and downloads nothing, though it checks it again."""
     from PIL import Image
@@ -560,11 +585,14 @@ def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub_her
     settings = Settings(weights_dir=tmp_path / "models" / "weights")
     for attempt in (1, 2):
         requests = len(hub_here.requests)
-        folder = resolve_weights(None, settings)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="inpaint.weights"):
+            folder = resolve_weights(None, settings)
         try:  # the published manifests are the anchor: the loaders read a view of the verified files
             assert folder.parent == tmp_path / "tmp" and (folder / UNET).resolve() == settings.weights_dir / UNET
         finally:
             release_view(folder)
+        assert any(message.startswith("downloading ") for message in caplog.messages) == (attempt == 1)
         assert Inpainter.load(None, settings).safety is not None
         assert list((tmp_path / "tmp").iterdir()) == []
         if attempt == 1:
