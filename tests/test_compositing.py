@@ -167,6 +167,20 @@ def test_distances_are_stamped_for_a_thin_band_and_transformed_for_a_speckled_ma
         assert np.array_equal(feather.weight, _feather_in_one_transform(region, blur))
 
 
+@pytest.mark.parametrize("forced", ["stamped", "transformed"])
+def test_a_forced_way_to_the_distances_is_taken_whatever_the_cost_model_says(forced):
+    """Tiling.distances forces one way: the tests that compare the two ways must really run both."""
+    stroke = np.zeros((600, 600), bool)
+    stroke[200:260, 50:550] = True  # the cost model stamps this one...
+    speckle = np.random.default_rng(0).random((600, 600)) < 0.5  # ...and transforms this one
+    stamping = compositing._stamped
+    for region in (stroke, speckle):
+        returned = []
+        with mock.patch.object(compositing, "_stamped", lambda *args: returned.append(stamping(*args)) or returned[-1]):
+            feather_mask(region, 8, tiling=Tiling(distances=forced))
+        assert len(returned) == 1 and (returned[0] is not None) == (forced == "stamped")
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.integers(16, 200), st.integers(16, 200), st.integers(8, 96), st.integers(8, 96), st.sampled_from([3, 7, 256]),
