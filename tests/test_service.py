@@ -15,11 +15,14 @@ def _mask(tmp_path, size, boxes):
     return tmp_path / "m.png"
 
 
-def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, tmp_path):
+def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, tmp_path, caplog):
     photo = make_photo(tmp_path / "big.png", (1600, 1200))
     mask = _mask(tmp_path, (1600, 1200), [(700, 500, 760, 580)])
-    result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2), tmp_path)
+    with caplog.at_level("INFO", logger="inpaint.service"):
+        result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2), tmp_path)
     (box,) = result.metrics["crop_boxes"]
+    width, height = result.metrics["working_size"]
+    assert f"working at {width}x{height} on 1 region(s): {[box]}" in caplog.messages  # the prediction's log says so
     left, top, right, bottom = box
     assert left <= 700 - 32 and top <= 500 - 32 and right >= 761 + 32 and bottom >= 581 + 32
     assert (right - left) * (bottom - top) < 0.05 * 1600 * 1200
@@ -82,6 +85,8 @@ def test_setup_logs_where_its_time_went(tiny_weights, tiny_settings, caplog):
     from inpaint.service import Inpainter
 
     with caplog.at_level("INFO", logger="inpaint"):
-        Inpainter.load(str(tiny_weights), tiny_settings)
+        inpainter = Inpainter.load(str(tiny_weights), tiny_settings)
     line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("setup: "))
     assert "weights" in line and "safety checker" in line and "model" in line
+    assert f"loading {tiny_weights} on cpu in float32" in caplog.messages
+    assert inpainter.safety is not None  # the checker is on unless the deployment turns it off
