@@ -1,9 +1,11 @@
 """One prediction through inpaint.service with the tiny model: crops, batches, metrics."""
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image, ImageDraw
 
-from conftest import make_photo
+from conftest import make_mask, make_photo
 from inpaint.inputs import check_inputs
 
 
@@ -29,8 +31,8 @@ def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, t
     width, height = result.metrics["working_size"]
     assert 0.8 < width * height / 512**2 < 1.25  # the crop runs at the model's native area
     assert Image.open(result.paths[0]).size == (1600, 1200)
-    for stage in ("decode", "prepare", "text_encode", "vae_encode", "denoise", "vae_decode", "composite", "encode"):
-        assert stage in result.metrics["timings"]
+    for stage in ("decode", "prepare", "text_encode", "vae_encode", "denoise", "vae_decode", "composite", "safety", "encode"):
+        assert result.metrics["timings"][stage] > 0
     assert 0 < result.metrics["mask_coverage"] < 0.01
 
 
@@ -90,3 +92,36 @@ def test_setup_logs_where_its_time_went(tiny_weights, tiny_settings, caplog):
     assert "weights" in line and "safety checker" in line and "model" in line
     assert f"loading {tiny_weights} on cpu in float32" in caplog.messages
     assert inpainter.safety is not None  # the checker is on unless the deployment turns it off
+
+
+def test_gpu_out_of_memory_fails_with_advice_and_the_next_prediction_succeeds(inpainter, tmp_path, monkeypatch):
+    from inpaint.service import GPUOutOfMemory
+
+    photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
+    released = []
+    monkeypatch.setattr("inpaint.pipeline.release_memory", lambda device, fast=None: released.append(device))
+    unet = inpainter.pipe.unet
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(unet, "forward", out_of_memory)
+    request = check_inputs(seed=1, num_inference_steps=2, num_outputs=4, width=64, height=64)
+    with pytest.raises(GPUOutOfMemory) as error:
+        inpainter.inpaint(photo, mask, request, tmp_path)
+    assert str(error.value) == ("the GPU ran out of memory painting 4 output(s) x 1 region(s) at 64x64; lower "
+                                "num_outputs or width/height and try again")
+    assert released, "memory was not released"
+    monkeypatch.undo()
+    assert len(inpainter.inpaint(photo, mask, request, tmp_path).paths) == 4
+
+
+def test_a_prompt_longer_than_the_model_reads_is_logged_as_cut(inpainter, tmp_path, caplog):
+    photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
+    request = check_inputs(prompt="red " * 100, negative_prompt="blue " * 90, seed=1, num_inference_steps=1, width=64, height=64)
+    with caplog.at_level("WARNING", logger="inpaint.service"):
+        inpainter.inpaint(photo, mask, request, tmp_path)
+    assert [record.getMessage() for record in caplog.records if record.name == "inpaint.service"] == [
+        "prompt is 100 tokens; the model reads only the first 75, the rest is ignored",
+        "negative_prompt is 90 tokens; the model reads only the first 75, the rest is ignored",
+    ]
