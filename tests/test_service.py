@@ -25,6 +25,7 @@ def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, t
     (box,) = result.metrics["crop_boxes"]
     width, height = result.metrics["working_size"]
     assert f"working at {width}x{height} on 1 region(s): {[box]}" in caplog.messages  # the prediction's log says so
+    assert "seed 1" in caplog.messages  # (what a user needs to paint it again)
     left, top, right, bottom = box
     assert left <= 700 - 32 and top <= 500 - 32 and right >= 761 + 32 and bottom >= 581 + 32
     assert (right - left) * (bottom - top) < 0.05 * 1600 * 1200
@@ -125,3 +126,15 @@ def test_a_prompt_longer_than_the_model_reads_is_logged_as_cut(inpainter, tmp_pa
         "prompt is 100 tokens; the model reads only the first 75, the rest is ignored",
         "negative_prompt is 90 tokens; the model reads only the first 75, the rest is ignored",
     ]
+
+
+def test_an_empty_mask_or_no_strength_returns_the_photo_and_the_log_says_why(inpainter, tmp_path, caplog):
+    photo = make_photo(tmp_path / "p.png")
+    empty = _mask(tmp_path, (200, 120), []).rename(tmp_path / "empty.png")
+    whole = _mask(tmp_path, (200, 120), [(0, 0, 199, 119)])
+    for mask, inputs, reason in ((empty, {}, "the mask is empty"), (whole, {"strength": 0.0}, "strength is 0")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="inpaint.service"):
+            result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2, **inputs), tmp_path)
+        assert f"{reason}: returning the image unchanged without running the model" in caplog.messages
+        assert np.array_equal(np.asarray(Image.open(result.paths[0]).convert("RGB")), np.asarray(Image.open(photo).convert("RGB")))
