@@ -22,11 +22,10 @@ class AllOutputsFlagged(Exception):
 
 
 class SafetyChecker:
-    def __init__(self, model, processor, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model, processor, device: torch.device) -> None:
         self.model = model
         self.processor = processor
         self.device = device
-        self.dtype = dtype
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
@@ -40,16 +39,20 @@ class SafetyChecker:
             variant="fp16",
             dtype=dtype,
             use_safetensors=True,
-            local_files_only=True,
+            local_files_only=True,  # pragma: no mutate (tests/test_security.py requires it; see docs/testing.md)
             device_map=device.type,  # straight to the device, no copy in CPU memory first
         )
-        processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor", local_files_only=True)
-        return cls(model.eval(), processor, device, dtype)  # its warm-up is the fast path's (FastPath.warm_up)
+        processor = CLIPImageProcessor.from_pretrained(
+            folder / "feature_extractor",
+            local_files_only=True,  # pragma: no mutate (as above)
+        )
+        return cls(model.eval(), processor, device)  # its warm-up is the fast path's (FastPath.warm_up)
 
     def flags(self, images: list[Image.Image]) -> list[bool]:
         """True for each image the checker flags as potentially NSFW."""
         pixels = self.processor(images=images, return_tensors="pt").pixel_values  # (N, 3, 224, 224)
         placeholders = torch.zeros(len(images))  # one per image: the checker blacks these out, not our images
         with torch.inference_mode():
-            _, flagged = self.model(clip_input=pixels.to(self.device, self.dtype), images=placeholders)
+            # float32 pixels: CLIP's patch embedding casts them to the model's own dtype (fp16 on a GPU)
+            _, flagged = self.model(clip_input=pixels.to(self.device), images=placeholders)
         return [bool(flag) for flag in flagged]

@@ -37,7 +37,7 @@ def top_similarity(checker, images):
     """Each image's highest cosine similarity to the concept embeddings, as the checker computes it."""
     pixels = checker.processor(images=images, return_tensors="pt").pixel_values
     with torch.inference_mode():
-        pooled = checker.model.vision_model(pixels.to(checker.dtype))[1]
+        pooled = checker.model.vision_model(pixels.to(checker.model.dtype))[1]
         cos = cosine_distance(checker.model.visual_projection(pooled), checker.model.concept_embeds)
     return cos.max(dim=1).values.float().numpy()
 
@@ -122,14 +122,14 @@ def test_the_checker_loads_as_asked_and_flags(tiny_weights):
     finally:
         root.setLevel(levels[0])
         module.setLevel(levels[1])
-    assert (checker.device, checker.dtype) == (torch.device("cpu"), torch.float32)
+    assert (checker.device, checker.model.dtype) == (torch.device("cpu"), torch.float32)
     assert not checker.model.training and next(checker.model.parameters()).dtype == torch.float32
     assert checker.flags([Image.new("RGB", (64, 48), "white"), Image.new("RGB", (30, 90), "red")]) == [False, False]
     with thresholds(checker, -2.0):  # a cosine similarity is above -2 always: everything flagged
         assert checker.flags([Image.new("RGB", (64, 48), "white")]) == [True]
     half = SafetyChecker.load(tiny_weights, torch.device("cpu"), torch.float16)
-    assert next(half.model.parameters()).dtype == torch.float16 and half.dtype == torch.float16
-    assert half.flags([Image.new("RGB", (64, 48), "white")]) == [False]  # its input in its own dtype
+    assert next(half.model.parameters()).dtype == torch.float16 and half.model.dtype == torch.float16
+    assert half.flags([Image.new("RGB", (64, 48), "white")]) == [False]  # float32 pixels, cast by CLIP itself
 
 
 def test_the_checker_never_unpickles_weights(tiny_weights, tmp_path):
