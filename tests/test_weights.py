@@ -601,19 +601,26 @@ def test_setup_downloads_into_an_empty_weights_folder_verifies_and_loads(hub_her
     assert hub_here.unknown == []
 
 
-def test_a_failed_download_stops_the_files_not_yet_started(hub_here, tmp_path):
+def test_a_failed_download_stops_the_files_not_yet_started(hub_here, tmp_path, monkeypatch):
     """The first file that fails ends the download: the files still queued are not fetched (and the
     ones under way are waited for, so nothing writes into the folder after the error)."""
     revision, files = hub_here.repos[SD2_REPO]
     del files["model_index.json"]  # the first file of the plan is gone from the source
-    release = threading.Event()
-    # every other file of the source waits (the one that fails answers at once)
+    release, finished = threading.Event(), []
+    # every other file of the source waits (the one that fails answers at once) until the pool is shut down
     hub_here.hold = lambda path: (path.startswith(f"/{SD2_REPO}/resolve/") and not path.endswith("/model_index.json")
-                                  and release.wait(30))
-    threading.Timer(2.0, release.set).start()  # the files under way wait for this
+                                  and release.wait(30) and finished.append(path))
+
+    class Pool(weights_module.ThreadPoolExecutor):
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            super().shutdown(wait=False, cancel_futures=cancel_futures)  # whatever the code cancels, it cancels first
+            release.set()  # then the files under way go on, whatever the machine's speed
+            super().shutdown(wait=wait)
+
+    monkeypatch.setattr(weights_module, "ThreadPoolExecutor", Pool)
     with pytest.raises(WeightsError, match="could not download model_index.json"):
         weights_module.download_checkpoint(Settings(), tmp_path / "weights")
-    assert release.is_set()  # the error came after the downloads under way were done
+    assert release.is_set() and finished  # the error came after the downloads under way were done
     asked = {r.split(f"/{SD2_REPO}/resolve/{revision}/")[1] for r in hub_here.requests if f"/{SD2_REPO}/resolve/" in r}
     plan = weights_module.download_plan(Settings())[0][3]
     # the four workers' first files, and perhaps the next that the failed file's worker took up at once
