@@ -6,6 +6,7 @@ real server, and the tiles' blending as a property of the public geometry and co
 
 import hashlib
 import io
+import time
 
 import numpy as np
 import pytest
@@ -236,6 +237,22 @@ def test_same_seed_same_bytes_when_tiled(strip, inpainter):
     assert list(map(digest, first.paths)) == list(map(digest, again.paths))
     other = inpainter.inpaint(photo_path, None, request(outpaint_down=160, seed=2), folder / "c")
     assert digest(other.paths[0]) != digest(first.paths[0])
+
+
+def test_a_tiled_prediction_logs_its_tiles_and_times_its_pixel_work_apart_from_the_model(inpainter, tmp_path, caplog):
+    """The log names the tiles; "composite" holds the crops and pastes between the model's calls, not
+    the model's own time again: the stages add up to no more than the prediction took."""
+    photo_path = make_photo(tmp_path / "wide.png", (1600, 120))
+    start = time.perf_counter()
+    with caplog.at_level("INFO", logger="inpaint.service"):
+        result = inpainter.inpaint(photo_path, None, request(outpaint_down=160), tmp_path)
+    took = time.perf_counter() - start
+    boxes, (width, height) = result.metrics["crop_boxes"], result.metrics["working_size"]
+    assert result.metrics["tiled"] and len(boxes) >= 3
+    assert f"working at {width}x{height} on {len(boxes)} tile(s), one after another: {boxes}" in caplog.messages
+    timings = result.metrics["timings"]
+    assert timings["composite"] > 0 and timings["denoise"] > 0
+    assert sum(timings.values()) <= took + 0.001 * len(timings), (timings, took)  # each rounded to 0.1 ms
 
 
 def test_safety_flags_attach_to_the_output_whose_tile_was_flagged(inpainter, monkeypatch, tmp_path):
