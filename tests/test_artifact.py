@@ -183,24 +183,6 @@ def test_a_harmed_artifact_is_refused_before_anything_is_copied(baked, tmp_path,
     assert not list(cache.iterdir())
 
 
-def test_the_service_trusts_only_the_images_own_folder_without_a_pin(baked, tmp_path, tiny_settings, monkeypatch):
-    from PIL import Image
-
-    from inpaint.config import Settings
-    from inpaint.service import Inpainter
-
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # setup sets Pillow's guard: put it back after
-
-    folder = _copy(baked, tmp_path)
-    from_cog_weights = Inpainter.load(str(folder), tiny_settings)
-    assert from_cog_weights.fast.artifact == (folder / COMPILED, False, "")
-    from_image = Inpainter.load(None, Settings.from_env({
-        "INPAINT_WEIGHTS_DIR": str(folder), "INPAINT_WEIGHTS_MANIFEST_SHA256": tiny_settings.weights_manifest_sha256,
-        "INPAINT_COMPILED_MANIFEST_SHA256": "ab" * 32}))
-    assert from_image.fast.artifact == (folder / COMPILED, True, "ab" * 32)
-    assert not from_image.fast.enabled and not from_image.fast.shipped  # the CPU: the fast path is off
-
-
 def test_the_view_of_a_checkpoint_links_its_compiled_parts(baked, tmp_path):
     folder = _copy(baked, tmp_path)
     own = read_manifest(folder, pin=hashlib.sha256((folder / "weights-sha256.json").read_bytes()).hexdigest())

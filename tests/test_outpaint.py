@@ -151,8 +151,29 @@ def test_strength_below_one_starts_from_the_fill_and_zero_returns_it(inpainter, 
 
 
 def test_no_mask_and_no_margins_on_an_opaque_photo_is_still_an_error(inpainter, tmp_path):
-    with pytest.raises(ValueError, match="mask is missing"):
+    with pytest.raises(ValueError) as error:
         inpainter.inpaint(make_photo(tmp_path / "p.png"), None, request(), tmp_path)
+    assert str(error.value) == (
+        "mask is missing: give a mask (white = repaint, black = keep), or an image whose transparent pixels "
+        "mark the region to repaint, or outpaint_* margins"
+    )
+
+
+def test_without_a_mask_alpha_below_128_is_repainted_and_the_log_says_what_is(inpainter, tmp_path, caplog):
+    """Half-transparent counts from alpha 127 down; strength 0 returns the canvas, after the mask is read."""
+    rgba = np.asarray(Image.open(make_photo(tmp_path / "p.png", (160, 96))).convert("RGBA")).copy()
+    rgba[10:40, 10:50, 3] = 127  # 1,200 pixels repainted
+    rgba[50:80, 90:130, 3] = 128  # 1,200 kept
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    with caplog.at_level("INFO", logger="inpaint.service"):
+        result = inpainter.inpaint(tmp_path / "alpha.png", None, request(strength=0.0), tmp_path)
+        assert result.metrics["mask_coverage"] == round(1200 / (160 * 96), 4)
+        assert "no mask given: repainting the image's transparent pixels" in caplog.messages
+        caplog.clear()
+        result = inpainter.inpaint(make_photo(tmp_path / "p.png", (160, 96)), None,
+                                   request(strength=0.0, outpaint_up=24), tmp_path)
+        assert result.metrics["mask_coverage"] == round(24 / 120, 4)  # the margin alone
+        assert "no mask given: painting the outpainting margins only" in caplog.messages
 
 
 @pytest.mark.parametrize(

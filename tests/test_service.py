@@ -1,5 +1,9 @@
 """One prediction through inpaint.service with the tiny model: crops, batches, metrics."""
 
+import dataclasses
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +36,10 @@ def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, t
     width, height = result.metrics["working_size"]
     assert 0.8 < width * height / 512**2 < 1.25  # the crop runs at the model's native area
     assert Image.open(result.paths[0]).size == (1600, 1200)
-    for stage in ("decode", "prepare", "text_encode", "vae_encode", "denoise", "vae_decode", "composite", "safety", "encode"):
-        assert result.metrics["timings"][stage] > 0
+    stages = ("decode", "prepare", "queue", "text_encode", "vae_encode", "denoise", "vae_decode", "safety", "composite",
+              "encode")
+    assert set(result.metrics["timings"]) == set(stages)  # these, and no others
+    assert all(result.metrics["timings"][stage] > 0 for stage in stages if stage != "queue")  # no one waited
     assert 0 < result.metrics["mask_coverage"] < 0.01
 
 
@@ -85,14 +91,77 @@ def test_a_large_mask_keeps_every_pixel_beyond_the_feather(inpainter, tmp_path):
 
 
 def test_setup_logs_where_its_time_went(tiny_weights, tiny_settings, caplog):
+    from inpaint.fastpath import FastPath
+    from inpaint.safety import SafetyChecker
     from inpaint.service import Inpainter
 
     with caplog.at_level("INFO", logger="inpaint"):
         inpainter = Inpainter.load(str(tiny_weights), tiny_settings)
-    line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("setup: "))
-    assert "weights" in line and "safety checker" in line and "model" in line
+    [line] = [message for message in caplog.messages if message.startswith("setup: ")]
+    assert re.fullmatch(r"setup: weights \d+\.\d s, safety checker \d+\.\d s, model \d+\.\d s", line), line
     assert f"loading {tiny_weights} on cpu in float32" in caplog.messages
-    assert inpainter.safety is not None  # the checker is on unless the deployment turns it off
+    assert isinstance(inpainter.safety, SafetyChecker)  # the checker is on unless the deployment turns it off
+    assert isinstance(inpainter.fast, FastPath) and not inpainter.fast.enabled  # the service owns it; off on the CPU
+    assert inpainter.healthy()
+
+
+def test_setup_with_the_checker_turned_off_says_so_and_loads_none(tiny_weights, tiny_settings, caplog):
+    from inpaint.service import Inpainter
+
+    with caplog.at_level("INFO", logger="inpaint"):
+        inpainter = Inpainter.load(str(tiny_weights), dataclasses.replace(tiny_settings, safety_checker=False))
+    assert inpainter.safety is None
+    assert ("the safety checker is off for this deployment (INPAINT_SAFETY_CHECKER=0): no output is checked, and "
+            "the disable_safety_checker input has no effect") in caplog.messages
+    [line] = [message for message in caplog.messages if message.startswith("setup: ")]
+    assert re.fullmatch(r"setup: weights \d+\.\d s, model \d+\.\d s", line), line
+
+
+def test_setup_trusts_shipped_compiled_parts_only_from_the_images_own_folder(tiny_weights, tiny_settings, tmp_path):
+    """Compiled parts are code (docs/fast-path.md): those beside COG_WEIGHTS are loaded only with a pin,
+    those in the image's own weights folder without one. Setup hands the fast path the folder and the
+    verdict; on a GPU the fast path acts on them (test_artifact.py, with a real bake)."""
+    from inpaint.config import Settings
+    from inpaint.service import Inpainter
+    from inpaint.weights import COMPILED, resolve_weights_ahead
+
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    assert Inpainter.load(str(folder), tiny_settings).fast.artifact == (None, False, "")  # none shipped
+    (folder / COMPILED).mkdir()
+    assert Inpainter.load(str(folder), tiny_settings).fast.artifact == (folder / COMPILED, False, "")
+    ahead = resolve_weights_ahead(str(folder), tiny_settings)  # as startup passes it: the image's own, or not
+    assert Inpainter.load(ahead, tiny_settings, from_image=True).fast.artifact == (folder / COMPILED, True, "")
+    pinned = Settings.from_env({"INPAINT_WEIGHTS_DIR": str(folder), "INPAINT_COMPILED_MANIFEST_SHA256": "ab" * 32,
+                                "INPAINT_WEIGHTS_MANIFEST_SHA256": tiny_settings.weights_manifest_sha256})
+    assert Inpainter.load(None, pinned).fast.artifact == (folder / COMPILED, True, "ab" * 32)
+
+
+def test_a_sticky_gpu_error_leaves_the_service_unhealthy_and_refusing(inpainter, tmp_path, monkeypatch, caplog):
+    """torch's own message for a CUDA error that poisons the process (tests/faulty_predict.py): the
+    service reports unhealthy from then on, and refuses each request with what to do."""
+    from faulty_predict import CUDA_FAULT
+    from inpaint import pipeline
+    from inpaint.service import DeviceFailed, Inpainter
+
+    def faulty(*args, **kwargs):
+        raise RuntimeError(CUDA_FAULT)
+
+    monkeypatch.setattr(pipeline, "generate", faulty)
+    served = Inpainter(inpainter.pipe, inpainter.settings, inpainter.safety, inpainter.fast)
+    photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
+    assert served.healthy()
+    with caplog.at_level("ERROR", logger="inpaint.service"), pytest.raises(RuntimeError, match="illegal memory access"):
+        served.inpaint(photo, mask, check_inputs(num_inference_steps=2), tmp_path)
+    assert not served.healthy()
+    assert caplog.messages == ["the GPU failed beyond recovery (an illegal memory access was encountered): this "
+                               "container now reports UNHEALTHY"]
+    with pytest.raises(DeviceFailed) as refused:
+        served.inpaint(photo, mask, check_inputs(num_inference_steps=2), tmp_path)
+    assert str(refused.value) == (
+        "this container's GPU failed beyond recovery earlier (an illegal memory access was encountered) and it "
+        "reports UNHEALTHY; send the request to another replica, or restart the container"
+    )
 
 
 def test_gpu_out_of_memory_fails_with_advice_and_the_next_prediction_succeeds(inpainter, tmp_path, monkeypatch):
