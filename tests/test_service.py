@@ -147,13 +147,22 @@ def test_a_sticky_gpu_error_leaves_the_service_unhealthy_and_refusing(inpainter,
     def faulty(*args, **kwargs):
         raise RuntimeError(CUDA_FAULT)
 
-    monkeypatch.setattr(pipeline, "generate", faulty)
+    def failing(*args, **kwargs):
+        raise RuntimeError("a failure the GPU recovers from")
+
+    released = []
+    monkeypatch.setattr(pipeline, "release_memory", lambda device, fast=None: released.append((device, fast)))
+    monkeypatch.setattr(pipeline, "generate", failing)
     served = Inpainter(inpainter.pipe, inpainter.settings, inpainter.safety, inpainter.fast)
     photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
-    assert served.healthy()
+    with pytest.raises(RuntimeError, match="recovers"):
+        served.inpaint(photo, mask, check_inputs(num_inference_steps=2), tmp_path)
+    assert served.healthy() and released == [(inpainter.pipe.device, inpainter.fast)]  # memory handed back
+    monkeypatch.setattr(pipeline, "generate", faulty)
     with caplog.at_level("ERROR", logger="inpaint.service"), pytest.raises(RuntimeError, match="illegal memory access"):
         served.inpaint(photo, mask, check_inputs(num_inference_steps=2), tmp_path)
     assert not served.healthy()
+    assert len(released) == 1  # after a sticky error every CUDA call fails: none is made
     assert caplog.messages == ["the GPU failed beyond recovery (an illegal memory access was encountered): this "
                                "container now reports UNHEALTHY"]
     with pytest.raises(DeviceFailed) as refused:
@@ -169,21 +178,40 @@ def test_gpu_out_of_memory_fails_with_advice_and_the_next_prediction_succeeds(in
 
     photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
     released = []
-    monkeypatch.setattr("inpaint.pipeline.release_memory", lambda device, fast=None: released.append(device))
+    monkeypatch.setattr("inpaint.pipeline.release_memory", lambda device, fast=None: released.append((device, fast)))
     unet = inpainter.pipe.unet
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(unet, "forward", out_of_memory)
-    request = check_inputs(seed=1, num_inference_steps=2, num_outputs=4, width=64, height=64)
+    request = check_inputs(seed=1, num_inference_steps=2, num_outputs=4, width=128, height=64)
     with pytest.raises(GPUOutOfMemory) as error:
         inpainter.inpaint(photo, mask, request, tmp_path)
-    assert str(error.value) == ("the GPU ran out of memory painting 4 output(s) x 1 region(s) at 64x64; lower "
+    assert str(error.value) == ("the GPU ran out of memory painting 4 output(s) x 1 region(s) at 128x64; lower "
                                 "num_outputs or width/height and try again")
-    assert released, "memory was not released"
+    assert released == [(inpainter.pipe.device, inpainter.fast)], "memory was not released"
     monkeypatch.undo()
     assert len(inpainter.inpaint(photo, mask, request, tmp_path).paths) == 4
+
+
+def test_the_empty_negative_prompt_is_encoded_once_then_reused(inpainter, tmp_path):
+    """Without a negative prompt, the text encoder runs for the prompt alone once the empty one's
+    embedding is made (pipeline.EmptyPrompt; test_differential.py checks it is diffusers' own)."""
+    from inpaint.service import Inpainter
+
+    served = Inpainter(inpainter.pipe, inpainter.settings, inpainter.safety, inpainter.fast)  # nothing cached yet
+    photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
+    encoded = []
+    hook = inpainter.pipe.text_encoder.register_forward_hook(lambda module, args, output: encoded.append(1))
+    try:
+        for negative_prompt in (None, None, "blurry"):
+            served.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=1, width=64, height=64,
+                                                     negative_prompt=negative_prompt), tmp_path)
+            encoded.append("|")
+    finally:
+        hook.remove()
+    assert "".join(map(str, encoded)) == "11|1|11|"  # prompt and empty; prompt; prompt and negative prompt
 
 
 def test_a_prompt_longer_than_the_model_reads_is_logged_as_cut(inpainter, tmp_path, caplog):
