@@ -3,6 +3,7 @@
 import dataclasses
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -24,8 +25,10 @@ def _mask(tmp_path, size, boxes):
 def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, tmp_path, caplog):
     photo = make_photo(tmp_path / "big.png", (1600, 1200))
     mask = _mask(tmp_path, (1600, 1200), [(700, 500, 760, 580)])
+    start = time.perf_counter()
     with caplog.at_level("INFO", logger="inpaint.service"):
         result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2), tmp_path)
+    took = time.perf_counter() - start
     (box,) = result.metrics["crop_boxes"]
     width, height = result.metrics["working_size"]
     assert f"working at {width}x{height} on 1 region(s): {[box]}" in caplog.messages  # the prediction's log says so
@@ -40,6 +43,7 @@ def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, t
               "encode")
     assert set(result.metrics["timings"]) == set(stages)  # these, and no others
     assert all(result.metrics["timings"][stage] > 0 for stage in stages if stage != "queue")  # no one waited
+    assert sum(result.metrics["timings"].values()) <= took + 0.001 * len(stages)  # no stage counted twice
     assert 0 < result.metrics["mask_coverage"] < 0.01
 
 

@@ -47,6 +47,22 @@ def test_each_limit_setting_reaches_the_service(inpainter, tmp_path, variable, v
         _predict(inpainter, {variable: value}, tmp_path, photo, mask, **inputs)
 
 
+def test_the_working_limits_allow_exactly_their_value_and_name_it_when_refused(inpainter, tmp_path):
+    photo, mask = _files(tmp_path)
+    size = {"width": 256, "height": 128}  # 32,768 pixels
+    _predict(inpainter, {"INPAINT_MAX_WORKING_PIXELS": "32768"}, tmp_path, photo, mask, **size)
+    with pytest.raises(ValueError) as refused:
+        _predict(inpainter, {"INPAINT_MAX_WORKING_PIXELS": "32767"}, tmp_path, photo, mask, **size)
+    assert str(refused.value) == ("width x height = 256x128 = 32,768 pixels is over this deployment's limit of 32,767; "
+                                  "lower width and height")
+    batch = {"num_outputs": 3, **size}  # 3 x 1 region x 32,768
+    _predict(inpainter, {"INPAINT_MAX_BATCH_PIXELS": "98304"}, tmp_path, photo, mask, **batch)
+    with pytest.raises(ValueError) as refused:
+        _predict(inpainter, {"INPAINT_MAX_BATCH_PIXELS": "98303"}, tmp_path, photo, mask, **batch)
+    assert str(refused.value) == ("num_outputs x regions x working size = 3 x 1 x 256x128 = 98,304 pixels is over this "
+                                  "deployment's limit of 98,303; lower num_outputs, or width and height")
+
+
 def test_the_pixel_limit_setting_sets_pillows_own_guard(inpainter, tiny_weights, tiny_settings):
     before = Image.MAX_IMAGE_PIXELS
     try:
