@@ -44,6 +44,7 @@ def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, t
     assert set(result.metrics["timings"]) == set(stages)  # these, and no others
     assert all(result.metrics["timings"][stage] > 0 for stage in stages if stage != "queue")  # no one waited
     assert sum(result.metrics["timings"].values()) <= took + 0.001 * len(stages)  # no stage counted twice
+    assert all(round(seconds, 4) == seconds for seconds in result.metrics["timings"].values())  # to 0.1 ms
     assert 0 < result.metrics["mask_coverage"] < 0.01
 
 
@@ -199,6 +200,16 @@ def test_gpu_out_of_memory_fails_with_advice_and_the_next_prediction_succeeds(in
     assert len(inpainter.inpaint(photo, mask, request, tmp_path).paths) == 4
 
 
+def test_a_file_that_is_no_image_is_named_as_the_input_it_came_in(inpainter, tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
+    for image_path, mask_path, name in ((junk, mask, "image"), (photo, junk, "mask")):
+        with pytest.raises(ValueError) as refused:
+            inpainter.inpaint(image_path, mask_path, check_inputs(seed=1, num_inference_steps=1), tmp_path)
+        assert str(refused.value).startswith(f"{name} "), str(refused.value)
+
+
 def test_the_empty_negative_prompt_is_encoded_once_then_reused(inpainter, tmp_path):
     """Without a negative prompt, the text encoder runs for the prompt alone once the empty one's
     embedding is made (pipeline.EmptyPrompt; test_differential.py checks it is diffusers' own)."""
@@ -238,4 +249,5 @@ def test_an_empty_mask_or_no_strength_returns_the_photo_and_the_log_says_why(inp
         with caplog.at_level("INFO", logger="inpaint.service"):
             result = inpainter.inpaint(photo, mask, check_inputs(seed=1, num_inference_steps=2, **inputs), tmp_path)
         assert f"{reason}: returning the image unchanged without running the model" in caplog.messages
+        assert result.metrics["mask_coverage"] == (0.0 if mask == empty else 1.0)
         assert np.array_equal(np.asarray(Image.open(result.paths[0]).convert("RGB")), np.asarray(Image.open(photo).convert("RGB")))
