@@ -32,7 +32,7 @@ def test_small_mask_in_a_large_photo_works_on_a_crop_at_native_size(inpainter, t
     (box,) = result.metrics["crop_boxes"]
     width, height = result.metrics["working_size"]
     assert f"working at {width}x{height} on 1 region(s): {[box]}" in caplog.messages  # the prediction's log says so
-    assert "seed 1" in caplog.messages  # (what a user needs to paint it again)
+    assert "seed 1" in caplog.messages and result.metrics["seed"] == 1  # (what a user needs to paint it again)
     left, top, right, bottom = box
     assert left <= 700 - 32 and top <= 500 - 32 and right >= 761 + 32 and bottom >= 581 + 32
     assert (right - left) * (bottom - top) < 0.05 * 1600 * 1200
@@ -210,6 +210,18 @@ def test_a_file_that_is_no_image_is_named_as_the_input_it_came_in(inpainter, tmp
         assert str(refused.value).startswith(f"{name} "), str(refused.value)
 
 
+def test_output_quality_reaches_the_lossy_encoders(inpainter, tmp_path):
+    photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
+    for output_format in ("jpg", "webp"):
+        sizes = []
+        for quality in (10, 95):
+            request = check_inputs(seed=1, num_inference_steps=1, output_format=output_format, output_quality=quality)
+            out = tmp_path / f"{output_format}-{quality}"
+            out.mkdir()
+            sizes.append(inpainter.inpaint(photo, mask, request, out).paths[0].stat().st_size)
+        assert sizes[0] < sizes[1], (output_format, sizes)
+
+
 def test_the_empty_negative_prompt_is_encoded_once_then_reused(inpainter, tmp_path):
     """Without a negative prompt, the text encoder runs for the prompt alone once the empty one's
     embedding is made (pipeline.EmptyPrompt; test_differential.py checks it is diffusers' own)."""
@@ -238,6 +250,11 @@ def test_a_prompt_longer_than_the_model_reads_is_logged_as_cut(inpainter, tmp_pa
         "prompt is 100 tokens; the model reads only the first 75, the rest is ignored",
         "negative_prompt is 90 tokens; the model reads only the first 75, the rest is ignored",
     ]
+    caplog.clear()
+    request = check_inputs(prompt="red " * 75, seed=1, num_inference_steps=1, width=64, height=64)
+    with caplog.at_level("WARNING", logger="inpaint.service"):
+        inpainter.inpaint(photo, mask, request, tmp_path)
+    assert not caplog.records  # 75 tokens: all read
 
 
 def test_an_empty_mask_or_no_strength_returns_the_photo_and_the_log_says_why(inpainter, tmp_path, caplog):
