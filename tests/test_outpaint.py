@@ -272,8 +272,14 @@ def test_a_tiled_prediction_logs_its_tiles_and_times_its_pixel_work_apart_from_t
     assert result.metrics["tiled"] and len(boxes) >= 3
     assert f"working at {width}x{height} on {len(boxes)} tile(s), one after another: {boxes}" in caplog.messages
     timings = result.metrics["timings"]
+    assert set(timings) == {"decode", "prepare", "queue", "text_encode", "vae_encode", "denoise", "vae_decode", "safety",
+                            "composite", "encode"}
     assert timings["composite"] > 0 and timings["denoise"] > 0
     assert sum(timings.values()) <= took + 0.001 * len(timings), (timings, took)  # each rounded to 0.1 ms
+    # each tile its own seed, the next one up: from the largest seed the next ones wrap round to 0
+    (tmp_path / "top").mkdir()
+    top = inpainter.inpaint(photo_path, None, request(outpaint_down=160, seed=2**64 - 1), tmp_path / "top")
+    assert top.metrics["seed"] == 2**64 - 1 and len(top.paths) == 1
 
 
 def test_safety_flags_attach_to_the_output_whose_tile_was_flagged(inpainter, monkeypatch, tmp_path):
