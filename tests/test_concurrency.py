@@ -192,9 +192,15 @@ def test_a_cancelled_request_stops_between_steps_and_frees_the_device(inpainter,
         check()
 
     token.check = counting_check
-    with pytest.raises(Cancelled):
-        inpainter.inpaint(photo, mask, _request(num_inference_steps=50), tmp_path, token)
+    denoised = []
+    hook = inpainter.pipe.unet.register_forward_hook(lambda module, args, output: denoised.append(1))
+    try:
+        with pytest.raises(Cancelled):
+            inpainter.inpaint(photo, mask, _request(num_inference_steps=50), tmp_path, token)
+    finally:
+        hook.remove()
     assert len(steps) <= 4  # a check before the model, then one per step: stopped at the second step
+    assert len(denoised) <= 2  # not the 50 steps asked for
     assert inpainter.device.waiting == 0
     assert inpainter.inpaint(photo, mask, _request(), tmp_path).paths  # the device was released
 
