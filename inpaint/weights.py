@@ -162,10 +162,11 @@ def check_layout(folder: Path, manifest: dict[str, dict]) -> None:
                 )
 
 
-def _stamp_path(folder: Path, manifest: dict[str, dict]) -> Path:
-    """Where the verification of `folder` against `manifest` is remembered: in this container's cache,
-    outside the folder (a folder cannot vouch for itself), keyed by the folder's resolved path and the manifest."""
-    key = hashlib.sha256(f"{folder.resolve()}\0{json.dumps(manifest, sort_keys=True)}".encode()).hexdigest()[:32]
+def _stamp_path(folder: Path) -> Path:
+    """Where the verification of `folder` is remembered: in this container's cache, outside the folder
+    (a folder cannot vouch for itself), keyed by the folder's resolved path. Each file's record names
+    the sha256 it was checked against, so a manifest that names another one has the file hashed again."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
     return cache_root() / "verified" / f"{key}.json"
 
 
@@ -185,7 +186,7 @@ def verify_weights(folder: Path, *, pin: str = "", force: bool = False, safety_c
     check_layout(folder, manifest)
     if not safety_checker:
         manifest = {path: entry for path, entry in manifest.items() if not path.startswith("safety_checker/")}
-    stamp_path = _stamp_path(folder, manifest)
+    stamp_path = _stamp_path(folder)
     try:
         stamp = {} if force else json.loads(stamp_path.read_text())
     except (OSError, ValueError):

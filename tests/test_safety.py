@@ -7,6 +7,7 @@ everything, or exactly the images whose similarity lies above a chosen value.
 import contextlib
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,30 @@ def test_the_checker_never_unpickles_weights(tiny_weights, tmp_path):
     torch.save(weights, folder / "pytorch_model.fp16.bin")
     with pytest.raises(OSError, match="safetensors"):
         SafetyChecker.load(tmp_path / "w", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("gone", ["safety_checker", "feature_extractor"])
+def test_the_checker_never_asks_a_hub_for_a_folder_that_is_gone(tiny_weights, tmp_path, monkeypatch, gone):
+    """A relative folder name such as weights/safety_checker reads like a hub repository id. If the folder
+    is gone by the time the checker loads, the loaders must fail on the spot, not fetch that repository
+    (here a stand-in hub that records every request, reached as HF_ENDPOINT reaches the real one)."""
+    from huggingface_hub import constants
+
+    from fakehub import FakeHub
+
+    hub = FakeHub({})
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    shutil.copytree(tiny_weights, tmp_path / "weights")
+    shutil.rmtree(tmp_path / "weights" / gone)
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(OSError) as raised:
+            SafetyChecker.load(Path("weights"), torch.device("cpu"), torch.float32)
+    finally:
+        hub.close()
+    # huggingface_hub's own agent registry (utils/_detect_agent.py) is fetched whenever it builds request
+    # headers, local lookups included; what matters is that no repository was asked for
+    assert [request for request in hub.requests if request != "GET /api/agent-harnesses"] == []

@@ -195,6 +195,18 @@ def test_a_forged_stamp_does_not_skip_hashing(weights_copy):
         verify_weights(weights_copy, pin=pin)
 
 
+def test_a_stamp_vouches_only_for_the_sha256_it_checked(weights_copy):
+    """After a successful check, a newly pinned manifest that names another sha256 for the same,
+    untouched file has it hashed again, and refused: the stamp remembers what the file was checked
+    against, not only that it was checked."""
+    verify_weights(weights_copy, pin=manifest_pin(weights_copy))
+    manifest = json.loads((weights_copy / "weights-sha256.json").read_text())
+    manifest[UNET]["sha256"] = "0" * 64
+    (weights_copy / "weights-sha256.json").write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError, match=f"{UNET} is corrupt: sha256 [0-9a-f]{{64}} does not match the manifest's {'0' * 64}"):
+        verify_weights(weights_copy, pin=manifest_pin(weights_copy))
+
+
 def test_truncated_file_is_caught_by_size(weights_copy):
     path = weights_copy / UNET
     path.write_bytes(path.read_bytes()[:100])
