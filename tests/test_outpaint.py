@@ -260,9 +260,22 @@ def test_same_seed_same_bytes_when_tiled(strip, inpainter):
     assert digest(other.paths[0]) != digest(first.paths[0])
 
 
-def test_a_tiled_prediction_logs_its_tiles_and_times_its_pixel_work_apart_from_the_model(inpainter, tmp_path, caplog):
-    """The log names the tiles; "composite" holds the crops and pastes between the model's calls, not
-    the model's own time again: the stages add up to no more than the prediction took."""
+def test_a_tiled_prediction_logs_its_tiles_and_times_its_pixel_work_apart_from_the_model(inpainter, tmp_path, caplog,
+                                                                                           monkeypatch):
+    """The log names the tiles; each of the model's stages sums its time over the tiles; "composite"
+    holds the crops and pastes between the model's calls, not the model's own time again: the stages
+    add up to no more than the prediction took."""
+    from inpaint import pipeline
+
+    calls, generate = [], pipeline.generate
+
+    def timed(pipe, crops, masks, job, timings, *args, **kwargs):  # each tile's own model stages, as generate timed them
+        try:
+            return generate(pipe, crops, masks, job, timings, *args, **kwargs)
+        finally:
+            calls.append(dict(timings))
+
+    monkeypatch.setattr(pipeline, "generate", timed)
     photo_path = make_photo(tmp_path / "wide.png", (1600, 120))
     start = time.perf_counter()
     with caplog.at_level("INFO", logger="inpaint.service"):
@@ -276,6 +289,9 @@ def test_a_tiled_prediction_logs_its_tiles_and_times_its_pixel_work_apart_from_t
                             "composite", "encode"}
     assert timings["composite"] > 0 and timings["denoise"] > 0
     assert sum(timings.values()) <= took + 0.001 * len(timings), (timings, took)  # each rounded to 0.1 ms
+    assert len(calls) == len(boxes)
+    for stage in ("text_encode", "vae_encode", "denoise", "vae_decode"):
+        assert timings[stage] == round(sum(call.get(stage, 0.0) for call in calls), 4), (stage, calls)
     # each tile its own seed, the next one up: from the largest seed the next ones wrap round to 0
     (tmp_path / "top").mkdir()
     top = inpainter.inpaint(photo_path, None, request(outpaint_down=160, seed=2**64 - 1), tmp_path / "top")
