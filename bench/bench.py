@@ -562,6 +562,17 @@ def _unet_replays(pipe, device: torch.device, calls: int = 51) -> str:
     return f"{calls} UNet replays {1000 * watch.read()['replays']:.0f} ms"
 
 
+def _graph_memory(fast_path) -> tuple[str, float | None]:
+    """The UNet's CUDA graphs kept (fastpath/graphs.py): a line, and the GiB their pools hold."""
+    part = fast_path.parts.get("unet")
+    if part is None or part.graphs is None or part.graphs.max_kept_bytes is None:
+        return "none recorded", None
+    graphs = part.graphs
+    held = graphs.kept_bytes() / 2**30
+    kept = sum(1 for entry in graphs.graphs.values() if hasattr(entry, "graph"))
+    return f"{kept}, {held:.2f} GiB of their {graphs.max_kept_bytes / 2**30:.2f} GiB budget", round(held, 3)
+
+
 def _psnr(a: Image.Image, b: Image.Image) -> float:
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
@@ -1061,6 +1072,8 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
         if row:
             rows.append(row)
             _progress(" | ".join(rows[-1]))
+    graph_memory = _graph_memory(fast_path)
+    _progress(f"CUDA graphs after the shapes: {graph_memory[0]}")
     del reference
     _free_cache(device)
     if memory_shape:
@@ -1094,11 +1107,13 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
         "during_compile_ms": _by_label(levers, "compile=background (the default), while"),
         "cold_start_s": _number(cold) if not tiny else None,
         "safety_ms": _number(safety),
+        "graphs_gib": graph_memory[1],
     }
     report = (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median after a warm-up; "
             "ours is the fast path uncompiled (as before its compiled UNet is ready; compiled: the lever table):\n\n") + table(
         ["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], rows
-    ) + (f"\n\nCold start, process start to READY through Cog's server, weights on local disk: {cold}"
+    ) + (f"\n\nCUDA graphs kept after those shapes: {graph_memory[0]}"
+         f"\n\nCold start, process start to READY through Cog's server, weights on local disk: {cold}"
          f"\n\nSafety checker added time: {safety}"
          f"\n\nLevers one at a time, {'64x64' if tiny else '512x512'} x1, {steps} steps, our prediction path, "
          f"median ms (ratio to the default fast path; under 1 is faster):\n\n"

@@ -36,6 +36,7 @@ FIGURES = {
     "http_e2e_ms": ("a 512x512 prediction at the client, through Cog's HTTP server", "ms"),
     "cold_start_s": ("cold start to READY, weights on local disk", "s"),
     "safety_ms": ("safety checker, one output", "ms"),
+    "graphs_gib": ("GPU memory the UNet's CUDA graphs hold after the shapes above (bounded by a budget)", "GiB"),
     "load_s": ("model load on the CPU, full-size weights, fp32", "s"),
     "prepost_ms": ("pre/post-processing of a 4096x4096 upload (decode, mask work, crops, paste, PNG encode)", "ms"),
     "speedups_ms": ("pre/post of a 4096x4096 upload with and without each second code path", "ms"),

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 
 from inpaint import pipeline
 from inpaint.fastpath import FastPath, Graphs, GraphKey, ShapeKey, UNetPart, plain_kwargs
-from inpaint.fastpath.graphs import _Failed, _Graph, make_room
+from inpaint.fastpath.graphs import KEPT_MEMORY_FRACTION, _Failed, _Graph, make_room, pool_bytes
 
 from conftest import run_pipeline, tiny_unet, unet_inputs
 
@@ -40,13 +40,18 @@ def test_on_the_cpu_every_call_runs_eagerly(tiny_weights):
 
 
 def test_the_least_recently_used_graphs_make_room_for_a_new_one():
+    """The budget is in bytes, as each graph's pool measured them, not in latent positions."""
+    mib = 2**20
     a, b, c = _key(64, 64), _key(96, 96), _key(64, 80)
-    kept = OrderedDict([(a, _Graph(None, (), None)), (b, _Failed(3)), (c, _Graph(None, (), None))])
-    make_room(kept, 2 * 64 * 64, limit=4 * 2 * 64 * 64)  # 8192 + 10240 kept: 8192 more fit
+    kept = OrderedDict([(a, _Graph(None, (), None, 300 * mib)), (b, _Failed(3)), (c, _Graph(None, (), None, 200 * mib))])
+    graphs = Graphs(max_kept_bytes=1000 * mib)
+    graphs.graphs = kept
+    assert graphs.kept_bytes() == 500 * mib  # b runs eagerly and holds nothing
+    make_room(kept, 500 * mib, limit=1000 * mib)  # exactly fits
     assert list(kept) == [a, b, c]
-    make_room(kept, 2 * 128 * 128, limit=6 * 2 * 64 * 64)  # needs 32768 of 49152: a goes (b holds no graph)
+    make_room(kept, 501 * mib, limit=1000 * mib)  # a goes (b holds no graph, so the room is made by a alone)
     assert list(kept) == [b, c]
-    make_room(kept, 2 * 128 * 128, limit=2 * 128 * 128)
+    make_room(kept, 1000 * mib, limit=1000 * mib)
     assert not kept
 
 
@@ -74,7 +79,7 @@ def test_only_empty_extra_inputs_are_replayable():
 
 
 def test_cpu_calls_and_calls_beyond_the_limits_get_no_graph():
-    graphs = Graphs(max_positions=2 * 64 * 64, max_kept_positions=4 * 64 * 64)
+    graphs = Graphs(max_positions=2 * 64 * 64)
     with torch.inference_mode():
         assert not graphs.replayable(ShapeKey.of(torch.zeros(2, 9, 8, 8)))  # the CPU
         assert not graphs.replayable(_key(64, 65).shape)  # a CUDA call over max_positions
@@ -107,19 +112,35 @@ def test_replays_compute_what_eager_computes_for_fresh_inputs(tiny_weights):
 
 
 @pytest.mark.gpu
-def test_one_graph_per_shape_and_the_oldest_is_dropped(tiny_weights):
+def test_one_graph_per_shape_and_the_oldest_is_dropped_to_keep_their_memory_under_the_budget(tiny_weights):
     unet = tiny_unet(tiny_weights, "cuda", torch.float16)
-    graphed = _graphed(unet, max_kept_positions=2 * 8 * 8 + 2 * 16 * 16)
+    graphed = _graphed(unet)
+    graphs = graphed.graphs
     with torch.inference_mode():
-        for size in (8, 16, 8, 12):  # 12 does not fit beside 8 and 16: 16, used least recently, goes
-            sample, timestep, states = unet_inputs(unet, "cuda", size=size)
+        def call(size, batch=2):
+            sample, timestep, states = unet_inputs(unet, "cuda", batch=batch, size=size)
             unet(sample, timestep, encoder_hidden_states=states)
-        assert [key.shape.shape[-1] for key in graphed.graphs.graphs] == [8, 12]
-        big = unet_inputs(unet, "cuda", batch=2, size=32)
-        unet(big[0], big[1], encoder_hidden_states=big[2])  # over the limit: eager, nothing recorded
-        assert len(graphed.graphs.graphs) == 2
-    graphed.graphs.clear()
-    assert not graphed.graphs.graphs
+
+        call(8)
+        call(16)
+        # each graph's size is its pool's, as the allocator reports it
+        sizes = {key.shape.shape[-1]: entry.bytes for key, entry in graphs.graphs.items()}
+        assert all(size > 0 for size in sizes.values())
+        assert sizes == {key.shape.shape[-1]: pool_bytes(entry.graph) for key, entry in graphs.graphs.items()}
+        # the default budget is a fraction of the GPU's memory
+        assert graphs.max_kept_bytes == int(torch.cuda.get_device_properties(0).total_memory * KEPT_MEMORY_FRACTION)
+        graphs.max_kept_bytes = sizes[8] + sizes[16]  # exactly these two
+        call(8)
+        call(12)  # does not fit beside both: 16, used least recently, goes first
+        shapes = [key.shape.shape[-1] for key in graphs.graphs]
+        assert shapes[-1] == 12 and 16 not in shapes and graphs.kept_bytes() <= graphs.max_kept_bytes
+        call(72, batch=8)  # over max_positions (8 x 72 x 72 latents): eager, nothing recorded
+        assert [key.shape.shape[-1] for key in graphs.graphs] == shapes
+        graphs.max_kept_bytes = 1  # no graph fits: the next shape runs eagerly, and is tried again later
+        call(20)
+        assert isinstance(graphs.graphs[next(key for key in graphs.graphs if key.shape.shape[-1] == 20)], _Failed)
+    graphs.clear()
+    assert not graphs.graphs
 
 
 @pytest.mark.gpu

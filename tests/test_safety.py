@@ -163,7 +163,7 @@ def test_the_checker_never_asks_a_hub_for_a_folder_that_is_gone(tiny_weights, tm
     shutil.rmtree(tmp_path / "weights" / gone)
     monkeypatch.chdir(tmp_path)
     try:
-        with pytest.raises(OSError) as raised:
+        with pytest.raises(OSError):
             SafetyChecker.load(Path("weights"), torch.device("cpu"), torch.float32)
     finally:
         hub.close()

@@ -207,6 +207,25 @@ def test_a_stamp_vouches_only_for_the_sha256_it_checked(weights_copy):
         verify_weights(weights_copy, pin=manifest_pin(weights_copy))
 
 
+def test_each_folder_keeps_its_own_stamp_and_a_wider_check_is_remembered(weights_copy, tmp_path, monkeypatch):
+    """Two folders verified one after the other are each remembered; a check that adds the safety
+    checker's files to what a folder's stamp holds hashes those files alone, and is remembered too."""
+    other = tmp_path / "other"
+    shutil.copytree(weights_copy, other)
+    pin = manifest_pin(weights_copy)
+    verify_weights(weights_copy, pin=pin, safety_checker=False)
+    verify_weights(other, pin=pin)
+    hashed, real = [], weights_module.sha256_file
+    monkeypatch.setattr(weights_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+    verify_weights(weights_copy, pin=pin, safety_checker=False)
+    assert hashed == []  # the other folder's check did not replace this one's
+    verify_weights(weights_copy, pin=pin)  # now with the checker: its files alone are hashed
+    assert {path.relative_to(weights_copy).parts[0] for path in hashed} == {"safety_checker"}
+    hashed.clear()
+    verify_weights(weights_copy, pin=pin)
+    assert hashed == []
+
+
 def test_truncated_file_is_caught_by_size(weights_copy):
     path = weights_copy / UNET
     path.write_bytes(path.read_bytes()[:100])

@@ -29,7 +29,7 @@ from PIL import Image
 from .. import cachetrust
 from . import artifact as shipped
 from .compiler import MAX_SHAPES, PARTS, CompiledPart, Compiler, usable_folder, describe, first
-from .graphs import MAX_KEPT_POSITIONS, MAX_POSITIONS, Graphs
+from .graphs import MAX_POSITIONS, Graphs
 from .keys import GraphKey, ShapeKey
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class FastPath:
 
     def __init__(self, enabled: bool = True, compile: str = "off", cuda_graphs: bool = True,
                  cache_dir: Path | None = None, secret: str = "", max_shapes: int = MAX_SHAPES,
-                 max_graph_positions: int = MAX_POSITIONS, max_kept_graph_positions: int = MAX_KEPT_POSITIONS,
+                 max_graph_positions: int = MAX_POSITIONS, max_kept_graph_bytes: int | None = None,
                  artifact: Path | None = None, artifact_trusted: bool = False, artifact_pin: str = "") -> None:
         """`artifact`: compiled parts shipped with the weights (artifact.py), used when `artifact_trusted`
         (baked into the image) or when its manifest's sha256 is `artifact_pin`."""
@@ -128,7 +128,7 @@ class FastPath:
         self.cache_dir = cache_dir
         self.secret = secret
         self.max_shapes = max_shapes
-        self.graph_limits = (max_graph_positions, max_kept_graph_positions)
+        self.graph_limits = (max_graph_positions, max_kept_graph_bytes)
         self.compiler = Compiler() if enabled and compile != "off" else None
         self.parts: dict[str, FastPart] = {}  # "unet", "vae.decoder", "vae.encoder", as installed
         self.artifact = (artifact, artifact_trusted, artifact_pin)

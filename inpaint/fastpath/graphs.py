@@ -8,6 +8,7 @@ the same kernels on the same memory, so the same numbers.
 The first call at a new key runs eagerly (its result is that call's result) and then records the
 graph, which costs no GPU work; every later call at that key copies its inputs into the graph's own
 buffers and replays it. A key whose recording fails runs eagerly for a while and is then tried again.
+The graphs kept are bounded by the GPU memory their pools hold, measured as each is recorded.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from .keys import GraphKey, ShapeKey
 
 log = logging.getLogger(__name__)
 
-# Largest batch x height x width of latents that gets a graph: a graph keeps its own memory for the
-# UNet's intermediates, and at 1024x1024 x4 (batch 8 at 128x128) the GPU is busy long enough that
-# launches no longer matter. 2 x 128 x 128 covers one output at up to 1024x1024 and four at 512x512.
+# Largest batch x height x width of latents that gets a graph: at 1024x1024 x4 (batch 8 at 128x128)
+# the GPU is busy long enough that launches no longer matter. 2 x 128 x 128 covers one output at up
+# to 1024x1024 and four at 512x512.
 MAX_POSITIONS = 2 * 128 * 128
-# Latent positions the kept graphs may add up to, least recently used dropped first. A graph's memory
-# grows with its positions (measured on an H100: 0.5 GiB held beyond the allocations at 512x512 x1,
-# 2x64x64 positions): this keeps eight graphs of the automatic working sizes (about 512x512 in area,
-# a few aspect ratios), or two at 1024x1024 x1, rather than one per size ever seen.
-MAX_KEPT_POSITIONS = 8 * 2 * 64 * 64
+# The GPU memory the kept graphs may hold together, as a fraction of the GPU's, least recently used
+# dropped first. Each graph holds a private pool for the UNet's intermediates (bench/RESULTS.md,
+# "Fast path parts", CUDA graphs: about half a GiB at 512x512 x1), measured when it is recorded; on an
+# 80 GB GPU this keeps a graph for every automatic working size, and on a 16 GB one a few.
+KEPT_MEMORY_FRACTION = 1 / 8
 # Calls a key whose recording failed runs eagerly before it is recorded again (two 50-step
 # predictions): a failure from a passing cause (memory held by a neighbour, say) is not for good.
 RETRY_AFTER_CALLS = 100
@@ -43,6 +44,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
+    bytes: int = 0  # the GPU memory its pool holds
 
 
 @dataclass
@@ -51,26 +53,31 @@ class _Failed:
 
 
 class Graphs:
-    """The CUDA graphs of one part's calls, least recently used dropped first to stay under
-    `max_kept_positions`. Safe to call from several threads (one records or replays at a time)."""
+    """The CUDA graphs of one part's calls, least recently used dropped first to keep their memory under
+    `max_kept_bytes` (None: KEPT_MEMORY_FRACTION of the GPU's). Safe to call from several threads (one
+    records or replays at a time)."""
 
-    def __init__(self, max_positions: int = MAX_POSITIONS, max_kept_positions: int = MAX_KEPT_POSITIONS,
+    def __init__(self, max_positions: int = MAX_POSITIONS, max_kept_bytes: int | None = None,
                  retry_after_calls: int = RETRY_AFTER_CALLS) -> None:
         self.max_positions = max_positions
-        self.max_kept_positions = max_kept_positions
+        self.max_kept_bytes = max_kept_bytes
         self.retry_after_calls = retry_after_calls
         self.graphs: OrderedDict[GraphKey, _Graph | _Failed] = OrderedDict()
         self._lock = threading.Lock()
 
     def replayable(self, key: ShapeKey) -> bool:
         """Whether calls of `key` may get a graph: CUDA tensors only, no autograd, not inside another
-        capture, and no larger than the limits."""
+        capture, and no larger than max_positions."""
         return (
             all(device.startswith("cuda") for *_, device in key.inputs)
             and not torch.is_grad_enabled()
-            and key.positions() <= min(self.max_positions, self.max_kept_positions)
+            and key.positions() <= self.max_positions
             and not torch.cuda.is_current_stream_capturing()
         )
+
+    def kept_bytes(self) -> int:
+        """The GPU memory the kept graphs hold together."""
+        return sum(entry.bytes for entry in self.graphs.values() if isinstance(entry, _Graph))
 
     def run(self, key: GraphKey, call: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, bool]:
         """`call(*inputs)`, replayed from the graph of `key`, or computed and then recorded; and False
@@ -102,11 +109,16 @@ class Graphs:
         output.record_stream(current)  # made on the side stream, used and freed on the current one
         for stale in [other for other in self.graphs if other.shape == key.shape]:  # the same call, recorded from the other part
             del self.graphs[stale]
-        make_room(self.graphs, key.shape.positions(), self.max_kept_positions)
+        if self.max_kept_bytes is None:
+            self.max_kept_bytes = int(torch.cuda.get_device_properties(device).total_memory * KEPT_MEMORY_FRACTION)
         try:
             entry = _Graph(torch.cuda.CUDAGraph(), tuple(value.clone() for value in inputs), output)
             with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
                 entry.output = call(*entry.inputs)
+            entry.bytes = pool_bytes(entry.graph)
+            if entry.bytes > self.max_kept_bytes:
+                raise MemoryError(f"its pool holds {entry.bytes / 2**30:.2f} GiB, over the "
+                                  f"{self.max_kept_bytes / 2**30:.2f} GiB all graphs may hold")
         except Exception as error:  # a kernel that cannot be recorded: that key runs eagerly for a while
             if key.compiled:  # the caller goes back to the uncompiled part, whose graph is recorded next call
                 log.warning("CUDA graph of the compiled %s not recorded (%s: %s); that shape goes back to the "
@@ -116,8 +128,10 @@ class Graphs:
                             "then recording is tried again", key.shape, type(error).__name__, error, self.retry_after_calls)
                 self.graphs[key] = _Failed(self.retry_after_calls)
             return output, False
+        make_room(self.graphs, entry.bytes, self.max_kept_bytes)
         self.graphs[key] = entry
-        log.info("CUDA graph recorded for %s %s", "compiled" if key.compiled else "eager", key.shape)
+        log.info("CUDA graph recorded for %s %s (%.2f GiB; %d kept, %.2f GiB)", "compiled" if key.compiled else "eager",
+                 key.shape, entry.bytes / 2**30, len(self.graphs), self.kept_bytes() / 2**30)
         return output, True
 
     def clear(self) -> None:
@@ -126,11 +140,16 @@ class Graphs:
             self.graphs.clear()
 
 
-def make_room(graphs: OrderedDict[GraphKey, _Graph | _Failed], positions: int, limit: int) -> None:
-    """Drop the least recently used graphs until one of `positions` more fits under `limit` (a key that
+def pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
+    """The GPU memory a recorded graph's private pool holds: the segments the allocator reports for it."""
+    return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot(graph.pool(), include_traces=False))
+
+
+def make_room(graphs: OrderedDict[GraphKey, _Graph | _Failed], size: int, limit: int) -> None:
+    """Drop the least recently used graphs until one of `size` bytes more fits under `limit` (a key that
     runs eagerly holds no graph and counts 0)."""
     def kept() -> int:
-        return sum(key.shape.positions() for key, entry in graphs.items() if isinstance(entry, _Graph))
+        return sum(entry.bytes for entry in graphs.values() if isinstance(entry, _Graph))
 
-    while graphs and kept() + positions > limit:
+    while graphs and kept() + size > limit:
         graphs.popitem(last=False)
