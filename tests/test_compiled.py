@@ -156,8 +156,11 @@ def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir
     assert worker.adopted and "uses the compiled UNet for latents 4x9x8x8" in caplog.text
 
 
-def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, tiny_weights, cache_dir):
-    pipe, _, first, _ = first_start
+def test_a_rejected_compiled_unet_is_set_aside_and_taken_up_again_by_a_later_prediction(first_start, tiny_weights,
+                                                                                            cache_dir, caplog):
+    """Rejected (its CUDA graph could not be recorded), the compiled UNet is not used for the calls of
+    its wait, nor compiled again; then it is handed over, and the next prediction takes it up whole."""
+    pipe, plain, first, _ = first_start
     assert pipe[1].compiled_parts[0].wait(WAIT)
     later = _pipe(tiny_weights, cache_dir)
     _run(later)
@@ -166,10 +169,15 @@ def test_a_rejected_compiled_unet_is_not_used_or_asked_for_again(first_start, ti
     worker.adopt()
     (key,) = worker.adopted
     calls = worker.adopted[key] = Counting(worker.adopted[key])
-    worker.reject(key)  # what the UNet's FastPart does when the compiled UNet's graph cannot be recorded
-    assert not worker.adopted and worker.sources[key] == "failed"
-    assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # uncompiled again
-    assert calls.calls == 0 and worker._pending == 0
+    worker.reject(key, retry_after_calls=4)  # what the UNet's FastPart does when the compiled UNet's graph cannot be recorded
+    assert not worker.adopted and key in worker.set_aside
+    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+        assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # its 4 UNet calls uncompiled
+        assert calls.calls == 0 and worker._pending == 0 and not worker.adopted and not worker.set_aside
+        assert "the compiled UNet for latents 4x9x8x8 is handed over again, after its CUDA graph failed" in caplog.text
+        again = _run(later)
+    assert calls.calls == 4 and list(worker.adopted) == [key] and worker.sources[key] == "loaded"
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, again))
 
 
 def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_start, tiny_weights, cache_dir, caplog, monkeypatch):

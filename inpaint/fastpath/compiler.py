@@ -44,6 +44,7 @@ import torch
 from .. import cachetrust
 from ..config import REPO_ROOT
 from ..stopwatch import Stopwatch
+from .graphs import RETRY_AFTER_CALLS
 from .keys import ShapeKey
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ class CompiledPart:
         self.cache_dir = usable_folder(cache_dir)
         self.seal = cachetrust.Seal(self.cache_dir, secret)  # what is saved here is code: sealed, and checked on load
         self.max_shapes = max_shapes
-        self.adopted: dict[ShapeKey, Any] = {}  # what calls use; changed only by adopt() and reject()
+        self.adopted: dict[ShapeKey, Any] = {}  # what calls use; changed only by adopt(), reject() and its retry
+        self.set_aside: dict[ShapeKey, list] = {}  # rejected: [function, calls left before it is tried again]
         self.ready: dict[ShapeKey, Any] = {}  # handed over by the worker, adopted at the next prediction
         self.requested: set[ShapeKey] = set()
         self.seconds: dict[ShapeKey, float] = {}  # how long each shape took to compile or load
@@ -192,16 +194,35 @@ class CompiledPart:
         the worker is asked for it)."""
         compiled = self.adopted.get(key)
         if compiled is None:
+            if key in self.set_aside:
+                return self._retry(key)
             self.request(key)
         return compiled
 
-    def reject(self, key: ShapeKey) -> None:
-        """Stop using the compiled part for calls of `key` (its CUDA graph could not be recorded, say); that
-        shape runs uncompiled from then on and is not compiled again."""
+    def reject(self, key: ShapeKey, retry_after_calls: int = RETRY_AFTER_CALLS) -> None:
+        """Stop using the compiled part for calls of `key` for a while (its CUDA graph could not be
+        recorded, say): that shape runs uncompiled for the next `retry_after_calls` calls, then the
+        compiled part is handed over again for the next prediction to take up, since the cause may
+        pass (memory held by a neighbour)."""
         with self._state:
-            self.adopted.pop(key, None)
-            self.ready.pop(key, None)
-            self.sources[key] = "failed"
+            adopted, ready = self.adopted.pop(key, None), self.ready.pop(key, None)
+            compiled = adopted if adopted is not None else ready
+            if compiled is not None:
+                self.set_aside[key] = [compiled, retry_after_calls]
+
+    def _retry(self, key: ShapeKey) -> None:
+        """A call of a set-aside key, which runs uncompiled; the last one of its wait hands the compiled
+        function over again (taken up by the next prediction, never half-way through one)."""
+        with self._state:
+            entry = self.set_aside.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self.set_aside[key]
+            self.ready[key] = entry[0]
+        log.info("the compiled %s is handed over again, after its CUDA graph failed", describe(self.part, key))
 
     def request(self, key: ShapeKey, over_limit: bool = False) -> None:
         """Have the worker compile (or load) this part for calls of `key`, once; beyond `max_shapes` keys

@@ -122,7 +122,8 @@ class Graphs:
         except Exception as error:  # a kernel that cannot be recorded: that key runs eagerly for a while
             if key.compiled:  # the caller goes back to the uncompiled part, whose graph is recorded next call
                 log.warning("CUDA graph of the compiled %s not recorded (%s: %s); that shape goes back to the "
-                            "uncompiled part", key.shape, type(error).__name__, error)
+                            "uncompiled part for the next %d calls, then the compiled one is tried again", key.shape,
+                            type(error).__name__, error, RETRY_AFTER_CALLS)
             else:
                 log.warning("CUDA graph at %s not recorded (%s: %s); that shape runs eagerly for the next %d calls, "
                             "then recording is tried again", key.shape, type(error).__name__, error, self.retry_after_calls)
