@@ -142,8 +142,11 @@ class Graphs:
 
 
 def pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
-    """The GPU memory a recorded graph's private pool holds: the segments the allocator reports for it."""
-    return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot(graph.pool(), include_traces=False))
+    """The GPU memory a recorded graph's private pool holds: the allocator's segments of that pool (as
+    torch's own cudagraph_trees finds them)."""
+    pool = tuple(graph.pool())
+    return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot(include_traces=False)
+               if tuple(segment["segment_pool_id"]) == pool)
 
 
 def make_room(graphs: OrderedDict[GraphKey, _Graph | _Failed], size: int, limit: int) -> None:
