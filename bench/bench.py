@@ -444,10 +444,11 @@ def run_cpu(runs: int) -> tuple[str, dict]:
 # ---------------------------------------------------------------- GPU comparison
 
 
-def _inputs(size: int):
-    image = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-    mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).ellipse((size // 5, size // 6, size * 4 // 5, size * 2 // 3), fill=255)
+def _inputs(size: int, height: int | None = None):
+    width, height = size, height or size
+    image = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).ellipse((width // 5, height // 6, width * 4 // 5, height * 2 // 3), fill=255)
     return image, mask
 
 
@@ -1121,6 +1122,57 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
     return report, figures
 
 
+def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
+    """Every automatic working shape (geometry.automatic_working_sizes; the first three on tiny weights),
+    ours at steady state after one warm-up each (which records that shape's CUDA graph), beside diffusers'
+    reference at 512x512 timed in the same run; then the memory the CUDA graphs hold. Ours is the fast
+    path uncompiled: a fresh container's speed at each shape until its compiled parts are taken up."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
+
+    from inpaint import geometry
+    from inpaint import pipeline as ours
+
+    started = time.monotonic()
+    device, dtype = ours.pick_device()
+    if tiny:
+        folder = CACHE / "tiny-weights"
+        if not (folder / "model_index.json").is_file():
+            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
+    else:
+        folder = build_full_size(CACHE / "full-size-weights", device=device)
+    shapes, steps = (geometry.automatic_working_sizes()[:3], 3) if tiny else (geometry.automatic_working_sizes(), 50)
+    reference = StableDiffusionInpaintPipeline.from_pretrained(
+        folder, variant="fp16", dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
+    reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    image, mask = _inputs(512)
+    reference_ms, _ = _time(lambda: reference(
+        prompt=_job(1, steps).prompt, image=image, mask_image=mask, height=512, width=512, num_inference_steps=steps,
+        guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(42)).images, device, runs)
+    _progress(f"reference 512x512 x1: {reference_ms:.0f} ms")
+    del reference
+    _free_cache(device)
+    fast, fast_path = _load(folder, device, dtype)
+    empty_prompt = ours.EmptyPrompt()  # as the service holds it
+    rows, shapes_ms = [], {}
+    for width, height in shapes:
+        image, mask = _inputs(width, height)
+        milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, steps), empty_prompt=empty_prompt),
+                                device, runs)
+        shapes_ms[f"{width}x{height}"] = round(milliseconds, 1)
+        rows.append([f"{width}x{height}", f"{milliseconds:.0f}", f"{milliseconds / reference_ms:.2f}"])
+        _progress(" | ".join(rows[-1]))
+    graph_memory = _graph_memory(fast_path)
+    _progress(f"whole run {time.monotonic() - started:.0f} s")
+    title = "Every automatic working shape, smoke test on tiny weights (not a measurement)" if tiny else "Every automatic working shape"
+    report = (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
+              f"after a warm-up; ours is the fast path uncompiled. diffusers' reference at 512x512 in the same run: "
+              f"{reference_ms:.0f} ms.\n\n" + table(["working shape", "ours ms", "ratio to the reference"], rows)
+              + f"\n\nCUDA graphs kept after them: {graph_memory[0]}")
+    return report, {"reference_ms": round(reference_ms, 1), "shapes_ms": shapes_ms, "graphs_gib": graph_memory[1]}
+
+
 def run_shipped(tiny: bool) -> tuple[str, dict]:
     """Compiled parts shipped with the weights: script/bake-compiled at 512x512 (64x64 on tiny weights)
     into a COG_WEIGHTS folder, then a fresh server that loads them (pinned by
@@ -1193,6 +1245,8 @@ def main() -> int:
                         help="GPU: only the fast path uncompiled and the compiled rows (a shorter run)")
     parser.add_argument("--shipped", action="store_true",
                         help="GPU: bake the compiled parts at 512x512, then a fresh server's cold start and first predictions")
+    parser.add_argument("--every-shape", action="store_true",
+                        help="GPU: every automatic working shape, uncompiled, beside the reference at 512x512 (~2 min)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
@@ -1215,6 +1269,8 @@ def main() -> int:
         report, mode = run_parts(args.runs, args.tiny, args.budget), "parts"
     elif args.shipped:
         (report, figures), mode = run_shipped(args.tiny), "shipped"
+    elif args.every_shape:
+        (report, figures), mode = run_every_shape(args.runs, args.tiny), "every-shape"
     elif args.compile_only:
         (report, figures), mode = run_compile_only(args.runs, args.budget), "compile-only"
     elif torch.cuda.is_available() or args.tiny:

@@ -51,6 +51,23 @@ def test_bench_smoke_test_prints_every_table():
     assert "128x128 x2" in figures["shapes_ms"]
 
 
+def test_bench_every_shape_smoke_test_times_the_automatic_shapes_beside_the_reference():
+    from inpaint import geometry
+
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--every-shape", "--tiny", "--runs", "1", "--no-record"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    shapes = [f"{width}x{height}" for width, height in geometry.automatic_working_sizes()[:3]]
+    assert "| working shape | ours ms | ratio to the reference |" in run.stdout
+    assert all(f"| {shape} |" in run.stdout for shape in shapes)
+    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    assert figures["reference_ms"] > 0 and list(figures["shapes_ms"]) == shapes
+    assert all(milliseconds > 0 for milliseconds in figures["shapes_ms"].values())
+    assert figures["graphs_gib"] is None and "CUDA graphs kept after them: none recorded" in run.stdout  # the CPU
+
+
 def test_bench_parts_smoke_test_prints_each_combination():
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench.py"), "--parts", "--tiny", "--runs", "1", "--no-record"],
