@@ -1024,12 +1024,8 @@ def run_parts(runs: int, tiny: bool, budget: float) -> str:
 
     started = time.monotonic()
     device, dtype = ours.pick_device()
-    if tiny:
-        folder, sizes, steps = CACHE / "tiny-weights", (64, 128), 3
-        if not (folder / "model_index.json").is_file():
-            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
-    else:
-        folder, sizes, steps = build_full_size(CACHE / "full-size-weights", device=device), (512, 768, 1024), 50
+    folder = _weights(tiny, device)
+    sizes, steps = ((64, 128), 3) if tiny else ((512, 768, 1024), 50)
     parts = _section("parts", bench_parts, folder, device, dtype, runs, steps, sizes) or []
     startup = [] if tiny else _section("startup", bench_startup, folder, started + budget) or []
     _progress(f"whole run {time.monotonic() - started:.0f} s")
@@ -1039,31 +1035,44 @@ def run_parts(runs: int, tiny: bool, budget: float) -> str:
             + "\n\nWhere a cold start goes (fresh processes, page cache warm):\n\n" + table(["what", "time"], startup))
 
 
-def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -> tuple[str, dict]:
-    """The GPU comparison; `budget` seconds from the start bound the optional compile levers."""
+def _weights(tiny: bool, device: torch.device) -> Path:
+    """The tiny random checkpoint (written once), or full-size random weights built from the real configs."""
+    if not tiny:
+        return build_full_size(CACHE / "full-size-weights", device=device)
+    folder = CACHE / "tiny-weights"
+    if not (folder / "model_index.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
+    return folder
+
+
+def _reference(folder: Path, device: torch.device, dtype: torch.dtype):
+    """diffusers' own StableDiffusionInpaintPipeline on `folder`, fp16 on a GPU, DPMSolverMultistep, no checker."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
 
-    from inpaint import pipeline as ours
-
-    started = time.monotonic()
-    device, dtype = ours.pick_device()
-    if tiny:
-        folder = CACHE / "tiny-weights"
-        if not (folder / "model_index.json").is_file():
-            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
-        shapes, memory_shape, steps = [(64, 1, runs), (128, 2, 2)], (128, 4), 3
-    else:
-        folder = build_full_size(CACHE / "full-size-weights", device=device)
-        _progress(f"full-size weights ready after {time.monotonic() - started:.0f} s")
-        # (size, outputs, timed runs): the larger shapes get fewer runs, to keep the whole run near 6 minutes
-        shapes, memory_shape, steps = [(512, 1, runs), (768, 1, 3), (1024, 1, 2), (512, 4, 2)], (1024, 4), 50
-        if quick:
-            shapes, memory_shape = shapes[:1], None
     reference = StableDiffusionInpaintPipeline.from_pretrained(
         folder, variant="fp16", dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(device)
     reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -> tuple[str, dict]:
+    """The GPU comparison; `budget` seconds from the start bound the optional compile levers."""
+    from inpaint import pipeline as ours
+
+    started = time.monotonic()
+    device, dtype = ours.pick_device()
+    folder = _weights(tiny, device)
+    if tiny:
+        shapes, memory_shape, steps = [(64, 1, runs), (128, 2, 2)], (128, 4), 3
+    else:
+        _progress(f"full-size weights ready after {time.monotonic() - started:.0f} s")
+        # (size, outputs, timed runs): the larger shapes get fewer runs, to keep the whole run near 6 minutes
+        shapes, memory_shape, steps = [(512, 1, runs), (768, 1, 3), (1024, 1, 2), (512, 4, 2)], (1024, 4), 50
+        if quick:
+            shapes, memory_shape = shapes[:1], None
+    reference = _reference(folder, device, dtype)
     begin = time.monotonic()
     fast, fast_path = _load(folder, device, dtype)
     _progress(f"our pipeline loaded and warmed up in {time.monotonic() - begin:.1f} s")
@@ -1127,25 +1136,14 @@ def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
     ours at steady state after one warm-up each (which records that shape's CUDA graph), beside diffusers'
     reference at 512x512 timed in the same run; then the memory the CUDA graphs hold. Ours is the fast
     path uncompiled: a fresh container's speed at each shape until its compiled parts are taken up."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
-
     from inpaint import geometry
     from inpaint import pipeline as ours
 
     started = time.monotonic()
     device, dtype = ours.pick_device()
-    if tiny:
-        folder = CACHE / "tiny-weights"
-        if not (folder / "model_index.json").is_file():
-            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
-    else:
-        folder = build_full_size(CACHE / "full-size-weights", device=device)
+    folder = _weights(tiny, device)
     shapes, steps = (geometry.automatic_working_sizes()[:3], 3) if tiny else (geometry.automatic_working_sizes(), 50)
-    reference = StableDiffusionInpaintPipeline.from_pretrained(
-        folder, variant="fp16", dtype=dtype, safety_checker=None, requires_safety_checker=False
-    ).to(device)
-    reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
-    reference.set_progress_bar_config(disable=True)
+    reference = _reference(folder, device, dtype)
     image, mask = _inputs(512)
     reference_ms, _ = _time(lambda: reference(
         prompt=_job(1, steps).prompt, image=image, mask_image=mask, height=512, width=512, num_inference_steps=steps,
@@ -1177,12 +1175,7 @@ def run_shipped(tiny: bool) -> tuple[str, dict]:
     """Compiled parts shipped with the weights: script/bake-compiled at 512x512 (64x64 on tiny weights)
     into a COG_WEIGHTS folder, then a fresh server that loads them (pinned by
     INPAINT_COMPILED_MANIFEST_SHA256): its cold start and its first two predictions through HTTP."""
-    folder = CACHE / ("tiny-weights" if tiny else "full-size-weights")
-    if tiny:
-        if not (folder / "model_index.json").is_file():
-            subprocess.run([sys.executable, str(ROOT / "script" / "make-tiny-weights"), str(folder)], check=True)
-    else:
-        folder = build_full_size(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+    folder = _weights(tiny, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     size = 64 if tiny else 512
     env = {**os.environ, "INPAINT_WEIGHTS_MANIFEST_SHA256": manifest_pin(folder)}
     begin = time.monotonic()
