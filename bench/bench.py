@@ -618,11 +618,12 @@ def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int
 
 
 def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None = None,
-                figures: dict | None = None) -> str:
+                figures: dict | None = None, repeats: int = 1) -> str:
     """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place,
-    and where setup spent them (its own log line). With `predict`, also the first two 512x512 50-step
-    predictions through HTTP: wall time at the client and the prediction's own stage timings.
-    `figures`, if given, receives ready_s and first_ms and second_ms (client-side)."""
+    and where setup spent them (its own log line). With `predict`, also the first 512x512 50-step
+    prediction through HTTP and `repeats` more: wall time at the client and the first two's own stage
+    timings. `figures`, if given, receives ready_s, first_ms and second_ms, and steady_ms (the median
+    of the repeats; client-side)."""
     figures = {} if figures is None else figures
     try:
         sys.path.insert(0, str(ROOT / "script"))
@@ -645,17 +646,26 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
             body = {"image": data_uri(ROOT / "examples" / "chelsea.png"), "mask": data_uri(ROOT / "examples" / "chelsea-mask.png"),
                     "prompt": "a cat wearing round sunglasses, photo", "width": 512, "height": 512,
                     "num_inference_steps": 50, "scheduler": "DPMSolverMultistep", "seed": 42}
-            for attempt in ("first", "second"):
+            later = []
+            for index in range(1 + repeats):
+                attempt = ("first", "second")[index] if index < 2 else f"prediction {index + 1}"
                 begin = time.monotonic()
                 status, response = server.predict(body)
                 wall = time.monotonic() - begin
                 if status != 200 or response.get("status") != "succeeded":
                     text += f"; {attempt} prediction failed: {status} {str(response)[:300]}"
                     break
+                if index:
+                    later.append(1000 * wall)
+                if index >= 2:
+                    continue
                 figures[f"{attempt}_ms"] = round(1000 * wall, 1)
                 stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in response["metrics"]["timings"].items())
                 text += (f"; {attempt} 512x512 prediction through HTTP {1000 * wall:.0f} ms (stages, ms: {stages}; "
                          "on a GPU the compile worker is busy meanwhile)")
+            if len(later) > 1:
+                figures["steady_ms"] = round(statistics.median(later), 1)
+                text += f"; the median of the {len(later)} after the first {figures['steady_ms']:.0f} ms"
         return text
     except Exception as error:  # report, do not lose the rest of the table
         return f"failed: {error}; log tail: {log.read_text(errors='replace')[-1500:] if log.exists() else ''}"
@@ -1131,6 +1141,27 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
     return report, figures
 
 
+def _every_shape(folder: Path, device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]], steps: int,
+                 runs: int, reference_ms: float) -> tuple[list[list[str]], dict[str, float], tuple[str, float | None]]:
+    """Ours uncompiled at each shape, steady state (one warm-up each records its CUDA graph): the table's
+    rows, shapes_ms, and the CUDA graphs' memory after them."""
+    from inpaint import pipeline as ours
+
+    fast, fast_path = _load(folder, device, dtype)
+    empty_prompt = ours.EmptyPrompt()  # as the service holds it
+    rows, shapes_ms = [], {}
+    for width, height in shapes:
+        image, mask = _inputs(width, height)
+        milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, steps), empty_prompt=empty_prompt),
+                                device, runs)
+        shapes_ms[f"{width}x{height}"] = round(milliseconds, 1)
+        rows.append([f"{width}x{height}", f"{milliseconds:.0f}", f"{milliseconds / reference_ms:.2f}"])
+        _progress(" | ".join(rows[-1]))
+    graph_memory = _graph_memory(fast_path)
+    ours.release_memory(device, fast_path)
+    return rows, shapes_ms, graph_memory
+
+
 def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
     """Every automatic working shape (geometry.automatic_working_sizes; the first three on tiny weights),
     ours at steady state after one warm-up each (which records that shape's CUDA graph), beside diffusers'
@@ -1151,17 +1182,7 @@ def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
     _progress(f"reference 512x512 x1: {reference_ms:.0f} ms")
     del reference
     _free_cache(device)
-    fast, fast_path = _load(folder, device, dtype)
-    empty_prompt = ours.EmptyPrompt()  # as the service holds it
-    rows, shapes_ms = [], {}
-    for width, height in shapes:
-        image, mask = _inputs(width, height)
-        milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, steps), empty_prompt=empty_prompt),
-                                device, runs)
-        shapes_ms[f"{width}x{height}"] = round(milliseconds, 1)
-        rows.append([f"{width}x{height}", f"{milliseconds:.0f}", f"{milliseconds / reference_ms:.2f}"])
-        _progress(" | ".join(rows[-1]))
-    graph_memory = _graph_memory(fast_path)
+    rows, shapes_ms, graph_memory = _every_shape(folder, device, dtype, shapes, steps, runs, reference_ms)
     _progress(f"whole run {time.monotonic() - started:.0f} s")
     title = "Every automatic working shape, smoke test on tiny weights (not a measurement)" if tiny else "Every automatic working shape"
     report = (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
@@ -1171,21 +1192,77 @@ def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
     return report, {"reference_ms": round(reference_ms, 1), "shapes_ms": shapes_ms, "graphs_gib": graph_memory[1]}
 
 
-def run_shipped(tiny: bool) -> tuple[str, dict]:
-    """Compiled parts shipped with the weights: script/bake-compiled at 512x512 (64x64 on tiny weights)
-    into a COG_WEIGHTS folder, then a fresh server that loads them (pinned by
-    INPAINT_COMPILED_MANIFEST_SHA256): its cold start and its first two predictions through HTTP."""
-    folder = _weights(tiny, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    size = 64 if tiny else 512
+def _bake(folder: Path, size: int) -> tuple[str, float]:
+    """script/bake-compiled at size x size into folder/compiled/: its manifest's sha256 and the seconds it took."""
     env = {**os.environ, "INPAINT_WEIGHTS_MANIFEST_SHA256": manifest_pin(folder)}
     begin = time.monotonic()
     baked = subprocess.run([sys.executable, str(ROOT / "script" / "bake-compiled"), "--weights", str(folder), "--shapes",
                             f"{size}x{size}"], capture_output=True, text=True, env=env)
     bake_s = time.monotonic() - begin
     if baked.returncode != 0:
-        return f"## Shipped compiled parts: {machine()}\n\nthe bake failed: {baked.stderr[-1500:]}", {}
+        raise RuntimeError(f"the bake failed: {baked.stderr[-1500:]}")
     pin = baked.stdout.strip().rsplit(" ", 1)[-1]
     _progress(f"baked {size}x{size} in {bake_s:.0f} s; manifest {pin}")
+    return pin, bake_s
+
+
+def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
+    """Every figure issue 20's targets name, in one device run: script/bake-compiled at 512x512 (64x64 on
+    tiny weights); a fresh server that loads the baked parts, the checker on (cold_start_s, fresh_first_ms,
+    and http_e2e_ms: the median at the client of `runs` predictions after the first); then in this process
+    diffusers' reference and the default path on the shipped parts at that size (reference_ms, default_ms,
+    psnr_db), and every automatic working shape uncompiled (shapes_ms, graphs_gib)."""
+    from inpaint import geometry
+    from inpaint import pipeline as ours
+    from inpaint.fastpath import artifact
+
+    started = time.monotonic()
+    device, dtype = ours.pick_device()
+    folder = _weights(tiny, device)
+    size, steps = (64, 3) if tiny else (512, 50)
+    shapes = geometry.automatic_working_sizes()[:3] if tiny else geometry.automatic_working_sizes()
+    try:
+        pin, bake_s = _bake(folder, size)
+    except RuntimeError as error:
+        return f"## Issue 20's figures: {machine()}\n\n{error}", {}
+    served: dict = {}
+    text = _cold_start(folder, predict=True, env={"INPAINT_COMPILED_MANIFEST_SHA256": pin}, figures=served, repeats=runs)
+    _progress(f"fresh server with the shipped parts: {text}")
+    reference = _reference(folder, device, dtype)
+    fast, fast_path = _load(folder, device, dtype, compile="background", cache_dir=Path(tempfile.mkdtemp()),
+                            artifact=folder / artifact.FOLDER, artifact_pin=pin)
+    row = _section(f"{size}x{size} x1", bench_shape, reference, fast, device, size, 1, steps, runs, False) or [None] * 6
+    _progress(" | ".join(map(str, row)))
+    del reference, fast
+    ours.release_memory(device, fast_path)
+    del fast_path
+    _free_cache(device)
+    rows, shapes_ms, graph_memory = _every_shape(folder, device, dtype, shapes, steps, runs, _number(row[1]) or float("nan"))
+    _progress(f"whole run {time.monotonic() - started:.0f} s")
+    title = "Issue 20's figures, smoke test on tiny weights (not a measurement)" if tiny else "Issue 20's figures"
+    report = (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
+              f"after a warm-up. script/bake-compiled at {size}x{size}: {bake_s:.0f} s. A fresh server on them "
+              f"(manifest pinned, checker on): {text}\n\nIn this process, the default path on the shipped parts "
+              "against diffusers' reference:\n\n"
+              + table(["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], [row])
+              + "\n\nEvery automatic working shape, ours uncompiled:\n\n"
+              + table(["working shape", "ours ms", "ratio to the reference"], rows)
+              + f"\n\nCUDA graphs kept after them: {graph_memory[0]}")
+    return report, {"reference_ms": _number(row[1]), "default_ms": _number(row[2]), "psnr_db": _psnr_of(row[5]),
+                    "shapes_ms": shapes_ms, "fresh_first_ms": served.get("first_ms"), "http_e2e_ms": served.get("steady_ms"),
+                    "cold_start_s": served.get("ready_s"), "graphs_gib": graph_memory[1], "bake_s": round(bake_s, 1)}
+
+
+def run_shipped(tiny: bool) -> tuple[str, dict]:
+    """Compiled parts shipped with the weights: script/bake-compiled at 512x512 (64x64 on tiny weights)
+    into a COG_WEIGHTS folder, then a fresh server that loads them (pinned by
+    INPAINT_COMPILED_MANIFEST_SHA256): its cold start and its first two predictions through HTTP."""
+    folder = _weights(tiny, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    size = 64 if tiny else 512
+    try:
+        pin, bake_s = _bake(folder, size)
+    except RuntimeError as error:
+        return f"## Shipped compiled parts: {machine()}\n\n{error}", {}
     figures: dict = {}
     text = _cold_start(folder, predict=True, env={"INPAINT_COMPILED_MANIFEST_SHA256": pin}, figures=figures)
     _progress(f"fresh server with the shipped parts: {text}")
@@ -1238,6 +1315,9 @@ def main() -> int:
                         help="GPU: only the fast path uncompiled and the compiled rows (a shorter run)")
     parser.add_argument("--shipped", action="store_true",
                         help="GPU: bake the compiled parts at 512x512, then a fresh server's cold start and first predictions")
+    parser.add_argument("--targets", action="store_true",
+                        help="GPU: every figure issue 20's targets name, in one run (bake, fresh server, reference, "
+                             "default, every shape)")
     parser.add_argument("--every-shape", action="store_true",
                         help="GPU: every automatic working shape, uncompiled, beside the reference at 512x512 (~2 min)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
@@ -1262,6 +1342,8 @@ def main() -> int:
         report, mode = run_parts(args.runs, args.tiny, args.budget), "parts"
     elif args.shipped:
         (report, figures), mode = run_shipped(args.tiny), "shipped"
+    elif args.targets:
+        (report, figures), mode = run_targets(args.runs, args.tiny), "targets"
     elif args.every_shape:
         (report, figures), mode = run_every_shape(args.runs, args.tiny), "every-shape"
     elif args.compile_only:
