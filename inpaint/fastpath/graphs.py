@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 # to 1024x1024 and four at 512x512.
 MAX_POSITIONS = 2 * 128 * 128
 # The GPU memory the kept graphs may hold together, as a fraction of the GPU's, least recently used
-# dropped first. Each graph holds a private pool for the UNet's intermediates (bench/RESULTS.md,
-# "Fast path parts", CUDA graphs: about half a GiB at 512x512 x1), measured when it is recorded; on an
-# 80 GB GPU this keeps a graph for every automatic working size, and on a 16 GB one a few.
-KEPT_MEMORY_FRACTION = 1 / 8
+# dropped first. Each graph holds a private pool for the UNet's intermediates, measured when it is
+# recorded (bench/RESULTS.md, "Fast path parts", CUDA graphs: about half a GiB at 512x512 x1). If each
+# of the 31 automatic working sizes (about 512x512 in area) holds that much, a fifth of an 80 GB GPU
+# keeps them all; a 16 GB GPU keeps a few, beside the 1024x1024 x4 peak ("fits a 16 GB GPU").
+KEPT_MEMORY_FRACTION = 1 / 5
 # Calls a key whose recording failed runs eagerly before it is recorded again (two 50-step
 # predictions): a failure from a passing cause (memory held by a neighbour, say) is not for good.
 RETRY_AFTER_CALLS = 100
