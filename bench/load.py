@@ -196,7 +196,18 @@ def compare(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def http_e2e_ms(throughput: dict, args: argparse.Namespace) -> float | None:
+    """One client's median at the client, when the run is in the setting issue 20's http_e2e_ms names:
+    a 512x512 photo at 512x512, 50 steps, on a server started here with the safety checker on (a --url
+    server's setting is unknown); else None."""
+    from inpaint.config import Settings
+
+    setting = (args.weights and args.size == 512 and (args.photo_size or args.size) == 512 and args.steps == 50
+               and Settings.from_env().safety_checker)
+    return throughput["single_p50_ms"] if setting else None
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server")
@@ -216,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--into", type=Path, help="add the throughput object to this run JSON")
     parser.add_argument("--no-record", action="store_true", help="print only")
     parser.add_argument("--log", type=Path, default=Path("/tmp/inpaint-load-server.log"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
 
     image, mask = _photo_and_mask(args.photo_size or args.size)
@@ -238,13 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         if slots or not args.url:
             runs[slots]["max_concurrency"] = slots or concurrency_max()  # a server started here: the image's default
     throughput = runs[concurrency_max() if concurrency_max() in runs else settings[-1]]
-    # One client's median at the client, in the setting issue 20's http_e2e_ms names: a 512x512 photo at
-    # 512x512, 50 steps, on a server started here with the safety checker on (a --url server's is unknown).
     import bench  # also puts the repository root on sys.path
-    from inpaint.config import Settings
 
-    e2e = (throughput["single_p50_ms"] if args.weights and args.size == 512 and (args.photo_size or 512) == 512
-           and args.steps == 50 and Settings.from_env().safety_checker else None)
+    e2e = http_e2e_ms(throughput, args)
 
     text = report(throughput, bench.machine())
     if len(runs) > 1:
