@@ -78,7 +78,7 @@ class Graphs:
 
     def kept_bytes(self) -> int:
         """The GPU memory the kept graphs hold together."""
-        return sum(entry.bytes for entry in self.graphs.values() if isinstance(entry, _Graph))
+        return held_bytes(self.graphs)
 
     def run(self, key: GraphKey, call: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, bool]:
         """`call(*inputs)`, replayed from the graph of `key`, or computed and then recorded; and False
@@ -150,11 +150,12 @@ def pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
                if tuple(segment["segment_pool_id"]) == pool)
 
 
-def make_room(graphs: OrderedDict[GraphKey, _Graph | _Failed], size: int, limit: int) -> None:
-    """Drop the least recently used graphs until one of `size` bytes more fits under `limit` (a key that
-    runs eagerly holds no graph and counts 0)."""
-    def kept() -> int:
-        return sum(entry.bytes for entry in graphs.values() if isinstance(entry, _Graph))
+def held_bytes(graphs: OrderedDict[GraphKey, _Graph | _Failed]) -> int:
+    """The GPU memory these graphs' pools hold (a key that runs eagerly holds no graph and counts 0)."""
+    return sum(entry.bytes for entry in graphs.values() if isinstance(entry, _Graph))
 
-    while graphs and kept() + size > limit:
+
+def make_room(graphs: OrderedDict[GraphKey, _Graph | _Failed], size: int, limit: int) -> None:
+    """Drop the least recently used graphs until one of `size` bytes more fits under `limit`."""
+    while graphs and held_bytes(graphs) + size > limit:
         graphs.popitem(last=False)
