@@ -807,7 +807,7 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         agreement = f"; PSNR {_psnr(uncompiled[0][0], painted[0][0]):.1f} dB against the first, uncompiled" if uncompiled else ""
         add(f"compile=background, once predictions take the compiled UNet and VAE up (the default from then on{agreement}; "
             f"stages, ms: {stages})", milliseconds)
-        del pipe, workers
+        pipe = workers = None  # released (a del would leave the lambdas above naming nothing)
         path.stop()
         ours.release_memory(device, path)
         begin = time.monotonic()
@@ -817,7 +817,7 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         add(f"compile=setup on a later start (saved compiled parts: {sources(path.compiled_parts)}; setup {setup:.0f} s; "
             f"stages, ms: {stages})", milliseconds)
         path.stop()
-        del later, path
+        later = path = None
     except Exception as error:  # report it and keep the rest of the run
         rows.append(["torch.compile in the background", f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", "-"])
         _progress("lever: " + " | ".join(rows[-1]))
@@ -959,7 +959,7 @@ def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: in
             rows.append([label, f"{size}x{size}", f"{milliseconds:.0f}",
                          *(f"{1000 * timings.get(stage, float('nan')):.0f}" for stage in ("denoise", "vae_encode", "vae_decode"))])
             _progress("part: " + " | ".join(rows[-1]))
-        del pipe
+        pipe = None
         ours.release_memory(device)
     return rows
 
@@ -1181,7 +1181,7 @@ def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
         prompt=_job(1, steps).prompt, image=image, mask_image=mask, height=512, width=512, num_inference_steps=steps,
         guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(42)).images, device, runs)
     _progress(f"reference 512x512 x1: {reference_ms:.0f} ms")
-    del reference
+    reference = None
     _free_cache(device)
     rows, shapes_ms, graph_memory = _every_shape(folder, device, dtype, shapes, steps, runs, reference_ms)
     _progress(f"whole run {time.monotonic() - started:.0f} s")
@@ -1285,7 +1285,7 @@ def run_compile_only(runs: int, budget: float) -> tuple[str, dict]:
     baseline, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, 50), empty_prompt=ours.EmptyPrompt()), device, runs)
     rows = [["fast path uncompiled (the default until its compiled parts are ready)", f"{baseline:.0f}", "1.00"]]
     _progress("lever: " + " | ".join(rows[-1]))
-    del fast
+    fast = None
     ours.release_memory(device, fast_path)
     del fast_path
     rows += _section("compile", bench_compile, folder, device, dtype, runs, 50, baseline, started + budget) or []

@@ -69,6 +69,7 @@ class Load:
         self.latencies: list[float] = []  # seconds, first attempt to answer, successful predictions
         self.finished: list[float] = []  # monotonic time of each success
         self.failed: list[str] = []
+        self.stages: list[dict[str, float]] = []  # the server's own timings of each success, seconds per stage
         self.refused = 0  # 409s retried
         self.seed = 0
 
@@ -89,6 +90,7 @@ class Load:
             if status == 200 and response.get("status") == "succeeded":
                 self.latencies.append(done - started)
                 self.finished.append(done)
+                self.stages.append(response.get("metrics", {}).get("timings", {}))
             else:
                 self.failed.append(f"{status}: {response.get('error') if isinstance(response, dict) else response}")
 
@@ -159,6 +161,7 @@ def measure(server: CogServer, body: dict, clients: int, seconds: float, arrival
         "speedup": round(concurrent_ips / single_ips, 3),
         "single_mean_ms": round(statistics.mean(single.latencies) * 1000, 1),
         "single_p50_ms": round(statistics.median(single.latencies) * 1000, 1),
+        "single_stages_ms": median_stages(single.stages),
         "mean_ms": round(statistics.mean(milliseconds), 1),
         "p50_ms": round(_percentile(milliseconds, 0.50), 1),
         "p95_ms": round(_percentile(milliseconds, 0.95), 1),
@@ -168,6 +171,12 @@ def measure(server: CogServer, body: dict, clients: int, seconds: float, arrival
         "refused_409": loaded.refused,
         "inputs": {key: value for key, value in body.items() if key not in ("image", "mask")},
     }
+
+
+def median_stages(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over the predictions, in ms, from the server's own timings (metrics.timings)."""
+    stages = sorted({stage for timing in timings for stage in timing})
+    return {stage: round(1000 * statistics.median(timing.get(stage, 0.0) for timing in timings), 1) for stage in stages}
 
 
 def report(throughput: dict, machine: str = "") -> str:
@@ -184,6 +193,10 @@ def report(throughput: dict, machine: str = "") -> str:
     for key in ("single_ips", "concurrent_ips", "speedup", "single_mean_ms", "single_p50_ms", "mean_ms", "p50_ms", "p95_ms", "p99_ms",
                 "predictions", "failed", "refused_409"):
         lines.append(f"| {key} | {throughput[key]} |")
+    stages = throughput.get("single_stages_ms")
+    if stages:
+        lines += ["", "One client, each stage's median as the server timed it, ms: "
+                  + ", ".join(f"{stage} {ms:g}" for stage, ms in stages.items())]
     return "\n".join(lines)
 
 

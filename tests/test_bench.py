@@ -149,6 +149,10 @@ def test_load_bench_smoke_run_through_the_real_server_writes_the_throughput_obje
         assert 0 < throughput["p50_ms"] <= throughput["p95_ms"] <= throughput["p99_ms"]
         assert throughput["predictions"] >= 3
         assert throughput["single_p50_ms"] > 0 and "http_e2e_ms" not in written  # 64x64 at 2 steps is not its setting
+        stages = throughput["single_stages_ms"]  # the server's own metrics.timings, per stage
+        assert {"decode", "text_encode", "vae_encode", "denoise", "vae_decode", "safety", "encode"} <= set(stages)
+        assert all(ms >= 0 for ms in stages.values()) and stages["denoise"] > 0
+        assert "each stage's median as the server timed it" in run.stdout
 
 
 def test_load_bench_records_http_e2e_ms_only_in_the_setting_issue_20_names(monkeypatch):
