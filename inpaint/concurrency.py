@@ -2,7 +2,7 @@
 
 Each prediction runs in its own thread, so the pixel work of one (decode, mask, crops, composite,
 encode) overlaps the model work of another. The model's work takes turns: one request at a time on
-the device (`DeviceQueue`), on the one thread that loaded the model, the oldest waiting request first, so a request that has started is not
+the device (`DeviceQueue`), the oldest waiting request first, so a request that has started is not
 overtaken by newer ones between its turns (an outpainting's tiles, the safety check), no request
 waits for more than the requests older than it, and the GPU memory one request needs is all it
 gets. A cancelled request stops at its next check (before its turn, between denoising steps,
@@ -13,14 +13,12 @@ the device busy.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import shutil
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -57,31 +55,13 @@ class CancelToken:
 
 class DeviceQueue:
     """The model's turn: one holder at a time; of those waiting, the oldest request (CancelToken.age) goes
-    first, and among equals the first to ask. A cancelled waiter leaves the line.
-
-    And the model's thread: `call` runs the model's work on one long-lived thread, whichever request
-    asks, and loading the model too. PyTorch's CPU kernels run on OpenMP, which gives each thread that
-    calls them a team of worker threads of its own; once two teams outnumber the cores, libgomp stops
-    spinning between kernels and small kernels wait for their workers to wake (bench/RESULTS.md, "The
-    model on one thread"). On a GPU, the per-thread state that setup's warm-up made (torch keeps cuBLAS
-    handles per thread) is the one predictions use."""
+    first, and among equals the first to ask. A cancelled waiter leaves the line."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._line: list[tuple[int, int]] = []  # (age, ask) of each waiter
         self._asks = 0
         self._held = False
-        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._model_thread: int | None = None  # its ident, once it has started
-
-    def call(self, function: Callable[..., T], *args, **kwargs) -> T:
-        """`function(*args, **kwargs)` on the model's thread, in the caller's context (Cog's log routing and
-        metric scope, the tracing spans: context variables); the caller waits for its result or error."""
-        if self._model_thread is None:
-            self._model_thread = self._model.submit(threading.get_ident).result()
-        if threading.get_ident() == self._model_thread:  # already there: a call inside a call
-            return function(*args, **kwargs)
-        return self._model.submit(contextvars.copy_context().run, function, *args, **kwargs).result()
 
     def acquire(self, token: CancelToken) -> None:
         """Wait for the turn; raises Cancelled (and leaves the line) if `token` is cancelled meanwhile."""

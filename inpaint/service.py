@@ -76,17 +76,15 @@ class DeviceFailed(RuntimeError):
 
 class Inpainter:
     """The loaded model and the settings it runs under; `inpaint` serves one request, and several may run at
-    once in their own threads (inpaint/concurrency.py): the model's work takes turns in `device`, on its thread."""
+    once in their own threads (inpaint/concurrency.py): the model's work takes turns in `device`."""
 
-    def __init__(self, pipe, settings: Settings, safety: SafetyChecker | None = None, fast: FastPath | None = None,
-                 device: DeviceQueue | None = None) -> None:
-        """`device`: the turn and thread the model was loaded on (Inpainter.load), else a new one."""
+    def __init__(self, pipe, settings: Settings, safety: SafetyChecker | None = None, fast: FastPath | None = None) -> None:
         self.pipe = pipe
         self.fast = fast  # the GPU fast path installed on pipe (None: plain diffusers)
         self.empty_prompt = pipeline.EmptyPrompt()
         self.settings = settings
         self.safety = safety
-        self.device = device or DeviceQueue()
+        self.device = DeviceQueue()
         self.fault: str | None = None  # the CUDA error that made the GPU unusable, once one has
         # The prompts' lengths are counted outside the model's turn, on a tokenizer of their own: a tokenizer
         # call sets its padding and truncation on the shared Rust tokenizer, so counting on the model's
@@ -110,14 +108,13 @@ class Inpainter:
         timer = _Timer()
         with timer.stage("weights"):
             folder = weights.result() if isinstance(weights, Future) else resolve_weights(weights, settings)
-        device = DeviceQueue()
         try:
             shipped_trusted = weights is None if from_image is None else from_image
-            safety, pipe, fast = device.call(cls._load_models, folder, settings, timer, shipped_trusted)
+            safety, pipe, fast = cls._load_models(folder, settings, timer, shipped_trusted)
         finally:
             release_view(folder)  # the loaders have read the configs; the weights are loaded
         log.info("setup: %s", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timer.seconds.items()))
-        return cls(pipe, settings, safety, fast, device)
+        return cls(pipe, settings, safety, fast)
 
     @staticmethod
     def _load_models(folder: Path, settings: Settings, timer: _Timer,
@@ -320,8 +317,8 @@ class Inpainter:
     ) -> list[list[Image.Image]]:
         model_seconds: dict[str, float] = {}
         try:
-            generated = self.device.call(pipeline.generate, self.pipe, crops, masks, job, model_seconds, token.check,
-                                         fast=self.fast, empty_prompt=self.empty_prompt)
+            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds, token.check, fast=self.fast,
+                                          empty_prompt=self.empty_prompt)
         except torch.OutOfMemoryError:
             pipeline.release_memory(self.pipe.device, self.fast)
             raise GPUOutOfMemory(
@@ -340,7 +337,7 @@ class Inpainter:
     @contextmanager
     def _turn(self, token: CancelToken, timer: _Timer):
         """The model's turn on the device; the wait is timed as the "queue" stage. Everything that runs on the
-        GPU runs in a turn, on the model's thread (`self.device.call`), so a sticky CUDA error is noted here."""
+        GPU runs in a turn, so a sticky CUDA error is noted here."""
         with timer.stage("queue"):
             self.device.acquire(token)
         try:
@@ -386,7 +383,7 @@ class Inpainter:
             return outputs
         with timer.stage("safety"):
             # What the model painted is checked: every crop of an output; one flagged crop flags the output.
-            crop_flags = self.device.call(self.safety.flags, [crops[output] for output in outputs for crops in generated])
+            crop_flags = self.safety.flags([crops[output] for output in outputs for crops in generated])
         per_output = len(generated)
         flagged = [output for output in outputs if any(crop_flags[output * per_output : (output + 1) * per_output])]
         metrics["nsfw_flagged"] = len(flagged)

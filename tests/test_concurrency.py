@@ -4,7 +4,6 @@ contract through Cog's real server (N at once, the N+1-th refused, cancel, webho
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import threading
 import time
@@ -52,29 +51,6 @@ def test_device_queue_gives_the_turn_to_the_oldest_request_waiting():
     for thread in waiters:
         thread.join(5)
     assert order == [1, 2, 3]
-
-
-def test_device_calls_run_on_one_thread_with_the_callers_context_and_errors():
-    """Whichever thread asks, the model's work runs on the queue's one thread, sees the asking request's
-    context variables (Cog routes a prediction's logs by them), and hands back its result or its error."""
-    queue, request = DeviceQueue(), contextvars.ContextVar("request")
-    seen = {}
-
-    def ask(name):
-        request.set(name)
-        seen[name] = queue.call(lambda suffix: (threading.get_ident(), request.get() + suffix), "!")
-
-    callers = [threading.Thread(target=ask, args=(name,)) for name in ("a", "b", "c")]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join(5)
-    threads = {ident for ident, _ in seen.values()}
-    assert {name: value for name, (_, value) in seen.items()} == {"a": "a!", "b": "b!", "c": "c!"}
-    assert len(threads) == 1 and threads.isdisjoint(caller.ident for caller in callers)
-    assert queue.call(queue.call, threading.get_ident) == threads.pop()  # a call inside a call runs there, not queued
-    with pytest.raises(ZeroDivisionError):
-        queue.call(lambda: 1 / 0)
 
 
 def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_gets_the_turn():
@@ -177,35 +153,6 @@ def test_a_result_does_not_depend_on_what_runs_beside_it(inpainter, tmp_path):
     for thread in threads:
         thread.join(120)
     assert [together[index] for index in range(4)] == alone
-
-
-def test_the_model_is_loaded_and_run_on_one_thread_whichever_request_asks(tiny_weights, tiny_settings, tmp_path,
-                                                                          monkeypatch):
-    """Loading, and every model of every request (text encoder, UNet, VAE, checker), on the model's one thread:
-    never on a request's own thread, where the model's CPU kernels would start a second OpenMP team."""
-    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
-    load_pipeline, ran = pipeline.load_pipeline, []
-
-    def loading(*args, **kwargs):
-        ran.append(("load", threading.get_ident()))
-        return load_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "load_pipeline", loading)
-    inpainter = Inpainter.load(str(tiny_weights), tiny_settings)
-    pipe = inpainter.pipe
-    for name, module in (("text encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae encoder", pipe.vae.encoder),
-                         ("vae decoder", pipe.vae.decoder),
-                         ("checker", inpainter.safety.model)):
-        module.register_forward_pre_hook(lambda module, args, name=name: ran.append((name, threading.get_ident())))
-    requests = [threading.Thread(target=inpainter.inpaint, args=(photo, mask, _request(seed=seed), tmp_path))
-                for seed in (1, 2)]
-    for request in requests:
-        request.start()
-    for request in requests:
-        request.join(120)
-    assert {name for name, _ in ran} == {"load", "text encoder", "unet", "vae encoder", "vae decoder", "checker"}
-    assert len({ident for _, ident in ran}) == 1
-    assert ran[0][1] not in {threading.get_ident(), *(request.ident for request in requests)}
 
 
 def test_counting_a_prompts_tokens_beside_a_running_model_leaves_the_models_tokens_padded(inpainter):
