@@ -618,12 +618,14 @@ def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int
 
 
 def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None = None,
-                figures: dict | None = None, repeats: int = 1) -> str:
+                figures: dict | None = None, repeats: int = 1, size: int = 512, steps: int = 50) -> str:
     """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place,
-    and where setup spent them (its own log line). With `predict`, also the first 512x512 50-step
+    and where setup spent them (its own log line). With `predict`, also the first `size`x`size`
     prediction through HTTP and `repeats` more: wall time at the client and the first two's own stage
-    timings. `figures`, if given, receives ready_s, first_ms and second_ms, and steady_ms (the median
-    of the repeats; client-side)."""
+    timings. `figures`, if given, receives ready_s, first_ms and second_ms, and, of the repeats,
+    steady_ms (the median at the client) and steady_stages_ms (each stage's median as the server timed it)."""
+    from load import median_stages
+
     figures = {} if figures is None else figures
     try:
         sys.path.insert(0, str(ROOT / "script"))
@@ -642,31 +644,32 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
         setup = [line for line in log.read_text(errors="replace").splitlines() if "setup:" in line]
         if setup:
             text += f"; the server's log: `{setup[-1].split('setup:', 1)[1].split('\"')[0].strip()}`"
-        if predict:
-            body = {"image": data_uri(ROOT / "examples" / "chelsea.png"), "mask": data_uri(ROOT / "examples" / "chelsea-mask.png"),
-                    "prompt": "a cat wearing round sunglasses, photo", "width": 512, "height": 512,
-                    "num_inference_steps": 50, "scheduler": "DPMSolverMultistep", "seed": 42}
-            # without shipped parts, the server compiles the 512x512 parts beside these predictions
-            beside = "" if (env or {}).get("INPAINT_COMPILED_MANIFEST_SHA256") else "; on a GPU the compile worker is busy meanwhile"
-            later = []
-            for index in range(1 + repeats):
-                attempt = ("first", "second")[index] if index < 2 else f"prediction {index + 1}"
-                begin = time.monotonic()
-                status, response = server.predict(body)
-                wall = time.monotonic() - begin
-                if status != 200 or response.get("status") != "succeeded":
-                    text += f"; {attempt} prediction failed: {status} {str(response)[:300]}"
-                    break
-                if index:
-                    later.append(1000 * wall)
-                if index >= 2:
-                    continue
-                figures[f"{attempt}_ms"] = round(1000 * wall, 1)
-                stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in response["metrics"]["timings"].items())
-                text += f"; {attempt} 512x512 prediction through HTTP {1000 * wall:.0f} ms (stages, ms: {stages}{beside})"
-            if len(later) > 1:
-                figures["steady_ms"] = round(statistics.median(later), 1)
-                text += f"; the median of the {len(later)} after the first {figures['steady_ms']:.0f} ms"
+        if not predict:
+            return text
+        body = {"image": data_uri(ROOT / "examples" / "chelsea.png"), "mask": data_uri(ROOT / "examples" / "chelsea-mask.png"),
+                "prompt": "a cat wearing round sunglasses, photo", "width": size, "height": size,
+                "num_inference_steps": steps, "scheduler": "DPMSolverMultistep", "seed": 42}
+        # without shipped parts, the server compiles the parts at this size beside these predictions
+        beside = "" if (env or {}).get("INPAINT_COMPILED_MANIFEST_SHA256") else "; on a GPU the compile worker is busy meanwhile"
+        done = []  # (ms at the client, the server's timings) of each prediction that succeeded
+        for number in range(1, 2 + repeats):
+            begin = time.monotonic()
+            status, response = server.predict(body)
+            if status != 200 or response.get("status") != "succeeded":
+                text += f"; prediction {number} failed: {status} {str(response)[:300]}"
+                break
+            done.append((1000 * (time.monotonic() - begin), response["metrics"]["timings"]))
+        for attempt, (milliseconds, timings) in zip(("first", "second"), done):
+            figures[f"{attempt}_ms"] = round(milliseconds, 1)
+            stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in timings.items())
+            text += f"; {attempt} {size}x{size} prediction through HTTP {milliseconds:.0f} ms (stages, ms: {stages}{beside})"
+        later = done[1:]
+        if len(later) > 1:
+            figures["steady_ms"] = round(statistics.median(milliseconds for milliseconds, _ in later), 1)
+            figures["steady_stages_ms"] = median_stages([timings for _, timings in later])
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in figures["steady_stages_ms"].items())
+            text += (f"; the median of the {len(later)} after the first {figures['steady_ms']:.0f} ms (each stage's "
+                     f"median, ms: {stages})")
         return text
     except Exception as error:  # report, do not lose the rest of the table
         return f"failed: {error}; log tail: {log.read_text(errors='replace')[-1500:] if log.exists() else ''}"
@@ -1207,12 +1210,29 @@ def _bake(folder: Path, size: int) -> tuple[str, float]:
     return pin, bake_s
 
 
+def _our_stages(pipe, fast_path, size: int, steps: int, runs: int) -> dict[str, float]:
+    """Each model stage's median over `runs` predictions at size x size in this process, ms, as
+    pipeline.generate times them for the server's metrics (text_encode, vae_encode, denoise, vae_decode)."""
+    from load import median_stages
+
+    from inpaint import pipeline as ours
+
+    image, mask = _inputs(size)
+    job, empty_prompt, timings = _job(1, steps), ours.EmptyPrompt(), []
+    for _ in range(runs):
+        seconds: dict[str, float] = {}
+        ours.generate(pipe, [image], [mask], job, seconds, fast=fast_path, empty_prompt=empty_prompt)
+        timings.append(seconds)
+    return median_stages(timings)
+
+
 def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
     """Every figure issue 20's targets name, in one device run: script/bake-compiled at 512x512 (64x64 on
     tiny weights); a fresh server that loads the baked parts, the checker on (cold_start_s, fresh_first_ms,
-    and http_e2e_ms: the median at the client of `runs` predictions after the first); then in this process
-    diffusers' reference and the default path on the shipped parts at that size (reference_ms, default_ms,
-    psnr_db), and every automatic working shape uncompiled (shapes_ms, graphs_gib)."""
+    and http_e2e_ms: the median at the client of `runs` predictions after the first, with the server's
+    stage medians, http_stages_ms); then in this process diffusers' reference and the default path on the
+    shipped parts at that size (reference_ms, default_ms, psnr_db, and its stage medians, default_stages_ms,
+    to set beside the server's), and every automatic working shape uncompiled (shapes_ms, graphs_gib)."""
     from inpaint import geometry
     from inpaint import pipeline as ours
     from inpaint.fastpath import artifact
@@ -1234,6 +1254,8 @@ def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
                             artifact=folder / artifact.FOLDER, artifact_pin=pin)
     row = _section(f"{size}x{size} x1", bench_shape, reference, fast, device, size, 1, steps, runs, False) or [None] * 6
     _progress(" | ".join(map(str, row)))
+    stages = _section("stages", _our_stages, fast, fast_path, size, steps, runs) or {}
+    _progress(f"ours, each stage's median in this process, ms: {stages}")
     del reference, fast
     ours.release_memory(device, fast_path)
     del fast_path
@@ -1246,11 +1268,14 @@ def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
               f"(manifest pinned, checker on): {text}\n\nIn this process, the default path on the shipped parts "
               "against diffusers' reference:\n\n"
               + table(["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], [row])
+              + "\n\nOurs in this process, each model stage's median, ms (the server's are above): "
+              + ", ".join(f"{stage} {ms:.0f}" for stage, ms in stages.items())
               + "\n\nEvery automatic working shape, ours uncompiled:\n\n"
               + table(["working shape", "ours ms", "ratio to the reference"], rows)
               + f"\n\nCUDA graphs kept after them: {graph_memory[0]}")
     return report, {"reference_ms": _number(row[1]), "default_ms": _number(row[2]), "psnr_db": _psnr_of(row[5]),
                     "shapes_ms": shapes_ms, "fresh_first_ms": served.get("first_ms"), "http_e2e_ms": served.get("steady_ms"),
+                    "http_stages_ms": served.get("steady_stages_ms"), "default_stages_ms": stages,
                     "cold_start_s": served.get("ready_s"), "graphs_gib": graph_memory[1], "bake_s": round(bake_s, 1)}
 
 

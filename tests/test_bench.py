@@ -155,6 +155,33 @@ def test_load_bench_smoke_run_through_the_real_server_writes_the_throughput_obje
         assert "each stage's median as the server timed it" in run.stdout
 
 
+def test_a_fresh_server_is_timed_to_ready_and_through_each_prediction_with_the_servers_stages(tiny_weights, monkeypatch):
+    """bench's fresh-server run, as --targets makes cold_start_s, fresh_first_ms, http_e2e_ms and the
+    server's stage medians beside them (http_stages_ms); on the tiny weights at 64x64, 2 steps."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench
+
+    figures: dict = {}
+    text = bench._cold_start(tiny_weights, predict=True, figures=figures, repeats=3, size=64, steps=2)
+    assert set(figures) == {"ready_s", "first_ms", "second_ms", "steady_ms", "steady_stages_ms"}, text
+    assert "first 64x64 prediction through HTTP" in text and "second 64x64 prediction through HTTP" in text
+    assert "the median of the 3 after the first" in text and "each stage's median" in text
+    assert figures["ready_s"] > 0 and figures["first_ms"] > 0 and figures["steady_ms"] > 0
+    stages = figures["steady_stages_ms"]  # the server's own metrics.timings, in ms
+    assert {"decode", "text_encode", "vae_encode", "denoise", "vae_decode", "safety", "encode"} <= set(stages)
+    assert 0 < stages["denoise"] < figures["steady_ms"]
+
+
+def test_our_stage_medians_in_process_are_the_model_stages_the_server_reports(inpainter, monkeypatch):
+    """--targets' default_stages_ms: the same stage names as the server's model stages, to set beside them."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench
+
+    stages = bench._our_stages(inpainter.pipe, inpainter.fast, 64, 2, 3)
+    assert set(stages) == {"text_encode", "vae_encode", "denoise", "vae_decode"}
+    assert all(ms > 0 for ms in stages.values())
+
+
 def test_load_bench_records_http_e2e_ms_only_in_the_setting_issue_20_names(monkeypatch):
     """One client's median, for a 512x512 photo at 512x512, 50 steps, on a server it started, the checker on."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
