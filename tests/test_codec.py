@@ -54,7 +54,10 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
-def test_oversized_header_is_rejected_before_decoding(tmp_path):
+def test_oversized_header_is_rejected_before_decoding(tmp_path, monkeypatch):
+    """Under Pillow's own bomb limit (as it ships), and under the one setup sets (the service's pixel limit:
+    a global, so which one holds depends on whether a model was loaded in this process before)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1024 * 1024 * 1024 // 4 // 3)  # PIL/Image.py's own value
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header_only(50000, 50000))
     with pytest.raises(ValueError, match="^image is too large|over the limit"):
@@ -64,6 +67,13 @@ def test_oversized_header_is_rejected_before_decoding(tmp_path):
         decode_image(path, LIMIT)
     path.write_bytes(_png_header_only(10000, 10000))  # over Pillow's warning limit, under its error limit
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ValueError, match="image is 10000x10000 = 100,000,000 pixels, over the limit"):
+        decode_image(path, LIMIT)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", LIMIT.max_pixels)  # as Inpainter.load sets it
+    with pytest.raises(ValueError, match=f"^image is too large: its header claims more than {LIMIT.max_pixels:,} pixels; "
+                                         f"upload an image of at most {LIMIT.max_pixels:,} pixels$"):
+        decode_image(path, LIMIT)  # over twice the limit: Pillow refuses it itself
+    path.write_bytes(_png_header_only(5000, 5000))  # between once and twice: Pillow only warns
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ValueError, match="image is 5000x5000 = 25,000,000 pixels, over the limit"):
         decode_image(path, LIMIT)
 
 
