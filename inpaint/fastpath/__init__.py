@@ -34,6 +34,11 @@ from .keys import GraphKey, ShapeKey
 
 log = logging.getLogger(__name__)
 
+# The working size setup warms up and waits for the shipped compiled parts of: the model's own (SD2
+# inpainting's training size) and the automatic size of a square region. A bake holds every automatic
+# size by default, and each part takes a while to load, so the parts at other sizes load after READY.
+SETUP_SIZE = 512
+
 __all__ = ["FastPath", "FastPart", "ShapeKey", "GraphKey", "Graphs", "CompiledPart", "Compiler", "PARTS"]
 
 
@@ -133,6 +138,7 @@ class FastPath:
         self.parts: dict[str, FastPart] = {}  # "unet", "vae.decoder", "vae.encoder", as installed
         self.artifact = (artifact, artifact_trusted, artifact_pin)
         self.shipped: list[tuple[str, ShapeKey]] = []  # what the artifact holds, once installed
+        self.vae_scale = 8  # latent side to pixel side: the installed pipeline's
 
     @classmethod
     def for_device(cls, device: torch.device, settings, artifact: Path | None = None,
@@ -149,6 +155,7 @@ class FastPath:
             return self
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.enable_slicing()
+        self.vae_scale = pipe.vae_scale_factor
         if self.compiler is not None:
             self.cache_dir = usable_folder(self.cache_dir)  # one folder for every part (and the artifact's files)
             self._install_artifact(pipe.device)
@@ -179,25 +186,37 @@ class FastPath:
         except shipped.ArtifactRefused as error:
             log.warning("compiled parts in %s not used: %s; predictions compile in the background instead", folder, error)
             return
-        log.info("compiled parts shipped with the weights: %d, checked and copied into %s; setup loads them",
-                 len(self.shipped), self.cache_dir)
+        log.info("compiled parts shipped with the weights: %d, checked and copied into %s; setup loads those at "
+                 "%dx%d, and the rest load after it", len(self.shipped), self.cache_dir, SETUP_SIZE, SETUP_SIZE)
 
-    def load_shipped(self, timeout: float | None = None) -> bool:
-        """Have the worker load every compiled part the artifact holds, and wait for them; False on timeout.
-        (Loads are not compiles: the limit of shapes per part does not apply.)"""
+    def load_shipped(self, timeout: float | None = None, size: int = SETUP_SIZE) -> bool:
+        """Have the worker load every compiled part the artifact holds, and wait for those at `size`x`size`;
+        False on timeout. The others are loaded after them, in the background: each is taken up by the first
+        prediction that starts once it is ready. (Loads are not compiles: the limit of shapes per part does
+        not apply.)"""
         if not self.shipped:
             return True
         start = time.perf_counter()
-        for part, key in self.shipped:
+        now = [(part, key) for part, key in self.shipped if self.working_size(part, key) == (size, size)]
+        later = [(part, key) for part, key in self.shipped if (part, key) not in now]
+        for part, key in now:
             self.parts[part].compiled.request(key, over_limit=True)
         done = self.wait(timeout)
-        missed = [describe(part, key) for part, key in self.shipped
-                  if self.parts[part].compiled.sources.get(key) != "loaded"]
+        missed = [describe(part, key) for part, key in now if self.parts[part].compiled.sources.get(key) != "loaded"]
         if missed:  # each says why in its own warning, or was compiled instead
-            log.warning("of the %d shipped compiled parts, these were not loaded as shipped: %s", len(self.shipped),
-                        ", ".join(missed))
-        log.info("setup took up the %d shipped compiled parts in %.1f s", len(self.shipped), time.perf_counter() - start)
+            log.warning("of the %d shipped compiled parts at %dx%d, these were not loaded as shipped: %s", len(now), size,
+                        size, ", ".join(missed))
+        log.info("setup took up the %d shipped compiled parts at %dx%d in %.1f s%s", len(now), size, size,
+                 time.perf_counter() - start, f"; the other {len(later)} load in the background" if later else "")
+        for part, key in later:
+            self.parts[part].compiled.request(key, over_limit=True)
         return done
+
+    def working_size(self, part: str, key: ShapeKey) -> tuple[int, int]:
+        """(width, height) of the predictions whose calls of `part` have `key`: its input's sides, in pixels."""
+        height, width = key.shape[-2:]
+        scale = self.vae_scale if PARTS[part].inputs == "latents" else 1
+        return width * scale, height * scale
 
     @property
     def compiled_parts(self) -> list[CompiledPart]:
@@ -248,7 +267,7 @@ class FastPath:
             self.compiler.stop()
 
 
-def warm_up(pipe, fast: FastPath | None = None, size: int = 512) -> float:
+def warm_up(pipe, fast: FastPath | None = None, size: int = SETUP_SIZE) -> float:
     """One short inpainting at `size`; returns its seconds."""
     from ..pipeline import Generation, generate
 
