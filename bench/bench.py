@@ -1345,7 +1345,7 @@ def main() -> int:
                         help="GPU: every figure issue 20's targets name, in one run (bake, fresh server, reference, "
                              "default, every shape)")
     parser.add_argument("--every-shape", action="store_true",
-                        help="GPU: every automatic working shape, uncompiled, beside the reference at 512x512 (~2 min)")
+                        help="GPU: every automatic working shape, uncompiled, beside the reference at 512x512")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
