@@ -53,6 +53,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from fullsize import build_full_size, size_report  # noqa: E402
+import candidates  # noqa: E402
+from timing import median_ms, median_stages  # noqa: E402
 
 from inpaint.weights import cache_root, manifest_pin  # noqa: E402
 
@@ -459,21 +461,6 @@ def _job(count: int, steps: int):
     return Generation("a cat wearing round sunglasses, photo", None, count, steps, 7.5, 1.0, "DPMSolverMultistep", 42)
 
 
-def _time(function, device: torch.device, runs: int, warm_up: bool = True) -> tuple[float, object]:
-    """Median ms of `runs` calls (the package's Stopwatch: CUDA events on a GPU, wall time on the CPU), and the last result."""
-    from inpaint.stopwatch import Stopwatch
-
-    if warm_up:
-        function()  # warm-up (and compile, or the CUDA graph's recording, at a new shape)
-    times, value = [], None
-    for _ in range(runs):
-        watch = Stopwatch(device)
-        with watch.time("run"):
-            value = function()
-        times.append(1000 * watch.read()["run"])
-    return statistics.median(times), value
-
-
 def _load(folder: Path, device: torch.device, dtype: torch.dtype, fast: bool = True, **options):
     """Our pipeline as the service loads it, and its fast path (installed, and warmed up on a GPU);
     `options` are FastPath's (compile, cuda_graphs, cache_dir)."""
@@ -612,7 +599,7 @@ def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int
     crop = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((512, 512))
     figures = []
     for count in (1, 4):
-        milliseconds, _ = _time(lambda: checker.flags([crop] * count), device, runs)
+        milliseconds, _ = median_ms(lambda: checker.flags([crop] * count), device, runs)
         figures.append(f"{milliseconds:.1f} ms for {count} output(s) ({milliseconds / count:.1f} ms each)")
     return "; ".join(figures)
 
@@ -624,8 +611,6 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
     prediction through HTTP and `repeats` more: wall time at the client and the first two's own stage
     timings. `figures`, if given, receives ready_s, first_ms and second_ms, and, of the repeats,
     steady_ms (the median at the client) and steady_stages_ms (each stage's median as the server timed it)."""
-    from load import median_stages
-
     figures = {} if figures is None else figures
     try:
         sys.path.insert(0, str(ROOT / "script"))
@@ -695,7 +680,7 @@ def bench_levers(folder: Path, fast, fast_path, device: torch.device, dtype: tor
 
     def timed(pipe, scheduler: str = "DPMSolverMultistep") -> float:
         run_job = dataclasses.replace(job, scheduler=scheduler)
-        milliseconds, _ = _time(lambda: ours.generate(pipe, [image], [mask], run_job), device, runs)
+        milliseconds, _ = median_ms(lambda: ours.generate(pipe, [image], [mask], run_job), device, runs)
         return milliseconds
 
     rows = []
@@ -767,7 +752,7 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         before = stats(device)
         each: list[float] = []
         for _ in range(2 * runs):  # twice the runs: these rows decide the 400 ms target; their spread is printed
-            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, stages, fast=path,
+            milliseconds, painted = median_ms(lambda: ours.generate(pipe, [image], [mask], job, stages, fast=path,
                                                                 empty_prompt=empty_prompt), device, 1, warm_up=False)
             each.append(milliseconds)
         after = stats(device)
@@ -793,7 +778,7 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         workers = path.compiled_parts
         during, uncompiled, unet_at = [], None, None
         while not all(worker.wait(0) for worker in workers) and time.monotonic() < deadline:
-            milliseconds, painted = _time(lambda: ours.generate(pipe, [image], [mask], job, fast=path), device, runs=1,
+            milliseconds, painted = median_ms(lambda: ours.generate(pipe, [image], [mask], job, fast=path), device, runs=1,
                                           warm_up=False)
             during.append(milliseconds)
             uncompiled = uncompiled or painted  # the first: surely before the take-up (the last may be after it)
@@ -896,11 +881,11 @@ def bench_shape(reference, fast, device, size: int, count: int, steps: int, runs
     # Both pipelines sit on the GPU at once: each one's peak leaves out what only the other holds.
     reference_weights = _weight_bytes(reference)
     before = _reset_peak(device)
-    reference_ms, reference_images = _time(run_reference, device, runs)
+    reference_ms, reference_images = median_ms(run_reference, device, runs)
     reference_peak, _ = _peak(device, foreign=before - reference_weights)
     _free_cache(device)  # ours starts from what the process would hold between its own predictions
     _reset_peak(device)
-    ours_ms, our_images = _time(run_ours, device, runs)
+    ours_ms, our_images = median_ms(run_ours, device, runs)
     ours_peak, ours_reserved = _peak(device, foreign=reference_weights)
     psnr = min(_psnr(a, b) for a, b in zip(reference_images, our_images))
     agreement = f"PSNR {psnr:.1f} dB"
@@ -918,7 +903,7 @@ def bench_memory_only(fast, device, size: int, count: int, steps: int) -> list[o
     job = _job(count, steps)
     _free_cache(device)  # the CUDA graphs recorded so far stay, as they would in a running server
     _reset_peak(device)
-    milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], job), device, runs=1, warm_up=False)
+    milliseconds, _ = median_ms(lambda: ours.generate(fast, [image], [mask], job), device, runs=1, warm_up=False)
     peak, reserved = _peak(device)
     return [f"{size}x{size} x{count} (ours only, one run, no warm-up)", "-", f"{milliseconds:.0f}", "-",
             f"- / {peak:.2f} ({reserved:.2f})", "-"]
@@ -957,7 +942,7 @@ def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: in
             image, mask = _inputs(size)
             job = _job(1, steps)
             timings: dict[str, float] = {}
-            milliseconds, _ = _time(lambda: ours.generate(pipe, [image], [mask], job, timings), device,
+            milliseconds, _ = median_ms(lambda: ours.generate(pipe, [image], [mask], job, timings), device,
                                     runs if size <= 512 else 2)
             rows.append([label, f"{size}x{size}", f"{milliseconds:.0f}",
                          *(f"{1000 * timings.get(stage, float('nan')):.0f}" for stage in ("denoise", "vae_encode", "vae_decode"))])
@@ -1098,7 +1083,7 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
             _progress(" | ".join(rows[-1]))
     graph_memory = _graph_memory(fast_path)
     _progress(f"CUDA graphs after the shapes: {graph_memory[0]}")
-    del reference
+    reference = None
     _free_cache(device)
     if memory_shape:
         row = _section("memory", bench_memory_only, fast, device, *memory_shape, steps)
@@ -1107,9 +1092,9 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
             _progress(" | ".join(rows[-1]))
     levers = _section("levers", bench_levers, folder, fast, fast_path, device, dtype, runs, steps, tiny) or []
     baseline = float(levers[0][1]) if levers else float("nan")
-    del fast
+    fast = None
     ours.release_memory(device, fast_path)
-    del fast_path
+    fast_path = None
     cold = "not measured on tiny weights" if tiny else _cold_start(folder, predict=True)
     _progress(f"cold start: {cold}")
     safety = _section("safety", _safety_on, folder, device, dtype, runs)
@@ -1146,17 +1131,23 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
 
 
 def _every_shape(folder: Path, device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]], steps: int,
-                 runs: int, reference_ms: float) -> tuple[list[list[str]], dict[str, float], tuple[str, float | None]]:
-    """Ours uncompiled at each shape, steady state (one warm-up each records its CUDA graph): the table's
-    rows, shapes_ms, and the CUDA graphs' memory after them."""
+                 runs: int, reference_ms: float,
+                 deadline: float = float("inf")) -> tuple[list[list[str]], dict[str, float], tuple[str, float | None]]:
+    """Ours uncompiled at each shape, steady state (one warm-up each records its CUDA graph), no shape
+    begun after `deadline` (time.monotonic()): the table's rows, shapes_ms, and the CUDA graphs' memory
+    after them. A shape not measured has a row that says so, and no entry in shapes_ms."""
     from inpaint import pipeline as ours
 
     fast, fast_path = _load(folder, device, dtype)
     empty_prompt = ours.EmptyPrompt()  # as the service holds it
     rows, shapes_ms = [], {}
-    for width, height in shapes:
+    for index, (width, height) in enumerate(shapes):
+        if time.monotonic() >= deadline:  # the run's figures are written only at its end: end it in time
+            rows += [[f"{w}x{h}", "not measured: the run's --budget was spent", ""] for w, h in shapes[index:]]
+            _progress(f"budget spent: {len(shapes) - index} of {len(shapes)} shapes not measured")
+            break
         image, mask = _inputs(width, height)
-        milliseconds, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, steps), empty_prompt=empty_prompt),
+        milliseconds, _ = median_ms(lambda: ours.generate(fast, [image], [mask], _job(1, steps), empty_prompt=empty_prompt),
                                 device, runs)
         shapes_ms[f"{width}x{height}"] = round(milliseconds, 1)
         rows.append([f"{width}x{height}", f"{milliseconds:.0f}", f"{milliseconds / reference_ms:.2f}"])
@@ -1166,7 +1157,7 @@ def _every_shape(folder: Path, device: torch.device, dtype: torch.dtype, shapes:
     return rows, shapes_ms, graph_memory
 
 
-def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
+def run_every_shape(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[str, dict]:
     """Every automatic working shape (geometry.automatic_working_sizes; the first three on tiny weights),
     ours at steady state after one warm-up each (which records that shape's CUDA graph), beside diffusers'
     reference at 512x512 timed in the same run; then the memory the CUDA graphs hold. Ours is the fast
@@ -1180,13 +1171,13 @@ def run_every_shape(runs: int, tiny: bool) -> tuple[str, dict]:
     shapes, steps = (geometry.automatic_working_sizes()[:3], 3) if tiny else (geometry.automatic_working_sizes(), 50)
     reference = _reference(folder, device, dtype)
     image, mask = _inputs(512)
-    reference_ms, _ = _time(lambda: reference(
+    reference_ms, _ = median_ms(lambda: reference(
         prompt=_job(1, steps).prompt, image=image, mask_image=mask, height=512, width=512, num_inference_steps=steps,
         guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(42)).images, device, runs)
     _progress(f"reference 512x512 x1: {reference_ms:.0f} ms")
     reference = None
     _free_cache(device)
-    rows, shapes_ms, graph_memory = _every_shape(folder, device, dtype, shapes, steps, runs, reference_ms)
+    rows, shapes_ms, graph_memory = _every_shape(folder, device, dtype, shapes, steps, runs, reference_ms, started + budget)
     _progress(f"whole run {time.monotonic() - started:.0f} s")
     title = "Every automatic working shape, smoke test on tiny weights (not a measurement)" if tiny else "Every automatic working shape"
     report = (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
@@ -1213,8 +1204,6 @@ def _bake(folder: Path, size: int) -> tuple[str, float]:
 def _our_stages(pipe, fast_path, size: int, steps: int, runs: int) -> dict[str, float]:
     """Each model stage's median over `runs` predictions at size x size in this process, ms, as
     pipeline.generate times them for the server's metrics (text_encode, vae_encode, denoise, vae_decode)."""
-    from load import median_stages
-
     from inpaint import pipeline as ours
 
     image, mask = _inputs(size)
@@ -1226,13 +1215,14 @@ def _our_stages(pipe, fast_path, size: int, steps: int, runs: int) -> dict[str, 
     return median_stages(timings)
 
 
-def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
+def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[str, dict]:
     """Every figure issue 20's targets name, in one device run: script/bake-compiled at 512x512 (64x64 on
     tiny weights); a fresh server that loads the baked parts, the checker on (cold_start_s, fresh_first_ms,
     and http_e2e_ms: the median at the client of `runs` predictions after the first, with the server's
     stage medians, http_stages_ms); then in this process diffusers' reference and the default path on the
     shipped parts at that size (reference_ms, default_ms, psnr_db, and its stage medians, default_stages_ms,
-    to set beside the server's), and every automatic working shape uncompiled (shapes_ms, graphs_gib)."""
+    to set beside the server's), part 4's candidates (bench/candidates.py), and every automatic working
+    shape uncompiled (shapes_ms, graphs_gib), none begun `budget` seconds after the start."""
     from inpaint import geometry
     from inpaint import pipeline as ours
     from inpaint.fastpath import artifact
@@ -1247,7 +1237,8 @@ def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
     except RuntimeError as error:
         return f"## Issue 20's figures: {machine()}\n\n{error}", {}
     served: dict = {}
-    text = _cold_start(folder, predict=True, env={"INPAINT_COMPILED_MANIFEST_SHA256": pin}, figures=served, repeats=runs)
+    text = _cold_start(folder, predict=True, env={"INPAINT_COMPILED_MANIFEST_SHA256": pin}, figures=served, repeats=runs,
+                       size=size, steps=steps)
     _progress(f"fresh server with the shipped parts: {text}")
     reference = _reference(folder, device, dtype)
     fast, fast_path = _load(folder, device, dtype, compile="background", cache_dir=Path(tempfile.mkdtemp()),
@@ -1256,11 +1247,13 @@ def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
     _progress(" | ".join(map(str, row)))
     stages = _section("stages", _our_stages, fast, fast_path, size, steps, runs) or {}
     _progress(f"ours, each stage's median in this process, ms: {stages}")
-    del reference, fast
+    tried = _section("candidates", _candidates, folder, reference, fast, fast_path, device, dtype, size, steps, runs) or {}
+    reference = fast = None
     ours.release_memory(device, fast_path)
-    del fast_path
+    fast_path = None
     _free_cache(device)
-    rows, shapes_ms, graph_memory = _every_shape(folder, device, dtype, shapes, steps, runs, _number(row[1]) or float("nan"))
+    rows, shapes_ms, graph_memory = _every_shape(folder, device, dtype, shapes, steps, runs, _number(row[1]) or float("nan"),
+                                                 started + budget)
     _progress(f"whole run {time.monotonic() - started:.0f} s")
     title = "Issue 20's figures, smoke test on tiny weights (not a measurement)" if tiny else "Issue 20's figures"
     report = (f"## {title}: {machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
@@ -1270,13 +1263,46 @@ def run_targets(runs: int, tiny: bool) -> tuple[str, dict]:
               + table(["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], [row])
               + "\n\nOurs in this process, each model stage's median, ms (the server's are above): "
               + ", ".join(f"{stage} {ms:.0f}" for stage, ms in stages.items())
+              + "\n\nPart 4's candidates, each beside what runs today (bench/candidates.py):\n\n"
+              + (candidates.report(tried) if tried else "not measured (the section failed; its error is above)")
               + "\n\nEvery automatic working shape, ours uncompiled:\n\n"
               + table(["working shape", "ours ms", "ratio to the reference"], rows)
               + f"\n\nCUDA graphs kept after them: {graph_memory[0]}")
     return report, {"reference_ms": _number(row[1]), "default_ms": _number(row[2]), "psnr_db": _psnr_of(row[5]),
                     "shapes_ms": shapes_ms, "fresh_first_ms": served.get("first_ms"), "http_e2e_ms": served.get("steady_ms"),
                     "http_stages_ms": served.get("steady_stages_ms"), "default_stages_ms": stages,
-                    "cold_start_s": served.get("ready_s"), "graphs_gib": graph_memory[1], "bake_s": round(bake_s, 1)}
+                    "cold_start_s": served.get("ready_s"), "graphs_gib": graph_memory[1], "bake_s": round(bake_s, 1),
+                    "candidates": tried or None}
+
+
+def _candidates(folder: Path, reference, fast, fast_path, device: torch.device, dtype: torch.dtype, size: int,
+                steps: int, runs: int) -> dict:
+    """bench/candidates.py's figures at size x size, with the safety checker loaded for them and freed after."""
+    from inpaint.safety import SafetyChecker
+
+    checker = SafetyChecker.load(folder, device, dtype)
+    image, mask = _inputs(size)
+    figures = candidates.measure(reference, fast, fast_path, checker, device, dtype, image, mask, _job(1, steps), runs)
+    _progress("candidates:\n" + candidates.report(figures))
+    return figures
+
+
+def run_candidates(runs: int, tiny: bool) -> tuple[str, dict]:
+    """Part 4's candidates alone (bench/candidates.py), on the default fast path uncompiled: a short run."""
+    from inpaint import pipeline as ours
+
+    started = time.monotonic()
+    device, dtype = ours.pick_device()
+    folder = _weights(tiny, device)
+    size, steps = (64, 3) if tiny else (512, 50)
+    reference = _reference(folder, device, dtype)
+    fast, fast_path = _load(folder, device, dtype)
+    figures = _candidates(folder, reference, fast, fast_path, device, dtype, size, steps, runs)
+    _progress(f"whole run {time.monotonic() - started:.0f} s")
+    title = "Part 4's candidates, smoke test on tiny weights (not a measurement)" if tiny else "Part 4's candidates"
+    return (f"## {title}: {machine()}\n\nAt {size}x{size}, {steps} steps; ours is the fast path uncompiled; per-call "
+            f"figures are medians of 20 calls, stages medians of {runs} predictions:\n\n" + candidates.report(figures)), {
+        "candidates": figures}
 
 
 def run_shipped(tiny: bool) -> tuple[str, dict]:
@@ -1307,12 +1333,12 @@ def run_compile_only(runs: int, budget: float) -> tuple[str, dict]:
     folder = build_full_size(CACHE / "full-size-weights", device=device)
     fast, fast_path = _load(folder, device, dtype)
     image, mask = _inputs(512)
-    baseline, _ = _time(lambda: ours.generate(fast, [image], [mask], _job(1, 50), empty_prompt=ours.EmptyPrompt()), device, runs)
+    baseline, _ = median_ms(lambda: ours.generate(fast, [image], [mask], _job(1, 50), empty_prompt=ours.EmptyPrompt()), device, runs)
     rows = [["fast path uncompiled (the default until its compiled parts are ready)", f"{baseline:.0f}", "1.00"]]
     _progress("lever: " + " | ".join(rows[-1]))
     fast = None
     ours.release_memory(device, fast_path)
-    del fast_path
+    fast_path = None
     rows += _section("compile", bench_compile, folder, device, dtype, runs, 50, baseline, started + budget) or []
     _progress(f"whole run {time.monotonic() - started:.0f} s")
     return (f"## Compiled rows only: {machine()}\n\n512x512 x1, 50 steps, guidance 7.5, DPMSolverMultistep, our prediction "
@@ -1344,12 +1370,17 @@ def main() -> int:
     parser.add_argument("--targets", action="store_true",
                         help="GPU: every figure issue 20's targets name, in one run (bake, fresh server, reference, "
                              "default, every shape)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="GPU: issue 20 part 4's candidates beside what runs today (text encoder and checker as CUDA "
+                             "graphs, SDPA backends, predictions on other threads); also part of --targets")
     parser.add_argument("--every-shape", action="store_true",
                         help="GPU: every automatic working shape, uncompiled, beside the reference at 512x512")
     parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
-                        help="GPU: seconds from the start after which no compile lever begins")
+                        help="GPU: seconds from the start after which no compile lever (nor, with --targets or "
+                             "--every-shape, no working shape) begins, so that the run ends and writes its figures "
+                             "within the device's time")
     parser.add_argument("--no-record", action="store_true",
                         help="do not append to bench/RESULTS.md nor write bench/results/*.json")
     args = parser.parse_args()
@@ -1369,9 +1400,11 @@ def main() -> int:
     elif args.shipped:
         (report, figures), mode = run_shipped(args.tiny), "shipped"
     elif args.targets:
-        (report, figures), mode = run_targets(args.runs, args.tiny), "targets"
+        (report, figures), mode = run_targets(args.runs, args.tiny, args.budget), "targets"
+    elif args.candidates:
+        (report, figures), mode = run_candidates(args.runs, args.tiny), "candidates"
     elif args.every_shape:
-        (report, figures), mode = run_every_shape(args.runs, args.tiny), "every-shape"
+        (report, figures), mode = run_every_shape(args.runs, args.tiny, args.budget), "every-shape"
     elif args.compile_only:
         (report, figures), mode = run_compile_only(args.runs, args.budget), "compile-only"
     elif torch.cuda.is_available() or args.tiny:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "script"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cogserver import CogServer, concurrency_max  # noqa: E402
+from timing import median_stages  # noqa: E402
 
 RETRY_409_SECONDS = 0.02
 
@@ -171,12 +172,6 @@ def measure(server: CogServer, body: dict, clients: int, seconds: float, arrival
         "refused_409": loaded.refused,
         "inputs": {key: value for key, value in body.items() if key not in ("image", "mask")},
     }
-
-
-def median_stages(timings: list[dict[str, float]]) -> dict[str, float]:
-    """Each stage's median over the predictions, in ms, from the server's own timings (metrics.timings)."""
-    stages = sorted({stage for timing in timings for stage in timing})
-    return {stage: round(1000 * statistics.median(timing.get(stage, 0.0) for timing in timings), 1) for stage in stages}
 
 
 def report(throughput: dict, machine: str = "") -> str:

@@ -68,6 +68,20 @@ def test_bench_every_shape_smoke_test_times_the_automatic_shapes_beside_the_refe
     assert figures["graphs_gib"] is None and "CUDA graphs kept after them: none recorded" in run.stdout  # the CPU
 
 
+def test_every_shape_begins_no_shape_once_the_runs_budget_is_spent(tiny_weights, monkeypatch):
+    """--targets and --every-shape write their figures only at the end, so a device run must end in time:
+    past its deadline no shape is begun, and each one left is a row that says so, with no figure."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench
+
+    shapes = [(64, 64), (64, 128)]
+    rows, shapes_ms, graph_memory = bench._every_shape(tiny_weights, torch.device("cpu"), torch.float32, shapes, 2, 1,
+                                                       100.0, deadline=time.monotonic())
+    assert shapes_ms == {} and graph_memory == ("none recorded", None)
+    assert rows == [["64x64", "not measured: the run's --budget was spent", ""],
+                    ["64x128", "not measured: the run's --budget was spent", ""]]
+
+
 def test_bench_parts_smoke_test_prints_each_combination():
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench.py"), "--parts", "--tiny", "--runs", "1", "--no-record"],
@@ -180,6 +194,52 @@ def test_our_stage_medians_in_process_are_the_model_stages_the_server_reports(in
     stages = bench._our_stages(inpainter.pipe, inpainter.fast, 64, 2, 3)
     assert set(stages) == {"text_encode", "vae_encode", "denoise", "vae_decode"}
     assert all(ms > 0 for ms in stages.values())
+
+
+def test_part_4s_candidates_are_each_timed_beside_what_runs_today(inpainter, tiny_weights, monkeypatch):
+    """bench/candidates.py on the tiny model, on the CPU: the text encoder and the checker's tower timed
+    eager, their CUDA graph rows saying why they are not measured here; diffusers' UNet under torch's
+    own attention kernel and under each SDPA backend, each timed with its output's distance from torch's
+    choice or refused with torch's own reason; and the model stages with predictions on this thread, on
+    one worker thread and on a new thread each."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench
+    import candidates
+
+    cpu = torch.device("cpu")
+    reference = bench._reference(tiny_weights, cpu, torch.float32)
+    image, mask = bench._inputs(64)
+    figures = candidates.measure(reference, inpainter.pipe, inpainter.fast, inpainter.safety, cpu, torch.float32, image,
+                                 mask, bench._job(1, 2), runs=2, calls=3)
+    for name in ("text_encoder", "safety_tower"):
+        assert figures[name] == {"eager_ms": figures[name]["eager_ms"], "graph_ms": None, "why": "CUDA graphs need a GPU"}
+        assert figures[name]["eager_ms"] > 0
+    sdpa = figures["sdpa_unet_ms"]
+    assert list(sdpa) == ["default", "flash_attention", "efficient_attention", "cudnn_attention", "math"]
+    assert sdpa["default"]["ms"] > 0 and 0 < sdpa["math"]["ms"] and sdpa["math"]["relative_error"] < 1e-4
+    refused = [entry for entry in sdpa.values() if entry["ms"] is None]
+    assert refused and all("No viable backend" in entry["why"] for entry in refused)  # torch's words on the CPU
+    assert all(entry["relative_error"] < 1e-4 for entry in sdpa.values() if entry.get("ms") and "relative_error" in entry)
+    stages = figures["thread_stages_ms"]
+    assert list(stages) == ["this_thread", "one_worker_thread", "new_thread_each"]
+    for medians in stages.values():
+        assert set(medians) == {"text_encode", "vae_encode", "denoise", "vae_decode"} and all(ms > 0 for ms in medians.values())
+    text = candidates.report(figures)
+    assert "| text encoder 1x77: eager / CUDA graph |" in text and "| CUDA graphs need a GPU |" in text
+    assert "| UNet call, SDPA math |" in text and "| new thread each |" in text
+    assert json.loads(json.dumps(figures)) == figures  # as bench/results/*.json holds it
+
+
+def test_bench_candidates_smoke_test_prints_its_tables_and_figures():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--candidates", "--tiny", "--runs", "1", "--no-record"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| candidate | ms per call | relative error, or why not measured |" in run.stdout
+    assert "| predictions run on | denoise | text_encode | vae_decode | vae_encode |" in run.stdout
+    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    assert set(figures["candidates"]) == {"text_encoder", "safety_tower", "sdpa_unet_ms", "thread_stages_ms"}
 
 
 def test_load_bench_records_http_e2e_ms_only_in_the_setting_issue_20_names(monkeypatch):
