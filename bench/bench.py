@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from fullsize import build_full_size, size_report  # noqa: E402
 import candidates  # noqa: E402
+import gil  # noqa: E402
 from timing import median_ms, median_stages  # noqa: E402
 
 from inpaint.weights import cache_root, manifest_pin  # noqa: E402
@@ -610,7 +611,8 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
     and where setup spent them (its own log line). With `predict`, also the first `size`x`size`
     prediction through HTTP and `repeats` more: wall time at the client and the first two's own stage
     timings. `figures`, if given, receives ready_s, first_ms and second_ms, and, of the repeats,
-    steady_ms (the median at the client) and steady_stages_ms (each stage's median as the server timed it)."""
+    steady_ms (the median at the client), steady_stages_ms (each stage's median as the server timed it)
+    and steady_gil (which of the server worker's threads held the GIL meanwhile: bench/gil.py)."""
     figures = {} if figures is None else figures
     try:
         sys.path.insert(0, str(ROOT / "script"))
@@ -637,13 +639,21 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
         # without shipped parts, the server compiles the parts at this size beside these predictions
         beside = "" if (env or {}).get("INPAINT_COMPILED_MANIFEST_SHA256") else "; on a GPU the compile worker is busy meanwhile"
         done = []  # (ms at the client, the server's timings) of each prediction that succeeded
-        for number in range(1, 2 + repeats):
+
+        def run(number: int) -> bool:
+            nonlocal text
             begin = time.monotonic()
             status, response = server.predict(body)
             if status != 200 or response.get("status") != "succeeded":
                 text += f"; prediction {number} failed: {status} {str(response)[:300]}"
-                break
+                return False
             done.append((1000 * (time.monotonic() - begin), response["metrics"]["timings"]))
+            return True
+
+        if run(1):
+            with gil.GilSampler(gil.worker(server.process.pid)) as holders:  # who else takes the GIL meanwhile
+                all(run(number) for number in range(2, 2 + repeats))
+            figures["steady_gil"] = holders.figures()
         for attempt, (milliseconds, timings) in zip(("first", "second"), done):
             figures[f"{attempt}_ms"] = round(milliseconds, 1)
             stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in timings.items())
@@ -654,7 +664,7 @@ def _cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None 
             figures["steady_stages_ms"] = median_stages([timings for _, timings in later])
             stages = ", ".join(f"{k} {v:.0f}" for k, v in figures["steady_stages_ms"].items())
             text += (f"; the median of the {len(later)} after the first {figures['steady_ms']:.0f} ms (each stage's "
-                     f"median, ms: {stages})")
+                     f"median, ms: {stages}); during them {holders.text()}")
         return text
     except Exception as error:  # report, do not lose the rest of the table
         return f"failed: {error}; log tail: {log.read_text(errors='replace')[-1500:] if log.exists() else ''}"
@@ -1271,6 +1281,7 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
     return report, {"reference_ms": _number(row[1]), "default_ms": _number(row[2]), "psnr_db": _psnr_of(row[5]),
                     "shapes_ms": shapes_ms, "fresh_first_ms": served.get("first_ms"), "http_e2e_ms": served.get("steady_ms"),
                     "http_stages_ms": served.get("steady_stages_ms"), "default_stages_ms": stages,
+                    "http_gil": served.get("steady_gil"),
                     "cold_start_s": served.get("ready_s"), "graphs_gib": graph_memory[1], "bake_s": round(bake_s, 1),
                     "candidates": tried or None}
 

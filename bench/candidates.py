@@ -6,8 +6,10 @@ before any of them becomes a code path (a second path is kept only when it wins 
 - the UNet's attention under each SDPA backend (torch.nn.attention.sdpa_kernel), on diffusers' own UNet
   at the 512x512 call shape, against torch's own choice, with each one's output against that choice's;
 - where a prediction runs: each model stage's median with every prediction on this thread, on one
-  worker thread used again and again (as asyncio.to_thread's pool does in the server), and on a new
-  thread each time (whether per-thread state explains the stages the server times slower).
+  worker thread used again and again (as asyncio.to_thread's pool does in the server), on a new
+  thread each time (whether per-thread state explains the stages the server times slower), and on
+  this thread while another thread runs Python without a pause (whether a busy thread beside it, taking
+  the GIL between the launches of eager stages, could).
 
 On the CPU the graph rows say why they are not measured; the rest runs (the smoke test's).
 """
@@ -116,7 +118,7 @@ def sdpa_backends(unet, device: torch.device, dtype: torch.dtype, size: int, cal
 
 def thread_stages(pipe, fast_path, image, mask, job, runs: int) -> dict[str, dict[str, float]]:
     """Each model stage's median (ms) over `runs` predictions (after one untimed), run on this thread, on
-    one worker thread again and again, and on a new thread each time."""
+    one worker thread again and again, on a new thread each time, and on this thread beside a busy one."""
     from inpaint import pipeline as ours
 
     empty_prompt = ours.EmptyPrompt()
@@ -135,10 +137,26 @@ def thread_stages(pipe, fast_path, image, mask, job, runs: int) -> dict[str, dic
             raise RuntimeError("the prediction on a new thread failed (its traceback is above)")
         return result[0]
 
+    def beside_busy_python() -> dict[str, float]:
+        done = threading.Event()
+
+        def spin() -> None:  # pure Python: it holds the GIL until the interpreter makes it yield
+            count = 0
+            while not done.is_set():
+                count += 1
+
+        neighbour = threading.Thread(target=spin, name="candidate-busy", daemon=True)
+        neighbour.start()
+        try:
+            return predict()
+        finally:
+            done.set()
+            neighbour.join()
+
     figures = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="candidate-pool") as pool:
         for where, run in (("this_thread", predict), ("one_worker_thread", lambda: pool.submit(predict).result()),
-                           ("new_thread_each", on_new_thread)):
+                           ("new_thread_each", on_new_thread), ("beside_a_busy_python_thread", beside_busy_python)):
             run()
             figures[where] = median_stages([run() for _ in range(runs)])
     return figures

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,13 +178,45 @@ def test_a_fresh_server_is_timed_to_ready_and_through_each_prediction_with_the_s
 
     figures: dict = {}
     text = bench._cold_start(tiny_weights, predict=True, figures=figures, repeats=3, size=64, steps=2)
-    assert set(figures) == {"ready_s", "first_ms", "second_ms", "steady_ms", "steady_stages_ms"}, text
+    assert set(figures) == {"ready_s", "first_ms", "second_ms", "steady_ms", "steady_stages_ms", "steady_gil"}, text
     assert "first 64x64 prediction through HTTP" in text and "second 64x64 prediction through HTTP" in text
     assert "the median of the 3 after the first" in text and "each stage's median" in text
     assert figures["ready_s"] > 0 and figures["first_ms"] > 0 and figures["steady_ms"] > 0
     stages = figures["steady_stages_ms"]  # the server's own metrics.timings, in ms
     assert {"decode", "text_encode", "vae_encode", "denoise", "vae_decode", "safety", "encode"} <= set(stages)
     assert 0 < stages["denoise"] < figures["steady_ms"]
+    # py-spy (requirements-dev.txt) sampled the server's worker: the predictions ran on asyncio's own pool
+    # (asyncio.to_thread), whose threads Python names asyncio_N, and that thread held the GIL the most.
+    holders = figures["steady_gil"]
+    assert set(holders) == {"seconds", "held", "by_thread"}, holders
+    assert 0 < holders["held"] <= 1 and holders["seconds"] > 0
+    assert next(iter(holders["by_thread"])).startswith("asyncio_"), holders
+    assert "during them the GIL was held in" in text and "by: asyncio_" in text
+
+
+def test_the_gil_sampler_names_the_thread_that_holds_the_gil_in_another_process(monkeypatch):
+    """bench/gil.py with py-spy on a real process: one thread runs Python without a pause while the main
+    thread sleeps, so that thread holds the GIL in nearly every sample, and it is named."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gil
+
+    code = ("import threading, time\n"
+            "def spin():\n    while True: pass\n"
+            "threading.Thread(target=spin, name='spinner', daemon=True).start()\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        with gil.GilSampler(process.pid) as sampler:
+            time.sleep(2)
+    finally:
+        process.kill()
+        process.wait()
+    figures = sampler.figures()
+    assert figures["seconds"] >= 2 and figures["held"] > 0.5, figures
+    assert list(figures["by_thread"]) == ["spinner"], figures
+    assert sampler.text().endswith("by: spinner 100%")
+    assert gil.GilSampler(None).__enter__().figures() == {"error": "no process to sample"}
 
 
 def test_our_stage_medians_in_process_are_the_model_stages_the_server_reports(inpainter, monkeypatch):
@@ -221,12 +254,13 @@ def test_part_4s_candidates_are_each_timed_beside_what_runs_today(inpainter, tin
     assert refused and all("No viable backend" in entry["why"] for entry in refused)  # torch's words on the CPU
     assert all(entry["relative_error"] < 1e-4 for entry in sdpa.values() if entry.get("ms") and "relative_error" in entry)
     stages = figures["thread_stages_ms"]
-    assert list(stages) == ["this_thread", "one_worker_thread", "new_thread_each"]
+    assert list(stages) == ["this_thread", "one_worker_thread", "new_thread_each", "beside_a_busy_python_thread"]
     for medians in stages.values():
         assert set(medians) == {"text_encode", "vae_encode", "denoise", "vae_decode"} and all(ms > 0 for ms in medians.values())
     text = candidates.report(figures)
     assert "| text encoder 1x77: eager / CUDA graph |" in text and "| CUDA graphs need a GPU |" in text
-    assert "| UNet call, SDPA math |" in text and "| new thread each |" in text
+    assert "| UNet call, SDPA math |" in text and "| new thread each |" in text and "| beside a busy python thread |" in text
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("candidate-")]  # none left running
     assert json.loads(json.dumps(figures)) == figures  # as bench/results/*.json holds it
 
 
