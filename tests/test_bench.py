@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity
 
@@ -81,6 +83,53 @@ def test_every_shape_begins_no_shape_once_the_runs_budget_is_spent(tiny_weights,
     assert shapes_ms == {} and graph_memory == ("none recorded", None)
     assert rows == [["64x64", "not measured: the run's --budget was spent", ""],
                     ["64x128", "not measured: the run's --budget was spent", ""]]
+
+
+def test_a_bake_that_does_not_end_in_its_time_is_stopped_with_its_compile_processes(tiny_weights, tmp_path, monkeypatch):
+    """--targets gives the bake half its budget: past that, the bake is stopped, and so is the compile
+    process it had started (each watches its parent), and the run goes on without it."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench
+
+    folder, scratch = tmp_path / "weights", tmp_path / "tmp"
+    shutil.copytree(tiny_weights, folder)  # whatever the stopped bake leaves stays out of the shared weights
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the bake's compile folder, and so its processes' --out, lie here
+
+    def compiling() -> list[str]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "inpaint.fastpath.compiler" in text and str(scratch) in text:
+                found.append(text)
+        return found
+
+    seen, baking = [], threading.Event()
+
+    def watch() -> None:
+        while baking.is_set():
+            seen.extend(compiling()[:1])
+            time.sleep(0.2)
+
+    baking.set()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"^the bake did not end within 30 s and was stopped$"):
+            bench._bake(folder, 64, timeout=30)  # a compile of the tiny UNet takes minutes here
+    finally:
+        baking.clear()
+        watcher.join()
+    assert time.monotonic() - started < 60
+    assert seen, "the bake had started no compile process in 30 s"
+    deadline = time.monotonic() + 10
+    while compiling() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert compiling() == []
 
 
 def test_bench_parts_smoke_test_prints_each_combination():
