@@ -9,7 +9,9 @@ before any of them becomes a code path (a second path is kept only when it wins 
   worker thread used again and again (as asyncio.to_thread's pool does in the server), on a new
   thread each time (whether per-thread state explains the stages the server times slower), and on
   this thread while another thread runs Python without a pause (whether a busy thread beside it, taking
-  the GIL between the launches of eager stages, could).
+  the GIL between the launches of eager stages, could);
+- predictions beside the compile worker's loads of a compiled part, free as before and in turns as now
+  (inpaint/fastpath/turns.py), when a compiled UNet is in use (--targets, on the shipped parts).
 
 On the CPU the graph rows say why they are not measured; the rest runs (the smoke test's).
 """
@@ -17,7 +19,9 @@ On the CPU the graph rows say why they are not measured; the rest runs (the smok
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 
@@ -162,6 +166,55 @@ def thread_stages(pipe, fast_path, image, mask, job, runs: int) -> dict[str, dic
     return figures
 
 
+def beside_loads(pipe, fast_path, image, mask, job, runs: int) -> dict[str, object]:
+    """Predictions (each stage's median, and `wall`: the whole call, any wait for a turn included) alone, then
+    while another thread loads the UNet's compiled part again and again as the compile worker loads one
+    (after READY, the shipped parts at other sizes), freely beside them as before turns.py, and in the
+    worker's turns as now; with the loads done meanwhile and one load's median seconds. None when no
+    compiled UNet is in use (a fast path uncompiled, or none)."""
+    from inpaint import pipeline as ours
+
+    part = fast_path.parts.get("unet") if fast_path is not None else None
+    compiled = part.compiled if part is not None else None
+    keys = [key for key, source in (compiled.sources if compiled is not None else {}).items() if source != "failed"]
+    if not keys:
+        return None
+    path, empty_prompt = compiled._path(keys[0]), ours.EmptyPrompt()
+
+    def predict() -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        begin = time.perf_counter()
+        ours.generate(pipe, [image], [mask], job, seconds, fast=fast_path, empty_prompt=empty_prompt)
+        seconds["wall"] = time.perf_counter() - begin
+        return seconds
+
+    def loads(stop: threading.Event, in_turns: bool, seconds: list[float]) -> None:
+        while not stop.is_set():
+            begin = time.perf_counter()
+            with fast_path.compiler.turns.worker() if in_turns else nullcontext():
+                compiled._load(path)
+            seconds.append(time.perf_counter() - begin)
+
+    figures: dict[str, object] = {}
+    predict()
+    for where in ("alone", "beside_free_loads", "beside_loads_in_turns"):
+        stop, seconds = threading.Event(), []
+        loader = None
+        if where != "alone":
+            loader = threading.Thread(target=loads, args=(stop, where.endswith("turns"), seconds), name="candidate-loads")
+            loader.start()
+        try:
+            figures[where] = median_stages([predict() for _ in range(runs)])
+        finally:
+            stop.set()
+            if loader is not None:
+                loader.join()
+        if loader is not None:
+            figures[where]["loads"] = len(seconds)
+            figures[where]["load_ms"] = round(1000 * sorted(seconds)[len(seconds) // 2], 1) if seconds else None
+    return figures
+
+
 def measure(reference, pipe, fast_path, checker, device: torch.device, dtype: torch.dtype, image, mask, job,
             runs: int, calls: int = 20) -> dict[str, object]:
     """Every candidate above: `reference` is diffusers' pipeline (its UNet for the SDPA backends), `pipe` and
@@ -172,6 +225,7 @@ def measure(reference, pipe, fast_path, checker, device: torch.device, dtype: to
         "safety_tower": safety_tower(checker, device, calls) if checker is not None else None,
         "sdpa_unet_ms": sdpa_backends(reference.unet, device, dtype, size, calls),
         "thread_stages_ms": thread_stages(pipe, fast_path, image, mask, job, runs),
+        "beside_loads_ms": beside_loads(pipe, fast_path, image, mask, job, runs),
     }
 
 
@@ -197,4 +251,14 @@ def report(figures: dict[str, object]) -> str:
     lines += ["| predictions run on | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for where, medians in stages.items():
         lines.append(f"| {where.replace('_', ' ')} | " + " | ".join(f"{medians.get(name, 0):.1f}" for name in names) + " |")
+    lines.append("")
+    loads = figures.get("beside_loads_ms")
+    if not loads:
+        lines.append("Predictions beside the worker's loads: not measured (no compiled UNet in use).")
+        return "\n".join(lines)
+    names = [name for name in loads["alone"] if name not in ("loads", "load_ms")]
+    lines += ["| predictions | " + " | ".join(names) + " | loads meanwhile | one load ms, its wait for a turn included |", "|---" * (len(names) + 3) + "|"]
+    for where, medians in loads.items():
+        lines.append(f"| {where.replace('_', ' ')} | " + " | ".join(f"{medians.get(name, 0):.1f}" for name in names)
+                     + f" | {medians.get('loads', '-')} | {medians.get('load_ms') or '-'} |")
     return "\n".join(lines)

@@ -309,6 +309,8 @@ def test_part_4s_candidates_are_each_timed_beside_what_runs_today(inpainter, tin
     text = candidates.report(figures)
     assert "| text encoder 1x77: eager / CUDA graph |" in text and "| CUDA graphs need a GPU |" in text
     assert "| UNet call, SDPA math |" in text and "| new thread each |" in text and "| beside a busy python thread |" in text
+    assert figures["beside_loads_ms"] is None  # the fast path is off on the CPU: no compiled UNet to load
+    assert "Predictions beside the worker's loads: not measured (no compiled UNet in use)." in text
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("candidate-")]  # none left running
     assert json.loads(json.dumps(figures)) == figures  # as bench/results/*.json holds it
 
@@ -322,7 +324,7 @@ def test_bench_candidates_smoke_test_prints_its_tables_and_figures():
     assert "| candidate | ms per call | relative error, or why not measured |" in run.stdout
     assert "| predictions run on | denoise | text_encode | vae_decode | vae_encode |" in run.stdout
     figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
-    assert set(figures["candidates"]) == {"text_encoder", "safety_tower", "sdpa_unet_ms", "thread_stages_ms"}
+    assert set(figures["candidates"]) == {"text_encoder", "safety_tower", "sdpa_unet_ms", "thread_stages_ms", "beside_loads_ms"}
 
 
 def test_load_bench_records_http_e2e_ms_only_in_the_setting_issue_20_names(monkeypatch):

@@ -10,8 +10,9 @@ the one place that decides how a call runs (`FastPart.run`):
                       (graphs.py), recorded from whichever of the two runs it, keyed apart.
 
 Everything else (extra keyword inputs, autograd, CPU tensors) runs the module's own forward.
-`prediction()` is held around each prediction: it takes up the compiled parts that are ready and
-keeps the compile worker off the GPU. `warm_up` pays CUDA's first-use costs during setup.
+`prediction()` is held around each prediction: it takes up the compiled parts that are ready, and
+the compile worker's own work in this process waits for it to end (turns.py). `warm_up` pays CUDA's
+first-use costs during setup.
 """
 
 from __future__ import annotations
@@ -225,11 +226,12 @@ class FastPath:
 
     @contextmanager
     def prediction(self) -> Iterator[None]:
-        """Around one prediction: take up the compiled parts that are ready, and keep the worker off the GPU."""
+        """Around one prediction: take up the compiled parts that are ready, in a turn of its own (turns.py):
+        the worker's work in this process waits for it to end."""
         if self.compiler is None or not self.parts:
             yield
             return
-        with self.compiler.gpu:
+        with self.compiler.turns.prediction():
             for part in self.compiled_parts:
                 for key in part.adopt():
                     log.info("this prediction uses the compiled %s", describe(part.part, key))

@@ -9,7 +9,8 @@ compile it ahead of time (`torch.compile(...).aot_compile`: a function for exact
 refuses other inputs instead of recompiling) and save it under `cache_dir`, loads it, runs it once
 beside the eager part on the same random inputs, and hands it over only if the two agree. A
 prediction takes up what is ready when it starts, never half-way, so each image comes from one set
-of modules. The worker runs GPU work only between predictions (the Compiler's `gpu` lock).
+of modules. The worker's work in this process (loading, checking, sealing) runs only between
+predictions, in turns (turns.py): beside a prediction it would slow its stages down.
 
 Saved compiled parts (with Inductor's own cache beside them) are keyed by GPU, versions, part,
 config and shape, so a later start on the same kind of machine loads them instead of compiling. A
@@ -46,6 +47,7 @@ from ..config import REPO_ROOT
 from ..stopwatch import Stopwatch
 from .graphs import RETRY_AFTER_CALLS
 from .keys import ShapeKey
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,10 @@ def describe(part: str, key: ShapeKey) -> str:
 class Compiler:
     """The compile worker of one FastPath: one thread for all its parts, started at the first request and
     stopped at exit, because one compile at a time is what a server can afford beside its predictions.
-    `gpu` is held by a prediction, or by the worker while it runs a part on the GPU."""
+    `turns` are taken by each prediction, and by the worker for each piece of its work in this process."""
 
     def __init__(self) -> None:
-        self.gpu = threading.Lock()
+        self.turns = Turns()
         self.children: set[subprocess.Popen] = set()  # compile processes running now
         # (rank, order of asking, part, key); (-1, ...) stops the worker
         self._jobs: queue.PriorityQueue[tuple[int, int, CompiledPart | None, ShapeKey | None]] = queue.PriorityQueue()
@@ -105,9 +107,11 @@ class Compiler:
     def _serve(self) -> None:
         while True:
             first = self._jobs.get()
-            with self.gpu:  # once the running prediction has asked for all it will: the most useful part first
-                self._jobs.put(first)
-                _, _, part, key = self._jobs.get()
+            if first[2] is None or self._exiting.is_set():
+                return
+            self.turns.between()  # once the running prediction has asked for all it will: the most useful part first
+            self._jobs.put(first)
+            _, _, part, key = self._jobs.get()
             if part is None:
                 return
             part.work(key)
@@ -275,22 +279,28 @@ class CompiledPart:
         # a stream of its own: on the default stream it would wait for, and break, a CUDA graph that a
         # prediction is recording at the same moment.
         stream = torch.cuda.stream(torch.cuda.Stream(key.device)) if key.device.startswith("cuda") else nullcontext()
+        turn = self.compiler.turns.worker
         with torch.inference_mode(key.inference), stream:
             compiled, how = None, "loaded"
             if path.exists():
-                try:
-                    compiled = self._load(path)
-                except Exception as error:
-                    aside = cachetrust.move_aside(path)
-                    log.warning("saved compiled %s %s not loaded (%s: %s); moved aside to %s, compiling it again",
-                                PARTS[self.part].name, path.name, type(error).__name__, error, aside.name)
-            if compiled is None:
-                self.compiler.compile_in_child(self, key, path)
+                with turn():
+                    try:
+                        compiled = self._load(path)
+                    except Exception as error:
+                        aside = cachetrust.move_aside(path)
+                        log.warning("saved compiled %s %s not loaded (%s: %s); moved aside to %s, compiling it again",
+                                    PARTS[self.part].name, path.name, type(error).__name__, error, aside.name)
+                    if compiled is not None:
+                        self._check(compiled, key)
+                        _seal_inductor_cache(self.seal)
+                        return compiled, how
+            self.compiler.compile_in_child(self, key, path)  # in another process: no turn
+            with turn():
                 self.seal.seal(path)
-                compiled, how = self._load(path), "compiled"
-            self._check(compiled, key)
-            _seal_inductor_cache(self.seal)
-        return compiled, how
+                compiled = self._load(path)
+                self._check(compiled, key)
+                _seal_inductor_cache(self.seal)
+        return compiled, "compiled"
 
     def _load(self, path: Path):
         """Unpickle a saved part from bytes whose seal checks out (cachetrust.UntrustedCache otherwise)."""
@@ -298,17 +308,17 @@ class CompiledPart:
         return torch.compiler.load_compiled_function(io.BytesIO(data), external_data=_external(self.module))
 
     def _check(self, compiled, key: ShapeKey) -> None:
-        """Run the compiled and the eager part on the same random inputs; refuse the compiled one if they differ."""
-        with self.compiler.gpu:
-            inputs = key.example()
-            if not compiled.guard_check(self.module, *inputs, **self.fixed):
-                raise RuntimeError("its guards refuse the inputs it was made for")
-            ours = first(compiled(self.module, *inputs, **self.fixed))
-            eager = first(self.eager(*inputs, **self.fixed))
-            error = float((ours.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12))
-            del inputs, ours, eager
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # what this check used stays cached for the worker's stream otherwise
+        """Run the compiled and the eager part on the same random inputs; refuse the compiled one if they
+        differ (in the worker's turn: see _obtain)."""
+        inputs = key.example()
+        if not compiled.guard_check(self.module, *inputs, **self.fixed):
+            raise RuntimeError("its guards refuse the inputs it was made for")
+        ours = first(compiled(self.module, *inputs, **self.fixed))
+        eager = first(self.eager(*inputs, **self.fixed))
+        error = float((ours.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12))
+        del inputs, ours, eager
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what this check used stays cached for the worker's stream otherwise
         if not error <= MAX_RELATIVE_ERROR:
             raise RuntimeError(f"it differs from the eager {PARTS[self.part].name} by {error:.2e} (relative L2; at most "
                                f"{MAX_RELATIVE_ERROR} allowed)")

@@ -1,0 +1,89 @@
+"""Turns between predictions and the compile worker's work in this process: predictions first.
+
+A prediction's eager stages launch many small kernels from Python, and each launch takes the GIL
+back when it returns. The worker's work in this process (loading a compiled part, checking it against
+the eager part, sealing the cache) is Python that holds the GIL for long stretches, and beside it a
+prediction's stages ran many times slower (bench/RESULTS.md, "A prediction beside the worker's loads").
+So each piece of that work takes a turn. It waits until no prediction has held a turn or waited for one
+for GRACE seconds; a prediction that arrives during the work waits for that one piece. If predictions
+keep the worker waiting for PATIENCE seconds, it takes the next turn, between two predictions. Under
+steady traffic, what it loads is still taken up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Quiet seconds before the worker starts a piece of work: longer than the hand-over from one request to
+# the next in the service's DeviceQueue, so that a queued prediction is not overtaken at that moment.
+GRACE = 0.25
+# Seconds predictions may keep the worker waiting before it takes the next turn.
+PATIENCE = 10.0
+
+
+class Turns:
+    """One holder at a time: a prediction (`prediction()`) or a piece of the worker's work (`worker()`)."""
+
+    def __init__(self, grace: float = GRACE, patience: float = PATIENCE) -> None:
+        self.grace = grace
+        self.patience = patience
+        self._state = threading.Condition()
+        self._holder: str | None = None  # "prediction" or "worker"
+        self._waiting = 0  # predictions waiting for a turn
+        self._worker_next = False  # the worker has waited its patience: it has the next turn
+        self._released = float("-inf")  # when the last turn ended (time.monotonic)
+
+    @contextmanager
+    def prediction(self) -> Iterator[None]:
+        """Around one prediction: its turn, once no one holds one and the worker is not due."""
+        with self._state:
+            self._waiting += 1
+            try:
+                self._state.wait_for(lambda: self._holder is None and not self._worker_next)
+            finally:
+                self._waiting -= 1
+            self._holder = "prediction"
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def worker(self) -> Iterator[None]:
+        """Around one piece of the worker's work: its turn, once predictions have been quiet for `grace`
+        seconds, or the next turn after `patience` seconds of waiting."""
+        with self._state:
+            deadline = time.monotonic() + self.patience
+            while True:
+                now = time.monotonic()
+                quiet = self._holder is None and self._waiting == 0
+                if quiet and now - self._released >= self.grace:
+                    break
+                if now >= deadline:
+                    self._worker_next = True
+                    try:
+                        self._state.wait_for(lambda: self._holder is None)
+                    finally:
+                        self._worker_next = False
+                    break
+                wake = self._released + self.grace if quiet else deadline
+                self._state.wait(max(0.0, min(wake, deadline) - now))
+            self._holder = "worker"
+        try:
+            yield
+        finally:
+            self._release()
+
+    def between(self) -> None:
+        """Wait until no turn is held (the prediction running now has ended), without taking one."""
+        with self._state:
+            self._state.wait_for(lambda: self._holder is None)
+
+    def _release(self) -> None:
+        with self._state:
+            self._holder = None
+            self._released = time.monotonic()
+            self._state.notify_all()

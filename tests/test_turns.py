@@ -1,0 +1,129 @@
+"""Turns between predictions and the compile worker's work in the server's process (fastpath/turns.py)."""
+
+import random
+import threading
+import time
+from types import SimpleNamespace
+
+from inpaint.fastpath.turns import Turns
+
+
+def _spans() -> tuple[list, threading.Lock]:
+    return [], threading.Lock()
+
+
+def _hold(context, label: str, seconds: float, spans: list, lock: threading.Lock) -> None:
+    with context:
+        start = time.monotonic()
+        time.sleep(seconds)
+        end = time.monotonic()
+    with lock:
+        spans.append((label, start, end))
+
+
+def test_the_worker_waits_for_a_running_prediction_and_then_for_its_grace():
+    turns, (spans, lock) = Turns(grace=0.3, patience=10), _spans()
+    prediction = threading.Thread(target=_hold, args=(turns.prediction(), "prediction", 0.3, spans, lock))
+    prediction.start()
+    time.sleep(0.05)
+    _hold(turns.worker(), "worker", 0.01, spans, lock)
+    prediction.join()
+    (_, _, predicted), (_, started, _) = sorted(spans, key=lambda span: span[0] != "prediction")
+    assert started - predicted >= 0.3  # quiet for its grace after the prediction ended
+    assert started - predicted < 1.0
+
+
+def test_with_nothing_running_the_worker_starts_at_once():
+    turns = Turns(grace=5, patience=10)
+    started = time.monotonic()
+    with turns.worker():
+        assert time.monotonic() - started < 0.5
+
+
+def test_a_prediction_that_arrives_during_a_piece_of_work_waits_for_that_piece_alone():
+    turns, (spans, lock) = Turns(grace=0.05, patience=10), _spans()
+    worker = threading.Thread(target=_hold, args=(turns.worker(), "worker", 0.4, spans, lock))
+    worker.start()
+    time.sleep(0.1)
+    asked = time.monotonic()
+    _hold(turns.prediction(), "prediction", 0.01, spans, lock)
+    worker.join()
+    (_, _, worked), (_, started, _) = sorted(spans, key=lambda span: span[0] != "worker")
+    assert worked <= started < worked + 0.2  # right after the piece, not before it
+    assert started - asked < 0.5
+
+
+def test_back_to_back_predictions_keep_the_worker_waiting_until_its_patience_then_it_goes_next():
+    """Two clients with no gap between their predictions: the worker is never quiet for its grace,
+    so after its patience it takes the turn after the running prediction, and the clients go on after it."""
+    turns, (spans, lock) = Turns(grace=0.2, patience=0.6), _spans()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            _hold(turns.prediction(), "prediction", 0.05, spans, lock)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    time.sleep(0.1)
+    asked = time.monotonic()
+    _hold(turns.worker(), "worker", 0.05, spans, lock)
+    time.sleep(0.3)
+    stop.set()
+    for thread in clients:
+        thread.join()
+    (_, started, ended), = [span for span in spans if span[0] == "worker"]
+    assert 0.6 <= started - asked < 0.6 + 0.3  # its patience, then at most the prediction running then
+    assert any(span[1] >= ended for span in spans if span[0] == "prediction")  # predictions went on after it
+    assert sum(1 for span in spans if span[0] == "prediction" and span[2] <= started) >= 6  # and ran before it
+
+
+def test_never_two_holders_at_once():
+    turns, (spans, lock) = Turns(grace=0.01, patience=0.2), _spans()
+    chooser = random.Random(7)
+    plan = [("prediction" if chooser.random() < 0.7 else "worker", chooser.uniform(0.005, 0.03)) for _ in range(40)]
+    threads = [threading.Thread(target=_hold, args=(turns.prediction() if kind == "prediction" else turns.worker(),
+                                                    kind, seconds, spans, lock)) for kind, seconds in plan]
+    for thread in threads:
+        thread.start()
+        time.sleep(chooser.uniform(0, 0.01))
+    for thread in threads:
+        thread.join()
+    assert len(spans) == len(plan)
+    ordered = sorted(spans, key=lambda span: span[1])
+    for (_, _, end), (_, start, _) in zip(ordered, ordered[1:]):
+        assert start >= end
+
+
+def test_between_waits_for_the_running_prediction_without_taking_a_turn():
+    turns, (spans, lock) = Turns(grace=5, patience=10), _spans()
+    prediction = threading.Thread(target=_hold, args=(turns.prediction(), "prediction", 0.3, spans, lock))
+    prediction.start()
+    time.sleep(0.05)
+    turns.between()
+    returned = time.monotonic()
+    prediction.join()
+    assert returned >= spans[0][2]
+    started = time.monotonic()
+    with turns.prediction():  # between() took no turn: a prediction goes at once
+        assert time.monotonic() - started < 0.5
+
+
+def test_a_fast_paths_prediction_holds_a_turn_that_the_compile_worker_waits_for():
+    """FastPath.prediction() is a prediction's turn: a piece of the worker's work (on its Compiler's turns)
+    starts only after it."""
+    from inpaint.fastpath import FastPath
+
+    fast = FastPath(True, compile="background")
+    fast.parts = {"unet": SimpleNamespace(compiled=None)}  # a part installed, nothing compiled for it yet
+    fast.compiler.turns.grace = 0.05
+    worked, lock = _spans()
+    with fast.prediction():
+        piece = threading.Thread(target=_hold, args=(fast.compiler.turns.worker(), "worker", 0.01, worked, lock))
+        piece.start()
+        time.sleep(0.3)
+        assert worked == []  # still waiting for the prediction
+        left = time.monotonic()
+    piece.join(5)
+    assert worked and worked[0][1] >= left + 0.05
