@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,10 +336,17 @@ class Inpainter:
 
     @contextmanager
     def _turn(self, token: CancelToken, timer: _Timer):
-        """The model's turn on the device; the wait is timed as the "queue" stage. Everything that runs on the
-        GPU runs in a turn, so a sticky CUDA error is noted here."""
+        """The model's turn on the device, and the fast path's (its compile worker's work in this process waits
+        for it); the wait is timed as the "queue" stage. Everything that runs on the GPU runs in a turn, so a
+        sticky CUDA error is noted here."""
+        held = ExitStack()
         with timer.stage("queue"):
             self.device.acquire(token)
+            try:
+                held.enter_context(self.fast.turn() if self.fast is not None else nullcontext())
+            except BaseException:
+                self.device.release()
+                raise
         try:
             yield
         except BaseException as error:
@@ -349,6 +356,7 @@ class Inpainter:
                 log.error("the GPU failed beyond recovery (%s): this container now reports UNHEALTHY", reason)
             raise
         finally:
+            held.close()
             self.device.release()
 
     def _check_device(self) -> None:

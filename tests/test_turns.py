@@ -1,5 +1,6 @@
 """Turns between predictions and the compile worker's work in the server's process (fastpath/turns.py)."""
 
+import contextlib
 import random
 import threading
 import time
@@ -127,3 +128,56 @@ def test_a_fast_paths_prediction_holds_a_turn_that_the_compile_worker_waits_for(
         left = time.monotonic()
     piece.join(5)
     assert worked and worked[0][1] >= left + 0.05
+
+
+def test_a_prediction_within_its_threads_own_turn_takes_no_second_one():
+    """The service holds a request's whole turn (FastPath.turn) around each generation's own
+    (FastPath.prediction): the inner one goes at once, and the worker waits for the outer one."""
+    turns, (spans, lock) = Turns(grace=0.05, patience=10), _spans()
+    with turns.prediction():
+        started = time.monotonic()
+        with turns.prediction():
+            assert time.monotonic() - started < 0.1
+        piece = threading.Thread(target=_hold, args=(turns.worker(), "worker", 0.01, spans, lock))
+        piece.start()
+        time.sleep(0.2)
+        assert spans == []  # the inner turn's end did not end the outer one
+        left = time.monotonic()
+    piece.join(5)
+    assert spans and spans[0][1] >= left
+
+
+def test_another_threads_prediction_waits_for_the_turn_held():
+    turns, (spans, lock) = Turns(grace=0.05, patience=10), _spans()
+    with turns.prediction():
+        other = threading.Thread(target=_hold, args=(turns.prediction(), "prediction", 0.01, spans, lock))
+        other.start()
+        time.sleep(0.2)
+        assert spans == []
+        left = time.monotonic()
+    other.join(5)
+    assert spans and spans[0][1] >= left
+
+
+def test_a_fast_paths_turn_covers_its_predictions_and_is_nothing_on_the_cpu():
+    """FastPath.turn(), which the service holds over a request's whole turn on the device (its generations
+    and the safety check): the worker waits for it, a prediction inside it goes at once; with the fast path
+    off (the CPU's), it is no turn at all."""
+    from inpaint.fastpath import FastPath
+
+    fast = FastPath(True, compile="background")
+    fast.parts = {"unet": SimpleNamespace(compiled=None)}
+    fast.compiler.turns.grace = 0.05
+    worked, lock = _spans()
+    with fast.turn():
+        with fast.prediction():
+            pass
+        piece = threading.Thread(target=_hold, args=(fast.compiler.turns.worker(), "worker", 0.01, worked, lock))
+        piece.start()
+        time.sleep(0.2)
+        assert worked == []
+        left = time.monotonic()
+    piece.join(5)
+    assert worked and worked[0][1] >= left
+    off = FastPath(False)
+    assert off.compiler is None and isinstance(off.turn(), contextlib.nullcontext)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,12 @@ class FastPath:
                 for key in part.adopt():
                     log.info("this prediction uses the compiled %s", describe(part.part, key))
             yield
+
+    def turn(self):
+        """A request's whole turn on the device (generations and the safety check): the compile worker's work
+        in this process waits for it to end (turns.py); `prediction()` within it takes no second turn.
+        Nothing when nothing is compiled."""
+        return self.compiler.turns.prediction() if self.compiler is not None and self.parts else nullcontext()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every part's compiles are done; False on timeout."""

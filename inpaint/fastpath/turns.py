@@ -32,20 +32,28 @@ class Turns:
         self.patience = patience
         self._state = threading.Condition()
         self._holder: str | None = None  # "prediction" or "worker"
+        self._owner: int | None = None  # the thread that holds a prediction's turn
         self._waiting = 0  # predictions waiting for a turn
         self._worker_next = False  # the worker has waited its patience: it has the next turn
         self._released = float("-inf")  # when the last turn ended (time.monotonic)
 
     @contextmanager
     def prediction(self) -> Iterator[None]:
-        """Around one prediction: its turn, once no one holds one and the worker is not due."""
+        """Around one prediction: its turn, once no one holds one and the worker is not due. Within a turn
+        its thread holds already (a request's whole turn on the device, around each of its generations),
+        nothing more."""
+        with self._state:
+            inner = self._holder == "prediction" and self._owner == threading.get_ident()
+        if inner:
+            yield
+            return
         with self._state:
             self._waiting += 1
             try:
                 self._state.wait_for(lambda: self._holder is None and not self._worker_next)
             finally:
                 self._waiting -= 1
-            self._holder = "prediction"
+            self._holder, self._owner = "prediction", threading.get_ident()
         try:
             yield
         finally:
@@ -84,6 +92,6 @@ class Turns:
 
     def _release(self) -> None:
         with self._state:
-            self._holder = None
+            self._holder, self._owner = None, None
             self._released = time.monotonic()
             self._state.notify_all()
