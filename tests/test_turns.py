@@ -111,52 +111,54 @@ def test_between_waits_for_the_running_prediction_without_taking_a_turn():
         assert time.monotonic() - started < 0.5
 
 
-def test_a_fast_paths_prediction_holds_a_turn_that_the_compile_worker_waits_for():
-    """FastPath.prediction() is a prediction's turn: a piece of the worker's work (on its Compiler's turns)
-    starts only after it."""
+def _held_off(turn, asked, label: str, inside=lambda: None, grace: float = 0.0) -> None:
+    """While `turn` is held (entered here, `inside` run in it), a thread asking for `asked` starts only after it
+    ends (and `grace` more seconds)."""
+    spans, lock = _spans()
+    with turn:
+        inside()
+        other = threading.Thread(target=_hold, args=(asked, label, 0.01, spans, lock))
+        other.start()
+        time.sleep(0.2)
+        assert spans == []  # still waiting
+        left = time.monotonic()
+    other.join(5)
+    assert spans and spans[0][1] >= left + grace
+
+
+def _fast_path_with_a_part():
+    """A FastPath as installed with a compile worker (no part compiled yet), its worker's grace short."""
     from inpaint.fastpath import FastPath
 
     fast = FastPath(True, compile="background")
-    fast.parts = {"unet": SimpleNamespace(compiled=None)}  # a part installed, nothing compiled for it yet
+    fast.parts = {"unet": SimpleNamespace(compiled=None)}
     fast.compiler.turns.grace = 0.05
-    worked, lock = _spans()
-    with fast.prediction():
-        piece = threading.Thread(target=_hold, args=(fast.compiler.turns.worker(), "worker", 0.01, worked, lock))
-        piece.start()
-        time.sleep(0.3)
-        assert worked == []  # still waiting for the prediction
-        left = time.monotonic()
-    piece.join(5)
-    assert worked and worked[0][1] >= left + 0.05
+    return fast
+
+
+def test_a_fast_paths_prediction_holds_a_turn_that_the_compile_worker_waits_for():
+    """FastPath.prediction() is a prediction's turn: a piece of the worker's work (on its Compiler's turns)
+    starts only after it, and its grace."""
+    fast = _fast_path_with_a_part()
+    _held_off(fast.prediction(), fast.compiler.turns.worker(), "worker", grace=0.05)
 
 
 def test_a_prediction_within_its_threads_own_turn_takes_no_second_one():
     """The service holds a request's whole turn (FastPath.turn) around each generation's own
     (FastPath.prediction): the inner one goes at once, and the worker waits for the outer one."""
-    turns, (spans, lock) = Turns(grace=0.05, patience=10), _spans()
-    with turns.prediction():
+    turns = Turns(grace=0.05, patience=10)
+
+    def inner() -> None:
         started = time.monotonic()
         with turns.prediction():
             assert time.monotonic() - started < 0.1
-        piece = threading.Thread(target=_hold, args=(turns.worker(), "worker", 0.01, spans, lock))
-        piece.start()
-        time.sleep(0.2)
-        assert spans == []  # the inner turn's end did not end the outer one
-        left = time.monotonic()
-    piece.join(5)
-    assert spans and spans[0][1] >= left
+
+    _held_off(turns.prediction(), turns.worker(), "worker", inside=inner)  # the inner turn's end did not end it
 
 
 def test_another_threads_prediction_waits_for_the_turn_held():
-    turns, (spans, lock) = Turns(grace=0.05, patience=10), _spans()
-    with turns.prediction():
-        other = threading.Thread(target=_hold, args=(turns.prediction(), "prediction", 0.01, spans, lock))
-        other.start()
-        time.sleep(0.2)
-        assert spans == []
-        left = time.monotonic()
-    other.join(5)
-    assert spans and spans[0][1] >= left
+    turns = Turns(grace=0.05, patience=10)
+    _held_off(turns.prediction(), turns.prediction(), "prediction")
 
 
 def test_a_fast_paths_turn_covers_its_predictions_and_is_nothing_on_the_cpu():
@@ -165,19 +167,12 @@ def test_a_fast_paths_turn_covers_its_predictions_and_is_nothing_on_the_cpu():
     off (the CPU's), it is no turn at all."""
     from inpaint.fastpath import FastPath
 
-    fast = FastPath(True, compile="background")
-    fast.parts = {"unet": SimpleNamespace(compiled=None)}
-    fast.compiler.turns.grace = 0.05
-    worked, lock = _spans()
-    with fast.turn():
+    fast = _fast_path_with_a_part()
+
+    def generation() -> None:
         with fast.prediction():
             pass
-        piece = threading.Thread(target=_hold, args=(fast.compiler.turns.worker(), "worker", 0.01, worked, lock))
-        piece.start()
-        time.sleep(0.2)
-        assert worked == []
-        left = time.monotonic()
-    piece.join(5)
-    assert worked and worked[0][1] >= left
+
+    _held_off(fast.turn(), fast.compiler.turns.worker(), "worker", inside=generation)
     off = FastPath(False)
     assert off.compiler is None and isinstance(off.turn(), contextlib.nullcontext)
