@@ -34,11 +34,13 @@ def test_the_worker_waits_for_a_running_prediction_and_then_for_its_grace():
     assert started - predicted < 1.0
 
 
-def test_with_nothing_running_the_worker_starts_at_once():
+def test_with_no_prediction_the_workers_pieces_follow_each_other_at_once():
     turns = Turns(grace=5, patience=10)
     started = time.monotonic()
-    with turns.worker():
-        assert time.monotonic() - started < 0.5
+    for _ in range(3):  # setup's loads of the shipped parts, say
+        with turns.worker():
+            pass
+    assert time.monotonic() - started < 0.5
 
 
 def test_a_prediction_that_arrives_during_a_piece_of_work_waits_for_that_piece_alone():

@@ -35,7 +35,7 @@ class Turns:
         self._owner: int | None = None  # the thread that holds a prediction's turn
         self._waiting = 0  # predictions waiting for a turn
         self._worker_next = False  # the worker has waited its patience: it has the next turn
-        self._released = float("-inf")  # when the last turn ended (time.monotonic)
+        self._released = float("-inf")  # when the last prediction's turn ended (time.monotonic)
 
     @contextmanager
     def prediction(self) -> Iterator[None]:
@@ -92,6 +92,7 @@ class Turns:
 
     def _release(self) -> None:
         with self._state:
+            if self._holder == "prediction":  # the worker's own pieces follow each other without a grace
+                self._released = time.monotonic()
             self._holder, self._owner = None, None
-            self._released = time.monotonic()
             self._state.notify_all()
