@@ -343,7 +343,7 @@ class Inpainter:
         with timer.stage("queue"):
             self.device.acquire(token)
             try:
-                held.enter_context(self.fast.turn() if self.fast is not None else nullcontext())
+                held.enter_context(self.fast.turn(token.check) if self.fast is not None else nullcontext())
             except BaseException:
                 self.device.release()
                 raise

@@ -178,3 +178,32 @@ def test_a_fast_paths_turn_covers_its_predictions_and_is_nothing_on_the_cpu():
     _held_off(fast.turn(), fast.compiler.turns.worker(), "worker", inside=generation)
     off = FastPath(False)
     assert off.compiler is None and isinstance(off.turn(), contextlib.nullcontext)
+
+
+def test_a_cancelled_prediction_leaves_the_line_while_the_worker_holds_the_turn():
+    """A request cancelled while it waits behind a piece of the worker's work: its check raises, it leaves
+    at once, and the worker's next piece is not kept waiting for it."""
+    turns = Turns(grace=0.05, patience=10)
+    cancelled, outcome = threading.Event(), []
+
+    def check() -> None:
+        if cancelled.is_set():
+            raise RuntimeError("the prediction was cancelled")
+
+    def request() -> None:
+        try:
+            with turns.prediction(check):
+                outcome.append("ran")
+        except RuntimeError as error:
+            outcome.append(str(error))
+
+    with turns.worker():
+        waiting = threading.Thread(target=request)
+        waiting.start()
+        time.sleep(0.2)
+        cancelled.set()
+        waiting.join(1)
+        assert outcome == ["the prediction was cancelled"]
+    started = time.monotonic()
+    with turns.worker():  # no prediction waits, none has run: at once
+        assert time.monotonic() - started < 0.2

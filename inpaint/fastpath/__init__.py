@@ -237,11 +237,11 @@ class FastPath:
                     log.info("this prediction uses the compiled %s", describe(part.part, key))
             yield
 
-    def turn(self):
+    def turn(self, check: Callable[[], None] | None = None):
         """A request's whole turn on the device (generations and the safety check): the compile worker's work
         in this process waits for it to end (turns.py); `prediction()` within it takes no second turn.
-        Nothing when nothing is compiled."""
-        return self.compiler.turns.prediction() if self.compiler is not None and self.parts else nullcontext()
+        `check` is called while it waits (a cancellation raises). Nothing when nothing is compiled."""
+        return self.compiler.turns.prediction(check) if self.compiler is not None and self.parts else nullcontext()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every part's compiles are done; False on timeout."""

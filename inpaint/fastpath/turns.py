@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # Quiet seconds before the worker starts a piece of work: longer than the hand-over from one request to
@@ -22,6 +22,8 @@ from contextlib import contextmanager
 GRACE = 0.25
 # Seconds predictions may keep the worker waiting before it takes the next turn.
 PATIENCE = 10.0
+# How often a prediction waiting for its turn calls its check (a cancelled request leaves the line).
+CHECK_SECONDS = 0.05
 
 
 class Turns:
@@ -38,10 +40,10 @@ class Turns:
         self._released = float("-inf")  # when the last prediction's turn ended (time.monotonic)
 
     @contextmanager
-    def prediction(self) -> Iterator[None]:
+    def prediction(self, check: Callable[[], None] | None = None) -> Iterator[None]:
         """Around one prediction: its turn, once no one holds one and the worker is not due. Within a turn
         its thread holds already (a request's whole turn on the device, around each of its generations),
-        nothing more."""
+        nothing more. `check`, if given, is called while it waits; what it raises (a cancellation) ends the wait."""
         with self._state:
             inner = self._holder == "prediction" and self._owner == threading.get_ident()
         if inner:
@@ -50,9 +52,13 @@ class Turns:
         with self._state:
             self._waiting += 1
             try:
-                self._state.wait_for(lambda: self._holder is None and not self._worker_next)
+                while not (self._holder is None and not self._worker_next):
+                    if check is not None:
+                        check()
+                    self._state.wait(CHECK_SECONDS if check is not None else None)
             finally:
                 self._waiting -= 1
+                self._state.notify_all()  # one fewer waiting: the worker may be quiet now
             self._holder, self._owner = "prediction", threading.get_ident()
         try:
             yield
