@@ -1218,15 +1218,9 @@ def _bake(folder: Path, size: int, timeout: float | None = None) -> tuple[str, f
 def _our_stages(pipe, fast_path, size: int, steps: int, runs: int) -> dict[str, float]:
     """Each model stage's median over `runs` predictions at size x size in this process, ms, as
     pipeline.generate times them for the server's metrics (text_encode, vae_encode, denoise, vae_decode)."""
-    from inpaint import pipeline as ours
-
     image, mask = _inputs(size)
-    job, empty_prompt, timings = _job(1, steps), ours.EmptyPrompt(), []
-    for _ in range(runs):
-        seconds: dict[str, float] = {}
-        ours.generate(pipe, [image], [mask], job, seconds, fast=fast_path, empty_prompt=empty_prompt)
-        timings.append(seconds)
-    return median_stages(timings)
+    predict = candidates.predictor(pipe, fast_path, image, mask, _job(1, steps))
+    return median_stages([predict() for _ in range(runs)])
 
 
 def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[str, dict]:

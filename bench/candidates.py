@@ -120,18 +120,29 @@ def sdpa_backends(unet, device: torch.device, dtype: torch.dtype, size: int, cal
     return figures
 
 
+def predictor(pipe, fast_path, image, mask, job, wall: bool = False):
+    """One prediction as the service makes it, returning each model stage's seconds as pipeline.generate
+    times them (and, with `wall`, the whole call's, any wait for a turn included)."""
+    from inpaint import pipeline as ours
+
+    empty_prompt = ours.EmptyPrompt()  # as the service holds it
+
+    def predict() -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        begin = time.perf_counter()
+        ours.generate(pipe, [image], [mask], job, seconds, fast=fast_path, empty_prompt=empty_prompt)
+        if wall:
+            seconds["wall"] = time.perf_counter() - begin
+        return seconds
+
+    return predict
+
+
 def thread_stages(pipe, fast_path, image, mask, job, runs: int) -> dict[str, dict[str, float]]:
     """Each model stage's median (ms) over `runs` predictions (after one untimed), run on this thread, on
     one worker thread again and again, and on a new thread each time; and of one prediction on this thread
     beside a busy one."""
-    from inpaint import pipeline as ours
-
-    empty_prompt = ours.EmptyPrompt()
-
-    def predict() -> dict[str, float]:
-        seconds: dict[str, float] = {}
-        ours.generate(pipe, [image], [mask], job, seconds, fast=fast_path, empty_prompt=empty_prompt)
-        return seconds
+    predict = predictor(pipe, fast_path, image, mask, job)
 
     def on_new_thread() -> dict[str, float]:
         result: list[dict[str, float]] = []
@@ -176,21 +187,12 @@ def beside_loads(pipe, fast_path, image, mask, job, runs: int) -> dict[str, obje
     (after READY, the shipped parts at other sizes), freely beside them as before turns.py, and in the
     worker's turns as now; with the loads done meanwhile and one load's median seconds. None when no
     compiled UNet is in use (a fast path uncompiled, or none)."""
-    from inpaint import pipeline as ours
-
     part = fast_path.parts.get("unet") if fast_path is not None else None
     compiled = part.compiled if part is not None else None
     keys = [key for key, source in (compiled.sources if compiled is not None else {}).items() if source != "failed"]
     if not keys:
         return None
-    path, empty_prompt = compiled._path(keys[0]), ours.EmptyPrompt()
-
-    def predict() -> dict[str, float]:
-        seconds: dict[str, float] = {}
-        begin = time.perf_counter()
-        ours.generate(pipe, [image], [mask], job, seconds, fast=fast_path, empty_prompt=empty_prompt)
-        seconds["wall"] = time.perf_counter() - begin
-        return seconds
+    path, predict = compiled._path(keys[0]), predictor(pipe, fast_path, image, mask, job, wall=True)
 
     def loads(stop: threading.Event, in_turns: bool, seconds: list[float]) -> None:
         while not stop.is_set():
