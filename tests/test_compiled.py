@@ -165,14 +165,17 @@ def test_a_rejected_compiled_unet_is_set_aside_and_taken_up_again_by_a_later_pre
     later = _pipe(tiny_weights, cache_dir)
     _run(later)
     worker = later[1].compiled_parts[0]
-    assert worker.wait(WAIT) and list(worker.sources.values()) == ["loaded"]
+    # Every part loaded first: the VAE's load after the UNet's, and the next prediction takes them up (not
+    # sometimes before it and sometimes after, as when this waited for the UNet alone).
+    assert later[1].wait(WAIT) and list(worker.sources.values()) == ["loaded"]
     worker.adopt()
     (key,) = worker.adopted
     calls = worker.adopted[key] = Counting(worker.adopted[key])
     worker.reject(key, retry_after_calls=4)  # what the UNet's FastPart does when the compiled UNet's graph cannot be recorded
     assert not worker.adopted and key in worker.set_aside
     with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
-        assert all(np.array_equal(a, b) for a, b in zip(first, _run(later)))  # its 4 UNet calls uncompiled
+        # its 4 UNet calls uncompiled (calls.calls below), the VAE compiled: the same picture within fp32 rounding
+        assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, _run(later)))
         assert calls.calls == 0 and worker._pending == 0 and not worker.adopted and not worker.set_aside
         assert "the compiled UNet for latents 4x9x8x8 is handed over again, after its CUDA graph failed" in caplog.text
         again = _run(later)
