@@ -57,6 +57,7 @@ import candidates  # noqa: E402
 import gil  # noqa: E402
 from timing import median_ms, median_stages  # noqa: E402
 
+from inpaint.fastpath.compiler import relative_error  # noqa: E402
 from inpaint.weights import cache_root, manifest_pin  # noqa: E402
 
 
@@ -589,7 +590,7 @@ def _latent_error(reference, fast, image, mask, job) -> float:
                 num_images_per_prompt=job.num_outputs, generator=torch.Generator("cpu").manual_seed(job.seed),
                 output_type="latent",
             ).images.float())
-    return float((latents[0] - latents[1]).norm() / latents[0].norm())
+    return relative_error(latents[1], latents[0])
 
 
 def _safety_on(folder: Path, device: torch.device, dtype: torch.dtype, runs: int) -> str:

@@ -27,6 +27,8 @@ import torch
 
 from timing import median_ms, median_stages
 
+from inpaint.fastpath.compiler import relative_error
+
 PROMPT = "a cat wearing round sunglasses, photo"
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
@@ -50,12 +52,6 @@ def as_graph(function, device: torch.device):
         return output
 
     return replay
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    """Relative L2 distance (0.0 when identical)."""
-    theirs = theirs.float()
-    return float((ours.float() - theirs).norm() / theirs.norm().clamp_min(1e-12))
 
 
 def graph_against_eager(function, device: torch.device, calls: int) -> dict[str, object]:
@@ -192,13 +188,13 @@ def beside_loads(pipe, fast_path, image, mask, job, runs: int) -> dict[str, obje
     keys = [key for key, source in (compiled.sources if compiled is not None else {}).items() if source != "failed"]
     if not keys:
         return None
-    path, predict = compiled._path(keys[0]), predictor(pipe, fast_path, image, mask, job, wall=True)
+    path, predict = compiled.path(keys[0]), predictor(pipe, fast_path, image, mask, job, wall=True)
 
     def loads(stop: threading.Event, in_turns: bool, seconds: list[float]) -> None:
         while not stop.is_set():
             begin = time.perf_counter()
             with fast_path.compiler.turns.worker() if in_turns else nullcontext():
-                compiled._load(path)
+                compiled.load(path)
             seconds.append(time.perf_counter() - begin)
 
     figures: dict[str, object] = {}

@@ -71,22 +71,33 @@ class GilSampler:
         self.seconds = 0.0
         self.error: str | None = None
         self._process: subprocess.Popen | None = None
-        self._out = Path(tempfile.mkdtemp()) / "gil.txt"
+        self._folder: tempfile.TemporaryDirectory | None = None  # py-spy's output, removed once read
 
     def __enter__(self) -> GilSampler:
         executable = py_spy()
         if executable is None or self.pid is None:
             self.error = "py-spy is not installed" if executable is None else "no process to sample"
             return self
+        self._folder = tempfile.TemporaryDirectory(prefix="gil-")
         self._started = time.monotonic()
         self._process = subprocess.Popen(
             [executable, "record", "--pid", str(self.pid), "--gil", "--threads", "--nonblocking", "--rate", str(RATE),
-             "--format", "raw", "--output", str(self._out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "--format", "raw", "--output", str(self._output())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self
+
+    def _output(self) -> Path:
+        return Path(self._folder.name) / "gil.txt"
 
     def __exit__(self, *exc) -> None:
         if self._process is None:
             return
+        try:
+            self._read()
+        finally:
+            self._folder.cleanup()
+
+    def _read(self) -> None:
+        """End py-spy and count, per thread, the samples in which it held the GIL."""
         self.seconds = time.monotonic() - self._started
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then ends
@@ -95,11 +106,12 @@ class GilSampler:
         except subprocess.TimeoutExpired:
             self._process.kill()
             _, stderr = self._process.communicate()
-        if not self._out.is_file():
+        output = self._output()
+        if not output.is_file():
             lines = [line for line in stderr.splitlines() if line.strip()]
             self.error = f"py-spy wrote nothing (code {self._process.returncode}): {lines[-1] if lines else 'no message'}"
             return
-        for line in self._out.read_text(errors="replace").splitlines():
+        for line in output.read_text(errors="replace").splitlines():
             stack, _, count = line.rpartition(" ")
             if stack and count.isdigit():
                 self.samples[thread_name(stack)] += int(count)

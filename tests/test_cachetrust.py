@@ -51,13 +51,13 @@ def test_a_planted_compiled_part_is_never_unpickled_and_is_kept(unet, tmp_path, 
     cache = tmp_path / "compiled"
     worker = CompiledPart(unet, "unet", Compiler(), cache)
     key = _key(unet)
-    path = worker._path(key)
+    path = worker.path(key)
     marker = tmp_path / "ran"
     payload = pickle.dumps(Planted(marker))
     path.write_bytes(payload)
     path.with_name(path.name + cachetrust.SEAL_SUFFIX).write_text("0" * 64)  # a forged seal
     with pytest.raises(UntrustedCache, match="does not match its seal"):
-        worker._load(path)
+        worker.load(path)
 
     def no_compile(*args):
         raise RuntimeError("compiling is not what this test is about")

@@ -73,7 +73,7 @@ def write(parts: list[CompiledPart], dest: Path, device: torch.device) -> str:
         for key, source in sorted(part.sources.items(), key=lambda item: item[0].to_json()):
             if source == "failed":
                 continue
-            path = part._path(key)
+            path = part.path(key)
             shutil.copyfile(path, staging / path.name)
             entries.append({"part": part.part, "key": key.to_json(), "file": path.name})
     if not entries:

@@ -118,7 +118,9 @@ class Compiler:
             del first, part  # nothing of a finished job stays alive here
 
     def stop(self, timeout: float = 10.0) -> None:
-        """At exit: end a compile still running (nothing would load it), and let the worker end."""
+        """At exit, or when its FastPath is done with: end a compile still running (nothing would load it),
+        and let the worker end."""
+        atexit.unregister(self.stop)  # nothing left for exit to do, and this compiler may be freed
         self._exiting.set()
         self._jobs.put((-1, next(self._asked), None, None))
         for child in list(self.children):
@@ -274,7 +276,7 @@ class CompiledPart:
     def _obtain(self, key: ShapeKey) -> tuple[Any, str]:
         """Load the compiled part for `key` from the cache, else compile it in a child process and load
         that; check it against the eager part."""
-        path = self._path(key)
+        path = self.path(key)
         # Guards are built and checked under the calls' own mode. On a GPU the worker's own work goes on
         # a stream of its own: on the default stream it would wait for, and break, a CUDA graph that a
         # prediction is recording at the same moment.
@@ -285,7 +287,7 @@ class CompiledPart:
             if path.exists():
                 with turn():
                     try:
-                        compiled = self._load(path)
+                        compiled = self.load(path)
                     except Exception as error:
                         aside = cachetrust.move_aside(path)
                         log.warning("saved compiled %s %s not loaded (%s: %s); moved aside to %s, compiling it again",
@@ -297,12 +299,12 @@ class CompiledPart:
             self.compiler.compile_in_child(self, key, path)  # in another process: no turn
             with turn():
                 self.seal.seal(path)
-                compiled = self._load(path)
+                compiled = self.load(path)
                 self._check(compiled, key)
                 _seal_inductor_cache(self.seal)
         return compiled, "compiled"
 
-    def _load(self, path: Path):
+    def load(self, path: Path):
         """Unpickle a saved part from bytes whose seal checks out (cachetrust.UntrustedCache otherwise)."""
         data = self.seal.read(path)
         return torch.compiler.load_compiled_function(io.BytesIO(data), external_data=_external(self.module))
@@ -315,7 +317,7 @@ class CompiledPart:
             raise RuntimeError("its guards refuse the inputs it was made for")
         ours = first(compiled(self.module, *inputs, **self.fixed))
         eager = first(self.eager(*inputs, **self.fixed))
-        error = float((ours.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12))
+        error = relative_error(ours, eager)
         del inputs, ours, eager
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what this check used stays cached for the worker's stream otherwise
@@ -323,7 +325,8 @@ class CompiledPart:
             raise RuntimeError(f"it differs from the eager {PARTS[self.part].name} by {error:.2e} (relative L2; at most "
                                f"{MAX_RELATIVE_ERROR} allowed)")
 
-    def _path(self, key: ShapeKey) -> Path:
+    def path(self, key: ShapeKey) -> Path:
+        """Where the compiled part for calls of `key` is saved, in this process's environment (_environment)."""
         digest = hashlib.sha256(json.dumps([_environment(self), key.to_json()]).encode()).hexdigest()[:20]
         return self.cache_dir / f"{self.part.replace('.', '-')}-{digest}.aot"
 
@@ -343,6 +346,12 @@ def aot_compile(module: torch.nn.Module, part: str, key: ShapeKey):
         options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
     )
     return function.aot_compile(((module, *key.example()), dict(PARTS[part].fixed)))
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative L2 distance of `ours` from `reference`, in float32 (0.0 when identical)."""
+    reference = reference.float()
+    return float((ours.float() - reference).norm() / reference.norm().clamp_min(1e-12))
 
 
 def first(output):
