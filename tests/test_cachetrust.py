@@ -148,3 +148,69 @@ def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch):
     compiler._keep_inductor_cache_in(inductor, seal)
     assert not (inductor / "planted.py").exists()
     assert len(list(folder.glob("inductor.rejected-*"))) == 2
+
+
+def test_a_sealed_inductor_cache_is_refused_when_a_file_changes_in_place_or_its_seal_is_forged(cache):
+    seal = Seal(cache)
+    inductor = cache / "inductor"
+    inductor.mkdir()
+    (inductor / "k.py").write_text("print('a kernel')")
+    with pytest.raises(UntrustedCache, match="inductor has no seal"):
+        seal.check_tree(inductor)
+    seal.seal_tree(inductor)
+    seal.check_tree(inductor)
+    (inductor / "k.py").write_text("print('a kernel')  # and more")  # same name, new bytes
+    with pytest.raises(UntrustedCache, match="holds files that its seal does not list, or changed ones"):
+        seal.check_tree(inductor)
+    record = inductor.with_name("inductor" + cachetrust.TREE_SEAL_SUFFIX)
+    Seal(cache, "another deployment").seal_tree(inductor)  # a list that matches, signed with another key
+    with pytest.raises(UntrustedCache, match="was not signed by this deployment"):
+        seal.check_tree(inductor)
+    record.write_text("not json")
+    with pytest.raises(UntrustedCache, match="inductor.seal.json is not a seal"):
+        seal.check_tree(inductor)
+
+
+def test_a_folder_key_others_can_read_is_refused_and_a_folder_others_can_only_read_is_used(cache):
+    Seal(cache)  # writes the folder's key, 0600
+    key = cache / cachetrust.KEY_NAME
+    assert Seal(cache).key == key.read_bytes()
+    for mode in (0o640, 0o604):
+        key.chmod(mode)
+        with pytest.raises(UntrustedCache, match=f"has mode {mode:o}: readable by others"):
+            Seal(cache)
+    key.chmod(0o600)
+    shared = cache / "readable"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)  # others may read and enter a cache folder, and run nothing from it by that alone
+    cachetrust.check_private(shared)
+    for mode in (0o775, 0o757):
+        shared.chmod(mode)
+        with pytest.raises(UntrustedCache, match=f"has mode {mode:o}: writable by others"):
+            cachetrust.check_private(shared)
+    with pytest.raises(UntrustedCache, match=r"missing cannot be read \(No such file or directory\)"):
+        cachetrust.check_private(cache / "missing")
+
+
+def test_a_private_write_renames_a_file_beside_its_target_and_leaves_nothing_when_it_fails(cache, monkeypatch):
+    renamed = []
+    replace = os.replace
+
+    def recorded(source, target):
+        renamed.append(Path(source))
+        replace(source, target)
+
+    monkeypatch.setattr(cachetrust.os, "replace", recorded)
+    cachetrust.write_private(cache / "part.aot.hmac", b"seal")
+    assert (cache / "part.aot.hmac").read_bytes() == b"seal"
+    assert (cache / "part.aot.hmac").stat().st_mode & 0o777 == 0o600
+    (partial,) = renamed  # in the same folder, so that the rename is atomic: a reader sees all of it or none
+    assert partial.parent == cache and partial.name.startswith(".part.aot.hmac.partial-")
+
+    def full(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cachetrust.os, "replace", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        cachetrust.write_private(cache / "other.aot.hmac", b"seal")
+    assert [path.name for path in cache.iterdir()] == ["part.aot.hmac"]

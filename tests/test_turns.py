@@ -207,3 +207,32 @@ def test_a_cancelled_prediction_leaves_the_line_while_the_worker_holds_the_turn(
     started = time.monotonic()
     with turns.worker():  # no prediction waits, none has run: at once
         assert time.monotonic() - started < 0.2
+
+
+def test_each_prediction_waiting_behind_the_worker_counts_so_one_leaving_keeps_the_next_piece_behind_the_other():
+    """Two requests wait behind a piece of the worker's work and one is cancelled: the other still holds
+    its place, so it runs before the worker's next piece, which is asked for as the first one ends."""
+    turns, order = Turns(grace=0.05, patience=10), []
+    cancelled = threading.Event()
+
+    def check() -> None:
+        if cancelled.is_set():
+            raise RuntimeError("the prediction was cancelled")
+
+    def request(label: str, check=None) -> None:
+        with contextlib.suppress(RuntimeError), turns.prediction(check):
+            order.append(label)
+            time.sleep(0.05)
+
+    with turns.worker():
+        leaving = threading.Thread(target=request, args=("cancelled", check))
+        staying = threading.Thread(target=request, args=("waiting",))
+        leaving.start()
+        staying.start()
+        time.sleep(0.2)
+        cancelled.set()
+        leaving.join(1)
+    with turns.worker():  # at once: the waiting request's turn comes first all the same
+        order.append("worker")
+    staying.join(1)
+    assert order == ["waiting", "worker"]

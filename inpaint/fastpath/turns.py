@@ -44,12 +44,29 @@ class Turns:
         """Around one prediction: its turn, once no one holds one and the worker is not due. Within a turn
         its thread holds already (a request's whole turn on the device, around each of its generations),
         nothing more. `check`, if given, is called while it waits; what it raises (a cancellation) ends the wait."""
-        with self._state:
-            inner = self._holder == "prediction" and self._owner == threading.get_ident()
-        if inner:
+        if not self._take_prediction_turn(check):
             yield
             return
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def worker(self) -> Iterator[None]:
+        """Around one piece of the worker's work: its turn, once predictions have been quiet for `grace`
+        seconds, or the next turn after `patience` seconds of waiting."""
+        self._take_worker_turn()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _take_prediction_turn(self, check: Callable[[], None] | None) -> bool:
+        """Wait for a prediction's turn and take it; False, taking nothing, when this thread holds one."""
         with self._state:
+            if self._holder == "prediction" and self._owner == threading.get_ident():
+                return False
             self._waiting += 1
             try:
                 while not (self._holder is None and not self._worker_next):
@@ -60,15 +77,9 @@ class Turns:
                 self._waiting -= 1
                 self._state.notify_all()  # one fewer waiting: the worker may be quiet now
             self._holder, self._owner = "prediction", threading.get_ident()
-        try:
-            yield
-        finally:
-            self._release()
+        return True
 
-    @contextmanager
-    def worker(self) -> Iterator[None]:
-        """Around one piece of the worker's work: its turn, once predictions have been quiet for `grace`
-        seconds, or the next turn after `patience` seconds of waiting."""
+    def _take_worker_turn(self) -> None:
         with self._state:
             deadline = time.monotonic() + self.patience
             while True:
@@ -86,10 +97,6 @@ class Turns:
                 wake = self._released + self.grace if quiet else deadline
                 self._state.wait(max(0.0, min(wake, deadline) - now))
             self._holder = "worker"
-        try:
-            yield
-        finally:
-            self._release()
 
     def between(self) -> None:
         """Wait until no turn is held (the prediction running now has ended), without taking one."""
