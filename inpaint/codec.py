@@ -200,8 +200,10 @@ def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit grayscale to 8-bit by scaling, not clipping."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    """In a mode Pillow converts to RGB, RGBA and L: 16- and 32-bit grey scaled to 8-bit (not clipped),
+    TIFF's premultiplied grey and alpha ("La") unpremultiplied, and TIFF's CIELab to RGB (Pillow
+    converts neither to grey, nor "La" to anything but "LA")."""
+    if image.mode.startswith("I;16") or image.mode == "I":
         array = np.asarray(image, dtype=np.int64)
         top = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
         return Image.fromarray((np.clip(array, 0, top) * 255 // top).astype(np.uint8), "L")
@@ -209,11 +211,13 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float32)
         top = 255.0 if array.max(initial=0) > 1.0 else 1.0
         return Image.fromarray((np.clip(array / top, 0, 1) * 255).round().astype(np.uint8), "L")
+    if image.mode in ("La", "LAB"):
+        return image.convert("LA" if image.mode == "La" else "RGB")
     return image
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+    return "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
 
 
 def decode_image(path: Path, limits: InputLimits, name: str = "image") -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_photo
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from inpaint import codec
 from inpaint.codec import InputLimits, decode_image, decode_mask, encode_image, fit_mask, flatten
@@ -227,8 +227,10 @@ def test_png_with_damaged_pixel_data_is_reported_as_damaged(tmp_path):
     data[start + 10 : start + 60] = bytes(50)  # zlib stream broken, chunk length intact
     path = tmp_path / "damaged.png"
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="^image could not be decoded"):
+    with pytest.raises(ValueError) as error:
         decode_image(path, LIMIT)
+    assert str(error.value) == ("image could not be decoded (broken data stream when reading image file); the file may "
+                                "be truncated or damaged, upload it again")
 
 
 def test_animated_gif_uses_the_first_frame(tmp_path):
@@ -342,3 +344,191 @@ def test_output_quality_is_what_pillow_writes_at_that_quality(tmp_path, fmt):
         Image.fromarray(pixels).save(expected, "WEBP" if fmt == "webp" else "JPEG", quality=quality)  # Pillow's defaults
         assert path.read_bytes() == expected.getvalue()
     assert (tmp_path / "out-20").with_suffix(f".{fmt}").read_bytes() != (tmp_path / "out-90").with_suffix(f".{fmt}").read_bytes()
+
+
+def _tiff_with_associated_alpha(image: Image.Image, path: Path) -> Path:
+    """`image` (LA or RGBA) as a TIFF whose alpha is marked premultiplied (ExtraSamples = 1, "associated
+    alpha", TIFF 6.0 section 18), as some scanners and compositing tools write it; Pillow writes 2."""
+    buffer = io.BytesIO()
+    image.save(buffer, "TIFF")
+    data = buffer.getvalue()
+    entry = data.index(struct.pack("<HHI", 338, 3, 1))  # the ExtraSamples tag, SHORT, one value
+    path.write_bytes(data[: entry + 8] + struct.pack("<H", 1) + data[entry + 10 :])
+    return path
+
+
+def test_a_tiff_of_premultiplied_grey_and_alpha_decodes_unpremultiplied(tmp_path):
+    path = _tiff_with_associated_alpha(Image.new("LA", (6, 4), (64, 128)), tmp_path / "scan.tiff")
+    assert Image.open(path).mode == "La"  # which Pillow converts to "LA" alone
+    grey = 64 * 255 / 128  # premultiplied 64 at alpha 128
+    photo = decode_image(path, LIMIT)
+    assert photo.shape == (4, 6, 4) and np.all(np.abs(photo[..., :3].astype(int) - grey) <= 1) and np.all(photo[..., 3] == 128)
+    assert np.array_equal(decode_mask(path, LIMIT), np.zeros((4, 6), np.uint8) + round(grey * 128 / 255))  # onto black
+
+
+def test_a_cielab_tiff_decodes_to_the_srgb_of_littlecms_and_as_a_mask_to_its_luminance(tmp_path):
+    from PIL import ImageCms
+
+    srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+    photo = Image.open(make_photo(tmp_path / "p.png"))
+    path = tmp_path / "lab.tiff"
+    ImageCms.applyTransform(photo, ImageCms.buildTransform(srgb, lab, "RGB", "LAB")).save(path)
+    assert Image.open(path).mode == "LAB"
+    expected = np.asarray(ImageCms.applyTransform(Image.open(path), ImageCms.buildTransform(lab, srgb, "LAB", "RGB")))
+    decoded = decode_image(path, LIMIT)
+    assert np.abs(decoded.astype(int) - expected).max() <= 1
+    assert np.abs(np.abs(decoded.astype(int) - np.asarray(photo)).mean()) < 2  # the photo, after a round trip
+    assert np.array_equal(decode_mask(path, LIMIT), np.asarray(Image.fromarray(decoded).convert("L")))
+
+
+def test_a_palette_tiff_with_alpha_keeps_it(tmp_path):
+    image = Image.new("PA", (4, 3))
+    image.putpalette([10, 20, 30] * 256)
+    image.putpixel((0, 0), (0, 100))
+    image.save(tmp_path / "pa.tiff")
+    decoded = decode_image(tmp_path / "pa.tiff", LIMIT)
+    assert decoded.shape == (3, 4, 4) and tuple(decoded[0, 0]) == (10, 20, 30, 100) and decoded[1, 1, 3] == 0
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16B", [0, 65535, 257, 32768], [0, 255, 1, 127]),  # big-endian 16-bit: value * 255 // 65535
+    ("I;16", [0, 255, 128, 1], [0, 0, 0, 0]),  # a dark 16-bit picture is still 16-bit
+    ("I", [0, 255, 128, -5], [0, 255, 128, 0]),  # 32-bit holding 8-bit values: as they are, negatives at 0
+    ("I", [0, 256, 65535, 70000], [0, 0, 255, 255]),  # over 255: a 16-bit range, clipped above it
+    ("I", [0, 256, 128, 1], [0, 0, 0, 0]),
+    ("F", [0.0, 0.5, 1.0, 0.25], [0, 128, 255, 64]),  # float in 0..1
+    ("F", [0.0, 1.5, 0.5, 1.0], [0, 2, 0, 1]),  # over 1: float in 0..255 (numpy rounds half to even)
+    ("F", [-3.0, 2.0, 127.5, 300.0], [0, 2, 128, 255]),  # clipped to 0..255
+])
+def test_grey_of_more_than_8_bits_is_scaled_to_8_bits(tmp_path, mode, values, expected):
+    if mode.startswith("I;16"):
+        image = Image.new(mode, (2, 2))
+        for index, value in enumerate(values):
+            image.putpixel((index % 2, index // 2), value)
+    else:
+        image = Image.fromarray(np.array(values, dtype=np.float32 if mode == "F" else np.int32).reshape(2, 2), mode)
+    image.save(tmp_path / "grey.tiff")
+    assert Image.open(tmp_path / "grey.tiff").mode == mode
+    decoded = decode_image(tmp_path / "grey.tiff", LIMIT)
+    assert decoded.shape == (2, 2, 3) and decoded[..., 0].ravel().tolist() == expected
+    assert decode_mask(tmp_path / "grey.tiff", LIMIT).ravel().tolist() == expected
+
+
+def test_a_resized_mask_takes_each_pixel_from_its_nearest_source_pixel(tmp_path):
+    """Nearest neighbour as Pillow defines it: output pixel x samples source pixel floor((x + 0.5) * w / W),
+    so a mask of one-pixel stripes keeps exactly its own values, with no grey in between."""
+    mask = (np.indices((7, 9)).sum(axis=0) % 2 * 255).astype(np.uint8)  # a checkerboard, 9x7
+    resized = fit_mask(mask, (20, 11))
+    rows = ((np.arange(11) + 0.5) * 7 / 11).astype(int)
+    columns = ((np.arange(20) + 0.5) * 9 / 20).astype(int)
+    assert np.array_equal(resized, mask[rows][:, columns])
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "L"), ("PNG", "LA"), ("PNG", "RGB"), ("PNG", "RGBA"), ("JPEG", "L"),
+                                       ("JPEG", "RGB"), ("MPO", "RGB"), ("WEBP", "RGB"), ("WEBP", "RGBA")])
+def test_the_fast_formats_are_decoded_by_imagecodecs_and_never_by_pillow(tmp_path, fmt, mode):
+    path = tmp_path / "photo"
+    photo = Image.open(make_photo(tmp_path / "p.png")).convert(mode)
+    photo.save(path, fmt, **({"save_all": True, "append_images": [photo]} if fmt == "MPO" else {}))
+    with mock.patch.object(ImageFile.ImageFile, "load", side_effect=AssertionError("Pillow decoded the pixels")):
+        decoded = decode_image(path, LIMIT)
+    assert decoded.shape[:2] == (120, 200)
+
+
+def test_a_png_whose_orientation_is_in_imagemagicks_raw_exif_text_is_turned_upright(tmp_path):
+    from PIL import ExifTags, PngImagePlugin
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    data = exif.tobytes()
+    info = PngImagePlugin.PngInfo()  # ImageMagick's "Raw profile type exif": a header, the length, then hex
+    info.add_text("Raw profile type exif", f"\nexif\n{len(data):8d}\n{data.hex()}\n", zip=True)
+    path = tmp_path / "phone.png"
+    Image.open(make_photo(tmp_path / "p.png")).save(path, pnginfo=info)
+    decoded = decode_image(path, LIMIT)
+    assert decoded.shape == (200, 120, 3)
+    assert np.array_equal(decoded, np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")))
+
+
+def test_a_file_pillow_cannot_identify_gets_pillows_reason_and_no_path_even_a_quoted_one(tmp_path):
+    path = tmp_path / "cat's photo.png"  # Pillow quotes this path with double quotes
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError) as error:
+        decode_image(path, LIMIT)
+    assert str(error.value) == ("image could not be read as an image (cannot identify image file); "
+                                "upload a PNG, JPEG, WebP, GIF or TIFF file")
+
+
+@pytest.mark.parametrize("size, limits, message", [
+    ((64, 64), InputLimits(max_pixels=64 * 64 - 1), "image is 64x64 = 4,096 pixels, over the limit of 4,095 "
+                                                    "(INPAINT_MAX_INPUT_PIXELS); upload a smaller image"),
+    ((64, 64), InputLimits(max_side=63), "image is 64x64, a side over the limit of 63 pixels (INPAINT_MAX_INPUT_SIDE); "
+                                         "upload a smaller image"),
+    ((64, 8), InputLimits(max_aspect=7.5), "image is 64x8, longer than 7.5:1 (INPAINT_MAX_INPUT_ASPECT); crop it "
+                                           "closer to the region to repaint"),
+    ((64, 64), InputLimits(max_pixels=64 * 64, max_side=64), None),  # each limit holds at its value
+    ((64, 8), InputLimits(max_aspect=8), None),
+    ((1, 1), LIMIT, None),  # a single pixel is an image
+])
+def test_each_size_limit_holds_at_its_value_and_one_past_it_names_the_setting_and_the_remedy(tmp_path, size, limits,
+                                                                                              message):
+    Image.new("RGB", size).save(tmp_path / "p.png")
+    if message is None:
+        assert decode_image(tmp_path / "p.png", limits).shape == (size[1], size[0], 3)
+        return
+    with pytest.raises(ValueError) as error:
+        decode_image(tmp_path / "p.png", limits)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("margins, limits, message", [
+    ((10, 5, 10, 0), InputLimits(max_pixels=83 * 53), "the photo (64x48) with outpaint_left, outpaint_up, outpaint_right "
+     "and outpaint_down (10, 5, 10, 0) makes a canvas of 84x53 = 4,452 pixels, over the limit of 4,399 "
+     "(INPAINT_MAX_INPUT_PIXELS); lower the outpaint margins or send a smaller photo"),
+    ((0, 7, 0, 30), InputLimits(max_side=84), "the photo (64x48) with outpaint_left, outpaint_up, outpaint_right and "
+     "outpaint_down (0, 7, 0, 30) makes a canvas of 64x85, a side over the limit of 84 pixels (INPAINT_MAX_INPUT_SIDE); "
+     "lower the outpaint margins or send a smaller photo"),
+    ((100, 0, 100, 0), InputLimits(max_aspect=4), "the photo (64x48) with outpaint_left, outpaint_up, outpaint_right and "
+     "outpaint_down (100, 0, 100, 0) makes a canvas of 264x48, longer than 4:1 (INPAINT_MAX_INPUT_ASPECT); lower the "
+     "margins along its long side, or add some across it"),
+])
+def test_an_outpainting_canvas_over_a_limit_names_the_margins_and_the_remedy(margins, limits, message):
+    with pytest.raises(ValueError) as error:
+        codec.check_canvas((64, 48), margins, limits)
+    assert str(error.value) == message
+    codec.check_canvas((64, 48), (0, 0, 0, 0), limits)
+
+
+def test_an_upload_of_exactly_the_byte_limit_is_read_and_one_byte_more_is_not(tmp_path):
+    path = make_photo(tmp_path / "p.png")
+    size = path.stat().st_size
+    assert decode_image(path, InputLimits(max_bytes=size)).shape == (120, 200, 3)
+    with pytest.raises(ValueError) as error:
+        decode_image(path, InputLimits(max_bytes=size - 1))
+    assert str(error.value) == (f"image is a file of {size:,} bytes, over the limit of {size - 1:,} "
+                                "(INPAINT_MAX_UPLOAD_BYTES); upload a smaller or compressed image")
+
+
+def test_a_progressive_jpeg_or_multi_picture_file_at_the_scan_limit_is_read_and_over_it_is_not(tmp_path):
+    photo = Image.open(make_photo(tmp_path / "p.png"))
+    for fmt, options in (("JPEG", {}), ("MPO", {"save_all": True, "append_images": [photo]})):
+        path = tmp_path / f"progressive.{fmt.lower()}"
+        photo.save(path, fmt, progressive=True, **options)
+        assert Image.open(path).format == fmt
+        scans = path.read_bytes().count(b"\xff\xda")  # one SOS marker per scan (ITU T.81, B.2.3)
+        assert decode_image(path, InputLimits(max_jpeg_scans=scans)).shape == (120, 200, 3)
+        with pytest.raises(ValueError) as error:
+            decode_image(path, InputLimits(max_jpeg_scans=scans - 1))
+        assert str(error.value) == (f"image is a JPEG of {scans} scans, over the limit of {scans - 1} "
+                                    "(INPAINT_MAX_JPEG_SCANS); save it again as a baseline JPEG or a PNG")
+
+
+def test_an_unknown_output_format_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError) as error:
+        encode_image(np.zeros((2, 2, 3), np.uint8), tmp_path / "out", "gif", 90)
+    assert str(error.value) == "output_format must be one of png, webp, jpg, got 'gif'"
+
+
+def test_a_png_output_ends_with_the_one_iend_chunk_the_png_spec_allows(tmp_path):
+    path = encode_image(np.zeros((3, 2, 4), np.uint8), tmp_path / "out", "png", 90)
+    assert path.read_bytes().endswith(b"\x00\x00\x00\x00IEND\xaeB`\x82")  # empty data, its CRC-32 (PNG 11.2.5)
