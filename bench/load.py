@@ -262,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         if slots or not args.url:
             runs[slots]["max_concurrency"] = slots or concurrency_max()  # a server started here: the image's default
     throughput = runs[concurrency_max() if concurrency_max() in runs else settings[-1]]
-    import bench  # also puts the repository root on sys.path
+    from report import machine, record  # the bench's own record of a run
 
     e2e = http_e2e_ms(throughput, args)
 
-    text = report(throughput, bench.machine())
+    text = report(throughput, machine())
     if len(runs) > 1:
         text += "\n\n" + compare(runs)
     print(text)
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = {"throughput": throughput, "http_e2e_ms": e2e, "notes": {"throughput": args.note} if args.note else None}
         if len(runs) > 1:
             figures["concurrency_ips"] = {f"COG_MAX_CONCURRENCY={slots}": run["concurrent_ips"] for slots, run in runs.items()}
-        bench.record(text + (f"\n\n{args.note}" if args.note else ""), figures, "load")
+        record(text + (f"\n\n{args.note}" if args.note else ""), figures, "load")
     return 1 if any(run["failed"] for run in runs.values()) else 0
 
 

@@ -1,6 +1,5 @@
 """The GPU benchmark stays runnable while no GPU is at hand: its smoke test on the tiny weights."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,12 +15,12 @@ from torch.profiler import ProfilerActivity
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them():
+def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them(monkeypatch):
     """bench's GPU timeline (busy time and idle gaps of one prediction), checked on the CPU's own
     profiled operators: a pause between two matrix products is the largest gap."""
-    spec = importlib.util.spec_from_file_location("bench_module", ROOT / "bench" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import timeline
+
     matrix = torch.randn(256, 256)
 
     def work():
@@ -29,11 +28,11 @@ def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them():
         time.sleep(0.03)
         matrix @ matrix
 
-    span, busy, gaps, heaviest = bench._timeline(work, [ProfilerActivity.CPU], ("cpu_op",))
+    span, busy, gaps, heaviest = timeline.timeline(work, [ProfilerActivity.CPU], ("cpu_op",))
     assert 0 < busy < span and max(gaps) >= 25
     assert abs(span - busy - sum(gaps)) < 0.01
     assert any("mm" in name for name, _ in heaviest[:3]) and heaviest[0][1] >= heaviest[-1][1]
-    assert bench._gpu_busy(work, torch.device("cpu")) == "GPU timeline: no CUDA"
+    assert timeline.gpu_busy(work, torch.device("cpu")) == "GPU timeline: no CUDA"
 
 
 def test_bench_smoke_test_prints_every_table():
@@ -75,10 +74,10 @@ def test_every_shape_begins_no_shape_once_the_runs_budget_is_spent(tiny_weights,
     """--targets and --every-shape write their figures only at the end, so a device run must end in time:
     past its deadline no shape is begun, and each one left is a row that says so, with no figure."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import bench
+    import comparison
 
     shapes = [(64, 64), (64, 128)]
-    rows, shapes_ms, graph_memory = bench._every_shape(tiny_weights, torch.device("cpu"), torch.float32, shapes, 2, 1,
+    rows, shapes_ms, graph_memory = comparison.every_shape(tiny_weights, torch.device("cpu"), torch.float32, shapes, 2, 1,
                                                        100.0, deadline=time.monotonic())
     assert shapes_ms == {} and graph_memory == ("none recorded", None)
     assert rows == [["64x64", "not measured: the run's --budget was spent", ""],
@@ -89,7 +88,7 @@ def test_a_bake_that_does_not_end_in_its_time_is_stopped_with_its_compile_proces
     """--targets gives the bake half its budget: past that, the bake is stopped, and so is the compile
     process it had started (each watches its parent), and the run goes on without it."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import bench
+    import targets
 
     folder, scratch = tmp_path / "weights", tmp_path / "tmp"
     shutil.copytree(tiny_weights, folder)  # whatever the stopped bake leaves stays out of the shared weights
@@ -120,7 +119,7 @@ def test_a_bake_that_does_not_end_in_its_time_is_stopped_with_its_compile_proces
     started = time.monotonic()
     try:
         with pytest.raises(RuntimeError, match=r"^the bake did not end within 30 s and was stopped$"):
-            bench._bake(folder, 64, timeout=30)  # a compile of the tiny UNet takes minutes here
+            targets.bake(folder, 64, timeout=30)  # a compile of the tiny UNet takes minutes here
     finally:
         baking.clear()
         watcher.join()
@@ -130,6 +129,50 @@ def test_a_bake_that_does_not_end_in_its_time_is_stopped_with_its_compile_proces
     while compiling() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert compiling() == []
+
+
+def test_bench_targets_smoke_test_ends_within_its_budget_and_writes_every_figure_issue_20_names():
+    """The device run's own mode (bench/on-device --targets), on the tiny weights with a budget too short
+    for the bake: the bake is stopped at half the budget, the rest is measured uncompiled, each working
+    shape is measured or (past the budget) says it was not, and the figures come out under issue 20's keys."""
+    from inpaint import geometry
+
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--targets", "--tiny", "--runs", "1", "--budget", "12",
+         "--no-record"], capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "No compiled parts: the bake did not end within 6 s and was stopped." in run.stdout
+    assert "| 64x64 x1 |" in run.stdout and "Part 4's candidates" in run.stdout
+    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    assert {"reference_ms", "default_ms", "psnr_db", "shapes_ms", "fresh_first_ms", "http_e2e_ms", "cold_start_s"} <= set(figures)
+    assert figures["reference_ms"] > 0 and figures["default_ms"] > 0
+    for width, height in geometry.automatic_working_sizes()[:3]:
+        shape = f"{width}x{height}"
+        assert (shape in figures["shapes_ms"]) != (f"| {shape} | not measured: the run's --budget was spent |" in run.stdout)
+    assert figures["fresh_first_ms"] is None and figures["bake_s"] is None  # no bake, so no fresh server on it
+
+
+def test_bench_prepost_smoke_test_prints_each_uploads_stages():
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--prepost", "--runs", "1", "--no-record"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| input | decode | prepare | composite | encode | total |" in run.stdout
+    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    assert len(figures["prepost_ms"]) == 4 and all(ms > 0 for ms in figures["prepost_ms"].values())
+
+
+def test_each_prepost_speed_up_is_timed_against_its_plain_alternative(monkeypatch):
+    """bench --speedups swaps the product's second code paths (stamped distances, the strip PNG writer)
+    for their plain alternatives by patching them: each variant must still run a whole prediction."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import cpu
+
+    rows = cpu.bench_speedups(runs=1, rounds=1)
+    variants = ("as built", "distances by transform only", "PNG by Pillow, level 6", "PNG by Pillow, level 1")
+    assert [row[0].split(": ", 1)[1] for row in rows] == list(variants) * 3
+    assert all(float(row[1]) > 0 for row in rows)
+    assert all(row[2] == "1.00" for row in rows if row[0].endswith(": as built"))
 
 
 def test_bench_parts_smoke_test_prints_each_combination():
@@ -221,12 +264,13 @@ def test_load_bench_smoke_run_through_the_real_server_writes_the_throughput_obje
 
 def test_a_fresh_server_is_timed_to_ready_and_through_each_prediction_with_the_servers_stages(tiny_weights, monkeypatch):
     """bench's fresh-server run, as --targets makes cold_start_s, fresh_first_ms, http_e2e_ms and the
-    server's stage medians beside them (http_stages_ms); on the tiny weights at 64x64, 2 steps."""
+    server's stage medians beside them (http_stages_ms); on the tiny weights at 64x64, 20 steps (py-spy samples
+    the three after the first for long enough to name the thread that holds the GIL most)."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import bench
+    import coldstart
 
     figures: dict = {}
-    text = bench._cold_start(tiny_weights, predict=True, figures=figures, repeats=3, size=64, steps=2)
+    text = coldstart.cold_start(tiny_weights, predict=True, figures=figures, repeats=3, size=64, steps=20)
     assert set(figures) == {"ready_s", "first_ms", "second_ms", "steady_ms", "steady_stages_ms", "steady_gil"}, text
     assert "first 64x64 prediction through HTTP" in text and "second 64x64 prediction through HTTP" in text
     assert "the median of the 3 after the first" in text and "each stage's median" in text
@@ -271,9 +315,9 @@ def test_the_gil_sampler_names_the_thread_that_holds_the_gil_in_another_process(
 def test_our_stage_medians_in_process_are_the_model_stages_the_server_reports(inpainter, monkeypatch):
     """--targets' default_stages_ms: the same stage names as the server's model stages, to set beside them."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import bench
+    import targets
 
-    stages = bench._our_stages(inpainter.pipe, inpainter.fast, 64, 2, 3)
+    stages = targets.our_stages(inpainter.pipe, inpainter.fast, 64, 2, 3)
     assert set(stages) == {"text_encode", "vae_encode", "denoise", "vae_decode"}
     assert all(ms > 0 for ms in stages.values())
 
@@ -285,14 +329,14 @@ def test_part_4s_candidates_are_each_timed_beside_what_runs_today(inpainter, tin
     choice or refused with torch's own reason; and the model stages with predictions on this thread, on
     one worker thread and on a new thread each."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import bench
+    import workload
     import candidates
 
     cpu = torch.device("cpu")
-    reference = bench._reference(tiny_weights, cpu, torch.float32)
-    image, mask = bench._inputs(64)
+    reference = workload.load_reference(tiny_weights, cpu, torch.float32)
+    image, mask = workload.inputs(64)
     figures = candidates.measure(reference, inpainter.pipe, inpainter.fast, inpainter.safety, cpu, torch.float32, image,
-                                 mask, bench._job(1, 2), runs=2, calls=3)
+                                 mask, workload.job(1, 2), runs=2, calls=3)
     for name in ("text_encoder", "safety_tower"):
         assert figures[name] == {"eager_ms": figures[name]["eager_ms"], "graph_ms": None, "why": "CUDA graphs need a GPU"}
         assert figures[name]["eager_ms"] > 0
