@@ -1,5 +1,6 @@
 """Compiled parts shipped with the weights (inpaint/fastpath/artifact.py, script/bake-compiled): built by
-the real script on the tiny model, loaded at setup when trusted, refused otherwise with a reason."""
+the real script on the tiny model, loaded at setup when trusted, refused otherwise with a reason; and the
+trust gate on crafted artifacts (forged manifests, links, names, keys), which needs no bake."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from inpaint import pipeline
-from inpaint.fastpath import FastPath, artifact
+from inpaint import cachetrust, pipeline
+from inpaint.fastpath import FastPath, ShapeKey, artifact
 from inpaint.weights import COMPILED, _reference_view, read_manifest, resolve_weights
 
 from conftest import ROOT, Counting, run_pipeline
@@ -25,9 +26,13 @@ from https_server import tar_of
 
 WAIT = 900  # seconds: three cold compiles of the tiny model on a 2-core CPU
 
-# One pytest-xdist worker runs this file and test_compiled.py, in order: their compiles share the
-# session's Inductor cache (conftest.inductor_cache), so test_compiled reuses the bake's kernels.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("inductor")]
+
+
+def _of_the_bake(test):
+    """A test of a real bake: slow, and in the one pytest-xdist worker that runs test_compiled.py too, in
+    order: their compiles share the session's Inductor cache (conftest.inductor_cache), so test_compiled
+    reuses the bake's kernels."""
+    return pytest.mark.slow(pytest.mark.xdist_group("inductor")(test))
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +66,7 @@ def _fast(tmp_path, folder, **artifact_options) -> FastPath:
     return FastPath(compile="background", cache_dir=tmp_path / "cache", artifact=folder / COMPILED, **artifact_options)
 
 
+@_of_the_bake
 def test_the_bake_writes_every_part_a_manifest_of_sha256s_and_prints_its_pin(baked):
     folder, printed = baked
     manifest_bytes = (folder / COMPILED / artifact.MANIFEST).read_bytes()
@@ -79,6 +85,7 @@ def test_the_bake_writes_every_part_a_manifest_of_sha256s_and_prints_its_pin(bak
     assert any(name.startswith("inductor/") for name in manifest["files"])  # the kernels travel with the parts
 
 
+@_of_the_bake
 def test_parts_baked_into_the_image_load_at_setup_and_the_first_prediction_is_compiled(baked, tmp_path, caplog):
     folder = _copy(baked, tmp_path)
     plain = run_pipeline(pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32))
@@ -103,6 +110,7 @@ def test_parts_baked_into_the_image_load_at_setup_and_the_first_prediction_is_co
     fast.stop()
 
 
+@_of_the_bake
 def test_setup_waits_only_for_the_parts_at_its_own_size_and_the_others_load_after_it(baked, tmp_path, caplog):
     """A bake holds every automatic size by default; setup waits for the parts at 512x512 alone, so READY does
     not wait for all of them to load. The bake here holds 64x64 only: setup waits for none, and they load after."""
@@ -123,6 +131,7 @@ def test_setup_waits_only_for_the_parts_at_its_own_size_and_the_others_load_afte
     fast.stop()
 
 
+@_of_the_bake
 def test_unpinned_parts_that_came_in_a_cog_weights_tar_are_ignored_and_the_log_says_why(
         baked, tmp_path, https, tiny_settings, caplog, monkeypatch):
     https.routes["/weights.tar.gz"] = (200, {}, tar_of(baked[0]))
@@ -139,6 +148,7 @@ def test_unpinned_parts_that_came_in_a_cog_weights_tar_are_ignored_and_the_log_s
     fast.stop()
 
 
+@_of_the_bake
 def test_pinned_parts_from_cog_weights_are_used_and_a_wrong_pin_is_refused(baked, tmp_path, caplog):
     folder = _copy(baked, tmp_path)
     pin = hashlib.sha256((folder / COMPILED / artifact.MANIFEST).read_bytes()).hexdigest()
@@ -162,6 +172,7 @@ def _write(folder: Path, manifest: dict) -> None:
     (folder / COMPILED / artifact.MANIFEST).write_text(json.dumps(manifest))
 
 
+@_of_the_bake
 @pytest.mark.parametrize("harm, reason", [
     ("a changed part", "does not match its sha256 in the manifest"),
     ("a part cut short", "bytes, not as its manifest lists"),
@@ -204,6 +215,7 @@ def test_a_harmed_artifact_is_refused_before_anything_is_copied(baked, tmp_path,
     assert not list(cache.iterdir())
 
 
+@_of_the_bake
 def test_the_view_of_a_checkpoint_links_its_compiled_parts(baked, tmp_path):
     folder = _copy(baked, tmp_path)
     own = read_manifest(folder, pin=hashlib.sha256((folder / "weights-sha256.json").read_bytes()).hexdigest())
@@ -220,3 +232,236 @@ def test_the_bake_refuses_a_size_that_is_not_a_working_size():
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2
     assert "500x512 is not a working size: sides are multiples of 64 from 64 to 1024" in result.stderr
+
+
+# ---------------------------------------------------------------- the trust gate, on crafted artifacts
+# Built in the layout artifact.py's docstring gives (manifest.json, *.aot, inductor/...), with bytes that are
+# no compiled part: reading and installing an artifact never unpickles it, so these need no bake.
+
+CPU = torch.device("cpu")
+KEY = ShapeKey.of(torch.zeros(2, 9, 8, 8), torch.tensor(500), torch.zeros(2, 77, 32))
+PART, KERNEL, KERNEL_JSON = "unet-0123456789abcdef0123.aot", "inductor/ab/cd/kernel.py", "inductor/ab/cd/kernel.json"
+
+
+def _crafted(tmp_path, *, manifest: dict | None = None, files: dict[str, bytes] | None = None) -> tuple[Path, str]:
+    """An artifact folder holding `files` (a UNet part and one kernel unless given) listed with their sha256
+    and size in a format-1 manifest built for this machine, changed by `manifest`'s keys; and its pin."""
+    folder = tmp_path / "weights" / COMPILED
+    files = {PART: b"not a pickle: never loaded here", KERNEL: b"# a kernel\n", KERNEL_JSON: b"{}"} if files is None else files
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    listed = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in files.items()}
+    document = {"format": 1, "machine": artifact.machine(CPU), "files": listed,
+                "parts": [{"part": "unet", "key": KEY.to_json(), "file": PART}], **(manifest or {})}
+    data = json.dumps(document).encode()
+    (folder / artifact.MANIFEST).write_bytes(data)
+    return folder, hashlib.sha256(data).hexdigest()
+
+
+def _cache(tmp_path) -> tuple[Path, cachetrust.Seal]:
+    cache = cachetrust.private_folder(tmp_path / "cache")
+    return cache, cachetrust.Seal(cache)
+
+
+def _refused(folder: Path, tmp_path, message: str, **trust) -> None:
+    """install refuses the artifact with exactly `message`, and has put nothing in the cache."""
+    cache, seal = _cache(tmp_path)
+    before = sorted(cache.iterdir())  # the seal's own key
+    with pytest.raises(artifact.ArtifactRefused) as refused:
+        artifact.install(folder, cache, seal, CPU, **{"trusted": True, **trust})
+    assert str(refused.value) == message
+    assert sorted(cache.iterdir()) == before
+
+
+def test_a_trusted_artifact_is_copied_into_the_cache_with_its_kernels_each_file_private_and_sealed(tmp_path):
+    folder, _ = _crafted(tmp_path)
+    cache, seal = _cache(tmp_path)
+    assert artifact.install(folder, cache, seal, CPU, trusted=True) == [("unet", KEY)]
+    part, kernel = cache / PART, cache / KERNEL
+    assert seal.read(part) == (folder / PART).read_bytes()  # sealed as this deployment's own
+    assert [(cache / name).read_bytes() for name in (KERNEL, KERNEL_JSON)] == [b"# a kernel\n", b"{}"]
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")  # where Inductor will look for them
+    seal.check_tree(cache / "inductor")
+    assert [oct(path.stat().st_mode & 0o777) for path in (part, kernel, kernel.parent)] == ["0o600", "0o600", "0o700"]
+
+
+def test_a_later_start_keeps_the_sealed_kernels_it_finds_and_adds_the_artifacts(tmp_path, monkeypatch):
+    """The cache outlives a container (a volume): a later start checks the Inductor cache it finds against its
+    seal, keeps it, and copies the artifact's kernels in beside what the container's compiles added."""
+    folder, _ = _crafted(tmp_path)
+    cache, seal = _cache(tmp_path)
+    artifact.install(folder, cache, seal, CPU, trusted=True)
+    (cache / "inductor" / "built-here.py").write_bytes(b"# compiled by this deployment")
+    seal.seal_tree(cache / "inductor")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # a new process
+    assert artifact.install(folder, cache, cachetrust.Seal(cache), CPU, trusted=True) == [("unet", KEY)]
+    assert (cache / "inductor" / "built-here.py").is_file() and (cache / KERNEL).is_file()
+    assert not list(cache.glob("*.rejected-*"))  # nothing moved aside (cachetrust.move_aside)
+    cachetrust.Seal(cache).check_tree(cache / "inductor")
+
+
+def test_the_machine_a_manifest_records_is_its_documented_fields():
+    import diffusers
+
+    assert artifact.machine(CPU) == {"gpu": "cpu", "capability": None, "torch": torch.__version__,
+                                     "diffusers": diffusers.__version__}
+
+
+def test_the_kernels_are_left_out_when_the_deployment_chose_its_own_inductor_cache(tmp_path, monkeypatch, caplog):
+    folder, _ = _crafted(tmp_path)
+    cache, seal = _cache(tmp_path)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
+    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+        assert artifact.install(folder, cache, seal, CPU, trusted=True) == [("unet", KEY)]
+    assert (cache / PART).is_file() and not (cache / "inductor").exists() and not (tmp_path / "chosen").exists()
+    assert ("the artifact's Inductor kernels are not copied: this deployment chose its own TORCHINDUCTOR_CACHE_DIR "
+            "(a loaded part builds what it misses there)") in caplog.text
+
+
+@pytest.mark.parametrize("how", ["pinned", "pinned as written by hand", "baked into the image, and pinned"])
+def test_a_pinned_artifact_is_used(tmp_path, how):
+    folder, pin = _crafted(tmp_path)
+    pin = f"  {pin.upper()}\n" if how == "pinned as written by hand" else pin
+    cache, seal = _cache(tmp_path)
+    assert artifact.install(folder, cache, seal, CPU, trusted=how.startswith("baked"), pin=pin) == [("unet", KEY)]
+
+
+def test_an_artifact_neither_baked_in_nor_pinned_is_refused(tmp_path):
+    folder, _ = _crafted(tmp_path)
+    _refused(folder, tmp_path, "it did not come with the image and its manifest is not pinned (compiled parts are code: "
+             "loading one runs it); to use it, set INPAINT_COMPILED_MANIFEST_SHA256 to the sha256 script/bake-compiled "
+             "printed for it", trusted=False)
+
+
+def test_a_pin_is_checked_even_for_an_artifact_baked_into_the_image(tmp_path):
+    folder, pin = _crafted(tmp_path)
+    _refused(folder, tmp_path, f"its manifest's sha256 is {pin}, not the INPAINT_COMPILED_MANIFEST_SHA256 this "
+             "deployment set", pin=pin[:-1] + ("0" if pin[-1] != "0" else "1"))
+
+
+@pytest.mark.parametrize("harm", ["missing", "a link to a good one", "a folder"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused(tmp_path, harm):
+    folder, _ = _crafted(tmp_path)
+    manifest = folder / artifact.MANIFEST
+    if harm == "missing":
+        manifest.unlink()
+    elif harm == "a link to a good one":
+        manifest.rename(tmp_path / "elsewhere.json")
+        manifest.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        manifest.unlink()
+        manifest.mkdir()
+    _refused(folder, tmp_path, "manifest.json is missing or not a regular file")
+
+
+def test_a_manifest_over_its_size_limit_is_refused_unread_and_one_at_the_limit_is_read(tmp_path):
+    folder, _ = _crafted(tmp_path)
+    manifest = folder / artifact.MANIFEST
+    data = manifest.read_bytes()
+    manifest.write_bytes(data + b" " * (artifact.MAX_MANIFEST_BYTES - len(data)))  # JSON may end in blanks
+    pin = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    cache, seal = _cache(tmp_path)
+    assert artifact.install(folder, cache, seal, CPU, trusted=False, pin=pin) == [("unet", KEY)]
+    manifest.write_bytes(manifest.read_bytes() + b" ")
+    _refused(folder, tmp_path / "over", "manifest.json is larger than 16,777,216 bytes")
+
+
+@pytest.mark.parametrize("text", [
+    b"not json", b"\xff\xfe{}", b"[]", b"[" * 100_000 + b"]" * 100_000, b'{"format": 2, "files": {}, "parts": [], "machine": {}}',
+    b'{"format": 1, "files": [], "parts": [], "machine": {}}', b'{"format": 1, "files": {}, "parts": {}, "machine": {}}',
+    b'{"format": 1, "files": {}, "parts": []}', b'{"files": {}, "parts": [], "machine": {}}',
+], ids=["not JSON", "not UTF-8", "a list", "nested past the parser's depth", "another format", "files not a map",
+        "parts not a list", "no machine", "no format"])
+def test_a_manifest_not_in_the_format_is_refused(tmp_path, text):
+    folder, _ = _crafted(tmp_path)
+    (folder / artifact.MANIFEST).write_bytes(text)
+    _refused(folder, tmp_path, "manifest.json is not a format-1 manifest of compiled parts")
+
+
+@pytest.mark.parametrize("field, value", [("gpu", "NVIDIA H200"), ("capability", [9, 0]), ("torch", "2.10.0"),
+                                          ("diffusers", "0.41.0")])
+def test_an_artifact_built_for_another_machine_is_refused_with_both_machines_named(tmp_path, field, value):
+    built_for = {**artifact.machine(CPU), field: value}
+    folder, _ = _crafted(tmp_path, manifest={"machine": built_for})
+    _refused(folder, tmp_path, f"it was built for {json.dumps(built_for, sort_keys=True)}; this machine is "
+             f"{json.dumps(artifact.machine(CPU), sort_keys=True)} (run script/bake-compiled on this kind of GPU)")
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("/etc/passwd", "outside the artifact"), ("../escape.aot", "outside the artifact"),
+    ("inductor/../../escape.aot", "outside the artifact"), ("manifest.json", "outside the artifact"),
+    ("", "that is not a plain relative path"), ("inductor\\..\\escape.aot", "that is not a plain relative path"),
+    ("part\0.aot", "that is not a plain relative path"),
+])
+def test_a_forged_file_name_is_refused(tmp_path, name, reason):
+    folder, _ = _crafted(tmp_path)
+    manifest = json.loads((folder / artifact.MANIFEST).read_text())
+    manifest["files"][name] = manifest["files"][PART]
+    (folder / artifact.MANIFEST).write_text(json.dumps(manifest))
+    _refused(folder, tmp_path, f"its manifest names a file {name!r} {reason}")
+
+
+@pytest.mark.parametrize("harm", ["missing", "a link", "in a linked folder", "a folder"])
+def test_a_listed_file_that_is_not_a_regular_file_inside_the_artifact_is_refused(tmp_path, harm):
+    folder, _ = _crafted(tmp_path)
+    name = KERNEL if harm == "in a linked folder" else PART
+    target = folder / name
+    if harm == "missing":
+        target.unlink()
+    elif harm == "a link":
+        target.rename(tmp_path / "elsewhere.aot")
+        target.symlink_to(tmp_path / "elsewhere.aot")
+    elif harm == "in a linked folder":  # the same bytes, reached through a link out of the artifact
+        (folder / "inductor").rename(tmp_path / "outside")
+        (folder / "inductor").symlink_to(tmp_path / "outside")
+    else:
+        target.unlink()
+        target.mkdir()
+    _refused(folder, tmp_path, f"{name} is missing or not a regular file")
+
+
+@pytest.mark.parametrize("harm", ["one byte longer", "one byte changed", "no size listed", "no sha256 listed", "not a map"])
+def test_a_file_unlike_its_manifest_entry_is_refused(tmp_path, harm):
+    files = {PART: b"part bytes", KERNEL: b"kernel"}
+    folder, _ = _crafted(tmp_path, files=files)
+    manifest = json.loads((folder / artifact.MANIFEST).read_text())
+    if harm == "one byte longer":
+        (folder / PART).write_bytes(files[PART] + b"!")
+    elif harm == "one byte changed":
+        (folder / PART).write_bytes(b"Part bytes")
+    elif harm == "not a map":
+        manifest["files"][PART] = [manifest["files"][PART]["sha256"], len(files[PART])]
+    else:
+        del manifest["files"][PART]["size" if harm == "no size listed" else "sha256"]
+    (folder / artifact.MANIFEST).write_text(json.dumps(manifest))
+    size = len(files[PART]) + (harm == "one byte longer")
+    reason = "does not match its sha256 in the manifest" if harm in ("one byte changed", "no sha256 listed") else \
+        f"is {size:,} bytes, not as its manifest lists"
+    _refused(folder, tmp_path, f"{PART} {reason}")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("a list", "its manifest lists a part it does not hold: ['unet']"),
+    ({"part": "text_encoder"}, "its manifest lists a part it does not hold: {{'part': 'text_encoder', 'key': {key!r}, 'file': {file!r}}}"),
+    ({"part": ["unet"]}, "its manifest lists a part it does not hold: {{'part': ['unet'], 'key': {key!r}, 'file': {file!r}}}"),
+    ({"file": "unlisted.aot"}, "its manifest lists a part it does not hold: {{'part': 'unet', 'key': {key!r}, 'file': 'unlisted.aot'}}"),
+    ({"file": KERNEL}, "its manifest lists a part file 'inductor/ab/cd/kernel.py', not a compiled part's name (NAME.aot, at the "
+                       "artifact's top level)"),
+    ({"file": "kernel.py"}, "its manifest lists a part file 'kernel.py', not a compiled part's name (NAME.aot, at the "
+                            "artifact's top level)"),
+    ({"file": "inductor/part.aot"}, "its manifest lists a part file 'inductor/part.aot', not a compiled part's name "
+                                    "(NAME.aot, at the artifact's top level)"),
+    ({"key": "[[[[8, 8], [8, 1], \"torch.nothing\", \"cpu\"]], true]"},
+     "its manifest lists a key that is not one: '[[[[8, 8], [8, 1], \"torch.nothing\", \"cpu\"]], true]'"),
+    ({"key": None}, "its manifest lists a key that is not one: None"),
+], ids=["a list", "a part it does not compile", "a part named by a list", "an unlisted file", "a kernel as a part",
+        "a file not named as a part", "a part in a folder", "a key of no dtype", "no key"])
+def test_a_part_entry_that_is_not_a_part_it_holds_is_refused_before_any_part_is_copied(tmp_path, entry, message):
+    """A good part listed first, then the harmed one: nothing is copied, the good one neither."""
+    files = {PART: b"part", "vae-decoder-0123456789abcdef0123.aot": b"decoder", KERNEL: b"kernel", "kernel.py": b"k",
+             "inductor/part.aot": b"p"}
+    good = {"part": "vae.decoder", "key": KEY.to_json(), "file": "vae-decoder-0123456789abcdef0123.aot"}
+    harmed = ["unet"] if entry == "a list" else {"part": "unet", "key": KEY.to_json(), "file": PART, **entry}
+    folder, _ = _crafted(tmp_path, files=files, manifest={"parts": [good, harmed]})
+    _refused(folder, tmp_path, message.format(key=KEY.to_json(), file=PART))

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from .. import cachetrust
+from ..weights import sha256_file
 from .compiler import PARTS, CompiledPart, _keep_inductor_cache_in
 from .keys import ShapeKey
 
@@ -38,6 +39,7 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 MAX_MANIFEST_BYTES = 16 << 20
 PIN_SETTING = "INPAINT_COMPILED_MANIFEST_SHA256"
+PART_SUFFIX = ".aot"  # as CompiledPart.path names them: the cache's loader looks for no other name
 
 
 class ArtifactRefused(Exception):
@@ -53,14 +55,6 @@ def machine(device: torch.device) -> dict:
     else:
         gpu, capability = device.type, None
     return {"gpu": gpu, "capability": capability, "torch": torch.__version__, "diffusers": diffusers.__version__}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write(parts: list[CompiledPart], dest: Path, device: torch.device) -> str:
@@ -85,7 +79,7 @@ def write(parts: list[CompiledPart], dest: Path, device: torch.device) -> str:
     files = {}
     for path in sorted(staging.rglob("*")):
         if path.is_file():
-            files[path.relative_to(staging).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size}
+            files[path.relative_to(staging).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     manifest = {"format": FORMAT, "machine": machine(device), "parts": entries, "files": files}
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     (staging / MANIFEST).write_bytes(data)
@@ -100,15 +94,16 @@ def _relative(name: object) -> PurePosixPath:
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         raise ArtifactRefused(f"its manifest names a file {name!r} that is not a plain relative path")
     path = PurePosixPath(name)
-    if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts) or path.as_posix() == MANIFEST:
+    if path.is_absolute() or ".." in path.parts or path.as_posix() == MANIFEST:  # PurePosixPath drops "" and "."
         raise ArtifactRefused(f"its manifest names a file {name!r} outside the artifact")
     return path
 
 
-def read(artifact: Path, device: torch.device, *, trusted: bool, pin: str = "") -> dict:
-    """The artifact's manifest, once the artifact may be used and every file it lists is as listed;
-    ArtifactRefused otherwise. `trusted`: baked into the image; `pin`: the manifest's sha256 the
-    deployment set (checked whether or not the artifact is trusted)."""
+def read(artifact: Path, device: torch.device, *, trusted: bool, pin: str) -> dict:
+    """The artifact's manifest, once the artifact may be used, every file it lists is as listed and every
+    part's entry names a part, a file and a key (parsed into the entry's "shape_key"); ArtifactRefused
+    otherwise, before anything is copied. `trusted`: baked into the image; `pin`: the manifest's sha256
+    the deployment set (checked whether or not the artifact is trusted)."""
     path = artifact / MANIFEST
     if path.is_symlink() or not path.is_file():
         raise ArtifactRefused(f"{MANIFEST} is missing or not a regular file")
@@ -127,7 +122,7 @@ def read(artifact: Path, device: torch.device, *, trusted: bool, pin: str = "") 
         files, entries, built_for = manifest["files"], manifest["parts"], manifest["machine"]
         if manifest["format"] != FORMAT or not isinstance(files, dict) or not isinstance(entries, list):
             raise ValueError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise ArtifactRefused(f"{MANIFEST} is not a format-{FORMAT} manifest of compiled parts") from None
     here = machine(device)
     if built_for != here:
@@ -140,11 +135,19 @@ def read(artifact: Path, device: torch.device, *, trusted: bool, pin: str = "") 
             raise ArtifactRefused(f"{name} is missing or not a regular file")
         if not isinstance(entry, dict) or file.stat().st_size != entry.get("size"):
             raise ArtifactRefused(f"{name} is {file.stat().st_size:,} bytes, not as its manifest lists")
-        if _sha256(file) != entry.get("sha256"):
+        if sha256_file(file) != entry.get("sha256"):
             raise ArtifactRefused(f"{name} does not match its sha256 in the manifest")
     for entry in entries:
-        if not isinstance(entry, dict) or entry.get("part") not in PARTS or entry.get("file") not in files:
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(name), str) for name in ("part", "file")) or (
+                entry["part"] not in PARTS or entry["file"] not in files):
             raise ArtifactRefused(f"its manifest lists a part it does not hold: {entry!r}")
+        if "/" in entry["file"] or not entry["file"].endswith(PART_SUFFIX):
+            raise ArtifactRefused(f"its manifest lists a part file {entry['file']!r}, not a compiled part's name "
+                                  f"(NAME{PART_SUFFIX}, at the artifact's top level)")
+        try:
+            entry["shape_key"] = ShapeKey.from_json(entry.get("key"))
+        except ValueError:
+            raise ArtifactRefused(f"its manifest lists a key that is not one: {entry.get('key')!r:.200}") from None
     return manifest
 
 
@@ -156,15 +159,11 @@ def install(artifact: Path, cache_dir: Path, seal: cachetrust.Seal, device: torc
     manifest = read(artifact, device, trusted=trusted, pin=pin)
     held = []
     for entry in manifest["parts"]:
-        try:
-            key = ShapeKey.from_json(entry["key"])
-        except (ValueError, TypeError):
-            raise ArtifactRefused(f"its manifest lists a key that is not one: {entry['key']!r}") from None
         target = cache_dir / entry["file"]
         shutil.copyfile(artifact / entry["file"], target)
         os.chmod(target, 0o600)
         seal.seal(target)
-        held.append((entry["part"], key))
+        held.append((entry["part"], entry["shape_key"]))
     kernels = [name for name in manifest["files"] if name.startswith("inductor/")]
     inductor = cache_dir / "inductor"
     _keep_inductor_cache_in(inductor, seal)  # what is there already is checked (or moved aside) first

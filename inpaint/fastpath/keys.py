@@ -53,9 +53,19 @@ class ShapeKey:
 
     @classmethod
     def from_json(cls, text: str) -> ShapeKey:
-        inputs, inference = json.loads(text)
-        return cls(tuple((tuple(shape), tuple(stride), dtype, device) for shape, stride, dtype, device in inputs),
-                   bool(inference))
+        """The key `to_json` wrote; ValueError for any other text (a shipped manifest's keys are read with this)."""
+        try:
+            inputs, inference = json.loads(text)
+            key = cls(tuple((tuple(shape), tuple(stride), dtype, device) for shape, stride, dtype, device in inputs),
+                      inference)
+        except (TypeError, ValueError, RecursionError):
+            raise ValueError(f"not a shape key: {text!r:.200}") from None
+        if not key.inputs or len(key.shape) != 4 or not isinstance(inference, bool) or not all(  # (B, C, H, W) first
+                len(shape) == len(stride) and all(type(n) is int and n >= 0 for n in (*shape, *stride))
+                and isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype)
+                and isinstance(device, str) for shape, stride, dtype, device in key.inputs):
+            raise ValueError(f"not a shape key: {text!r:.200}")
+        return key
 
     def __str__(self) -> str:
         return "x".join(map(str, self.shape))
