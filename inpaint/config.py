@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPILE_MODES = ("background", "setup", "off")
+# The least each number may be. A NaN or infinite one is refused too: every comparison with NaN is false,
+# so it would switch its limit off without a word.
+AT_LEAST = {"weights_archive_max_bytes": 0, "weights_archive_max_members": 1, "weights_archive_timeout": 0,
+            "max_input_pixels": 1, "max_upload_bytes": 1, "max_input_side": 1, "max_input_aspect": 1,
+            "max_jpeg_scans": 1, "max_working_pixels": 1, "max_batch_pixels": 1}
+PINS = ("weights_manifest_sha256", "compiled_manifest_sha256")
 
 
 @dataclass(frozen=True)
@@ -70,11 +78,24 @@ class Settings:
     compile_cache_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
+        """Every setting checked, whether it came from the environment or from code: a ValueError names the
+        variable, the value and what it may be."""
         mode = {"1": "setup", "true": "setup", "yes": "setup", "on": "setup", "0": "off", "false": "off",
                 "no": "off"}.get(self.compile.strip().lower(), self.compile.strip().lower())
         if mode not in COMPILE_MODES:
             raise ValueError(f"INPAINT_COMPILE={self.compile!r} must be one of {', '.join(COMPILE_MODES)}")
         object.__setattr__(self, "compile", mode)
+        for name, least in AT_LEAST.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= least):
+                raise ValueError(f"INPAINT_{name.upper()}={value!r} must be a finite number of at least {least}")
+        for name in PINS:
+            value = getattr(self, name)
+            if value and not re.fullmatch(r"[0-9a-f]{64}", value.strip().lower()):
+                raise ValueError(f"INPAINT_{name.upper()}={value!r} must be a sha256: 64 hex digits, as sha256sum "
+                                 "prints them (or empty)")
+        if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"INPAINT_DEVICE={self.device!r} must be cpu, cuda or cuda:N (empty: CUDA when present)")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -97,3 +97,42 @@ def test_archive_settings_are_read_from_the_environment():
                                   "INPAINT_WEIGHTS_ARCHIVE_TIMEOUT": "7.5", "INPAINT_COMPILE_CACHE_KEY": "s3cret"})
     assert (settings.weights_archive_max_bytes, settings.weights_archive_max_members, settings.weights_archive_timeout) == (5, 6, 7.5)
     assert settings.compile_cache_key == "s3cret" and "s3cret" not in repr(settings)  # a secret stays out of logs
+
+
+@pytest.mark.parametrize("name, least", [
+    ("WEIGHTS_ARCHIVE_MAX_BYTES", "0"), ("WEIGHTS_ARCHIVE_MAX_MEMBERS", "1"), ("WEIGHTS_ARCHIVE_TIMEOUT", "0"),
+    ("MAX_INPUT_PIXELS", "1"), ("MAX_UPLOAD_BYTES", "1"), ("MAX_INPUT_SIDE", "1"), ("MAX_INPUT_ASPECT", "1"),
+    ("MAX_JPEG_SCANS", "1"), ("MAX_WORKING_PIXELS", "1"), ("MAX_BATCH_PIXELS", "1"),
+])
+def test_a_number_setting_below_its_least_or_not_finite_is_refused_naming_it(name, least):
+    """A NaN limit would switch its check off without a word (every comparison with NaN is false), and a
+    limit below its least would refuse every request with a message about the request, not the setting."""
+    variable = f"INPAINT_{name}"
+    assert getattr(Settings.from_env({variable: least}), name.lower()) == float(least)
+    floats = isinstance(getattr(Settings, name.lower()), float)
+    below = str(float(least) - 0.5) if floats else str(int(least) - 1)
+    for value in ([below, "nan", "inf", "-inf"] if floats else [below]):
+        with pytest.raises(ValueError) as refused:
+            Settings.from_env({variable: value})
+        shown = repr(float(value)) if floats else value
+        assert str(refused.value) == f"{variable}={shown} must be a finite number of at least {least}"
+
+
+@pytest.mark.parametrize("variable", ["INPAINT_WEIGHTS_MANIFEST_SHA256", "INPAINT_COMPILED_MANIFEST_SHA256"])
+def test_a_pin_must_be_a_sha256_as_sha256sum_prints_it(variable):
+    digest = "0123456789abcdef" * 4
+    for written in (digest, digest.upper(), f" {digest}\n"):  # as pasted from sha256sum, or from another tool
+        assert getattr(Settings.from_env({variable: written}), variable.removeprefix("INPAINT_").lower()) == written
+    for wrong in (digest[:-1], digest + "0", "g" + digest[1:], f"{digest}  weights-sha256.json"):
+        with pytest.raises(ValueError) as refused:
+            Settings.from_env({variable: wrong})
+        assert str(refused.value) == (f"{variable}={wrong!r} must be a sha256: 64 hex digits, as sha256sum prints them "
+                                      "(or empty)")
+
+
+def test_the_device_setting_names_a_device_torch_has():
+    assert [Settings.from_env({"INPAINT_DEVICE": device}).device for device in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
+    for wrong in ("gpu", "CUDA", "cuda:", "cuda:x", "mps", "cpu "):
+        with pytest.raises(ValueError) as refused:
+            Settings.from_env({"INPAINT_DEVICE": wrong})
+        assert str(refused.value) == f"INPAINT_DEVICE={wrong!r} must be cpu, cuda or cuda:N (empty: CUDA when present)"
