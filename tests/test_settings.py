@@ -136,3 +136,38 @@ def test_the_device_setting_names_a_device_torch_has():
         with pytest.raises(ValueError) as refused:
             Settings.from_env({"INPAINT_DEVICE": wrong})
         assert str(refused.value) == f"INPAINT_DEVICE={wrong!r} must be cpu, cuda or cuda:N (empty: CUDA when present)"
+
+
+@pytest.mark.parametrize("written, mode", [("background", "background"), (" Setup ", "setup"), ("OFF", "off"),
+                                           ("1", "setup"), ("true", "setup"), ("yes", "setup"), ("on", "setup"),
+                                           ("0", "off"), ("false", "off"), ("No", "off")])
+def test_each_way_of_writing_the_compile_mode_is_one_mode(written, mode):
+    assert Settings.from_env({"INPAINT_COMPILE": written}).compile == mode == Settings(compile=written).compile
+
+
+def test_a_compile_mode_it_does_not_know_is_refused_naming_the_modes():
+    with pytest.raises(ValueError) as refused:
+        Settings.from_env({"INPAINT_COMPILE": "always"})
+    assert str(refused.value) == "INPAINT_COMPILE='always' must be one of background, setup, off"
+
+
+@pytest.mark.parametrize("written, value", [("1", True), ("true", True), (" YES ", True), ("on", True), ("0", False),
+                                            ("false", False), ("No", False), ("off", False)])
+def test_each_way_of_writing_a_switch_sets_it(written, value):
+    settings = Settings.from_env({"INPAINT_SAFETY_CHECKER": written, "INPAINT_FAST_PATH": written, "INPAINT_CUDA_GRAPHS": written})
+    assert (settings.safety_checker, settings.fast_path, settings.cuda_graphs) == (value,) * 3
+
+
+@pytest.mark.parametrize("variable, written, kind", [("INPAINT_SAFETY_CHECKER", "maybe", "bool"),
+                                                     ("INPAINT_MAX_INPUT_SIDE", "8k", "int"),
+                                                     ("INPAINT_MAX_INPUT_ASPECT", "16:1", "float")])
+def test_a_value_of_the_wrong_kind_is_refused_naming_the_variable_and_the_kind(variable, written, kind):
+    with pytest.raises(ValueError) as refused:
+        Settings.from_env({variable: written})
+    assert str(refused.value) == f"{variable}={written!r} is not a valid {kind}"
+
+
+def test_an_empty_variable_keeps_the_default_and_the_process_environment_is_read_when_none_is_given(monkeypatch):
+    assert Settings.from_env({"INPAINT_MAX_INPUT_SIDE": "", "INPAINT_DEVICE": ""}) == Settings()
+    monkeypatch.setenv("INPAINT_MAX_INPUT_SIDE", "1234")
+    assert Settings.from_env().max_input_side == 1234 and Settings.from_env({}).max_input_side == 8192
