@@ -465,3 +465,20 @@ def test_a_part_entry_that_is_not_a_part_it_holds_is_refused_before_any_part_is_
     harmed = ["unet"] if entry == "a list" else {"part": "unet", "key": KEY.to_json(), "file": PART, **entry}
     folder, _ = _crafted(tmp_path, files=files, manifest={"parts": [good, harmed]})
     _refused(folder, tmp_path, message.format(key=KEY.to_json(), file=PART))
+
+
+def test_an_artifact_that_cannot_be_copied_leaves_setup_compiling_in_the_background(tiny_weights, tmp_path, caplog):
+    """A trusted artifact whose copy into the cache fails (here a folder stands where its part goes: the
+    OS refuses the copy) is not used, the setup log says why, and setup goes on, as with no artifact."""
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    _crafted(tmp_path)  # into tmp_path/weights/compiled
+    cachetrust.private_folder(tmp_path / "cache")
+    (tmp_path / "cache" / PART).mkdir()
+    fast = _fast(tmp_path, folder, artifact_trusted=True)
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath"):
+        pipeline.load_pipeline(folder, CPU, torch.float32, fast)
+    assert not fast.shipped and fast.load_shipped() and list(fast.parts) == ["unet", "vae.decoder", "vae.encoder"]
+    assert (f"compiled parts in {folder / COMPILED} not used: [Errno 21] Is a directory: "
+            f"'{tmp_path / 'cache' / PART}'; predictions compile in the background instead") in caplog.text
+    fast.stop()

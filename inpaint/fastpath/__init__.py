@@ -184,7 +184,7 @@ class FastPath:
         try:
             self.shipped = shipped.install(folder, self.cache_dir, cachetrust.Seal(self.cache_dir, self.secret), device,
                                            trusted=trusted, pin=pin)
-        except shipped.ArtifactRefused as error:
+        except (shipped.ArtifactRefused, OSError, cachetrust.UntrustedCache) as error:  # refused, or not copied
             log.warning("compiled parts in %s not used: %s; predictions compile in the background instead", folder, error)
             return
         log.info("compiled parts shipped with the weights: %d, checked and copied into %s; setup loads those at "
