@@ -20,6 +20,7 @@ import workload
 from timing import median_stages
 from workload import ROOT
 
+from inpaint.pipeline import pick_device
 from inpaint.weights import cache_root, manifest_pin
 
 
@@ -138,7 +139,7 @@ def cold_start_section(folder: Path, runs: int, rows: list[list[object]] | None 
 
 
 def run_cold_start_only(runs: int) -> tuple[str, dict]:
-    folder = workload.weights(False, workload.default_device())
+    folder = workload.weights(False, pick_device()[0])
     rows = bench_cold_starts(folder, runs)
     return f"## Cold start only: {report.machine()}\n\n" + cold_start_section(folder, runs, rows), {
         "cold_start_s": report.by_label(rows, "later start, page cache warm")}
@@ -169,7 +170,7 @@ def run_startup(runs: int) -> str:
     bench/requirements-only-env's interpreter for the image's package set alone)."""
     import importlib.metadata
 
-    folder = workload.weights(False, workload.default_device())
+    folder = workload.weights(False, pick_device()[0])
     rows = _startup_imports()
     installed = len({dist.metadata["Name"].lower() for dist in importlib.metadata.distributions()})
     return (f"## Cold start breakdown: {report.machine()}\n\nInterpreter `{sys.executable}`, {installed} distributions "

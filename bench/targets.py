@@ -20,6 +20,7 @@ import workload
 from timing import median_stages
 from workload import ROOT
 
+from inpaint.pipeline import pick_device
 from inpaint.weights import manifest_pin
 
 
@@ -148,7 +149,7 @@ def run_shipped(tiny: bool) -> tuple[str, dict]:
     """Compiled parts shipped with the weights: script/bake-compiled at 512x512 (64x64 on tiny weights)
     into a COG_WEIGHTS folder, then a fresh server that loads them (pinned by
     INPAINT_COMPILED_MANIFEST_SHA256): its cold start and its first two predictions through HTTP."""
-    folder = workload.weights(tiny, workload.default_device())
+    folder = workload.weights(tiny, pick_device()[0])
     size = 64 if tiny else 512
     try:
         pin, bake_s = bake(folder, size)

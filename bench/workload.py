@@ -30,11 +30,6 @@ def weights(tiny: bool, device: torch.device) -> Path:
     return folder
 
 
-def default_device() -> torch.device:
-    """Where the model measurements run: the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def inputs(size: int, height: int | None = None):
     width, height = size, height or size
     image = Image.open(ROOT / "examples" / "chelsea.png").convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
