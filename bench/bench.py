@@ -18,8 +18,8 @@ With --cpu: what needs no GPU: load time of the full-size weights (ours vs from_
 pre/post-processing time of a 4096x4096 input (decode, mask work, composite, encode), and the
 safety checker's added time per output.
 
---tiny runs the GPU comparison's code on the tiny test weights (on whatever device is present):
-a smoke test of this script, not a measurement.
+--tiny runs a mode's code on the tiny test weights (on whatever device is present), where it would
+build full-size ones: a smoke test of this script, not a measurement, and never recorded.
 
 With --targets, --candidates, --every-shape, --shipped: issue 20's figures (targets.py, comparison.py).
 
@@ -77,7 +77,7 @@ def main() -> int:
                              "graphs, SDPA backends, predictions on other threads); also part of --targets")
     parser.add_argument("--every-shape", action="store_true",
                         help="GPU: every automatic working shape, uncompiled, beside the reference at 512x512")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test the GPU comparison on tiny weights")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test the chosen mode on tiny weights (not recorded)")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=float, default=480.0,
                         help="GPU: seconds from the start after which no compile lever (nor, with --targets or "
@@ -92,11 +92,11 @@ def main() -> int:
     elif args.speedups:
         (markdown, figures), mode = cpu.run_speedups(args.runs), "speedups"
     elif args.cold_start:
-        (markdown, figures), mode = coldstart.run_cold_start_only(args.runs), "cold-start"
+        (markdown, figures), mode = coldstart.run_cold_start_only(args.runs, args.tiny), "cold-start"
     elif args.startup:
-        markdown, mode = coldstart.run_startup(args.runs), "startup"
+        markdown, mode = coldstart.run_startup(args.runs, args.tiny), "startup"
     elif args.cpu:
-        (markdown, figures), mode = cpu.run_cpu(args.runs), "cpu"
+        (markdown, figures), mode = cpu.run_cpu(args.runs, args.tiny), "cpu"
     elif args.parts:
         markdown, mode = levers.run_parts(args.runs, args.tiny, args.budget), "parts"
     elif args.shipped:

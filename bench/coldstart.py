@@ -131,17 +131,17 @@ def bench_cold_starts(folder: Path, runs: int) -> list[list[object]]:
     return [[label, f"{statistics.median(values):.1f}"] for label, values in seconds.items()]
 
 
-def cold_start_section(folder: Path, runs: int, rows: list[list[object]] | None = None) -> str:
+def cold_start_section(folder: Path, runs: int, rows: list[list[object]] | None = None, tiny: bool = False) -> str:
     where = f"on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "on the CPU (fp32)"
     rows = bench_cold_starts(folder, runs) if rows is None else rows
-    return (f"Cold start {where}, process start to READY through Cog's server (full-size weights, safety "
+    return (f"Cold start {where}, process start to READY through Cog's server ({'tiny' if tiny else 'full-size'} weights, safety "
             f"checker included), seconds, median of {runs}:\n\n" + report.table(["start", "seconds"], rows))
 
 
-def run_cold_start_only(runs: int) -> tuple[str, dict]:
-    folder = workload.weights(False, pick_device()[0])
+def run_cold_start_only(runs: int, tiny: bool = False) -> tuple[str, dict]:
+    folder = workload.weights(tiny, pick_device()[0])
     rows = bench_cold_starts(folder, runs)
-    return f"## Cold start only: {report.machine()}\n\n" + cold_start_section(folder, runs, rows), {
+    return report.heading("Cold start only", tiny) + "\n\n" + cold_start_section(folder, runs, rows, tiny), {
         "cold_start_s": report.by_label(rows, "later start, page cache warm")}
 
 
@@ -152,10 +152,13 @@ def _startup_imports() -> list[list[object]]:
         ("python -c pass (the interpreter and its site-packages' .pth files)", "pass"),
         ("python -c 'import torch'", "import torch"),
         ("... + CUDA context", "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
-         if torch.cuda.is_available() else "import torch"),
+         if torch.cuda.is_available() else None),
         ("python -c 'import predict' (cog, inpaint's light modules)", "import predict"),
         ("... + the modules setup imports (diffusers, transformers, inpaint.service)", "import predict, inpaint.service"),
     ):
+        if code is None:
+            rows.append([label, "not measured (no CUDA here)"])
+            continue
         begin = time.monotonic()
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
         rows.append([label, f"{time.monotonic() - begin:.2f} s"])
@@ -165,17 +168,17 @@ def _startup_imports() -> list[list[object]]:
     return rows
 
 
-def run_startup(runs: int) -> str:
+def run_startup(runs: int, tiny: bool = False) -> str:
     """--startup: where a cold start goes in this interpreter's environment (run it again under
     bench/requirements-only-env's interpreter for the image's package set alone)."""
     import importlib.metadata
 
-    folder = workload.weights(False, pick_device()[0])
+    folder = workload.weights(tiny, pick_device()[0])
     rows = _startup_imports()
     installed = len({dist.metadata["Name"].lower() for dist in importlib.metadata.distributions()})
-    return (f"## Cold start breakdown: {report.machine()}\n\nInterpreter `{sys.executable}`, {installed} distributions "
+    return (report.heading("Cold start breakdown", tiny) + f"\n\nInterpreter `{sys.executable}`, {installed} distributions "
             "installed. Fresh processes, page cache warm:\n\n" + report.table(["what", "time"], rows)
-            + "\n\n" + cold_start_section(folder, runs))
+            + "\n\n" + cold_start_section(folder, runs, tiny=tiny))
 
 
 def bench_startup(folder: Path, deadline: float) -> list[list[object]]:

@@ -185,7 +185,6 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
     else:
         lever_rows += report.section("compile", levers.bench_compile, folder, device, dtype, runs, steps, baseline, started + budget) or []
     report.progress(f"whole run {time.monotonic() - started:.0f} s")
-    title = "Smoke test on tiny weights (not a measurement)" if tiny else "GPU run"
     first = rows[0] if rows else [None] * 6
     figures = {
         "reference_ms": report.number(first[1]),
@@ -199,7 +198,7 @@ def run_gpu(runs: int, tiny: bool, quick: bool = False, budget: float = 480.0) -
         "safety_ms": report.number(safety),
         "graphs_gib": graph_memory[1],
     }
-    markdown = (f"## {title}: {report.machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median after a warm-up; "
+    markdown = (report.heading("GPU run", tiny) + f"\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, median after a warm-up; "
             "ours is the fast path uncompiled (as before its compiled UNet is ready; compiled: the lever table):\n\n") + report.table(
         ["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], rows
     ) + (f"\n\nCUDA graphs kept after those shapes: {graph_memory[0]}"
@@ -260,8 +259,7 @@ def run_every_shape(runs: int, tiny: bool, budget: float = float("inf")) -> tupl
     free_cache(device)
     rows, shapes_ms, graph_memory = every_shape(folder, device, dtype, shapes, steps, runs, reference_ms, started + budget)
     report.progress(f"whole run {time.monotonic() - started:.0f} s")
-    title = "Every automatic working shape, smoke test on tiny weights (not a measurement)" if tiny else "Every automatic working shape"
-    markdown = (f"## {title}: {report.machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
+    markdown = (report.heading("Every automatic working shape", tiny) + f"\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
               f"after a warm-up; ours is the fast path uncompiled. diffusers' reference at 512x512 in the same run: "
               f"{reference_ms:.0f} ms.\n\n" + report.table(["working shape", "ours ms", "ratio to the reference"], rows)
               + f"\n\nCUDA graphs kept after them: {graph_memory[0]}")

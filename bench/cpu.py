@@ -236,11 +236,11 @@ def run_prepost_only(runs: int) -> tuple[str, dict]:
     ), {"prepost_ms": {row[0]: report.number(row[-1]) for row in rows}}
 
 
-def run_cpu(runs: int) -> tuple[str, dict]:
+def run_cpu(runs: int, tiny: bool = False) -> tuple[str, dict]:
     torch.set_num_threads(os.cpu_count() or 1)
-    folder = workload.weights(False, torch.device("cpu"))
-    sections = [f"## CPU run: {report.machine()}"]
-    sections.append("Full-size random weights (fp16 safetensors) against the published sizes:\n\n" + report.table(
+    folder = workload.weights(tiny, torch.device("cpu"))
+    sections = [report.heading("CPU run", tiny)]
+    sections.append(f"{'Tiny' if tiny else 'Full-size'} random weights (fp16 safetensors) against the published sizes:\n\n" + report.table(
         ["file", "bytes", "published", "same"],
         [[name, f"{ours:,}", f"{published:,}" if published else "-", ours == published] for name, ours, published in size_report(folder)],
     ))
@@ -252,10 +252,10 @@ def run_cpu(runs: int) -> tuple[str, dict]:
                     f"timings, model stages left out), ms, median of {runs}:\n\n"
                     + report.table(["input", "decode", "prepare", "composite", "encode", "total"], prepost))
     safety = bench_safety(folder, runs)
-    sections.append(f"Safety checker (full-size ViT-L/14, fp32 on the CPU), ms, median of {runs}:\n\n"
+    sections.append(f"Safety checker ({'tiny' if tiny else 'full-size ViT-L/14'}, fp32 on the CPU), ms, median of {runs}:\n\n"
                     + report.table(["batch", "ms", "ms per output"], safety))
     starts = coldstart.bench_cold_starts(folder, runs)
-    sections.append(coldstart.cold_start_section(folder, runs, starts))
+    sections.append(coldstart.cold_start_section(folder, runs, starts, tiny))
     return "\n\n".join(sections), {
         "load_s": report.by_label(load, "ours, later starts (verified stamp; checker included)"),
         "prepost_ms": {row[0]: report.number(row[-1]) for row in prepost},

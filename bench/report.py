@@ -41,6 +41,12 @@ def machine() -> str:
     )
 
 
+def heading(what: str, tiny: bool) -> str:
+    """A run's heading in RESULTS.md: what it measured and on which machine; on the tiny weights, that it
+    is a smoke test."""
+    return f"## {what}{', smoke test on tiny weights (not a measurement)' if tiny else ''}: {machine()}"
+
+
 def number(text: object) -> float | None:
     """The first number in a table cell ("613", "58.8 dB", "13.7 s (safety ...)"); None if there is none."""
     match = re.search(r"-?\d+(?:\.\d+)?", str(text))

@@ -64,7 +64,7 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
     from inpaint.fastpath import artifact
 
     started = time.monotonic()
-    device, dtype = ours.pick_device()
+    device, dtype = pick_device()
     folder = workload.weights(tiny, device)
     size, steps = (64, 3) if tiny else (512, 50)
     shapes = geometry.automatic_working_sizes()[:3] if tiny else geometry.automatic_working_sizes()
@@ -94,8 +94,7 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
     rows, shapes_ms, graph_memory = comparison.every_shape(folder, device, dtype, shapes, steps, runs, report.number(row[1]) or float("nan"),
                                                  started + budget)
     report.progress(f"whole run {time.monotonic() - started:.0f} s")
-    title = "Issue 20's figures, smoke test on tiny weights (not a measurement)" if tiny else "Issue 20's figures"
-    markdown = (f"## {title}: {report.machine()}\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
+    markdown = (report.heading("Issue 20's figures", tiny) + f"\n\n{steps} steps, guidance 7.5, DPMSolverMultistep, one output, median of {runs} "
               f"after a warm-up. {baked}: {text}\n\nIn this process, the default path "
               f"{'on the shipped parts' if pin else 'uncompiled'} against diffusers' reference:\n\n"
               + report.table(["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], [row])
@@ -129,18 +128,15 @@ def _candidates(folder: Path, reference, fast, fast_path, device: torch.device, 
 
 def run_candidates(runs: int, tiny: bool) -> tuple[str, dict]:
     """Part 4's candidates alone (bench/candidates.py), on the default fast path uncompiled: a short run."""
-    from inpaint import pipeline as ours
-
     started = time.monotonic()
-    device, dtype = ours.pick_device()
+    device, dtype = pick_device()
     folder = workload.weights(tiny, device)
     size, steps = (64, 3) if tiny else (512, 50)
     reference = workload.load_reference(folder, device, dtype)
     fast, fast_path = workload.load_ours(folder, device, dtype)
     figures = _candidates(folder, reference, fast, fast_path, device, dtype, size, steps, runs)
     report.progress(f"whole run {time.monotonic() - started:.0f} s")
-    title = "Part 4's candidates, smoke test on tiny weights (not a measurement)" if tiny else "Part 4's candidates"
-    return (f"## {title}: {report.machine()}\n\nAt {size}x{size}, {steps} steps; ours is the fast path uncompiled; per-call "
+    return (report.heading("Part 4's candidates", tiny) + f"\n\nAt {size}x{size}, {steps} steps; ours is the fast path uncompiled; per-call "
             f"figures are medians of 20 calls, stages medians of {runs} predictions (of one beside a busy thread):\n\n"
             + candidates.report(figures)), {"candidates": figures}
 

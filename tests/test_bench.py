@@ -1,6 +1,8 @@
 """The GPU benchmark stays runnable while no GPU is at hand: its smoke test on the tiny weights."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,16 @@ import torch
 from torch.profiler import ProfilerActivity
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench(*arguments: str, env: dict[str, str] | None = None) -> tuple[str, dict]:
+    """bench/bench.py run as written with `arguments` and --no-record: what it printed, and its figures (what a
+    real run writes to bench/results/), once it has exited 0."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), *arguments, "--no-record"],
+                         capture_output=True, text=True, timeout=300, env=None if env is None else {**os.environ, **env})
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = run.stdout.split("\nfigures: ", 1)
+    return run.stdout, json.loads(printed[1].splitlines()[0]) if len(printed) == 2 else {}
 
 
 def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them(monkeypatch):
@@ -36,19 +48,13 @@ def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them(monk
 
 
 def test_bench_smoke_test_prints_every_table():
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--runs", "1", "--no-record"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = run.stdout
+    out, figures = _bench("--tiny", "--runs", "1")
     assert "| shape | reference ms | ours ms | ratio |" in out
     assert "| 64x64 x1 |" in out and "| 128x128 x2 |" in out
     assert "latents rel. err" in out
     assert "Safety checker added time:" in out
     for lever in ("CUDA graphs off", "cudnn.benchmark", "fast path off", "PNDM, timestep read back", "PNDM, host timesteps", "torch.compile"):
         assert lever in out, lever
-    figures = json.loads(out.split("\nfigures: ", 1)[1].splitlines()[0])  # what a real run writes to bench/results/
     assert figures["reference_ms"] > 0 and figures["uncompiled_ms"] > 0 and figures["psnr_db"] > 0
     assert "128x128 x2" in figures["shapes_ms"]
 
@@ -56,18 +62,13 @@ def test_bench_smoke_test_prints_every_table():
 def test_bench_every_shape_smoke_test_times_the_automatic_shapes_beside_the_reference():
     from inpaint import geometry
 
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--every-shape", "--tiny", "--runs", "1", "--no-record"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    out, figures = _bench("--every-shape", "--tiny", "--runs", "1")
     shapes = [f"{width}x{height}" for width, height in geometry.automatic_working_sizes()[:3]]
-    assert "| working shape | ours ms | ratio to the reference |" in run.stdout
-    assert all(f"| {shape} |" in run.stdout for shape in shapes)
-    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    assert "| working shape | ours ms | ratio to the reference |" in out
+    assert all(f"| {shape} |" in out for shape in shapes)
     assert figures["reference_ms"] > 0 and list(figures["shapes_ms"]) == shapes
     assert all(milliseconds > 0 for milliseconds in figures["shapes_ms"].values())
-    assert figures["graphs_gib"] is None and "CUDA graphs kept after them: none recorded" in run.stdout  # the CPU
+    assert figures["graphs_gib"] is None and "CUDA graphs kept after them: none recorded" in out  # the CPU
 
 
 def test_every_shape_begins_no_shape_once_the_runs_budget_is_spent(tiny_weights, monkeypatch):
@@ -137,29 +138,63 @@ def test_bench_targets_smoke_test_ends_within_its_budget_and_writes_every_figure
     shape is measured or (past the budget) says it was not, and the figures come out under issue 20's keys."""
     from inpaint import geometry
 
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--targets", "--tiny", "--runs", "1", "--budget", "12",
-         "--no-record"], capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "No compiled parts: the bake did not end within 6 s and was stopped." in run.stdout
-    assert "| 64x64 x1 |" in run.stdout and "Part 4's candidates" in run.stdout
-    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    out, figures = _bench("--targets", "--tiny", "--runs", "1", "--budget", "12")
+    assert "No compiled parts: the bake did not end within 6 s and was stopped." in out
+    assert "| 64x64 x1 |" in out and "Part 4's candidates" in out
     assert {"reference_ms", "default_ms", "psnr_db", "shapes_ms", "fresh_first_ms", "http_e2e_ms", "cold_start_s"} <= set(figures)
     assert figures["reference_ms"] > 0 and figures["default_ms"] > 0
     for width, height in geometry.automatic_working_sizes()[:3]:
         shape = f"{width}x{height}"
-        assert (shape in figures["shapes_ms"]) != (f"| {shape} | not measured: the run's --budget was spent |" in run.stdout)
+        assert (shape in figures["shapes_ms"]) != (f"| {shape} | not measured: the run's --budget was spent |" in out)
     assert figures["fresh_first_ms"] is None and figures["bake_s"] is None  # no bake, so no fresh server on it
 
 
 def test_bench_prepost_smoke_test_prints_each_uploads_stages():
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--prepost", "--runs", "1", "--no-record"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "| input | decode | prepare | composite | encode | total |" in run.stdout
-    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    out, figures = _bench("--prepost", "--runs", "1")
+    assert "| input | decode | prepare | composite | encode | total |" in out
     assert len(figures["prepost_ms"]) == 4 and all(ms > 0 for ms in figures["prepost_ms"].values())
+
+
+COLD_STARTS = ("first start (no verified stamp: sha256 of every file), page cache warm",
+               "later start, page cache cold (weight files evicted)", "later start, page cache warm")
+
+
+def _seconds(out: str, label: str) -> float:
+    """The seconds a printed table gives `label`: its row must hold a number and nothing else."""
+    (cell,) = re.findall(rf"^\| {re.escape(label)} \| ([^|]*) \|$", out, re.M)
+    return float(cell.removesuffix(" s"))
+
+
+def test_bench_cold_start_smoke_test_times_each_start_through_the_server(tmp_path):
+    out, figures = _bench("--cold-start", "--tiny", "--runs", "1", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert out.startswith("## Cold start only, smoke test on tiny weights (not a measurement): ")
+    assert all(_seconds(out, start) > 0 for start in COLD_STARTS)
+    assert figures == {"cold_start_s": _seconds(out, COLD_STARTS[-1])}
+
+
+def test_bench_startup_smoke_test_times_each_fresh_interpreter_and_the_cold_starts(tmp_path):
+    out, _ = _bench("--startup", "--tiny", "--runs", "1", env={"XDG_CACHE_HOME": str(tmp_path)})
+    for label in ("python -c pass (the interpreter and its site-packages' .pth files)", "python -c 'import torch'",
+                  "python -c 'import predict' (cog, inpaint's light modules)",
+                  "... + the modules setup imports (diffusers, transformers, inpaint.service)", *COLD_STARTS):
+        assert _seconds(out, label) > 0, label
+    assert "| ... + CUDA context | not measured (no CUDA here) |" in out  # the CPU
+    assert re.search(r"^\| self time of the imports by package .* \| torch \d+\.\d\d s, .*\(all: \d+\.\d s\) \|$", out, re.M)
+
+
+def test_bench_cpu_smoke_test_prints_every_table_and_its_figures(tmp_path):
+    out, figures = _bench("--cpu", "--tiny", "--runs", "1", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert "| unet/diffusion_pytorch_model.fp16.safetensors | " in out and "| 1,731,933,536 | False |" in out
+    loads = ("ours, first start (sha256 of every file, then load; checker included)",
+             "ours, later starts (verified stamp; checker included)",
+             "ours, later starts, checker off (the same work as the next line)",
+             "diffusers from_pretrained (no checker, no verification)")
+    assert all(_seconds(out, load) > 0 for load in loads)
+    assert "| 1 output(s) |" in out and "| 4 output(s) |" in out
+    assert all(_seconds(out, start) > 0 for start in COLD_STARTS)
+    assert figures["load_s"] == _seconds(out, loads[1]) and figures["cold_start_s"] == _seconds(out, COLD_STARTS[-1])
+    assert len(figures["prepost_ms"]) == 4 and all(ms > 0 for ms in figures["prepost_ms"].values())
+    assert figures["safety_ms"] > 0
 
 
 def test_each_prepost_speed_up_is_timed_against_its_plain_alternative(monkeypatch):
@@ -176,13 +211,9 @@ def test_each_prepost_speed_up_is_timed_against_its_plain_alternative(monkeypatc
 
 
 def test_bench_parts_smoke_test_prints_each_combination():
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--parts", "--tiny", "--runs", "1", "--no-record"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    out, _ = _bench("--parts", "--tiny", "--runs", "1")
     for parts in ("the default", "+ channels_last VAE", "+ fused QKV", "UNet contiguous", "CUDA graphs off"):
-        assert f"| {parts}" in run.stdout and "| 128x128 |" in run.stdout, parts
+        assert f"| {parts}" in out and "| 128x128 |" in out, parts
 
 
 def test_requirements_only_env_holds_the_images_packages_and_runs_the_model(tmp_path):
@@ -360,14 +391,9 @@ def test_part_4s_candidates_are_each_timed_beside_what_runs_today(inpainter, tin
 
 
 def test_bench_candidates_smoke_test_prints_its_tables_and_figures():
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--candidates", "--tiny", "--runs", "1", "--no-record"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "| candidate | ms per call | relative error, or why not measured |" in run.stdout
-    assert "| predictions run on | denoise | text_encode | vae_decode | vae_encode |" in run.stdout
-    figures = json.loads(run.stdout.split("\nfigures: ", 1)[1].splitlines()[0])
+    out, figures = _bench("--candidates", "--tiny", "--runs", "1")
+    assert "| candidate | ms per call | relative error, or why not measured |" in out
+    assert "| predictions run on | denoise | text_encode | vae_decode | vae_encode |" in out
     assert set(figures["candidates"]) == {"text_encoder", "safety_tower", "sdpa_unet_ms", "thread_stages_ms", "beside_loads_ms"}
 
 
