@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ import torch
 
 from inpaint import cachetrust, pipeline
 from inpaint.fastpath import FastPath, ShapeKey, artifact
-from inpaint.weights import COMPILED, _reference_view, read_manifest, resolve_weights
+from inpaint.fastpath.compiler import CompiledPart, Compiler
+from inpaint.weights import COMPILED, _reference_view, read_manifest, resolve_weights, sha256_file
 
-from conftest import ROOT, Counting, run_pipeline
+from conftest import ROOT, Counting, run_pipeline, tiny_unet
 from https_server import tar_of
 
 WAIT = 900  # seconds: three cold compiles of the tiny model on a 2-core CPU
@@ -482,3 +484,78 @@ def test_an_artifact_that_cannot_be_copied_leaves_setup_compiling_in_the_backgro
     assert (f"compiled parts in {folder / COMPILED} not used: [Errno 21] Is a directory: "
             f"'{tmp_path / 'cache' / PART}'; predictions compile in the background instead") in caplog.text
     fast.stop()
+
+
+# ---------------------------------------------------------------- what a bake writes, without a bake
+# artifact.write on real CompiledParts of the tiny UNet as a bake leaves them: each compiled or loaded shape's
+# file saved where the part saves it (bytes that are no compiled part: write only copies them), a failed one
+# with none, and Inductor's kernels in the cache the part chose.
+
+def _as_baked(tiny_weights, tmp_path, sources: dict[ShapeKey, str]) -> CompiledPart:
+    part = CompiledPart(tiny_unet(tiny_weights, "cpu"), "unet", Compiler(), tmp_path / "bake-cache")
+    for key, source in sources.items():
+        part.sources[key] = source
+        if source != "failed":
+            part.path(key).write_bytes(f"a compiled part for {key.to_json()}".encode())
+    kernels = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # the part chose its own: bake-cache/inductor
+    (kernels / "ab").mkdir()
+    (kernels / "ab" / "kernel.py").write_bytes(b"# a kernel\n")
+    (kernels / "ab" / "linked.py").symlink_to("kernel.py")  # shipped as the file it names: read() refuses links
+    return part
+
+
+def _unet_key(height: int, width: int) -> ShapeKey:
+    return ShapeKey.of(torch.zeros(2, 9, height, width), torch.tensor(500), torch.zeros(2, 77, 32))
+
+
+WIDER, TALLER, LARGER = _unet_key(8, 16), _unet_key(16, 8), _unet_key(16, 16)
+KERNEL_ENTRY = {"sha256": hashlib.sha256(b"# a kernel\n").hexdigest(), "size": 11}
+
+
+def test_what_a_bake_writes_is_read_back_whole_and_installs_the_parts_it_compiled_or_loaded(tiny_weights, tmp_path,
+                                                                                           monkeypatch):
+    part = _as_baked(tiny_weights, tmp_path, {TALLER: "loaded", LARGER: "failed", WIDER: "compiled"})
+    assert sorted(part.sources, key=ShapeKey.to_json)[0] == LARGER  # the failed shape comes first, and is passed over
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such folder"))  # nothing is written outside dest's folder
+    dest = tmp_path / "image" / "weights" / COMPILED  # whose folders do not exist yet
+    pin = artifact.write([part], dest, CPU)
+    manifest = json.loads((dest / artifact.MANIFEST).read_bytes())
+    assert pin == hashlib.sha256((dest / artifact.MANIFEST).read_bytes()).hexdigest()
+    shipped = [TALLER, WIDER]  # in the order of their keys: a bake's manifest is reproducible
+    assert manifest == {"format": 1, "machine": artifact.machine(CPU), "parts": [
+        {"part": "unet", "key": key.to_json(), "file": part.path(key).name} for key in shipped], "files": {
+        **{part.path(key).name: {"sha256": sha256_file(part.path(key)), "size": part.path(key).stat().st_size}
+           for key in shipped},
+        "inductor/ab/kernel.py": KERNEL_ENTRY, "inductor/ab/linked.py": KERNEL_ENTRY}}
+    assert sorted(path.name for path in dest.parent.iterdir()) == [COMPILED]  # no staging left
+    cache, seal = _cache(tmp_path)
+    assert artifact.install(dest, cache, seal, CPU, trusted=False, pin=pin) == [("unet", key) for key in shipped]
+    assert all(seal.read(cache / part.path(key).name) == part.path(key).read_bytes() for key in shipped)
+
+
+def test_a_bake_replaces_the_artifact_there_whole(tiny_weights, tmp_path):
+    part = _as_baked(tiny_weights, tmp_path, {WIDER: "compiled"})
+    folder, _ = _crafted(tmp_path)
+    artifact.write([part], folder, CPU)
+    written = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    assert written == {artifact.MANIFEST, part.path(WIDER).name, "inductor/ab/kernel.py", "inductor/ab/linked.py"}
+    assert sorted(path.name for path in folder.parent.iterdir()) == [COMPILED]
+
+
+def test_a_bake_that_compiled_nothing_writes_nothing_and_keeps_the_artifact_there(tiny_weights, tmp_path):
+    part = _as_baked(tiny_weights, tmp_path, {KEY: "failed"})
+    folder, _ = _crafted(tmp_path)
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    with pytest.raises(RuntimeError, match="^nothing was compiled, so there is nothing to ship; see the warnings above$"):
+        artifact.write([part], folder, CPU)
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in folder.parent.iterdir()) == [COMPILED]  # no staging left
+
+
+def test_a_bake_in_a_process_with_no_inductor_cache_chosen_ships_no_kernels(tiny_weights, tmp_path, monkeypatch):
+    part = _as_baked(tiny_weights, tmp_path, {KEY: "compiled"})
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.chdir(tmp_path)  # not taken for Inductor's cache either
+    dest = tmp_path / "weights" / COMPILED
+    artifact.write([part], dest, CPU)
+    assert sorted(json.loads((dest / artifact.MANIFEST).read_bytes())["files"]) == [part.path(KEY).name]

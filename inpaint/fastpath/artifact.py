@@ -73,8 +73,8 @@ def write(parts: list[CompiledPart], dest: Path, device: torch.device) -> str:
     if not entries:
         shutil.rmtree(staging)
         raise RuntimeError("nothing was compiled, so there is nothing to ship; see the warnings above")
-    inductor = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
-    if inductor.is_dir():
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # unset: no kernels (Path("") would be the working folder)
+    if inductor and Path(inductor).is_dir():
         shutil.copytree(inductor, staging / "inductor", symlinks=False)
     files = {}
     for path in sorted(staging.rglob("*")):
