@@ -126,7 +126,7 @@ def predictor(pipe, fast_path, image, mask, job, wall: bool = False):
     def predict() -> dict[str, float]:
         seconds: dict[str, float] = {}
         begin = time.perf_counter()
-        ours.generate(pipe, [image], [mask], job, seconds, fast=fast_path, empty_prompt=empty_prompt)
+        ours.generate(pipe, [image], [mask], job, timings=seconds, fast=fast_path, empty_prompt=empty_prompt)
         if wall:
             seconds["wall"] = time.perf_counter() - begin
         return seconds

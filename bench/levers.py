@@ -109,7 +109,7 @@ def bench_compile(folder: Path, device: torch.device, dtype: torch.dtype, runs: 
         before = stats(device)
         each: list[float] = []
         for _ in range(2 * runs):  # twice the runs: these rows decide the 400 ms target; their spread is printed
-            milliseconds, painted = median_ms(lambda: ours.generate(pipe, [image], [mask], job, stages, fast=path,
+            milliseconds, painted = median_ms(lambda: ours.generate(pipe, [image], [mask], job, timings=stages, fast=path,
                                                                 empty_prompt=empty_prompt), device, 1, warm_up=False)
             each.append(milliseconds)
         after = stats(device)
@@ -203,7 +203,7 @@ def bench_parts(folder: Path, device: torch.device, dtype: torch.dtype, runs: in
             image, mask = workload.inputs(size)
             job = workload.job(1, steps)
             timings: dict[str, float] = {}
-            milliseconds, _ = median_ms(lambda: ours.generate(pipe, [image], [mask], job, timings), device,
+            milliseconds, _ = median_ms(lambda: ours.generate(pipe, [image], [mask], job, timings=timings), device,
                                     runs if size <= 512 else 2)
             rows.append([label, f"{size}x{size}", f"{milliseconds:.0f}",
                          *(f"{1000 * timings.get(stage, float('nan')):.0f}" for stage in ("denoise", "vae_encode", "vae_decode"))])

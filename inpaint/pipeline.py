@@ -194,6 +194,7 @@ def generate(
     images: list[Image.Image],
     masks: list[Image.Image],
     job: Generation,
+    *,
     timings: dict[str, float] | None = None,
     stop: Callable[[], None] | None = None,
     fast: FastPath | None = None,

@@ -317,7 +317,7 @@ class Inpainter:
     ) -> list[list[Image.Image]]:
         model_seconds: dict[str, float] = {}
         try:
-            generated = pipeline.generate(self.pipe, crops, masks, job, model_seconds, token.check, fast=self.fast,
+            generated = pipeline.generate(self.pipe, crops, masks, job, timings=model_seconds, stop=token.check, fast=self.fast,
                                           empty_prompt=self.empty_prompt)
         except torch.OutOfMemoryError:
             pipeline.release_memory(self.pipe.device, self.fast)

@@ -27,9 +27,9 @@ class Predictor(RealPredictor):
         super().setup(weights)
         generate = pipeline.generate
 
-        def faulty(pipe, images, masks, job, *args, **kwargs):
+        def faulty(pipe, images, masks, job, **kwargs):
             if job.prompt == FAULT_PROMPT:
                 raise RuntimeError(CUDA_FAULT)
-            return generate(pipe, images, masks, job, *args, **kwargs)
+            return generate(pipe, images, masks, job, **kwargs)
 
         pipeline.generate = faulty

@@ -209,10 +209,10 @@ def test_an_out_of_memory_error_fails_only_the_request_that_caused_it(inpainter,
     photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
     generate = pipeline.generate
 
-    def generate_or_run_out(pipe, images, masks, job, *args, **kwargs):
+    def generate_or_run_out(pipe, images, masks, job, **kwargs):
         if job.prompt == "too big":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return generate(pipe, images, masks, job, *args, **kwargs)
+        return generate(pipe, images, masks, job, **kwargs)
 
     monkeypatch.setattr(pipeline, "generate", generate_or_run_out)
     outcome = {}

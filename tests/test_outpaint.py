@@ -269,9 +269,9 @@ def test_a_tiled_prediction_logs_its_tiles_and_times_its_pixel_work_apart_from_t
 
     calls, generate = [], pipeline.generate
 
-    def timed(pipe, crops, masks, job, timings, *args, **kwargs):  # each tile's own model stages, as generate timed them
+    def timed(pipe, crops, masks, job, *, timings, **kwargs):  # each tile's own model stages, as generate timed them
         try:
-            return generate(pipe, crops, masks, job, timings, *args, **kwargs)
+            return generate(pipe, crops, masks, job, timings=timings, **kwargs)
         finally:
             calls.append(dict(timings))
 

@@ -71,7 +71,7 @@ def test_every_stage_is_timed_and_the_rest_is_denoising(tiny_weights, device):
     image, mask = pipeline_inputs()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    pipeline.generate(pipe, [image], [mask], pipeline.Generation("a chair", None, 1, 3, 7.5, 1.0, "DDIM", 1), timings)
+    pipeline.generate(pipe, [image], [mask], pipeline.Generation("a chair", None, 1, 3, 7.5, 1.0, "DDIM", 1), timings=timings)
     wall = time.perf_counter() - start
     assert set(timings) == {"text_encode", "vae_encode", "vae_decode", "denoise"}
     assert all(seconds > 0 for seconds in timings.values())
