@@ -70,8 +70,12 @@ class WeightsError(RuntimeError):
 
 
 def cache_root() -> Path:
-    """This container's own cache: unpacked weight archives, verification stamps."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inpaint"
+    """This container's own cache: unpacked weight archives, verification stamps. Where the XDG Base
+    Directory Specification puts it: $XDG_CACHE_HOME, unless it is unset, empty or relative (which the
+    specification says to ignore; it would be the working folder, the code's own in an image), then
+    $HOME/.cache."""
+    chosen = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(chosen) if os.path.isabs(chosen) else Path.home() / ".cache") / "inpaint"
 
 
 def read_manifest(folder: Path, pin: str = "") -> dict[str, dict]:

@@ -150,6 +150,19 @@ def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch):
     assert len(list(folder.glob("inductor.rejected-*"))) == 2
 
 
+def test_an_inductor_cache_folder_set_empty_is_no_choice_and_the_sealed_one_is_used(tmp_path, monkeypatch):
+    """TORCHINDUCTOR_CACHE_DIR="" (a deployment's blank setting) chooses no folder: Inductor itself fails on it
+    (os.makedirs("")), so the compiled parts' own sealed cache is used, as when it is unset."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
+    with pytest.raises(FileNotFoundError):
+        cache_dir()
+    folder = cachetrust.private_folder(tmp_path / "compiled")
+    compiler._keep_inductor_cache_in(folder / "inductor", Seal(folder))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "inductor") == cache_dir()
+
+
 def test_a_sealed_inductor_cache_is_refused_when_a_file_changes_in_place_or_its_seal_is_forged(cache):
     seal = Seal(cache)
     inductor = cache / "inductor"

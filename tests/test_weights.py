@@ -969,11 +969,18 @@ def test_cog_weights_without_the_checker_files_load_only_with_the_checker_off(we
 
 
 def test_the_cache_is_under_xdg_cache_home_else_home_dot_cache(monkeypatch, tmp_path):
-    """The XDG Base Directory rule: $XDG_CACHE_HOME, else $HOME/.cache."""
+    """The XDG Base Directory Specification's rule: $XDG_CACHE_HOME; $HOME/.cache when it is "either not set or
+    empty", and when it is relative ("All paths set in these environment variables must be absolute. If an
+    implementation encounters a relative path in any of these variables it should consider the path invalid
+    and ignore it"), not the working folder."""
     from inpaint.weights import cache_root
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "inpaint"
-    monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for unusable in ("", "cache", "./cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", unusable)
+        assert cache_root() == tmp_path / "home" / ".cache" / "inpaint", unusable
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_root() == tmp_path / "home" / ".cache" / "inpaint"

@@ -399,7 +399,7 @@ def _keep_inductor_cache_in(folder: Path, seal: cachetrust.Seal) -> None:
     TORCHINDUCTOR_CACHE_DIR is left as it is; torch sets its own default in /tmp on import."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) != default_cache_dir():
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") not in (None, "", default_cache_dir()):  # set empty: not chosen
         return
     if folder.exists():
         try:
@@ -413,9 +413,9 @@ def _keep_inductor_cache_in(folder: Path, seal: cachetrust.Seal) -> None:
 
 def _seal_inductor_cache(seal: cachetrust.Seal) -> None:
     """Sign Inductor's cache as it is after a compile or a load (its folder when this process chose it)."""
-    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
-    if folder.parent == seal.folder and folder.is_dir():
-        seal.seal_tree(folder)
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder and Path(folder).parent == seal.folder and Path(folder).is_dir():
+        seal.seal_tree(Path(folder))
 
 
 def _save(compiled, path: Path, module: torch.nn.Module) -> None:
