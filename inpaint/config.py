@@ -55,7 +55,9 @@ class Settings:
     max_working_pixels: int = 1024 * 1024
     # Largest batch: num_outputs x regions x working pixels of one prediction (4 x 1024x1024, aimed at 16 GB GPUs).
     max_batch_pixels: int = 4 * 1024 * 1024
-    # Run on this device ("cuda", "cpu"); empty picks CUDA when present.
+    # Run on this device ("cuda", "cpu"); empty picks CUDA when present. No "cuda:N": diffusers' device_map
+    # takes "cuda" alone (the current GPU), so the model would load on GPU 0 while the checker went to N;
+    # one GPU of several is chosen by making it the only one the container sees (CUDA_VISIBLE_DEVICES).
     device: str = ""
     # The GPU fast path (inpaint/fastpath, FastPath.for_device): CUDA graphs, channels_last UNet, sliced VAE decode. Off: plain diffusers.
     fast_path: bool = True
@@ -94,8 +96,10 @@ class Settings:
             if value and not re.fullmatch(r"[0-9a-f]{64}", value.strip().lower()):
                 raise ValueError(f"INPAINT_{name.upper()}={value!r} must be a sha256: 64 hex digits, as sha256sum "
                                  "prints them (or empty)")
-        if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"INPAINT_DEVICE={self.device!r} must be cpu, cuda or cuda:N (empty: CUDA when present)")
+        if self.device not in ("", "cpu", "cuda"):
+            raise ValueError(f"INPAINT_DEVICE={self.device!r} must be cpu or cuda (empty: CUDA when present); to run on "
+                             "one GPU of several, make it the only one the container sees: CUDA_VISIBLE_DEVICES=N, "
+                             "or docker run --gpus device=N")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -130,12 +130,19 @@ def test_a_pin_must_be_a_sha256_as_sha256sum_prints_it(variable):
                                       "(or empty)")
 
 
-def test_the_device_setting_names_a_device_torch_has():
-    assert [Settings.from_env({"INPAINT_DEVICE": device}).device for device in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
-    for wrong in ("gpu", "CUDA", "cuda:", "cuda:x", "mps", "cpu "):
+def test_the_device_setting_names_a_device_the_model_can_be_loaded_on():
+    """cpu or cuda: diffusers' pipelines take no other device_map than "balanced", "cpu" and "cuda" (the
+    current GPU), so "cuda:1" would load the model on GPU 0; the message says how to choose a GPU instead."""
+    from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
+
+    assert "cuda:1" not in SUPPORTED_DEVICE_MAP and "cpu" in SUPPORTED_DEVICE_MAP
+    assert [Settings.from_env({"INPAINT_DEVICE": device}).device for device in ("cpu", "cuda")] == ["cpu", "cuda"]
+    for wrong in ("gpu", "CUDA", "cuda:", "cuda:0", "cuda:1", "mps", "cpu "):
         with pytest.raises(ValueError) as refused:
             Settings.from_env({"INPAINT_DEVICE": wrong})
-        assert str(refused.value) == f"INPAINT_DEVICE={wrong!r} must be cpu, cuda or cuda:N (empty: CUDA when present)"
+        assert str(refused.value) == (f"INPAINT_DEVICE={wrong!r} must be cpu or cuda (empty: CUDA when present); to run "
+                                      "on one GPU of several, make it the only one the container sees: "
+                                      "CUDA_VISIBLE_DEVICES=N, or docker run --gpus device=N")
 
 
 @pytest.mark.parametrize("written, mode", [("background", "background"), (" Setup ", "setup"), ("OFF", "off"),
