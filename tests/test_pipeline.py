@@ -1,5 +1,6 @@
 """The model wrapper on the tiny weights: the fast path's changes, and what the fast path does on the CPU."""
 
+import logging
 import time
 
 import numpy as np
@@ -76,3 +77,58 @@ def test_every_stage_is_timed_and_the_rest_is_denoising(tiny_weights, device):
     assert set(timings) == {"text_encode", "vae_encode", "vae_decode", "denoise"}
     assert all(seconds > 0 for seconds in timings.values())
     assert sum(timings.values()) <= wall  # they split the pipeline call, which is part of generate
+
+
+def _job(steps: int = 3, prompt: str = "a chair") -> pipeline.Generation:
+    return pipeline.Generation(prompt, None, 1, steps, 7.5, 1.0, "DDIM", 1)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stop_is_called_after_each_step_and_ends_the_run_where_it_raises(tiny_pipe):
+    """How a cancellation reaches the denoising loop: `stop` after every step; what it raises ends generate."""
+    image, mask = pipeline_inputs()
+    calls = []
+    pipeline.generate(tiny_pipe, [image], [mask], _job(4), stop=lambda: calls.append("step"))
+    assert len(calls) == 4
+
+    def second_step_stops():
+        calls.append("step")
+        if len(calls) == 2:
+            raise _Stop
+
+    calls.clear()
+    with pytest.raises(_Stop):
+        pipeline.generate(tiny_pipe, [image], [mask], _job(4), stop=second_step_stops)
+    assert len(calls) == 2
+
+
+def _diffusers_log(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name.startswith("diffusers")]
+
+
+def test_the_model_has_no_checker_of_its_own_and_a_prediction_logs_only_its_progress(tiny_pipe, caplog, capfd):
+    """The service checks each output itself (inpaint/safety.py): the pipeline loads no second checker, and a
+    prediction does not warn that it has none (diffusers' "You have disabled the safety checker"). Its
+    progress bar is one ASCII line, named."""
+    assert tiny_pipe.components["safety_checker"] is None
+    image, mask = pipeline_inputs()
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        pipeline.generate(tiny_pipe, [image], [mask], _job())
+    assert _diffusers_log(caplog) == []
+    progress = capfd.readouterr().err
+    assert progress.startswith("\rdenoising: ") and progress.count("\n") == 1 and "3/3" in progress and progress.isascii()
+
+
+def test_a_prompt_past_clips_77_tokens_is_logged_short(tiny_pipe, caplog):
+    """diffusers logs the whole part of a long prompt that CLIP leaves out (up to the input's 2,000 characters):
+    the line is cut at 300 characters and says how long it was."""
+    image, mask = pipeline_inputs()
+    with caplog.at_level(logging.WARNING):
+        pipeline.generate(tiny_pipe, [image], [mask], _job(1, "a chair " * 250))
+    (line,) = _diffusers_log(caplog)
+    assert line.startswith("The following part of your input was truncated because CLIP can only handle sequences up to 77 tokens: ")
+    assert len(line) == 300 + len("... (1,808 characters in all)") and line.endswith("... (1,808 characters in all)")
