@@ -1,6 +1,7 @@
 """The model wrapper on the tiny weights: the fast path's changes, and what the fast path does on the CPU."""
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -132,3 +133,31 @@ def test_a_prompt_past_clips_77_tokens_is_logged_short(tiny_pipe, caplog):
     (line,) = _diffusers_log(caplog)
     assert line.startswith("The following part of your input was truncated because CLIP can only handle sequences up to 77 tokens: ")
     assert len(line) == 300 + len("... (1,808 characters in all)") and line.endswith("... (1,808 characters in all)")
+
+
+def test_a_prediction_holds_the_fast_paths_turn_so_the_compile_workers_work_waits_for_it(tiny_weights, tmp_path):
+    """generate runs inside FastPath.prediction() (turns.py): a piece of the compile worker's work that asks for
+    its turn during the denoising starts only once the prediction is over (max_shapes=0: nothing is compiled)."""
+    fast = FastPath(compile="background", cuda_graphs=False, cache_dir=tmp_path / "compiled", max_shapes=0)
+    pipe = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast)
+    worked = []
+
+    def work():
+        with fast.compiler.turns.worker():
+            worked.append(time.monotonic())
+
+    worker = threading.Thread(target=work)
+    steps = []
+
+    def stop():
+        steps.append(time.monotonic())
+        if len(steps) == 1:
+            worker.start()  # free to start at once, were no turn held
+        time.sleep(0.1)
+
+    image, mask = pipeline_inputs()
+    pipeline.generate(pipe, [image], [mask], _job(4), stop=stop, fast=fast)
+    ended = time.monotonic()
+    worker.join(10)
+    assert len(steps) == 4 and len(worked) == 1 and worked[0] >= ended
+    fast.stop()
