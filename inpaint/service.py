@@ -317,8 +317,8 @@ class Inpainter:
     ) -> list[list[Image.Image]]:
         model_seconds: dict[str, float] = {}
         try:
-            generated = pipeline.generate(self.pipe, crops, masks, job, timings=model_seconds, stop=token.check, fast=self.fast,
-                                          empty_prompt=self.empty_prompt)
+            generated = pipeline.generate(self.pipe, crops, masks, job, timings=model_seconds, stop=token.check,
+                                          fast=self.fast, empty_prompt=self.empty_prompt)
         except torch.OutOfMemoryError:
             pipeline.release_memory(self.pipe.device, self.fast)
             raise GPUOutOfMemory(

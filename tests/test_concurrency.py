@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import threading
 import time
 import uuid
@@ -53,6 +54,31 @@ def test_device_queue_gives_the_turn_to_the_oldest_request_waiting():
     assert order == [1, 2, 3]
 
 
+def test_a_request_made_earlier_goes_first_though_it_asks_later():
+    """A token's age is when its request was made: an outpainting that made its token first and asks again for
+    its next tile is not overtaken by a request made after it that asked in between."""
+    queue, order = DeviceQueue(), []
+    earlier = CancelToken()
+    time.sleep(0.001)
+    later = CancelToken()
+    queue.acquire(_token(0))
+
+    def wait(name, token):
+        with queue.turn(token):
+            order.append(name)
+
+    threads = []
+    for name, token in (("later", later), ("earlier", earlier)):  # the later request asks first
+        threads.append(threading.Thread(target=wait, args=(name, token)))
+        threads[-1].start()
+        while queue.waiting < len(threads):
+            time.sleep(0.01)
+    queue.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["earlier", "later"]
+
+
 def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_gets_the_turn():
     queue = DeviceQueue()
     queue.acquire(_token(0))
@@ -63,8 +89,8 @@ def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_gets_the_turn():
         try:
             with queue.turn(token):
                 outcome[name] = "turn"
-        except Cancelled:
-            outcome[name] = "cancelled"
+        except Cancelled as error:
+            outcome[name] = str(error)
 
     threads = [threading.Thread(target=wait, args=(name, token)) for name, token in (("a", cancelled), ("b", next_one))]
     for thread in threads:
@@ -77,7 +103,7 @@ def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_gets_the_turn():
     queue.release()
     for thread in threads:
         thread.join(5)
-    assert outcome == {"a": "cancelled", "b": "turn"} and queue.waiting == 0
+    assert outcome == {"a": "the prediction was cancelled", "b": "turn"} and queue.waiting == 0
 
 
 def test_run_cancellable_sets_the_token_and_waits_for_the_thread_before_cancelling():
@@ -117,6 +143,16 @@ def test_output_folders_outlive_their_run_by_the_grace_period():
     time.sleep(0.35)
     with folders.folder() as third:
         assert not first.exists() and not second.exists() and third.exists()
+
+
+def test_an_output_folder_removed_by_someone_else_does_not_fail_the_next_prediction(tmp_path):
+    """A folder gone before its grace ends (a cleaner of /tmp, an operator) is not an error when it expires."""
+    folders = OutputFolders(grace_seconds=0)
+    with folders.folder() as first:
+        pass
+    shutil.rmtree(first)
+    with folders.folder() as second:
+        assert second.is_dir()
 
 
 # ---------------------------------------------------------------- the Inpainter from threads
