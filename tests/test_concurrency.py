@@ -31,44 +31,16 @@ def _token(age: int) -> CancelToken:
     return token
 
 
-def test_device_queue_gives_the_turn_to_the_oldest_request_waiting():
-    queue, order = DeviceQueue(), []
-    holder = _token(0)
-    queue.acquire(holder)
-    waiters = []
-    for age in (3, 1, 2):  # ask in this order; served by age
-        token = _token(age)
-
-        def wait(token=token):
-            with queue.turn(token):
-                order.append(token.age)
-
-        thread = threading.Thread(target=wait)
-        thread.start()
-        waiters.append(thread)
-    while queue.waiting < 3:
-        time.sleep(0.01)
-    queue.release()
-    for thread in waiters:
-        thread.join(5)
-    assert order == [1, 2, 3]
-
-
-def test_a_request_made_earlier_goes_first_though_it_asks_later():
-    """A token's age is when its request was made: an outpainting that made its token first and asks again for
-    its next tile is not overtaken by a request made after it that asked in between."""
-    queue, order = DeviceQueue(), []
-    earlier = CancelToken()
-    time.sleep(0.001)
-    later = CancelToken()
-    queue.acquire(_token(0))
+def _served(queue: DeviceQueue, asking: list[tuple[str, CancelToken]]) -> list[str]:
+    """The order in which `asking` (name, token), each in line before the next asks, get their turn once the
+    turn `queue` is held in now is released."""
+    order, threads = [], []
 
     def wait(name, token):
         with queue.turn(token):
             order.append(name)
 
-    threads = []
-    for name, token in (("later", later), ("earlier", earlier)):  # the later request asks first
+    for name, token in asking:
         threads.append(threading.Thread(target=wait, args=(name, token)))
         threads[-1].start()
         while queue.waiting < len(threads):
@@ -76,7 +48,24 @@ def test_a_request_made_earlier_goes_first_though_it_asks_later():
     queue.release()
     for thread in threads:
         thread.join(5)
-    assert order == ["earlier", "later"]
+    return order
+
+
+def test_device_queue_gives_the_turn_to_the_oldest_request_waiting():
+    queue = DeviceQueue()
+    queue.acquire(_token(0))
+    assert _served(queue, [(age, _token(age)) for age in (3, 1, 2)]) == [1, 2, 3]  # asked in this order; served by age
+
+
+def test_a_request_made_earlier_goes_first_though_it_asks_later():
+    """A token's age is when its request was made: an outpainting that made its token first and asks again for
+    its next tile is not overtaken by a request made after it that asked in between."""
+    queue = DeviceQueue()
+    earlier = CancelToken()
+    time.sleep(0.001)
+    later = CancelToken()
+    queue.acquire(_token(0))
+    assert _served(queue, [("later", later), ("earlier", earlier)]) == ["earlier", "later"]
 
 
 def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_gets_the_turn():

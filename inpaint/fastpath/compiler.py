@@ -413,9 +413,9 @@ def _keep_inductor_cache_in(folder: Path, seal: cachetrust.Seal) -> None:
 
 def _seal_inductor_cache(seal: cachetrust.Seal) -> None:
     """Sign Inductor's cache as it is after a compile or a load (its folder when this process chose it)."""
-    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if folder and Path(folder).parent == seal.folder and Path(folder).is_dir():
-        seal.seal_tree(Path(folder))
+    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))  # unset or empty: ".", never the seal's
+    if folder.parent == seal.folder and folder.is_dir():
+        seal.seal_tree(folder)
 
 
 def _save(compiled, path: Path, module: torch.nn.Module) -> None:
