@@ -36,7 +36,6 @@ RESULTS.md from every run's figures (bench/results_table.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def main() -> int:
         return 2
     print(markdown)
     if figures:
-        print("\nfigures: " + json.dumps(figures))
+        print("\nfigures: " + report.dumps(figures))
     if not args.no_record and not args.tiny:
         report.record(markdown, figures, mode)
     return 0

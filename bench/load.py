@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if slots or not args.url:
             runs[slots]["max_concurrency"] = slots or concurrency_max()  # a server started here: the image's default
     throughput = runs[concurrency_max() if concurrency_max() in runs else settings[-1]]
-    from report import machine, record  # the bench's own record of a run
+    from report import dumps, machine, record  # the bench's own record of a run
 
     e2e = http_e2e_ms(throughput, args)
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             run["http_e2e_ms"] = e2e
         if args.note:
             run.setdefault("notes", {})["throughput"] = args.note
-        args.into.write_text(json.dumps(run, indent=2) + "\n")
+        args.into.write_text(dumps(run, indent=2) + "\n")
         print(f"wrote the throughput object into {args.into}")
     elif not args.no_record:
         figures = {"throughput": throughput, "http_e2e_ms": e2e, "notes": {"throughput": args.note} if args.note else None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -94,10 +95,30 @@ def record(report: str, figures: dict[str, object], mode: str) -> None:
     path = results_table.RESULTS_DIR / f"{facts['date']}-{time.strftime('%H%M')}-{kind}-{mode}.json"
     path.parent.mkdir(exist_ok=True)
     heading = report.splitlines()[0].lstrip("# ")
-    path.write_text(json.dumps({"machine": facts, "source": f"bench/RESULTS.md, History: \"{heading}\"", **figures},
+    path.write_text(dumps({"machine": facts, "source": f"bench/RESULTS.md, History: \"{heading}\"", **figures},
                                indent=2) + "\n")
     results_table.update()
     print(f"wrote {path.relative_to(ROOT)}; the current table of {RESULTS.relative_to(ROOT)} remade")
+
+
+def dumps(value: object, **options) -> str:
+    """`value` as JSON that strict parsers (RFC 8259: jq, JavaScript's JSON.parse) read: Python's json writes an
+    infinite float as `Infinity`, which is not JSON. A PSNR of two identical pictures is infinite: it is written
+    as the number 1e999, which Python and JavaScript read back as infinity and jq as its largest number; NaN,
+    which has no such spelling, as null."""
+    infinity = "\0inf\0"  # a string no figure holds, put in place of each infinity and then replaced
+
+    def finite(item: object) -> object:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None if math.isnan(item) else infinity if item > 0 else "-" + infinity
+        if isinstance(item, dict):
+            return {key: finite(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(entry) for entry in item]
+        return item
+
+    text = json.dumps(finite(value), allow_nan=False, **options)
+    return text.replace(json.dumps("-" + infinity), "-1e999").replace(json.dumps(infinity), "1e999")
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

@@ -17,6 +17,15 @@ from torch.profiler import ProfilerActivity
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _strict_json(text: str):
+    """`text` parsed as RFC 8259 JSON, as jq or JavaScript's JSON.parse would: NaN and Infinity are Python's
+    extensions, not JSON, and are refused."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON (RFC 8259 has no such number)")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _bench(*arguments: str, env: dict[str, str] | None = None) -> tuple[str, dict]:
     """bench/bench.py run as written with `arguments` and --no-record: what it printed, and its figures (what a
     real run writes to bench/results/), once it has exited 0."""
@@ -24,7 +33,7 @@ def _bench(*arguments: str, env: dict[str, str] | None = None) -> tuple[str, dic
                          capture_output=True, text=True, timeout=300, env=None if env is None else {**os.environ, **env})
     assert run.returncode == 0, run.stderr[-3000:]
     printed = run.stdout.split("\nfigures: ", 1)
-    return run.stdout, json.loads(printed[1].splitlines()[0]) if len(printed) == 2 else {}
+    return run.stdout, _strict_json(printed[1].splitlines()[0]) if len(printed) == 2 else {}
 
 
 def test_the_timeline_adds_up_the_profiled_events_and_the_gaps_between_them(monkeypatch):
@@ -233,11 +242,26 @@ def test_requirements_only_env_holds_the_images_packages_and_runs_the_model(tmp_
     assert imported.returncode == 0, imported.stderr[-3000:]
 
 
+def test_figures_are_written_as_json_a_strict_parser_reads(monkeypatch):
+    """Python's json writes an infinite float as `Infinity`, which jq and JavaScript refuse; the PSNR of two
+    identical pictures is infinite (on the CPU, where the fast path is off, ours and diffusers' are)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import report
+
+    figures = {"psnr_db": float("inf"), "shapes_ms": {"64x64 x1": [1.5, 2.0]}, "worst": -float("inf"),
+               "ratio": float("nan"), "label": "Infinity \0inf\0", "nested": [float("inf"), None]}
+    text = report.dumps(figures, indent=2)
+    parsed = _strict_json(text)
+    assert parsed == {**figures, "ratio": None}  # 1e999 reads back as infinity; NaN has no JSON number, so null
+    assert parsed["psnr_db"] == float("inf") and parsed["worst"] == -float("inf") and parsed["label"] == figures["label"]
+    assert '"psnr_db": 1e999' in text
+
+
 def test_results_md_starts_with_the_current_table_of_the_json_runs():
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "results_table.py"), "--check"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     for path in (ROOT / "bench" / "results").glob("*.json"):
-        facts = json.loads(path.read_text())["machine"]
+        facts = _strict_json(path.read_text())["machine"]
         assert {"gpu", "cpu", "torch", "diffusers", "date"} <= facts.keys(), path.name
 
 
@@ -279,7 +303,7 @@ def test_load_bench_smoke_run_through_the_real_server_writes_the_throughput_obje
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         for figure in ("single_ips", "concurrent_ips", "p50_ms", "p95_ms", "p99_ms"):
             assert f"| {figure} |" in run.stdout
-        written = json.loads(into.read_text())
+        written = _strict_json(into.read_text())
         throughput = written["throughput"]
         assert written["default_ms"] == 1.0  # the run's other figures are kept
         assert {"clients", "single_ips", "concurrent_ips", "p50_ms", "p95_ms", "p99_ms"} <= set(throughput)
@@ -362,6 +386,7 @@ def test_part_4s_candidates_are_each_timed_beside_what_runs_today(inpainter, tin
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import workload
     import candidates
+    import report
 
     cpu = torch.device("cpu")
     reference = workload.load_reference(tiny_weights, cpu, torch.float32)
@@ -387,7 +412,7 @@ def test_part_4s_candidates_are_each_timed_beside_what_runs_today(inpainter, tin
     assert figures["beside_loads_ms"] is None  # the fast path is off on the CPU: no compiled UNet to load
     assert "Predictions beside the worker's loads: not measured (no compiled UNet in use)." in text
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("candidate-")]  # none left running
-    assert json.loads(json.dumps(figures)) == figures  # as bench/results/*.json holds it
+    assert _strict_json(report.dumps(figures)) == figures  # as bench/results/*.json holds it
 
 
 def test_bench_candidates_smoke_test_prints_its_tables_and_figures():
