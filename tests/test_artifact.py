@@ -113,27 +113,6 @@ def test_parts_baked_into_the_image_load_at_setup_and_the_first_prediction_is_co
 
 
 @_of_the_bake
-def test_setup_waits_only_for_the_parts_at_its_own_size_and_the_others_load_after_it(baked, tmp_path, caplog):
-    """A bake holds every automatic size by default; setup waits for the parts at 512x512 alone, so READY does
-    not wait for all of them to load. The bake here holds 64x64 only: setup waits for none, and they load after."""
-    folder = _copy(baked, tmp_path)
-    fast = _fast(tmp_path, folder, artifact_trusted=True)
-    pipe = pipeline.load_pipeline(folder, torch.device("cpu"), torch.float32, fast)
-    assert [fast.working_size(part, key) for part, key in fast.shipped] == [(64, 64)] * 3
-    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
-        assert fast.load_shipped(WAIT)
-        assert "setup took up the 0 shipped compiled parts at 512x512" in caplog.text
-        assert "the other 3 load in the background" in caplog.text
-        assert [len(part.requested) for part in fast.compiled_parts] == [1, 1, 1]  # asked for, not waited for
-        assert fast.wait(WAIT)
-    assert [list(part.sources.values()) for part in fast.compiled_parts] == [["loaded"]] * 3
-    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
-        run_pipeline(pipe, fast)  # the next prediction takes them up
-    assert caplog.text.count("this prediction uses the compiled") == 3
-    fast.stop()
-
-
-@_of_the_bake
 def test_unpinned_parts_that_came_in_a_cog_weights_tar_are_ignored_and_the_log_says_why(
         baked, tmp_path, https, tiny_settings, caplog, monkeypatch):
     https.routes["/weights.tar.gz"] = (200, {}, tar_of(baked[0]))

@@ -45,6 +45,7 @@ def test_the_least_recently_used_graphs_make_room_for_a_new_one():
     a, b, c = _key(64, 64), _key(96, 96), _key(64, 80)
     kept = OrderedDict([(a, _Graph(None, (), None, 300 * mib)), (b, _Failed(3)), (c, _Graph(None, (), None, 200 * mib))])
     graphs = Graphs(max_kept_bytes=1000 * mib)
+    assert graphs.max_kept_bytes == 1000 * mib  # the budget given (None: a fraction of the GPU's, at the first graph)
     graphs.graphs = kept
     assert graphs.kept_bytes() == 500 * mib  # b runs eagerly and holds nothing
     make_room(kept, 500 * mib, limit=1000 * mib)  # exactly fits
@@ -84,6 +85,15 @@ def test_cpu_calls_and_calls_beyond_the_limits_get_no_graph():
         assert not graphs.replayable(ShapeKey.of(torch.zeros(2, 9, 8, 8)))  # the CPU
         assert not graphs.replayable(_key(64, 65).shape)  # a CUDA call over max_positions
     assert not graphs.replayable(_key(8, 8).shape)  # autograd on
+
+
+@pytest.mark.gpu
+def test_cuda_calls_up_to_the_limit_get_a_graph():
+    """(On a machine without a GPU, torch cannot even say whether a stream is capturing.)"""
+    graphs = Graphs(max_positions=2 * 64 * 64)
+    with torch.inference_mode():
+        assert graphs.replayable(_key(64, 64).shape)  # exactly max_positions
+        assert graphs.replayable(_key(8, 8).shape)
 
 
 def test_the_pipeline_with_graphs_installed_paints_the_same_on_the_cpu(tiny_weights):

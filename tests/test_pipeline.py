@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from inpaint import fastpath, pipeline
+from inpaint import pipeline
 from inpaint.config import Settings
 from inpaint.fastpath import FastPart, FastPath, UNetPart
 
@@ -57,12 +57,6 @@ def test_every_part_is_routed_through_one_stand_in_when_compiling(tiny_pipe, tmp
         assert part.compiled.compiler is fast.compiler  # one worker for all the parts
         assert (part.graphs is not None) == (name == "unet")
     fast.stop()
-
-
-def test_warm_up_runs_one_short_inpainting(tiny_pipe, caplog):
-    with caplog.at_level("INFO", logger="inpaint.fastpath"):
-        seconds = fastpath.warm_up(tiny_pipe, size=64)
-    assert seconds > 0 and "warm-up inpainting at 64x64" in caplog.text
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

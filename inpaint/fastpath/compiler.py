@@ -331,9 +331,10 @@ class CompiledPart:
         return self.cache_dir / f"{self.part.replace('.', '-')}-{digest}.aot"
 
 
-def aot_compile(module: torch.nn.Module, part: str, key: ShapeKey):
+def aot_compile(module: torch.nn.Module, part: str, key: ShapeKey, backend: str = "inductor"):
     """A compiled `part` for calls of `key` (torch 2.11's ahead-of-time compile: it refuses other inputs
-    rather than compiling again). Called in the child process, under the calls' inference mode."""
+    rather than compiling again). Called in the child process, under the calls' inference mode. (The fast
+    tests pass dynamo's "eager" backend: the same traced function and guards in seconds, without Inductor.)"""
     import torch._dynamo
 
     torch._dynamo.config.enable_aot_compile = True
@@ -341,6 +342,7 @@ def aot_compile(module: torch.nn.Module, part: str, key: ShapeKey):
         type(module).forward,
         fullgraph=True,
         dynamic=False,
+        backend=backend,
         # guards on the inputs' shapes, strides and dtypes and on grad mode; not on the module's
         # identity, which cannot be saved (the same module object is passed at every call)
         options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},

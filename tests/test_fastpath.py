@@ -1,0 +1,307 @@
+"""FastPath's routing on the CPU, as on a GPU (inpaint/fastpath/__init__.py): which calls of the UNet and of
+the VAE's encoder and decoder run a compiled part, which run the module's own forward, and what each asks
+the compile worker for.
+
+The compiled parts here are real ahead-of-time compiles (compiler.aot_compile, as the compile process
+makes them), saved and sealed where a later start looks for them, but with dynamo's "eager" backend in
+place of Inductor: seconds instead of a minute each, and exactly the eager part's numbers. A compiled
+call is told from an eager one by a forward hook on the part's first convolution, which the traced
+function does not call. tests/test_compiled.py compiles with Inductor, in the slow tier."""
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from inpaint import pipeline
+from inpaint.config import Settings
+from inpaint import fastpath
+from inpaint.fastpath import FastPath, artifact, compiler, describe
+from inpaint.fastpath.graphs import _Failed
+
+from conftest import run_pipeline
+
+WAIT = 120  # seconds for the worker to load and check the saved parts (about one on this CPU)
+PARTS = ("unet", "vae.decoder", "vae.encoder")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _inductor_cache_variable():
+    """A CompiledPart points TORCHINDUCTOR_CACHE_DIR into its folder when no deployment chose one: put it back."""
+    before = os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    yield
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if before is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def _installed(tiny_weights, cache_dir: Path, **options):
+    """A CPU pipeline with the fast path installed as on a GPU and compiling in the background (for_device leaves
+    it off on the CPU), without CUDA graphs (which pass every CPU call through)."""
+    fast = FastPath(compile="background", cuda_graphs=False, cache_dir=cache_dir, **options)
+    return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
+
+
+def _eager_runs(pipe) -> Counter:
+    """Counts, by part, the calls that ran the module's own forward (a hook on its first convolution)."""
+    runs: Counter = Counter()
+    for part, module in zip(PARTS, (pipe.unet, pipe.vae.decoder, pipe.vae.encoder)):
+        module.conv_in.register_forward_hook(lambda *_, part=part: runs.update([part]))
+    return runs
+
+
+def _same(images, others) -> bool:
+    return len(images) == len(others) and all(np.array_equal(a, b) for a, b in zip(images, others))
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_weights, tmp_path_factory):
+    """A compile cache holding each part compiled for the shapes one prediction calls it at, as a start that
+    compiled them leaves it; those shapes by part; the plain pipeline's images; and those of that prediction,
+    with the fast path installed and nothing compiled."""
+    model = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
+    plain = run_pipeline(model)
+    cache = tmp_path_factory.mktemp("compiled")
+    pipe, fast = _installed(tiny_weights, cache)
+    fast.stop()  # a worker that has ended: the parts' asks are kept, and nothing is compiled
+    asked = run_pipeline(pipe, fast)
+    keys = {name: set(part.compiled.requested) for name, part in fast.parts.items()}
+    # compiled, as in the compile process, from modules without the fast path's stand-ins (which hold locks,
+    # and dynamo's saved guards pickle the module), in the installed layout
+    modules = dict(zip(PARTS, (model.unet.to(memory_format=torch.channels_last), model.vae.decoder, model.vae.encoder)))
+    for name, part in fast.parts.items():
+        for key in keys[name]:
+            path = part.compiled.path(key)
+            with torch.inference_mode(key.inference):
+                made = compiler.aot_compile(modules[name], name, key, backend="eager")
+            compiler._save(made, path, modules[name])
+            part.compiled.seal.seal(path)
+    return cache, keys, plain, asked
+
+
+@pytest.fixture
+def adopted(saved, tiny_weights):
+    """A pipeline whose parts have taken up the saved compiled ones, the shapes they were made for, and the
+    count of its eager runs (from now on)."""
+    cache, keys, *_ = saved
+    pipe, fast = _installed(tiny_weights, cache)
+    run_pipeline(pipe, fast)
+    assert fast.wait(WAIT)
+    with fast.prediction():  # takes up what is ready
+        pass
+    yield pipe, fast, keys, _eager_runs(pipe)
+    fast.stop()
+
+
+def test_each_part_asks_once_for_each_shape_a_prediction_calls_it_at_and_runs_uncompiled_meanwhile(saved):
+    _, keys, plain, asked = saved
+    assert {name: sorted(map(str, shapes)) for name, shapes in keys.items()} == {
+        "unet": ["4x9x8x8"],  # two outputs, each with and without the prompt (guidance), 64x64 photo / 8
+        "vae.decoder": ["1x4x8x8"],  # the sliced VAE decodes one output at a time
+        "vae.encoder": ["1x3x64x64"],  # the masked photo, once for both outputs
+    }
+    assert all(key.inference for shapes in keys.values() for key in shapes)
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, asked))  # channels_last and the sliced VAE: rounding
+
+
+def test_a_saved_part_is_loaded_after_the_prediction_that_asked_and_the_next_prediction_runs_it(saved, tiny_weights,
+                                                                                                  caplog):
+    cache, keys, _, uncompiled = saved
+    pipe, fast = _installed(tiny_weights, cache)
+    eager = _eager_runs(pipe)
+    try:
+        assert _same(uncompiled, run_pipeline(pipe, fast))
+        assert eager == {"unet": 4, "vae.decoder": 2, "vae.encoder": 1}  # 4 steps, 2 outputs: every call uncompiled
+        assert fast.wait(WAIT)
+        assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
+            name: dict.fromkeys(keys[name], "loaded") for name in PARTS}
+        eager.clear()
+        with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+            second = run_pipeline(pipe, fast)
+        assert not eager  # every call ran its compiled part
+        assert _same(uncompiled, second)  # dynamo's eager backend: the eager part's very numbers
+        for name in PARTS:
+            (key,) = keys[name]
+            assert f"this prediction uses the compiled {describe(name, key)}" in caplog.text
+    finally:
+        fast.stop()
+
+
+def test_only_plain_inference_calls_of_the_shape_it_was_made_for_run_the_compiled_unet(adopted):
+    pipe, fast, keys, eager = adopted
+    unet, (key,) = pipe.unet, keys["unet"]
+    asked = set(fast.parts["unet"].compiled.requested)
+    with torch.inference_mode():
+        sample, timestep, states = key.example()
+        want = type(unet).forward(unet, sample, timestep, states, return_dict=False)[0]  # the module's own
+        eager.clear()
+        output = unet(sample, timestep, encoder_hidden_states=states)
+        assert isinstance(output, UNet2DConditionOutput) and torch.equal(output.sample, want)
+        output = unet(sample, timestep, states, return_dict=False, timestep_cond=None, added_cond_kwargs={})
+        assert isinstance(output, tuple) and len(output) == 1 and torch.equal(output[0], want)
+        assert not eager  # both compiled: empty extra inputs are plain
+        eager_calls = [
+            lambda: unet(sample, 500, states),  # a timestep that is not a tensor
+            lambda: unet(sample, timestep, states, None),  # an input past the three (class_labels)
+            lambda: unet(sample, timestep, states, cross_attention_kwargs={"scale": 1.0}),  # a non-empty extra input
+        ]
+        for count, call in enumerate(eager_calls, 1):
+            assert torch.equal(call().sample, want) and eager["unet"] == count
+    plain_tensors = [value.clone() for value in (sample, timestep, states)]
+    with torch.enable_grad():  # autograd on: the module's own forward, which autograd can go back through
+        output = unet(*plain_tensors).sample
+        assert output.requires_grad and torch.equal(output.detach(), want) and eager["unet"] == 4
+    assert fast.parts["unet"].compiled.requested == asked  # none of these asked for anything
+    with torch.inference_mode():
+        larger = torch.randn(4, 9, 16, 16)
+        assert torch.equal(unet(larger, timestep, states).sample, type(unet).forward(unet, larger, timestep, states)[0])
+    assert eager["unet"] == 6 and len(fast.parts["unet"].compiled.requested - asked) == 1  # a new shape: uncompiled, asked for
+
+
+def test_only_one_tensor_in_runs_the_compiled_vae_decoder(adopted):
+    pipe, fast, keys, eager = adopted
+    decoder, (key,) = pipe.vae.decoder, keys["vae.decoder"]
+    with torch.inference_mode():
+        (latents,) = key.example()
+        want = type(decoder).forward(decoder, latents)
+        eager.clear()
+        assert torch.equal(decoder(latents), want) and torch.equal(decoder(latents, latent_embeds=None), want)
+        assert not eager
+        assert torch.equal(decoder(latents, None), want) and eager == {"vae.decoder": 1}  # a second input
+
+
+def test_a_rejected_compiled_shape_runs_uncompiled_for_a_while_then_the_next_prediction_takes_it_up_again(adopted, caplog):
+    """What the UNet's part does when its CUDA graph cannot be recorded from the compiled part (compiler.py)."""
+    pipe, fast, keys, eager = adopted
+    part, (key,) = fast.parts["unet"].compiled, keys["unet"]
+    part.reject(key, retry_after_calls=3)
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+        sample, timestep, states = key.example()
+        for count in range(1, 4):
+            pipe.unet(sample, timestep, states)
+            assert eager["unet"] == count
+        assert f"the compiled {describe('unet', key)} is handed over again" in caplog.text
+        pipe.unet(sample, timestep, states)  # handed over: taken up by the next prediction, not half-way through one
+        assert eager["unet"] == 4
+        with fast.prediction():
+            pipe.unet(sample, timestep, states)
+    assert eager["unet"] == 4
+
+
+def test_the_warm_up_asks_for_the_parts_a_one_output_prediction_at_its_size_runs(tiny_weights, tmp_path, caplog):
+    """What setup's warm-up is for on a GPU, besides CUDA's first-use costs: the compiled parts of the most
+    common request (one output at 512x512; here, at 64x64) asked for before the first prediction."""
+    pipe, fast = _installed(tiny_weights, tmp_path)
+    fast.stop()  # the asks are kept; nothing is compiled
+    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+        assert fastpath.warm_up(pipe, fast, size=64) > 0
+    assert "warm-up inpainting at 64x64: " in caplog.text
+    assert {name: sorted(map(str, part.compiled.requested)) for name, part in fast.parts.items()} == {
+        "unet": ["2x9x8x8"], "vae.decoder": ["1x4x8x8"], "vae.encoder": ["1x3x64x64"]}  # with and without the prompt
+
+
+@pytest.fixture(scope="module")
+def shipped(saved, tiny_weights, tmp_path_factory):
+    """compiled/ as script/bake-compiled writes it (artifact.write), from parts that loaded the saved ones."""
+    cache, keys, *_ = saved
+    _, fast = _installed(tiny_weights, cache)
+    for name in PARTS:
+        for key in keys[name]:
+            fast.parts[name].compiled.request(key)
+    assert fast.wait(WAIT)
+    folder = tmp_path_factory.mktemp("weights") / artifact.FOLDER
+    artifact.write(fast.compiled_parts, folder, torch.device("cpu"))
+    fast.stop()
+    return folder
+
+
+def _shipping(tiny_weights, tmp_path, folder, **options):
+    """A pipeline set up as on a GPU whose image has `folder` baked in beside the weights (trusted)."""
+    fast = FastPath(compile="background", cuda_graphs=False, cache_dir=tmp_path / "cache", artifact=folder,
+                    artifact_trusted=True, **options)
+    return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
+
+
+def test_shipped_parts_at_setups_size_are_loaded_before_setup_ends_beyond_the_compile_limit(shipped, saved, tiny_weights,
+                                                                                            tmp_path, caplog):
+    _, keys, _, uncompiled = saved
+    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+        pipe, fast = _shipping(tiny_weights, tmp_path, shipped, max_shapes=0)  # no shape may be compiled: loads may
+        eager = _eager_runs(pipe)
+        try:
+            assert fast.load_shipped(WAIT, size=64)  # the size setup waits for: here that of the shipped parts
+            assert f"compiled parts shipped with the weights: 3, checked and copied into {tmp_path / 'cache'}; setup " \
+                   "loads those at 512x512, and the rest load after it" in caplog.text
+            assert "setup took up the 3 shipped compiled parts at 64x64 in " in caplog.text
+            assert "background" not in caplog.text and "not loaded as shipped" not in caplog.text
+            assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
+                name: dict.fromkeys(keys[name], "loaded") for name in PARTS}
+            assert eager == dict.fromkeys(PARTS, 1)  # each checked against its eager part on one input
+            eager.clear()
+            assert _same(uncompiled, run_pipeline(pipe, fast)) and not eager  # the first prediction runs compiled
+        finally:
+            fast.stop()
+
+
+def test_setup_waits_only_for_the_shipped_parts_at_its_own_size_and_the_others_load_after_it(shipped, tiny_weights,
+                                                                                             tmp_path, caplog):
+    pipe, fast = _shipping(tiny_weights, tmp_path, shipped)
+    assert sorted(fast.working_size(part, key) for part, key in fast.shipped) == [(64, 64)] * 3  # latents x 8, images
+    try:
+        with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+            assert fast.load_shipped(WAIT)
+            assert "setup took up the 0 shipped compiled parts at 512x512 in " in caplog.text
+            assert "s; the other 3 load in the background" in caplog.text
+            assert [len(part.requested) for part in fast.compiled_parts] == [1, 1, 1]  # asked for, not waited for
+            assert fast.wait(WAIT)
+            run_pipeline(pipe, fast)
+        assert caplog.text.count("this prediction uses the compiled") == 3
+    finally:
+        fast.stop()
+
+
+def test_a_pin_without_shipped_parts_is_logged_and_the_parts_compile_in_the_background(tiny_weights, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath"):
+        _, fast = _installed(tiny_weights, tmp_path, artifact_pin="ab" * 32)
+    fast.stop()
+    assert "INPAINT_COMPILED_MANIFEST_SHA256 is set but the weights hold no compiled parts (compiled/); predictions " \
+           "compile in the background" in caplog.text
+    assert not fast.shipped and fast.load_shipped()
+
+
+def test_the_deployments_settings_reach_its_fast_path(tmp_path):
+    settings = Settings(compile="setup", cuda_graphs=False, compile_cache=tmp_path / "cache", compile_cache_key="a secret",
+                        compiled_manifest_sha256="ab" * 32)
+    fast = FastPath.for_device(torch.device("cuda"), settings, artifact=tmp_path / "compiled", artifact_trusted=True)
+    assert (fast.enabled, fast.compile, fast.cuda_graphs, fast.cache_dir, fast.secret) == (
+        True, "setup", False, tmp_path / "cache", "a secret")
+    assert fast.artifact == (tmp_path / "compiled", True, "ab" * 32)
+    assert FastPath.for_device(torch.device("cuda"), Settings()).artifact == (None, False, "")  # untrusted, unpinned
+
+
+def test_each_compiled_part_keeps_its_shapes_in_the_fast_paths_folder_sealed_with_its_key(tiny_weights, tmp_path):
+    pipe, fast = _installed(tiny_weights, tmp_path / "cache", secret="a secret", max_shapes=3)
+    try:
+        for part in fast.compiled_parts:
+            assert part.cache_dir == tmp_path / "cache" and part.max_shapes == 3
+            assert part.seal.folder == tmp_path / "cache" and part.seal.key == b"a secret"
+        assert fast.vae_scale == pipe.vae_scale_factor
+    finally:
+        fast.stop()
+    assert fast.compiler._exiting.is_set()
+
+
+def test_release_drops_the_unets_graphs(tiny_weights):
+    pipe = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
+    fast = FastPath().install(pipe)
+    graphs = fast.parts["unet"].graphs
+    graphs.graphs["a key"] = _Failed(1)
+    fast.release()
+    assert not graphs.graphs
+    FastPath(False).stop()  # nothing to stop
+
