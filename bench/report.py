@@ -96,7 +96,7 @@ def record(report: str, figures: dict[str, object], mode: str) -> None:
     path.parent.mkdir(exist_ok=True)
     heading = report.splitlines()[0].lstrip("# ")
     path.write_text(dumps({"machine": facts, "source": f"bench/RESULTS.md, History: \"{heading}\"", **figures},
-                               indent=2) + "\n")
+                          indent=2) + "\n")
     results_table.update()
     print(f"wrote {path.relative_to(ROOT)}; the current table of {RESULTS.relative_to(ROOT)} remade")
 

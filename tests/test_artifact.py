@@ -461,7 +461,7 @@ def test_an_artifact_that_cannot_be_copied_leaves_setup_compiling_in_the_backgro
         pipeline.load_pipeline(folder, CPU, torch.float32, fast)
     assert not fast.shipped and fast.load_shipped() and list(fast.parts) == ["unet", "vae.decoder", "vae.encoder"]
     assert (f"compiled parts in {folder / COMPILED} not used: [Errno 21] Is a directory: "
-            f"'{tmp_path / 'cache' / PART}'; predictions compile in the background instead") in caplog.text
+            f"'{tmp_path / 'cache' / PART}'; predictions compile in the background instead") in caplog.messages
     fast.stop()
 
 

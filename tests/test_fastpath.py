@@ -8,8 +8,11 @@ place of Inductor: seconds instead of a minute each, and exactly the eager part'
 call is told from an eager one by a forward hook on the part's first convolution, which the traced
 function does not call. tests/test_compiled.py compiles with Inductor, in the slow tier."""
 
+import hashlib
 import logging
 import os
+import re
+from contextlib import nullcontext
 from collections import Counter
 from pathlib import Path
 
@@ -109,8 +112,7 @@ def test_each_part_asks_once_for_each_shape_a_prediction_calls_it_at_and_runs_un
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, asked))  # channels_last and the sliced VAE: rounding
 
 
-def test_a_saved_part_is_loaded_after_the_prediction_that_asked_and_the_next_prediction_runs_it(saved, tiny_weights,
-                                                                                                  caplog):
+def test_a_saved_part_is_loaded_once_a_prediction_asks_and_the_next_prediction_runs_it(saved, tiny_weights, caplog):
     cache, keys, _, uncompiled = saved
     pipe, fast = _installed(tiny_weights, cache)
     eager = _eager_runs(pipe)
@@ -139,6 +141,10 @@ def test_only_plain_inference_calls_of_the_shape_it_was_made_for_run_the_compile
     with torch.inference_mode():
         sample, timestep, states = key.example()
         want = type(unet).forward(unet, sample, timestep, states, return_dict=False)[0]  # the module's own
+        mask = torch.ones(states.shape[:2])  # a mask over the prompt's last tokens changes the output
+        mask[:, 40:] = 0
+        masked = type(unet).forward(unet, sample, timestep, states, encoder_attention_mask=mask, return_dict=False)[0]
+        assert not torch.equal(masked, want)
         eager.clear()
         output = unet(sample, timestep, encoder_hidden_states=states)
         assert isinstance(output, UNet2DConditionOutput) and torch.equal(output.sample, want)
@@ -152,15 +158,21 @@ def test_only_plain_inference_calls_of_the_shape_it_was_made_for_run_the_compile
         ]
         for count, call in enumerate(eager_calls, 1):
             assert torch.equal(call().sample, want) and eager["unet"] == count
+        # the module's own forward gets every input as given: the mask by keyword, and by position (the twelfth)
+        assert torch.equal(unet(sample, timestep, states, encoder_attention_mask=mask, return_dict=False)[0], masked)
+        assert torch.equal(unet(sample, timestep, states, *[None] * 8, mask).sample, masked) and eager["unet"] == 5
     plain_tensors = [value.clone() for value in (sample, timestep, states)]
     with torch.enable_grad():  # autograd on: the module's own forward, which autograd can go back through
-        output = unet(*plain_tensors).sample
-        assert output.requires_grad and torch.equal(output.detach(), want) and eager["unet"] == 4
+        output = unet(*plain_tensors, return_dict=False)
+        assert isinstance(output, tuple) and output[0].requires_grad and torch.equal(output[0].detach(), want)
+    assert eager["unet"] == 6
     assert fast.parts["unet"].compiled.requested == asked  # none of these asked for anything
     with torch.inference_mode():
         larger = torch.randn(4, 9, 16, 16)
-        assert torch.equal(unet(larger, timestep, states).sample, type(unet).forward(unet, larger, timestep, states)[0])
-    assert eager["unet"] == 6 and len(fast.parts["unet"].compiled.requested - asked) == 1  # a new shape: uncompiled, asked for
+        expected = type(unet).forward(unet, larger, timestep, states)[0]
+        eager.clear()
+        assert torch.equal(unet(larger, timestep, states).sample, expected)
+    assert eager["unet"] == 1 and len(fast.parts["unet"].compiled.requested - asked) == 1  # a new shape: uncompiled, asked for
 
 
 def test_only_one_tensor_in_runs_the_compiled_vae_decoder(adopted):
@@ -173,6 +185,9 @@ def test_only_one_tensor_in_runs_the_compiled_vae_decoder(adopted):
         assert torch.equal(decoder(latents), want) and torch.equal(decoder(latents, latent_embeds=None), want)
         assert not eager
         assert torch.equal(decoder(latents, None), want) and eager == {"vae.decoder": 1}  # a second input
+    with torch.enable_grad():
+        assert torch.equal(decoder(latents.clone()).detach(), want)
+    assert eager == {"vae.decoder": 2} and fast.parts["vae.decoder"].compiled.requested == keys["vae.decoder"]
 
 
 def test_a_rejected_compiled_shape_runs_uncompiled_for_a_while_then_the_next_prediction_takes_it_up_again(adopted, caplog):
@@ -199,10 +214,25 @@ def test_the_warm_up_asks_for_the_parts_a_one_output_prediction_at_its_size_runs
     pipe, fast = _installed(tiny_weights, tmp_path)
     fast.stop()  # the asks are kept; nothing is compiled
     with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
-        assert fastpath.warm_up(pipe, fast, size=64) > 0
-    assert "warm-up inpainting at 64x64: " in caplog.text
+        seconds = fastpath.warm_up(pipe, fast, size=64)
+    assert 0 < seconds < WAIT and f"warm-up inpainting at 64x64: {seconds:.1f} s" in caplog.messages
     assert {name: sorted(map(str, part.compiled.requested)) for name, part in fast.parts.items()} == {
         "unet": ["2x9x8x8"], "vae.decoder": ["1x4x8x8"], "vae.encoder": ["1x3x64x64"]}  # with and without the prompt
+
+
+def test_the_warm_up_is_a_prediction_that_takes_up_the_parts_ready(saved, tiny_weights):
+    """With INPAINT_COMPILE=setup, setup warms up again once its parts are ready, to record the compiled UNet's
+    CUDA graph: the warm-up takes them up as a prediction does (the VAE's here: the UNet's shape is a two-output one)."""
+    cache, *_ = saved
+    pipe, fast = _installed(tiny_weights, cache)
+    try:
+        run_pipeline(pipe, fast)  # asks for them
+        assert fast.wait(WAIT)  # ready, not yet taken up
+        eager = _eager_runs(pipe)
+        fastpath.warm_up(pipe, fast, size=64)
+        assert eager == {"unet": 2}  # one output's UNet calls, at a shape not compiled; the VAE's ran compiled
+    finally:
+        fast.stop()
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +250,18 @@ def shipped(saved, tiny_weights, tmp_path_factory):
     return folder
 
 
+def _took_up(caplog, count: int, size: str, rest: str = "") -> bool:
+    """Whether setup logged that it took up `count` shipped parts at `size` in a plausible time, then `rest`."""
+    pattern = rf"setup took up the {count} shipped compiled parts at {size} in (\d+\.\d) s{re.escape(rest)}"
+    found = [re.fullmatch(pattern, record.getMessage()) for record in caplog.records]
+    return any(match and float(match.group(1)) < WAIT for match in found)
+
+
 def _shipping(tiny_weights, tmp_path, folder, **options):
-    """A pipeline set up as on a GPU whose image has `folder` baked in beside the weights (trusted)."""
+    """A pipeline set up as on a GPU with compiled parts shipped in `folder` (baked into the image, unless the
+    options say otherwise)."""
     fast = FastPath(compile="background", cuda_graphs=False, cache_dir=tmp_path / "cache", artifact=folder,
-                    artifact_trusted=True, **options)
+                    **{"artifact_trusted": True, **options})
     return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
 
 
@@ -231,14 +269,14 @@ def test_shipped_parts_at_setups_size_are_loaded_before_setup_ends_beyond_the_co
                                                                                             tmp_path, caplog):
     _, keys, _, uncompiled = saved
     with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
-        pipe, fast = _shipping(tiny_weights, tmp_path, shipped, max_shapes=0)  # no shape may be compiled: loads may
+        # no shape may be compiled, but loads may; the cache sealed with the deployment's key
+        pipe, fast = _shipping(tiny_weights, tmp_path, shipped, max_shapes=0, secret="a secret")
         eager = _eager_runs(pipe)
         try:
             assert fast.load_shipped(WAIT, size=64)  # the size setup waits for: here that of the shipped parts
             assert f"compiled parts shipped with the weights: 3, checked and copied into {tmp_path / 'cache'}; setup " \
                    "loads those at 512x512, and the rest load after it" in caplog.text
-            assert "setup took up the 3 shipped compiled parts at 64x64 in " in caplog.text
-            assert "background" not in caplog.text and "not loaded as shipped" not in caplog.text
+            assert _took_up(caplog, 3, "64x64") and "not loaded as shipped" not in caplog.text
             assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
                 name: dict.fromkeys(keys[name], "loaded") for name in PARTS}
             assert eager == dict.fromkeys(PARTS, 1)  # each checked against its eager part on one input
@@ -250,19 +288,28 @@ def test_shipped_parts_at_setups_size_are_loaded_before_setup_ends_beyond_the_co
 
 def test_setup_waits_only_for_the_shipped_parts_at_its_own_size_and_the_others_load_after_it(shipped, tiny_weights,
                                                                                              tmp_path, caplog):
-    pipe, fast = _shipping(tiny_weights, tmp_path, shipped)
+    pin = hashlib.sha256((shipped / artifact.MANIFEST).read_bytes()).hexdigest()  # as if it came in COG_WEIGHTS, pinned
+    pipe, fast = _shipping(tiny_weights, tmp_path, shipped, max_shapes=0, artifact_trusted=False, artifact_pin=pin)
     assert sorted(fast.working_size(part, key) for part, key in fast.shipped) == [(64, 64)] * 3  # latents x 8, images
     try:
         with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
             assert fast.load_shipped(WAIT)
-            assert "setup took up the 0 shipped compiled parts at 512x512 in " in caplog.text
-            assert "s; the other 3 load in the background" in caplog.text
+            assert _took_up(caplog, 0, "512x512", "; the other 3 load in the background")
             assert [len(part.requested) for part in fast.compiled_parts] == [1, 1, 1]  # asked for, not waited for
             assert fast.wait(WAIT)
             run_pipeline(pipe, fast)
         assert caplog.text.count("this prediction uses the compiled") == 3
     finally:
         fast.stop()
+
+
+def test_shipped_parts_neither_baked_in_nor_pinned_are_not_used(shipped, tiny_weights, tmp_path, caplog):
+    """A FastPath trusts an artifact only when told: by default it is one that came from outside the image."""
+    fast = FastPath(compile="background", cuda_graphs=False, cache_dir=tmp_path / "cache", artifact=shipped)
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath"):
+        pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast)
+    fast.stop()
+    assert not fast.shipped and "not used: it did not come with the image and its manifest is not pinned" in caplog.text
 
 
 def test_a_pin_without_shipped_parts_is_logged_and_the_parts_compile_in_the_background(tiny_weights, tmp_path, caplog):
@@ -303,5 +350,8 @@ def test_release_drops_the_unets_graphs(tiny_weights):
     graphs.graphs["a key"] = _Failed(1)
     fast.release()
     assert not graphs.graphs
+    assert fast.compiler is None and isinstance(fast.turn(), nullcontext)  # graphs alone: no worker to take turns with
+    with fast.prediction():
+        pass
     FastPath(False).stop()  # nothing to stop
 

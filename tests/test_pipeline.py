@@ -53,7 +53,7 @@ def test_every_part_is_routed_through_one_stand_in_when_compiling(tiny_pipe, tmp
     assert list(fast.parts) == list(modules) == [part.part for part in fast.compiled_parts]
     for name, module in modules.items():
         part = fast.parts[name]
-        assert isinstance(part, FastPart) and module.forward is part and part.module is module
+        assert isinstance(part, FastPart) and module.forward is part and part.module is module and part.part == name
         assert part.compiled.compiler is fast.compiler  # one worker for all the parts
         assert (part.graphs is not None) == (name == "unet")
     fast.stop()

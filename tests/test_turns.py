@@ -180,6 +180,20 @@ def test_a_fast_paths_turn_covers_its_predictions_and_is_nothing_on_the_cpu():
     assert off.compiler is None and isinstance(off.turn(), contextlib.nullcontext)
 
 
+def _request(turn, outcome: list[str]) -> threading.Thread:
+    """A request's thread, started: it holds `turn` (a prediction's), then notes "ran", or what its check raised."""
+    def request() -> None:
+        try:
+            with turn:
+                outcome.append("ran")
+        except RuntimeError as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=request, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_a_cancelled_prediction_leaves_the_line_while_the_worker_holds_the_turn():
     """A request cancelled while it waits behind a piece of the worker's work: its check raises, it leaves
     at once, and the worker's next piece is not kept waiting for it."""
@@ -190,16 +204,8 @@ def test_a_cancelled_prediction_leaves_the_line_while_the_worker_holds_the_turn(
         if cancelled.is_set():
             raise RuntimeError("the prediction was cancelled")
 
-    def request() -> None:
-        try:
-            with turns.prediction(check):
-                outcome.append("ran")
-        except RuntimeError as error:
-            outcome.append(str(error))
-
     with turns.worker():
-        waiting = threading.Thread(target=request)
-        waiting.start()
+        waiting = _request(turns.prediction(check), outcome)
         time.sleep(0.2)
         cancelled.set()
         waiting.join(1)
@@ -207,6 +213,18 @@ def test_a_cancelled_prediction_leaves_the_line_while_the_worker_holds_the_turn(
     started = time.monotonic()
     with turns.worker():  # no prediction waits, none has run: at once
         assert time.monotonic() - started < 0.2
+
+
+def test_a_fast_paths_turn_calls_the_requests_check_while_it_waits():
+    """FastPath.turn(check), as the service holds it: a request cancelled while the worker holds the turn leaves."""
+    fast, outcome = _fast_path_with_a_part(), []
+
+    def check() -> None:
+        raise RuntimeError("the prediction was cancelled")
+
+    with fast.compiler.turns.worker():
+        _request(fast.turn(check), outcome).join(5)
+        assert outcome == ["the prediction was cancelled"]
 
 
 def test_each_prediction_waiting_behind_the_worker_counts_so_one_leaving_keeps_the_next_piece_behind_the_other():
