@@ -12,8 +12,8 @@ import hashlib
 import logging
 import os
 import re
-from contextlib import nullcontext
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +21,14 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from inpaint import pipeline
+from inpaint import fastpath, pipeline
 from inpaint.config import Settings
-from inpaint import fastpath
 from inpaint.fastpath import FastPath, artifact, compiler, describe
 from inpaint.fastpath.graphs import _Failed
 
 from conftest import run_pipeline
 
-WAIT = 120  # seconds for the worker to load and check the saved parts (about one on this CPU)
+WAIT = 120  # seconds for the worker to load and check the saved parts (about a second each here)
 PARTS = ("unet", "vae.decoder", "vae.encoder")
 
 
