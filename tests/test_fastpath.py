@@ -86,14 +86,21 @@ def saved(tiny_weights, tmp_path_factory):
     return cache, keys, plain, asked
 
 
+def _load(fast: FastPath, keys) -> None:
+    """Have the worker load the saved parts for `keys` (as a prediction's calls ask for them), and wait for them."""
+    for name in PARTS:
+        for key in keys[name]:
+            fast.parts[name].compiled.request(key)
+    assert fast.wait(WAIT)
+
+
 @pytest.fixture
 def adopted(saved, tiny_weights):
     """A pipeline whose parts have taken up the saved compiled ones, the shapes they were made for, and the
     count of its eager runs (from now on)."""
     cache, keys, *_ = saved
     pipe, fast = _installed(tiny_weights, cache)
-    run_pipeline(pipe, fast)
-    assert fast.wait(WAIT)
+    _load(fast, keys)
     with fast.prediction():  # takes up what is ready
         pass
     yield pipe, fast, keys, _eager_runs(pipe)
@@ -239,10 +246,7 @@ def shipped(saved, tiny_weights, tmp_path_factory):
     """compiled/ as script/bake-compiled writes it (artifact.write), from parts that loaded the saved ones."""
     cache, keys, *_ = saved
     _, fast = _installed(tiny_weights, cache)
-    for name in PARTS:
-        for key in keys[name]:
-            fast.parts[name].compiled.request(key)
-    assert fast.wait(WAIT)
+    _load(fast, keys)
     folder = tmp_path_factory.mktemp("weights") / artifact.FOLDER
     artifact.write(fast.compiled_parts, folder, torch.device("cpu"))
     fast.stop()
