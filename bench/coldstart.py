@@ -3,6 +3,7 @@ warm), the first predictions through HTTP, and where a cold start's seconds go (
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -20,6 +21,7 @@ import workload
 from timing import median_stages
 from workload import ROOT
 
+from inpaint.fastpath import TAKE_UP
 from inpaint.pipeline import pick_device
 from inpaint.weights import cache_root, manifest_pin
 
@@ -39,14 +41,41 @@ def _evict_page_cache(folder: Path) -> None:
             os.close(descriptor)
 
 
+def server_messages(text: str) -> list[str]:
+    """The messages of a Cog server's log (coglet writes one JSON object per line, the message in its fields;
+    a prediction's own logs, as its response holds them, are plain lines)."""
+    messages = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            messages.append(line)
+            continue
+        fields = entry.get("fields") if isinstance(entry, dict) else None
+        messages.append(str(fields.get("message", "")) if isinstance(fields, dict) else line)
+    return messages
+
+
+def fast_path_lines(messages: list[str]) -> list[str]:
+    """The fast path's own log lines (its loggers, inpaint.fastpath and below) among a server's messages."""
+    return [message for message in messages if message.partition(" ")[2].startswith("inpaint.fastpath")]
+
+
+def compiled_in_use(messages: list[str]) -> list[str]:
+    """The compiled parts these log lines say a prediction took up ("UNet for latents 2x9x64x64", ...)."""
+    return [message.split(TAKE_UP, 1)[1].strip() for message in messages if TAKE_UP in message]
+
+
 def cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None = None,
                 figures: dict | None = None, repeats: int = 1, size: int = 512, steps: int = 50) -> str:
     """Seconds from starting Cog's server to READY (needs cog installed), with the sha256 stamp in place,
     and where setup spent them (its own log line). With `predict`, also the first `size`x`size`
     prediction through HTTP and `repeats` more: wall time at the client and the first two's own stage
-    timings. `figures`, if given, receives ready_s, first_ms and second_ms, and, of the repeats,
-    steady_ms (the median at the client), steady_stages_ms (each stage's median as the server timed it)
-    and steady_gil (which of the server worker's threads held the GIL meanwhile: bench/gil.py)."""
+    timings. `figures`, if given, receives ready_s, setup_fast_path (the fast path's log lines in setup:
+    what it did with compiled parts shipped with the weights), first_ms, second_ms, first_compiled (the
+    compiled parts in use by the first prediction: taken up in setup's warm-up or by it), and, of the
+    repeats, steady_ms (the median at the client), steady_stages_ms (each stage's median as the server
+    timed it) and steady_gil (which of the server worker's threads held the GIL meanwhile: bench/gil.py)."""
     figures = {} if figures is None else figures
     try:
         sys.path.insert(0, str(ROOT / "script"))
@@ -62,9 +91,13 @@ def cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None =
         server.start(timeout=300)
         figures["ready_s"] = round(time.monotonic() - started, 2)
         text = f"{figures['ready_s']:.1f} s (safety checker included)"
-        setup = [line for line in log.read_text(errors="replace").splitlines() if "setup:" in line]
+        messages = server_messages(log.read_text(errors="replace"))
+        setup = [message for message in messages if message.startswith("INFO inpaint.service: setup: ")]
         if setup:
-            text += f"; the server's log: `{setup[-1].split('setup:', 1)[1].split('\"')[0].strip()}`"
+            text += f"; the server's log: `{setup[-1].split('setup: ', 1)[1]}`"
+        figures["setup_fast_path"] = fast_path_lines(messages)
+        if figures["setup_fast_path"]:
+            text += "; the fast path in setup: " + " / ".join(f"`{line}`" for line in figures["setup_fast_path"])
         if not predict:
             return text
         body = {"image": data_uri(ROOT / "examples" / "chelsea.png"), "mask": data_uri(ROOT / "examples" / "chelsea-mask.png"),
@@ -82,6 +115,8 @@ def cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None =
                 text += f"; prediction {number} failed: {status} {str(response)[:300]}"
                 return False
             done.append((1000 * (time.monotonic() - begin), response["metrics"]["timings"]))
+            if number == 1:
+                figures["first_compiled"] = compiled_in_use(messages + server_messages(response.get("logs") or ""))
             return True
 
         if run(1):
@@ -92,6 +127,8 @@ def cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None =
             figures[f"{attempt}_ms"] = round(milliseconds, 1)
             stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in timings.items())
             text += f"; {attempt} {size}x{size} prediction through HTTP {milliseconds:.0f} ms (stages, ms: {stages}{beside})"
+        if "first_compiled" in figures:
+            text += (f"; compiled parts in use by the first prediction: {', '.join(figures['first_compiled']) or 'none'}")
         later = done[1:]
         if len(later) > 1:
             figures["steady_ms"] = round(statistics.median(milliseconds for milliseconds, _ in later), 1)

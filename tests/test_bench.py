@@ -158,6 +158,41 @@ def test_bench_targets_smoke_test_ends_within_its_budget_and_writes_every_figure
     assert figures["fresh_first_ms"] is None and figures["bake_s"] is None  # no bake, so no fresh server on it
 
 
+@pytest.mark.xdist_group("inductor")  # the bake's compiles, in the worker whose Inductor cache holds its kernels
+def test_bench_shipped_smoke_test_bakes_then_serves_the_parts_from_a_fresh_server_at_their_size(inductor_cache):
+    """--shipped on the tiny weights: a real bake at 64x64, then a fresh server that has them in its weights,
+    pinned, predicting at that size. The server's fast path is off on the CPU: its setup log says so, and the
+    figures say that the first prediction ran on no compiled part (on a GPU, the parts it did run on)."""
+    out, figures = _bench("--shipped", "--tiny", env={"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)})
+    assert figures["bake_s"] > 0 and figures["cold_start_s"] > 0
+    assert figures["fresh_first_ms"] > 0 and figures["fresh_second_ms"] > 0
+    assert "first 64x64 prediction through HTTP" in out and "second 64x64 prediction through HTTP" in out
+    assert figures["fresh_setup_log"] == ["INFO inpaint.fastpath: compiled parts shipped with the weights not used: "
+                                          "the fast path is off (no GPU here, or INPAINT_FAST_PATH=0)"]
+    assert figures["fresh_first_compiled"] == [] and "compiled parts in use by the first prediction: none" in out
+
+
+def test_the_compiled_parts_a_prediction_ran_on_are_read_from_the_servers_log_and_its_own(monkeypatch):
+    """What bench/coldstart.py reads from Cog's server: setup's lines from its log (one JSON object a line, as
+    coglet 0.23 writes them) and a prediction's from its response's logs (plain lines)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import coldstart
+    from inpaint.fastpath import TAKE_UP, ShapeKey, describe
+
+    unet, decoder = (describe(part, ShapeKey.of(torch.zeros(shape))) for part, shape in (("unet", (2, 9, 64, 64)),
+                                                                                          ("vae.decoder", (1, 4, 64, 64))))
+    setup = "\n".join(json.dumps({"timestamp": "2026-12-04T18:14:37.376971Z", "level": "INFO", "fields": {
+        "message": message, "source": "Stderr"}, "target": "coglet::setup"}) for message in (
+        "INFO inpaint.service: setup: weights 0.0 s, model 2.1 s", "INFO inpaint.fastpath: setup took up the 3 shipped "
+        "compiled parts at 512x512 in 2.4 s", f"INFO inpaint.fastpath: {TAKE_UP}{unet}"))
+    messages = coldstart.server_messages(setup + "\nnot a JSON line")
+    assert messages[-1] == "not a JSON line" and messages[0].endswith("model 2.1 s")
+    assert coldstart.fast_path_lines(messages) == messages[1:3]
+    logs = coldstart.server_messages(f"INFO inpaint.service: seed 1\nINFO inpaint.fastpath: {TAKE_UP}{decoder}\n")
+    assert coldstart.compiled_in_use(messages + logs) == [unet, decoder] == ["UNet for latents 2x9x64x64",
+                                                                             "VAE decoder for latents 1x4x64x64"]
+
+
 def test_bench_prepost_smoke_test_prints_each_uploads_stages():
     out, figures = _bench("--prepost", "--runs", "1")
     assert "| input | decode | prepare | composite | encode | total |" in out
@@ -326,7 +361,10 @@ def test_a_fresh_server_is_timed_to_ready_and_through_each_prediction_with_the_s
 
     figures: dict = {}
     text = coldstart.cold_start(tiny_weights, predict=True, figures=figures, repeats=3, size=64, steps=20)
-    assert set(figures) == {"ready_s", "first_ms", "second_ms", "steady_ms", "steady_stages_ms", "steady_gil"}, text
+    assert set(figures) == {"ready_s", "setup_fast_path", "first_ms", "first_compiled", "second_ms", "steady_ms",
+                            "steady_stages_ms", "steady_gil"}, text
+    assert figures["setup_fast_path"] == figures["first_compiled"] == []  # the fast path is off on the CPU
+    assert "compiled parts in use by the first prediction: none" in text
     assert "first 64x64 prediction through HTTP" in text and "second 64x64 prediction through HTTP" in text
     assert "the median of the 3 after the first" in text and "each stage's median" in text
     assert figures["ready_s"] > 0 and figures["first_ms"] > 0 and figures["steady_ms"] > 0

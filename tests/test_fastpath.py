@@ -263,8 +263,8 @@ def _took_up(caplog, count: int, size: str, rest: str = "") -> bool:
 def _shipping(tiny_weights, tmp_path, folder, **options):
     """A pipeline set up as on a GPU with compiled parts shipped in `folder` (baked into the image, unless the
     options say otherwise)."""
-    fast = FastPath(compile="background", cuda_graphs=False, cache_dir=tmp_path / "cache", artifact=folder,
-                    **{"artifact_trusted": True, **options})
+    fast = FastPath(**{"compile": "background", "cuda_graphs": False, "cache_dir": tmp_path / "cache", "artifact": folder,
+                       "artifact_trusted": True, **options})
     return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
 
 
@@ -304,6 +304,16 @@ def test_setup_waits_only_for_the_shipped_parts_at_its_own_size_and_the_others_l
         assert caplog.text.count("this prediction uses the compiled") == 3
     finally:
         fast.stop()
+
+
+@pytest.mark.parametrize("options, why", [({"enabled": False}, "the fast path is off (no GPU here, or INPAINT_FAST_PATH=0)"),
+                                          ({"compile": "off"}, "INPAINT_COMPILE=off")])
+def test_shipped_parts_a_fast_path_that_compiles_nothing_does_not_use_say_why(shipped, tiny_weights, tmp_path, caplog,
+                                                                             options, why):
+    with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+        _, fast = _shipping(tiny_weights, tmp_path, shipped, **options)
+    assert caplog.messages == [f"compiled parts shipped with the weights not used: {why}"]
+    assert fast.shipped == [] and not (tmp_path / "cache").exists()  # nothing read, nothing copied
 
 
 def test_shipped_parts_neither_baked_in_nor_pinned_are_not_used(shipped, tiny_weights, tmp_path, caplog):

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 # inpainting's training size) and the automatic size of a square region. A bake holds every automatic
 # size by default, and each part takes a while to load, so the parts at other sizes load after READY.
 SETUP_SIZE = 512
+# How the log says a prediction took up a compiled part (bench/coldstart.py reads it from a server's log).
+TAKE_UP = "this prediction uses the compiled "
 
-__all__ = ["FastPath", "FastPart", "ShapeKey", "GraphKey", "Graphs", "CompiledPart", "Compiler", "PARTS"]
+__all__ = ["FastPath", "FastPart", "ShapeKey", "GraphKey", "Graphs", "CompiledPart", "Compiler", "PARTS", "TAKE_UP"]
 
 
 def plain_kwargs(kwargs: dict[str, Any]) -> bool:
@@ -152,6 +154,9 @@ class FastPath:
     def install(self, pipe) -> FastPath:
         """Apply the fast path to `pipe`'s modules (nothing when not enabled). On whatever device the
         pipeline is: the tests run it on the CPU, where graphs pass every call through."""
+        if self.compiler is None and self.artifact[0] is not None:
+            log.info("compiled parts shipped with the weights not used: %s", "INPAINT_COMPILE=off" if self.enabled else
+                     "the fast path is off (no GPU here, or INPAINT_FAST_PATH=0)")
         if not self.enabled:
             return self
         pipe.unet.to(memory_format=torch.channels_last)
@@ -234,7 +239,7 @@ class FastPath:
         with self.compiler.turns.prediction():
             for part in self.compiled_parts:
                 for key in part.adopt():
-                    log.info("this prediction uses the compiled %s", describe(part.part, key))
+                    log.info("%s%s", TAKE_UP, describe(part.part, key))
             yield
 
     def turn(self, check: Callable[[], None] | None = None):
