@@ -55,9 +55,9 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
     tiny weights); a fresh server that loads the baked parts, the checker on (cold_start_s, fresh_first_ms,
     and http_e2e_ms: the median at the client of `runs` predictions after the first, with the server's
     stage medians, http_stages_ms); then in this process diffusers' reference and the default path on the
-    shipped parts at that size (reference_ms, default_ms, psnr_db, and its stage medians, default_stages_ms,
-    to set beside the server's), part 4's candidates (bench/candidates.py), and every automatic working
-    shape uncompiled (shapes_ms, graphs_gib), none begun `budget` seconds after the start. A bake that fails,
+    shipped parts at that size (reference_ms, default_ms and the compiled parts it ran on, default_compiled,
+    psnr_db, and its stage medians, default_stages_ms, to set beside the server's), part 4's candidates
+    (bench/candidates.py), and every automatic working shape uncompiled (shapes_ms, graphs_gib), none begun `budget` seconds after the start. A bake that fails,
     or takes over half the budget, leaves out the fresh server, and the rest is measured uncompiled."""
     from inpaint import geometry
     from inpaint import pipeline as ours
@@ -86,6 +86,8 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
     report.progress(" | ".join(map(str, row)))
     stages = report.section("stages", our_stages, fast, fast_path, size, steps, runs) or {}
     report.progress(f"ours, each stage's median in this process, ms: {stages}")
+    in_use = fast_path.in_use()
+    report.progress(f"ours ran on these compiled parts: {', '.join(in_use) or 'none'}")
     tried = report.section("candidates", _candidates, folder, reference, fast, fast_path, device, dtype, size, steps, runs) or {}
     reference = fast = None
     ours.release_memory(device, fast_path)
@@ -98,6 +100,7 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
               f"after a warm-up. {baked}: {text}\n\nIn this process, the default path "
               f"{'on the shipped parts' if pin else 'uncompiled'} against diffusers' reference:\n\n"
               + report.table(["shape", "reference ms", "ours ms", "ratio", "peak GiB ref / ours (ours reserved)", "agreement"], [row])
+              + f"\n\nThe compiled parts ours ran on: {', '.join(in_use) or 'none'}"
               + "\n\nOurs in this process, each model stage's median, ms (the server's are above): "
               + ", ".join(f"{stage} {ms:.0f}" for stage, ms in stages.items())
               + "\n\nPart 4's candidates, each beside what runs today (bench/candidates.py):\n\n"
@@ -105,7 +108,8 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
               + "\n\nEvery automatic working shape, ours uncompiled:\n\n"
               + report.table(["working shape", "ours ms", "ratio to the reference"], rows)
               + f"\n\nCUDA graphs kept after them: {graph_memory[0]}")
-    return markdown, {"reference_ms": report.number(row[1]), "default_ms": report.number(row[2]), "psnr_db": report.psnr_of(row[5]),
+    return markdown, {"reference_ms": report.number(row[1]), "default_ms": report.number(row[2]),
+                    "default_compiled": in_use, "psnr_db": report.psnr_of(row[5]),
                     "shapes_ms": shapes_ms, "fresh_first_ms": served.get("first_ms"),
                     "fresh_first_compiled": served.get("first_compiled"), "fresh_setup_log": served.get("setup_fast_path"),
                     "http_e2e_ms": served.get("steady_ms"),

@@ -152,6 +152,7 @@ def test_bench_targets_smoke_test_ends_within_its_budget_and_writes_every_figure
     assert "| 64x64 x1 |" in out and "Part 4's candidates" in out
     assert {"reference_ms", "default_ms", "psnr_db", "shapes_ms", "fresh_first_ms", "http_e2e_ms", "cold_start_s"} <= set(figures)
     assert figures["reference_ms"] > 0 and figures["default_ms"] > 0
+    assert figures["default_compiled"] == [] and "The compiled parts ours ran on: none" in out  # the CPU: none
     for width, height in geometry.automatic_working_sizes()[:3]:
         shape = f"{width}x{height}"
         assert (shape in figures["shapes_ms"]) != (f"| {shape} | not measured: the run's --budget was spent |" in out)

@@ -128,14 +128,17 @@ def test_a_saved_part_is_loaded_once_a_prediction_asks_and_the_next_prediction_r
         assert fast.wait(WAIT)
         assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
             name: dict.fromkeys(keys[name], "loaded") for name in PARTS}
+        assert fast.in_use() == []  # loaded, not yet taken up
         eager.clear()
         with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
             second = run_pipeline(pipe, fast)
         assert not eager  # every call ran its compiled part
         assert _same(uncompiled, second)  # dynamo's eager backend: the eager part's very numbers
-        for name in PARTS:
-            (key,) = keys[name]
-            assert f"this prediction uses the compiled {describe(name, key)}" in caplog.text
+        named = [describe(name, key) for name in PARTS for key in keys[name]]
+        assert fast.in_use() == sorted(named) == ["UNet for latents 4x9x8x8", "VAE decoder for latents 1x4x8x8",
+                                                  "VAE encoder for images 1x3x64x64"]
+        assert [f"this prediction uses the compiled {name}" for name in named] == [
+            message for message in caplog.messages if "uses the compiled" in message]
     finally:
         fast.stop()
 

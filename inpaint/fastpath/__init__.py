@@ -229,6 +229,10 @@ class FastPath:
         """The compiled parts, the UNet first (empty when nothing is compiled)."""
         return [part.compiled for part in self.parts.values() if part.compiled is not None]
 
+    def in_use(self) -> list[str]:
+        """The compiled parts that calls run now, as the log names them ("UNet for latents 2x9x64x64", ...)."""
+        return sorted(describe(part.part, key) for part in self.compiled_parts for key in list(part.adopted))
+
     @contextmanager
     def prediction(self) -> Iterator[None]:
         """Around one prediction: take up the compiled parts that are ready, in a turn of its own (turns.py):
