@@ -128,7 +128,7 @@ def cold_start(folder: Path, predict: bool = False, env: dict[str, str] | None =
             stages = ", ".join(f"{k} {1000 * v:.0f}" for k, v in timings.items())
             text += f"; {attempt} {size}x{size} prediction through HTTP {milliseconds:.0f} ms (stages, ms: {stages}{beside})"
         if "first_compiled" in figures:
-            text += (f"; compiled parts in use by the first prediction: {', '.join(figures['first_compiled']) or 'none'}")
+            text += f"; compiled parts in use by the first prediction: {', '.join(figures['first_compiled']) or 'none'}"
         later = done[1:]
         if len(later) > 1:
             figures["steady_ms"] = round(statistics.median(milliseconds for milliseconds, _ in later), 1)

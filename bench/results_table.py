@@ -33,6 +33,7 @@ FIGURES = {
     "shapes_ms": ("other shapes, fast path uncompiled", "ms"),
     "compile_s": ("compiling one part for one working shape", "s"),
     "psnr_db": ("default against the reference (or the uncompiled path), same seed", "dB"),
+    "fresh_first_ms": ("the first 512x512 prediction of a fresh server that loads the shipped compiled parts, through HTTP", "ms"),
     "http_e2e_ms": ("a 512x512 prediction at the client, through Cog's HTTP server", "ms"),
     "cold_start_s": ("cold start to READY, weights on local disk", "s"),
     "safety_ms": ("safety checker, one output", "ms"),

@@ -209,12 +209,31 @@ def test_a_rejected_compiled_shape_runs_uncompiled_for_a_while_then_the_next_pre
         for count in range(1, 4):
             pipe.unet(sample, timestep, states)
             assert eager["unet"] == count
-        assert f"the compiled {describe('unet', key)} is handed over again" in caplog.text
+            assert ("handed over again" in caplog.text) == (count == 3)  # by the last call of its wait
+        assert caplog.messages == [f"the compiled {describe('unet', key)} is handed over again, after its CUDA graph failed"]
         pipe.unet(sample, timestep, states)  # handed over: taken up by the next prediction, not half-way through one
         assert eager["unet"] == 4
         with fast.prediction():
             pipe.unet(sample, timestep, states)
     assert eager["unet"] == 4
+
+
+def test_a_shape_rejected_before_a_prediction_took_it_up_waits_out_its_calls_too(saved, tiny_weights):
+    cache, keys, *_ = saved
+    pipe, fast = _installed(tiny_weights, cache)
+    try:
+        _load(fast, keys)  # loaded and checked: ready, not yet taken up
+        eager = _eager_runs(pipe)
+        part, (key,) = fast.parts["unet"].compiled, keys["unet"]
+        part.reject(key, retry_after_calls=1)
+        with fast.prediction():
+            assert key not in part.adopted and key in part.set_aside  # not taken up meanwhile
+        with torch.inference_mode(), fast.prediction():
+            pipe.unet(*key.example())  # its one call uncompiled, which hands it over again
+        with fast.prediction():
+            assert key in part.adopted and eager["unet"] == 1
+    finally:
+        fast.stop()
 
 
 def test_the_warm_up_asks_for_the_parts_a_one_output_prediction_at_its_size_runs(tiny_weights, tmp_path, caplog):
