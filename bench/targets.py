@@ -57,8 +57,9 @@ def run_targets(runs: int, tiny: bool, budget: float = float("inf")) -> tuple[st
     stage medians, http_stages_ms); then in this process diffusers' reference and the default path on the
     shipped parts at that size (reference_ms, default_ms and the compiled parts it ran on, default_compiled,
     psnr_db, and its stage medians, default_stages_ms, to set beside the server's), part 4's candidates
-    (bench/candidates.py), and every automatic working shape uncompiled (shapes_ms, graphs_gib), none begun `budget` seconds after the start. A bake that fails,
-    or takes over half the budget, leaves out the fresh server, and the rest is measured uncompiled."""
+    (bench/candidates.py), and every automatic working shape uncompiled (shapes_ms, graphs_gib), none begun
+    `budget` seconds after the start. A bake that fails, or takes over half the budget, leaves out the fresh
+    server, and the rest is measured uncompiled (ours then counts as uncompiled_ms, not default_ms)."""
     from inpaint import geometry
     from inpaint import pipeline as ours
     from inpaint.fastpath import artifact
