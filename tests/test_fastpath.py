@@ -120,6 +120,7 @@ def test_each_part_asks_once_for_each_shape_a_prediction_calls_it_at_and_runs_un
 
 def test_a_saved_part_is_loaded_once_a_prediction_asks_and_the_next_prediction_runs_it(saved, tiny_weights, caplog):
     cache, keys, _, uncompiled = saved
+    caplog.set_level(logging.INFO, logger="inpaint.fastpath")
     pipe, fast = _installed(tiny_weights, cache)
     eager = _eager_runs(pipe)
     try:
@@ -128,10 +129,12 @@ def test_a_saved_part_is_loaded_once_a_prediction_asks_and_the_next_prediction_r
         assert fast.wait(WAIT)
         assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
             name: dict.fromkeys(keys[name], "loaded") for name in PARTS}
+        assert [re.sub(r"in \d+\.\d s", "in N s", message) for message in caplog.messages] == [
+            f"{describe(name, key)} loaded in N s; predictions use it from the next one" for name in PARTS for key in keys[name]]
+        caplog.clear()
         assert fast.in_use() == []  # loaded, not yet taken up
         eager.clear()
-        with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
-            second = run_pipeline(pipe, fast)
+        second = run_pipeline(pipe, fast)
         assert not eager  # every call ran its compiled part
         assert _same(uncompiled, second)  # dynamo's eager backend: the eager part's very numbers
         named = [describe(name, key) for name in PARTS for key in keys[name]]
@@ -141,6 +144,36 @@ def test_a_saved_part_is_loaded_once_a_prediction_asks_and_the_next_prediction_r
             message for message in caplog.messages if "uses the compiled" in message]
     finally:
         fast.stop()
+
+
+def test_a_part_that_cannot_be_had_stays_uncompiled_is_not_asked_for_again_and_the_log_says_why(tiny_weights, tmp_path,
+                                                                                                caplog, monkeypatch):
+    monkeypatch.setattr(compiler, "COMPILE_TIMEOUT", 0.05)  # each compile process is stopped before it imports torch
+    caplog.set_level(logging.INFO, logger="inpaint.fastpath")
+    pipe, fast = _installed(tiny_weights, tmp_path)  # nothing saved here: each part is compiled
+    eager = _eager_runs(pipe)
+    try:
+        first = run_pipeline(pipe, fast)
+        assert fast.wait(WAIT)
+        asked = {name: set(part.compiled.requested) for name, part in fast.parts.items()}
+        assert {name: part.compiled.sources for name, part in fast.parts.items()} == {
+            name: dict.fromkeys(keys, "failed") for name, keys in asked.items()}
+        assert caplog.messages == [
+            f"compiled {describe(name, key)} not available (RuntimeError: the compile process took longer than 0.05 s and "
+            "was stopped); that shape runs uncompiled" for name in PARTS for key in asked[name]]  # the UNet first
+        eager.clear()
+        assert _same(first, run_pipeline(pipe, fast)) and eager == {"unet": 4, "vae.decoder": 2, "vae.encoder": 1}
+        assert {name: part.compiled.requested for name, part in fast.parts.items()} == asked and fast.in_use() == []
+    finally:
+        fast.stop()
+
+
+def test_waiting_for_a_part_the_worker_will_not_get_to_ends_at_its_timeout(saved, tiny_weights, tmp_path):
+    _, keys, *_ = saved
+    pipe, fast = _installed(tiny_weights, tmp_path)
+    fast.stop()  # asked for from now on, never compiled
+    fast.parts["unet"].compiled.request(*keys["unet"])
+    assert not fast.wait(0.1) and not fast.parts["unet"].compiled.wait(0.1)
 
 
 def test_only_plain_inference_calls_of_the_shape_it_was_made_for_run_the_compiled_unet(adopted):
