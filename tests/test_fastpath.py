@@ -168,6 +168,18 @@ def test_a_part_that_cannot_be_had_stays_uncompiled_is_not_asked_for_again_and_t
         fast.stop()
 
 
+def test_a_part_asks_for_at_most_its_limit_of_shapes_and_each_once(tiny_weights, tmp_path):
+    pipe, fast = _installed(tiny_weights, tmp_path, max_shapes=2)
+    fast.stop()  # asked for, never compiled
+    part = fast.parts["vae.decoder"].compiled
+    with torch.inference_mode():
+        for side in (8, 8, 16, 24, 8, 32):
+            pipe.vae.decoder(torch.randn(1, 4, side, side))
+        assert sorted(key.shape[-1] for key in part.requested) == [8, 16]  # the first two
+        part.request(fastpath.ShapeKey.of(torch.randn(1, 4, 40, 40)), over_limit=True)  # a shipped part's load
+    assert sorted(key.shape[-1] for key in part.requested) == [8, 16, 40]
+
+
 def test_waiting_for_a_part_the_worker_will_not_get_to_ends_at_its_timeout(saved, tiny_weights, tmp_path):
     _, keys, *_ = saved
     pipe, fast = _installed(tiny_weights, tmp_path)
