@@ -176,15 +176,21 @@ def test_bench_shipped_smoke_test_bakes_then_serves_the_parts_from_a_fresh_serve
     assert figures["notes"] == dict.fromkeys(("fresh_first_ms", "http_e2e_ms", "cold_start_s"), why)
 
 
+def _named(part: str, shape: tuple[int, ...]) -> str:
+    """A compiled part as the log names it ("UNet for latents 2x9x64x64"), made for inputs of `shape`."""
+    from inpaint.fastpath import ShapeKey, describe
+
+    return describe(part, ShapeKey.of(torch.zeros(shape)))
+
+
 def test_the_compiled_parts_a_prediction_ran_on_are_read_from_the_servers_log_and_its_own(monkeypatch):
     """What bench/coldstart.py reads from Cog's server: setup's lines from its log (one JSON object a line, as
     coglet 0.23 writes them) and a prediction's from its response's logs (plain lines)."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import coldstart
-    from inpaint.fastpath import TAKE_UP, ShapeKey, describe
+    from inpaint.fastpath import TAKE_UP
 
-    unet, decoder = (describe(part, ShapeKey.of(torch.zeros(shape))) for part, shape in (("unet", (2, 9, 64, 64)),
-                                                                                          ("vae.decoder", (1, 4, 64, 64))))
+    unet, decoder = _named("unet", (2, 9, 64, 64)), _named("vae.decoder", (1, 4, 64, 64))
     setup = "\n".join(json.dumps({"timestamp": "2026-12-04T18:14:37.376971Z", "level": "INFO", "fields": {
         "message": message, "source": "Stderr"}, "target": "coglet::setup"}) for message in (
         "INFO inpaint.service: setup: weights 0.0 s, model 2.1 s", "INFO inpaint.fastpath: setup took up the 3 shipped "
@@ -200,10 +206,9 @@ def test_the_compiled_parts_a_prediction_ran_on_are_read_from_the_servers_log_an
 def test_a_fresh_servers_figures_count_as_the_shipped_parts_only_when_it_ran_on_every_part(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import targets
-    from inpaint.fastpath import ShapeKey, describe
 
-    unet, decoder, encoder = (describe(part, ShapeKey.of(torch.zeros(shape))) for part, shape in (
-        ("unet", (2, 9, 64, 64)), ("vae.decoder", (1, 4, 64, 64)), ("vae.encoder", (1, 3, 512, 512))))
+    unet, decoder = _named("unet", (2, 9, 64, 64)), _named("vae.decoder", (1, 4, 64, 64))
+    encoder = _named("vae.encoder", (1, 3, 512, 512))
     assert targets.on_every_part([encoder, unet, decoder]) and not targets.on_every_part([unet, decoder])
     assert targets.fresh_notes({"first_ms": 400.0, "first_compiled": [unet, decoder, encoder]}) == {}
     assert targets.fresh_notes({"first_ms": None}) == {}  # no prediction, no figure to qualify
