@@ -182,7 +182,7 @@ def test_a_part_asks_for_at_most_its_limit_of_shapes_and_each_once(tiny_weights,
 
 def test_waiting_for_a_part_the_worker_will_not_get_to_ends_at_its_timeout(saved, tiny_weights, tmp_path):
     _, keys, *_ = saved
-    pipe, fast = _installed(tiny_weights, tmp_path)
+    _, fast = _installed(tiny_weights, tmp_path)
     fast.stop()  # asked for from now on, never compiled
     fast.parts["unet"].compiled.request(*keys["unet"])
     assert not fast.wait(0.1) and not fast.parts["unet"].compiled.wait(0.1)
