@@ -12,6 +12,8 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import threading
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -166,6 +168,56 @@ def test_a_part_that_cannot_be_had_stays_uncompiled_is_not_asked_for_again_and_t
         assert {name: part.compiled.requested for name, part in fast.parts.items()} == asked and fast.in_use() == []
     finally:
         fast.stop()
+
+
+def test_a_saved_part_that_disagrees_with_the_eager_one_is_not_used_and_the_log_says_by_how_much(saved, tiny_weights,
+                                                                                                caplog, monkeypatch):
+    cache, keys, *_ = saved
+    monkeypatch.setattr(compiler, "MAX_RELATIVE_ERROR", -1.0)  # no part can agree closely enough
+    caplog.set_level(logging.WARNING, logger="inpaint.fastpath")
+    _, fast = _installed(tiny_weights, cache)
+    try:
+        _load(fast, keys)
+        assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
+            name: dict.fromkeys(keys[name], "failed") for name in PARTS} and fast.compiled_parts[0].path(*keys["unet"]).exists()
+        assert [re.sub(r"by \d\.\d\de[-+]\d\d ", "by E ", message) for message in caplog.messages] == [
+            f"compiled {describe(name, key)} not available (RuntimeError: it differs from the eager {compiler.PARTS[name].name} "
+            "by E (relative L2; at most -1.0 allowed)); that shape runs uncompiled" for name in PARTS for key in keys[name]]
+    finally:
+        fast.stop()
+
+
+def test_a_damaged_saved_part_is_moved_aside_and_compiled_again(saved, tiny_weights, tmp_path, caplog, monkeypatch):
+    cache, keys, *_ = saved
+    shutil.copytree(cache, tmp_path / "cache")  # the shared cache stays whole
+    monkeypatch.setattr(compiler, "COMPILE_TIMEOUT", 0.05)  # the compile that follows is stopped at once
+    caplog.set_level(logging.WARNING, logger="inpaint.fastpath")
+    pipe, fast = _installed(tiny_weights, tmp_path / "cache")
+    try:
+        path = fast.parts["unet"].compiled.path(*keys["unet"])
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+        _load(fast, keys)
+        assert [list(fast.parts[name].compiled.sources.values()) for name in PARTS] == [["failed"], ["loaded"], ["loaded"]]
+        (aside,) = path.parent.glob(f"{path.name}.rejected-*[0-9]")
+        assert aside.read_bytes() == bytes(data) and not path.exists()  # kept for inspection, and nothing saved in its place
+        [moved, failed] = caplog.messages
+        assert re.fullmatch(rf"saved compiled UNet {re.escape(path.name)} not loaded \(UntrustedCache: .+\); moved aside to "
+                            rf"{re.escape(aside.name)}, compiling it again", moved), moved
+        assert failed.startswith(f"compiled {describe('unet', *keys['unet'])} not available (RuntimeError: the compile process")
+        assert any(thread.name == "compile-worker" for thread in threading.enumerate())  # as py-spy and bench/gil.py name it
+    finally:
+        fast.stop()
+
+
+def test_saved_parts_are_keyed_by_their_config(saved, tiny_weights):
+    cache, keys, *_ = saved
+    _, fast = _installed(tiny_weights, cache)
+    fast.stop()
+    part, (key,) = fast.parts["vae.decoder"].compiled, keys["vae.decoder"]
+    other = compiler.CompiledPart(part.module, "vae.decoder", part.compiler, cache, config={**part.config, "norm_num_groups": 1})
+    assert other.path(key) != part.path(key) and other.path(key).parent == part.path(key).parent
 
 
 def test_a_part_asks_for_at_most_its_limit_of_shapes_and_each_once(tiny_weights, tmp_path):
