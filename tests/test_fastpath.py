@@ -59,6 +59,12 @@ def _eager_runs(pipe) -> Counter:
     return runs
 
 
+def _obtained(fast: FastPath, keys, how: str) -> bool:
+    """Whether each part has obtained exactly the shapes `keys` holds for it, each one `how` ("loaded", "failed")."""
+    sources = {name: fast.parts[name].compiled.sources for name in PARTS}
+    return sources == {name: dict.fromkeys(keys[name], how) for name in PARTS}
+
+
 def _same(images, others) -> bool:
     return len(images) == len(others) and all(np.array_equal(a, b) for a, b in zip(images, others))
 
@@ -129,8 +135,7 @@ def test_a_saved_part_is_loaded_once_a_prediction_asks_and_the_next_prediction_r
         assert _same(uncompiled, run_pipeline(pipe, fast))
         assert eager == {"unet": 4, "vae.decoder": 2, "vae.encoder": 1}  # 4 steps, 2 outputs: every call uncompiled
         assert fast.wait(WAIT)
-        assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
-            name: dict.fromkeys(keys[name], "loaded") for name in PARTS}
+        assert _obtained(fast, keys, "loaded")
         assert [re.sub(r"in \d+\.\d s", "in N s", message) for message in caplog.messages] == [
             f"{describe(name, key)} loaded in N s; predictions use it from the next one" for name in PARTS for key in keys[name]]
         caplog.clear()
@@ -158,8 +163,7 @@ def test_a_part_that_cannot_be_had_stays_uncompiled_is_not_asked_for_again_and_t
         first = run_pipeline(pipe, fast)
         assert fast.wait(WAIT)
         asked = {name: set(part.compiled.requested) for name, part in fast.parts.items()}
-        assert {name: part.compiled.sources for name, part in fast.parts.items()} == {
-            name: dict.fromkeys(keys, "failed") for name, keys in asked.items()}
+        assert _obtained(fast, asked, "failed")
         assert caplog.messages == [
             f"compiled {describe(name, key)} not available (RuntimeError: the compile process took longer than 0.05 s and "
             "was stopped); that shape runs uncompiled" for name in PARTS for key in asked[name]]  # the UNet first
@@ -178,8 +182,8 @@ def test_a_saved_part_that_disagrees_with_the_eager_one_is_not_used_and_the_log_
     _, fast = _installed(tiny_weights, cache)
     try:
         _load(fast, keys)
-        assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
-            name: dict.fromkeys(keys[name], "failed") for name in PARTS} and fast.compiled_parts[0].path(*keys["unet"]).exists()
+        assert _obtained(fast, keys, "failed")
+        assert fast.compiled_parts[0].path(*keys["unet"]).exists()  # refused, not moved aside: it loaded as saved
         assert [re.sub(r"by \d\.\d\de[-+]\d\d ", "by E ", message) for message in caplog.messages] == [
             f"compiled {describe(name, key)} not available (RuntimeError: it differs from the eager {compiler.PARTS[name].name} "
             "by E (relative L2; at most -1.0 allowed)); that shape runs uncompiled" for name in PARTS for key in keys[name]]
@@ -192,7 +196,7 @@ def test_a_damaged_saved_part_is_moved_aside_and_compiled_again(saved, tiny_weig
     shutil.copytree(cache, tmp_path / "cache")  # the shared cache stays whole
     monkeypatch.setattr(compiler, "COMPILE_TIMEOUT", 0.05)  # the compile that follows is stopped at once
     caplog.set_level(logging.WARNING, logger="inpaint.fastpath")
-    pipe, fast = _installed(tiny_weights, tmp_path / "cache")
+    _, fast = _installed(tiny_weights, tmp_path / "cache")
     try:
         path = fast.parts["unet"].compiled.path(*keys["unet"])
         data = bytearray(path.read_bytes())
@@ -400,8 +404,7 @@ def test_shipped_parts_at_setups_size_are_loaded_before_setup_ends_beyond_the_co
             assert f"compiled parts shipped with the weights: 3, checked and copied into {tmp_path / 'cache'}; setup " \
                    "loads those at 512x512, and the rest load after it" in caplog.text
             assert _took_up(caplog, 3, "64x64") and "not loaded as shipped" not in caplog.text
-            assert {name: fast.parts[name].compiled.sources for name in PARTS} == {
-                name: dict.fromkeys(keys[name], "loaded") for name in PARTS}
+            assert _obtained(fast, keys, "loaded")
             assert eager == dict.fromkeys(PARTS, 1)  # each checked against its eager part on one input
             eager.clear()
             assert _same(uncompiled, run_pipeline(pipe, fast)) and not eager  # the first prediction runs compiled
