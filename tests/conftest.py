@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,33 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured")
         for line in measured:
             terminalreporter.write_line(line)
+
+
+@contextmanager
+def inductor_cache_variable(value: str | None) -> Iterator[None]:
+    """TORCHINDUCTOR_CACHE_DIR set to `value` (None: unset) while held, then put back as it was. The code
+    under test sets the variable itself (a CompiledPart points it at its folder, for its compile processes
+    to inherit), which monkeypatch, undoing only its own changes, does not put back."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        _set_inductor_cache(value)
+        yield
+    finally:
+        _set_inductor_cache(before)
+
+
+def _set_inductor_cache(value: str | None) -> None:
+    if value is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = value
+
+
+@pytest.fixture(autouse=True)
+def _inductor_cache_kept():
+    """No test leaves TORCHINDUCTOR_CACHE_DIR pointing into its own folder for the tests after it."""
+    with inductor_cache_variable(os.environ.get("TORCHINDUCTOR_CACHE_DIR")):
+        yield
 
 
 # The slow tier: whole modules that compile, start Cog's server or soak it, and any test that uses the

@@ -21,7 +21,7 @@ from inpaint.config import Settings
 from inpaint.fastpath import FastPath, UNetPart, compiler
 from inpaint.fastpath.compiler import CompiledPart, Compiler
 
-from conftest import ROOT, Counting, run_pipeline, tiny_unet, unet_inputs
+from conftest import ROOT, Counting, inductor_cache_variable, run_pipeline, tiny_unet, unet_inputs
 
 
 pytestmark = pytest.mark.xdist_group("inductor")  # with test_artifact.py, in one worker (see there)
@@ -50,13 +50,8 @@ def _unet_part(unet, cache_dir=None, **limits) -> CompiledPart:
 def _shared_inductor_cache(inductor_cache):
     """Compiles here build Inductor's kernels once per session (conftest.inductor_cache); the children of
     the compile worker inherit the variable."""
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
-    yield
-    if before is None:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+    with inductor_cache_variable(str(inductor_cache)):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ function does not call. tests/test_compiled.py compiles with Inductor, in the sl
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 import threading
@@ -28,7 +27,7 @@ from inpaint.config import Settings
 from inpaint.fastpath import FastPath, artifact, compiler, describe
 from inpaint.fastpath.graphs import _Failed
 
-from conftest import run_pipeline
+from conftest import inductor_cache_variable, run_pipeline
 
 WAIT = 120  # seconds for the worker to load and check the saved parts (about a second each here)
 PARTS = ("unet", "vae.decoder", "vae.encoder")
@@ -36,12 +35,9 @@ PARTS = ("unet", "vae.decoder", "vae.encoder")
 
 @pytest.fixture(scope="module", autouse=True)
 def _inductor_cache_variable():
-    """A CompiledPart points TORCHINDUCTOR_CACHE_DIR into its folder when no deployment chose one: put it back."""
-    before = os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    yield
-    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    if before is not None:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+    """No deployment's choice of Inductor's cache here: each CompiledPart points it into its own folder."""
+    with inductor_cache_variable(None):
+        yield
 
 
 def _installed(tiny_weights, cache_dir: Path, **options):
