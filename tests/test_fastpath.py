@@ -240,6 +240,18 @@ def test_waiting_for_a_part_the_worker_will_not_get_to_ends_at_its_timeout(saved
     assert not fast.wait(0.1) and not fast.parts["unet"].compiled.wait(0.1)
 
 
+def test_once_stopped_the_compiler_starts_no_compile_process(saved, tiny_weights, tmp_path, monkeypatch):
+    """stop() ends the compile processes running; a job the worker began before it (a saved part that failed
+    to load, about to be compiled again) starts none after it."""
+    monkeypatch.setattr(compiler, "COMPILE_TIMEOUT", 0.05)  # one that did start would be stopped at once
+    _, keys, *_ = saved
+    _, fast = _installed(tiny_weights, tmp_path)
+    fast.stop()
+    with pytest.raises(RuntimeError, match=r"^no compile process was started: this process is exiting$"):
+        fast.compiler.compile_in_child(fast.parts["unet"].compiled, *keys["unet"], tmp_path / "unet.pt")
+    assert not fast.compiler.children and not (tmp_path / "unet.pt").exists()
+
+
 def test_only_plain_inference_calls_of_the_shape_it_was_made_for_run_the_compiled_unet(adopted):
     pipe, fast, keys, eager = adopted
     unet, (key,) = pipe.unet, keys["unet"]

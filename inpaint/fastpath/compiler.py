@@ -95,6 +95,7 @@ class Compiler:
         self._worker: threading.Thread | None = None
         self._starting = threading.Lock()
         self._exiting = threading.Event()
+        self._launching = threading.Lock()  # stop() ends every child in `children`: none starts once it has looked
 
     def submit(self, part: CompiledPart, key: ShapeKey) -> None:
         with self._starting:
@@ -121,9 +122,11 @@ class Compiler:
         """At exit, or when its FastPath is done with: end a compile still running (nothing would load it),
         and let the worker end."""
         atexit.unregister(self.stop)  # nothing left for exit to do, and this compiler may be freed
-        self._exiting.set()
+        with self._launching:
+            self._exiting.set()
+            children = list(self.children)
         self._jobs.put((-1, next(self._asked), None, None))
-        for child in list(self.children):
+        for child in children:
             child.kill()
         if self._worker is not None:
             self._worker.join(timeout)
@@ -146,9 +149,13 @@ class Compiler:
         if module.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
             command.append("--channels-last")
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
-                              cwd=REPO_ROOT) as child:
+        with self._launching:
+            if self._exiting.is_set():
+                raise RuntimeError("no compile process was started: this process is exiting")
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                                     cwd=REPO_ROOT)
             self.children.add(child)  # ended by stop() if the process exits first
+        with child:
             try:
                 _, stderr = child.communicate(timeout=COMPILE_TIMEOUT)
             except subprocess.TimeoutExpired:
