@@ -190,6 +190,15 @@ def run_pipeline(pipe, fast=None) -> list[np.ndarray]:
     return [np.asarray(output, dtype=np.int16) for output in pipeline.generate(pipe, [image], [mask], job, fast=fast)[0]]
 
 
+def compiling_pipeline(tiny_weights, cache_dir, **options):
+    """A CPU pipeline and its fast path, installed as on a GPU and compiling in the background into `cache_dir`
+    (FastPath.for_device leaves it off on the CPU); `options` are FastPath's. Returns (pipe, fast)."""
+    from inpaint.fastpath import FastPath
+
+    fast = FastPath(compile="background", cache_dir=cache_dir, **options)
+    return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
+
+
 def tiny_unet(tiny_weights, device, dtype=torch.float32) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet", variant="fp16").to(device, dtype).eval()
 

@@ -21,18 +21,12 @@ from inpaint.config import Settings
 from inpaint.fastpath import FastPath, UNetPart, compiler
 from inpaint.fastpath.compiler import CompiledPart, Compiler
 
-from conftest import ROOT, Counting, inductor_cache_variable, run_pipeline, tiny_unet, unet_inputs
+from conftest import ROOT, Counting, compiling_pipeline, inductor_cache_variable, run_pipeline, tiny_unet, unet_inputs
 
 
 pytestmark = pytest.mark.xdist_group("inductor")  # with test_artifact.py, in one worker (see there)
 
 WAIT = 600  # seconds; a cold compile of the tiny UNet takes 20-50 s on a 2-core CPU
-
-
-def _pipe(tiny_weights, cache_dir):
-    """A CPU pipeline with the fast path installed as on a GPU (FastPath.for_device leaves it off on the CPU)."""
-    fast = FastPath(compile="background", cache_dir=cache_dir)
-    return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
 
 
 def _run(pipe_and_fast) -> list[np.ndarray]:
@@ -78,7 +72,7 @@ def first_start(tiny_weights, cache_dir):
     logger.setLevel(logging.INFO)
     logger.addHandler(messages)
     try:
-        pipe = _pipe(tiny_weights, cache_dir)
+        pipe = compiling_pipeline(tiny_weights, cache_dir)
         first = _run(pipe)
         yield pipe, plain, first, messages.messages
         assert pipe[1].wait(WAIT)
@@ -141,7 +135,7 @@ def test_the_vae_is_compiled_after_the_unet_and_the_next_prediction_uses_it(firs
 def test_a_later_start_loads_the_saved_unet(first_start, tiny_weights, cache_dir, caplog):
     pipe, plain, _, _ = first_start
     assert pipe[1].compiled_parts[0].wait(WAIT)  # saved by the first start
-    later = _pipe(tiny_weights, cache_dir)
+    later = compiling_pipeline(tiny_weights, cache_dir)
     with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
         _run(later)
         worker = later[1].compiled_parts[0]
@@ -157,7 +151,7 @@ def test_a_rejected_compiled_unet_is_set_aside_and_taken_up_again_by_a_later_pre
     its wait, nor compiled again; then it is handed over, and the next prediction takes it up whole."""
     pipe, plain, first, _ = first_start
     assert pipe[1].compiled_parts[0].wait(WAIT)
-    later = _pipe(tiny_weights, cache_dir)
+    later = compiling_pipeline(tiny_weights, cache_dir)
     _run(later)
     worker = later[1].compiled_parts[0]
     # Every part loaded first: the VAE's load after the UNet's, and the next prediction takes them up (not
@@ -182,7 +176,7 @@ def test_a_compiled_unet_that_disagrees_with_the_eager_one_is_refused(first_star
     pipe, _, first, _ = first_start
     assert pipe[1].compiled_parts[0].wait(WAIT)
     monkeypatch.setattr(compiler, "MAX_RELATIVE_ERROR", -1.0)  # any difference at all is too much
-    later = _pipe(tiny_weights, cache_dir)
+    later = compiling_pipeline(tiny_weights, cache_dir)
     with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
         _run(later)
         worker = later[1].compiled_parts[0]
@@ -198,7 +192,7 @@ def test_a_damaged_saved_unet_is_compiled_again(first_start, tiny_weights, cache
     assert pipe[1].compiled_parts[0].wait(WAIT)
     (saved,) = cache_dir.glob("unet-*.aot")
     saved.write_bytes(b"not a compiled function")
-    later = _pipe(tiny_weights, cache_dir)
+    later = compiling_pipeline(tiny_weights, cache_dir)
     with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
         _run(later)
         worker = later[1].compiled_parts[0]

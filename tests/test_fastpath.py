@@ -27,7 +27,7 @@ from inpaint.config import Settings
 from inpaint.fastpath import FastPath, artifact, compiler, describe
 from inpaint.fastpath.graphs import _Failed
 
-from conftest import inductor_cache_variable, run_pipeline
+from conftest import compiling_pipeline, inductor_cache_variable, run_pipeline
 
 WAIT = 120  # seconds for the worker to load and check the saved parts (about a second each here)
 PARTS = ("unet", "vae.decoder", "vae.encoder")
@@ -41,10 +41,8 @@ def _inductor_cache_variable():
 
 
 def _installed(tiny_weights, cache_dir: Path, **options):
-    """A CPU pipeline with the fast path installed as on a GPU and compiling in the background (for_device leaves
-    it off on the CPU), without CUDA graphs (which pass every CPU call through)."""
-    fast = FastPath(compile="background", cuda_graphs=False, cache_dir=cache_dir, **options)
-    return pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32, fast), fast
+    """conftest.compiling_pipeline without CUDA graphs (which pass every CPU call through)."""
+    return compiling_pipeline(tiny_weights, cache_dir, cuda_graphs=False, **options)
 
 
 def _eager_runs(pipe) -> Counter:
