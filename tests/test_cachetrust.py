@@ -123,7 +123,7 @@ def test_links_in_the_cache_are_refused(cache, tmp_path):
         Seal(cache).read(cache / "part.aot")
 
 
-def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch):
+def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch, caplog):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     folder = cachetrust.private_folder(tmp_path / "compiled")
@@ -132,10 +132,13 @@ def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch):
     (inductor / "kernels").mkdir(parents=True)
     (inductor / "kernels" / "k.py").write_text("print('a kernel')")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    compiler._keep_inductor_cache_in(inductor, seal)  # no seal: moved aside, a new empty one
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
+        compiler._keep_inductor_cache_in(inductor, seal)  # no seal: moved aside, a new empty one
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(inductor)
     assert list(inductor.iterdir()) == []
     (aside,) = folder.glob("inductor.rejected-*")
+    assert caplog.messages == [f"Inductor's cache {inductor} not used (inductor has no seal (inductor.seal.json)); moved aside to "
+                               f"{aside.name}, starting an empty one"]
     assert (aside / "kernels" / "k.py").read_text() == "print('a kernel')"
 
     (inductor / "k.py").write_text("print('a kernel')")
@@ -148,6 +151,22 @@ def test_inductors_cache_is_used_only_as_sealed(tmp_path, monkeypatch):
     compiler._keep_inductor_cache_in(inductor, seal)
     assert not (inductor / "planted.py").exists()
     assert len(list(folder.glob("inductor.rejected-*"))) == 2
+
+
+def test_inductors_cache_goes_beside_the_compiled_parts_unless_the_deployment_chose_one(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    seal = Seal(cachetrust.private_folder(tmp_path))
+    for before in (None, default_cache_dir()):  # unset, or the default torch itself set on import
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        compiler._keep_inductor_cache_in(tmp_path / "inductor", seal)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/chosen")
+    compiler._keep_inductor_cache_in(tmp_path / "inductor", seal)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/srv/chosen"
 
 
 def test_an_inductor_cache_folder_set_empty_is_no_choice_and_the_sealed_one_is_used(tmp_path, monkeypatch):

@@ -16,8 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inpaint import cachetrust, pipeline
-from inpaint.config import Settings
+from inpaint import pipeline
 from inpaint.fastpath import FastPath, UNetPart, compiler
 from inpaint.fastpath.compiler import CompiledPart, Compiler
 
@@ -315,48 +314,6 @@ def test_calls_from_several_threads_at_once_ask_for_one_compile_and_each_get_the
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert len(part.requested) == 1 and part._pending == 1  # one shape: one compile asked for, however many threads called
     part.compiler.stop()  # the compile it started is not wanted here
-
-
-def test_only_the_unet_and_the_vaes_parts_are_compiled():
-    module = torch.nn.Linear(2, 2)
-    forward = module.forward
-    with pytest.raises(ValueError, match="part 'text_encoder' must be one of unet, vae.decoder, vae.encoder"):
-        CompiledPart(module, "text_encoder", Compiler(), config={})
-    assert module.forward == forward
-
-
-def test_an_unusable_cache_folder_falls_back_to_a_temporary_one(tiny_weights, tmp_path, caplog):
-    blocked = tmp_path / "a file"
-    blocked.write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
-        worker = CompiledPart(tiny_unet(tiny_weights, "cpu"), "unet", Compiler(), blocked / "compiled")
-    assert worker.cache_dir.is_dir() and worker.cache_dir.name.startswith("inpaint-compiled-")
-    assert "cannot be kept in" in caplog.text and "kept for this process only" in caplog.text
-
-
-def test_inductors_cache_goes_beside_the_compiled_unets_unless_the_deployment_chose_one(tmp_path, monkeypatch):
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    seal = cachetrust.Seal(cachetrust.private_folder(tmp_path))
-    for before in (None, default_cache_dir()):  # unset, or the default torch itself set on import
-        if before is None:
-            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-        else:
-            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
-        compiler._keep_inductor_cache_in(tmp_path / "inductor", seal)
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/chosen")
-    compiler._keep_inductor_cache_in(tmp_path / "inductor", seal)
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/srv/chosen"
-
-
-def test_the_compile_setting():
-    assert Settings().compile == "background"
-    assert Settings.from_env({"INPAINT_COMPILE": "setup"}).compile == "setup"
-    assert Settings.from_env({"INPAINT_COMPILE": "1"}).compile == "setup"  # the earlier on/off switch
-    assert Settings.from_env({"INPAINT_COMPILE": "false"}).compile == "off"
-    with pytest.raises(ValueError, match="INPAINT_COMPILE='max' must be one of background, setup, off"):
-        Settings.from_env({"INPAINT_COMPILE": "max"})
 
 
 def _run_at_512(pipe, fast) -> list[np.ndarray]:

@@ -10,8 +10,10 @@ function does not call. tests/test_compiled.py compiles with Inductor, in the sl
 
 import hashlib
 import logging
+import os
 import re
 import shutil
+import tempfile
 import threading
 from collections import Counter
 from contextlib import nullcontext
@@ -27,7 +29,7 @@ from inpaint.config import Settings
 from inpaint.fastpath import FastPath, artifact, compiler, describe
 from inpaint.fastpath.graphs import _Failed
 
-from conftest import compiling_pipeline, inductor_cache_variable, run_pipeline
+from conftest import compiling_pipeline, inductor_cache_variable, run_pipeline, tiny_unet
 
 WAIT = 120  # seconds for the worker to load and check the saved parts (about a second each here)
 PARTS = ("unet", "vae.decoder", "vae.encoder")
@@ -204,18 +206,27 @@ def test_a_damaged_saved_part_is_moved_aside_and_compiled_again(saved, tiny_weig
         assert re.fullmatch(rf"saved compiled UNet {re.escape(path.name)} not loaded \(UntrustedCache: .+\); moved aside to "
                             rf"{re.escape(aside.name)}, compiling it again", moved), moved
         assert failed.startswith(f"compiled {describe('unet', *keys['unet'])} not available (RuntimeError: the compile process")
-        assert any(thread.name == "compile-worker" for thread in threading.enumerate())  # as py-spy and bench/gil.py name it
+        # named as py-spy and bench/gil.py report it; a daemon, so that it never holds the process at exit (Python
+        # waits for the others before the exit hooks that would stop it)
+        assert any(thread.name == "compile-worker" and thread.daemon for thread in threading.enumerate())
     finally:
         fast.stop()
 
 
-def test_saved_parts_are_keyed_by_their_config(saved, tiny_weights):
+def test_saved_parts_are_keyed_by_their_config_not_its_order_and_by_their_layout(saved, tiny_weights):
     cache, keys, *_ = saved
     _, fast = _installed(tiny_weights, cache)
     fast.stop()
     part, (key,) = fast.parts["vae.decoder"].compiled, keys["vae.decoder"]
+    assert re.fullmatch(r"vae-decoder-[0-9a-f]{20}\.aot", part.path(key).name)  # the names an artifact's manifest lists
     other = compiler.CompiledPart(part.module, "vae.decoder", part.compiler, cache, config={**part.config, "norm_num_groups": 1})
     assert other.path(key) != part.path(key) and other.path(key).parent == part.path(key).parent
+    reordered = compiler.CompiledPart(part.module, "vae.decoder", part.compiler, cache, config=dict(reversed(part.config.items())))
+    assert reordered.path(key) == part.path(key)  # a config read elsewhere (a bake's) may list its entries in another order
+    unet, (key,) = fast.parts["unet"].compiled, keys["unet"]
+    channels_last = unet.path(key)  # as installed
+    unet.module.to(memory_format=torch.contiguous_format)
+    assert unet.path(key) != channels_last  # compiled code is made for one memory layout
 
 
 def test_a_part_asks_for_at_most_its_limit_of_shapes_and_each_once(tiny_weights, tmp_path):
@@ -474,15 +485,63 @@ def test_the_deployments_settings_reach_its_fast_path(tmp_path):
 
 
 def test_each_compiled_part_keeps_its_shapes_in_the_fast_paths_folder_sealed_with_its_key(tiny_weights, tmp_path):
-    pipe, fast = _installed(tiny_weights, tmp_path / "cache", secret="a secret", max_shapes=3)
+    with inductor_cache_variable(None):  # as a new process, where no part has pointed it at its folder yet
+        pipe, fast = _installed(tiny_weights, tmp_path / "cache", secret="a secret", max_shapes=3)
+        kernels = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     try:
         for part in fast.compiled_parts:
             assert part.cache_dir == tmp_path / "cache" and part.max_shapes == 3
             assert part.seal.folder == tmp_path / "cache" and part.seal.key == b"a secret"
         assert fast.vae_scale == pipe.vae_scale_factor
+        assert kernels == str(tmp_path / "cache" / "inductor")  # Inductor's kernels beside them: no deployment chose a folder
     finally:
         fast.stop()
     assert fast.compiler._exiting.is_set()
+
+
+def test_only_the_unet_and_the_vaes_parts_are_compiled():
+    module = torch.nn.Linear(2, 2)
+    forward = module.forward
+    with pytest.raises(ValueError) as refused:
+        compiler.CompiledPart(module, "text_encoder", compiler.Compiler(), config={})
+    assert str(refused.value) == "part 'text_encoder' must be one of unet, vae.decoder, vae.encoder"
+    assert module.forward == forward
+
+
+def test_an_unusable_cache_folder_falls_back_to_a_temporary_one(tiny_weights, tmp_path, caplog):
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    unet = tiny_unet(tiny_weights, "cpu")
+    caplog.clear()  # diffusers' own warnings while loading it
+    with caplog.at_level(logging.WARNING, logger="inpaint.fastpath.compiler"):
+        part = compiler.CompiledPart(unet, "unet", compiler.Compiler(), blocked / "compiled")
+    assert part.cache_dir.is_dir() and part.cache_dir.name.startswith("inpaint-compiled-")
+    assert caplog.messages == [f"compiled parts cannot be kept in {blocked / 'compiled'} ([Errno 20] Not a directory: "
+                               f"'{blocked / 'compiled'}'); they are kept for this process only"]
+
+
+def test_the_cache_is_checked_and_written_in_its_own_folder_not_through_the_systems_temporary_one(saved, tiny_weights,
+                                                                                               tmp_path, monkeypatch):
+    """A part is saved through a partial file beside it, so that its rename is atomic: the system's temporary
+    folder may be another file system (a rename across two fails), or full."""
+    _, keys, *_ = saved
+    model = pipeline.load_pipeline(tiny_weights, torch.device("cpu"), torch.float32)
+    (key,) = keys["vae.decoder"]
+    with torch.inference_mode(key.inference):
+        made = compiler.aot_compile(model.vae.decoder, "vae.decoder", key, backend="eager")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))  # any file made there fails
+    folder = compiler.usable_folder(tmp_path / "cache")
+    assert folder == tmp_path / "cache"
+    compiler._save(made, folder / "part.aot", model.vae.decoder)
+    assert [path.name for path in folder.iterdir()] == ["part.aot"]
+
+
+def test_relative_error_is_the_l2_distance_over_the_references_norm():
+    reference = torch.tensor([3.0, 4.0], dtype=torch.float16)
+    assert compiler.relative_error(reference, reference) == 0.0
+    assert compiler.relative_error(reference * 2, reference) == 1.0
+    assert compiler.relative_error(torch.tensor([3.0, 4.5]), reference) == pytest.approx(0.1)
+    assert compiler.relative_error(torch.ones(2), torch.zeros(2)) == pytest.approx(2 ** 0.5 * 1e12)  # no division by 0
 
 
 def test_release_drops_the_unets_graphs(tiny_weights):

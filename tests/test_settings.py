@@ -145,6 +145,10 @@ def test_the_device_setting_names_a_device_the_model_can_be_loaded_on():
                                       "CUDA_VISIBLE_DEVICES=N, or docker run --gpus device=N")
 
 
+def test_parts_compile_in_the_background_unless_the_deployment_says_otherwise():
+    assert Settings().compile == Settings.from_env({}).compile == "background"
+
+
 @pytest.mark.parametrize("written, mode", [("background", "background"), (" Setup ", "setup"), ("OFF", "off"),
                                            ("1", "setup"), ("true", "setup"), ("yes", "setup"), ("on", "setup"),
                                            ("0", "off"), ("false", "off"), ("No", "off")])

@@ -108,7 +108,7 @@ class Compiler:
     def _serve(self) -> None:
         while True:
             first = self._jobs.get()
-            if first[2] is None or self._exiting.is_set():
+            if first[2] is None:
                 return
             self.turns.between()  # once the running prediction has asked for all it will: the most useful part first
             self._jobs.put(first)
