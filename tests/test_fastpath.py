@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from inpaint import fastpath, pipeline
@@ -223,10 +224,16 @@ def test_saved_parts_are_keyed_by_their_config_not_its_order_and_by_their_layout
     assert other.path(key) != part.path(key) and other.path(key).parent == part.path(key).parent
     reordered = compiler.CompiledPart(part.module, "vae.decoder", part.compiler, cache, config=dict(reversed(part.config.items())))
     assert reordered.path(key) == part.path(key)  # a config read elsewhere (a bake's) may list its entries in another order
+    elsewhere = compiler.CompiledPart(part.module, "vae.decoder", part.compiler, cache,
+                                      config={**part.config, "_name_or_path": "/srv/weights/vae"})
+    assert elsewhere.path(key) == part.path(key)  # not the folder it was loaded from: an artifact is baked from another
     unet, (key,) = fast.parts["unet"].compiled, keys["unet"]
     channels_last = unet.path(key)  # as installed
     unet.module.to(memory_format=torch.contiguous_format)
     assert unet.path(key) != channels_last  # compiled code is made for one memory layout
+    contiguous = unet.path(key)
+    unet.module.to("meta")
+    assert unet.path(key) != contiguous  # and for one kind of device
 
 
 def test_a_part_asks_for_at_most_its_limit_of_shapes_and_each_once(tiny_weights, tmp_path):
@@ -532,8 +539,22 @@ def test_the_cache_is_checked_and_written_in_its_own_folder_not_through_the_syst
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))  # any file made there fails
     folder = compiler.usable_folder(tmp_path / "cache")
     assert folder == tmp_path / "cache"
-    compiler._save(made, folder / "part.aot", model.vae.decoder)
-    assert [path.name for path in folder.iterdir()] == ["part.aot"]
+    compiler._save(made, folder / "vae" / "decoder" / "part.aot", model.vae.decoder)  # its folders made as needed
+    assert sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")) == ["vae", "vae/decoder",
+                                                                                         "vae/decoder/part.aot"]
+
+
+def test_a_compile_process_that_fails_says_why_in_its_own_last_words(tiny_weights, tmp_path):
+    """A real compile process, handed a config it cannot build its part from: the error names its exit code and
+    the last line it wrote (a traceback's, the exception)."""
+    vae = AutoencoderKL.from_pretrained(tiny_weights, subfolder="vae", variant="fp16").eval()
+    part = compiler.CompiledPart(vae.decoder, "vae.decoder", compiler.Compiler(), tmp_path,
+                                 config={**vae.config, "norm_num_groups": 7})  # its channels are 8 and 16
+    with pytest.raises(RuntimeError) as failed:
+        part.compiler.compile_in_child(part, fastpath.ShapeKey.of(torch.randn(1, 4, 8, 8)), tmp_path / "part.aot")
+    assert str(failed.value) == ("the compile process ended with code 1: ValueError: num_channels (8) must be divisible "
+                                 "by num_groups (7)")
+    assert not part.compiler.children and not (tmp_path / "part.aot").exists()
 
 
 def test_relative_error_is_the_l2_distance_over_the_references_norm():
