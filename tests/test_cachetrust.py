@@ -169,6 +169,19 @@ def test_inductors_cache_goes_beside_the_compiled_parts_unless_the_deployment_ch
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/srv/chosen"
 
 
+def test_only_the_inductor_cache_beside_the_parts_is_sealed_never_one_the_deployment_chose(tmp_path, monkeypatch):
+    folder = cachetrust.private_folder(tmp_path / "compiled")
+    seal = Seal(folder)
+    chosen = tmp_path / "deployment" / "inductor"
+    chosen.mkdir(parents=True)
+    (chosen / "k.py").write_text("print('a kernel')")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(chosen))
+    compiler._seal_inductor_cache(seal)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    compiler._seal_inductor_cache(seal)  # unset: none chosen by this process either
+    assert sorted(path.name for path in (tmp_path / "deployment").iterdir()) == ["inductor"]  # no seal written beside it
+
+
 def test_an_inductor_cache_folder_set_empty_is_no_choice_and_the_sealed_one_is_used(tmp_path, monkeypatch):
     """TORCHINDUCTOR_CACHE_DIR="" (a deployment's blank setting) chooses no folder: Inductor itself fails on it
     (os.makedirs("")), so the compiled parts' own sealed cache is used, as when it is unset."""

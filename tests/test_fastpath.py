@@ -542,6 +542,7 @@ def test_the_cache_is_checked_and_written_in_its_own_folder_not_through_the_syst
     compiler._save(made, folder / "vae" / "decoder" / "part.aot", model.vae.decoder)  # its folders made as needed
     assert sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")) == ["vae", "vae/decoder",
                                                                                          "vae/decoder/part.aot"]
+    assert (folder / "vae" / "decoder").stat().st_mode & 0o777 == 0o700  # the part's own folder private, as cachetrust checks
 
 
 def test_a_compile_process_that_fails_says_why_in_its_own_last_words(tiny_weights, tmp_path):
