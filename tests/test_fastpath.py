@@ -188,6 +188,45 @@ def test_a_saved_part_that_disagrees_with_the_eager_one_is_not_used_and_the_log_
         fast.stop()
 
 
+def test_a_saved_part_that_agrees_exactly_is_used_even_with_no_tolerance(saved, tiny_weights, monkeypatch):
+    cache, keys, *_ = saved
+    monkeypatch.setattr(compiler, "MAX_RELATIVE_ERROR", 0.0)  # dynamo's eager backend gives the eager part's numbers
+    _, fast = _installed(tiny_weights, cache)
+    try:
+        _load(fast, keys)
+        assert _obtained(fast, keys, "loaded")
+    finally:
+        fast.stop()
+
+
+def test_a_stopped_compiler_does_no_more_work_not_even_the_job_it_had_taken(saved, tiny_weights):
+    cache, keys, *_ = saved
+    _, fast = _installed(tiny_weights, cache)
+    unet = fast.parts["unet"].compiled
+    with fast.compiler.turns.prediction():  # the worker takes the job, then waits for this turn to end
+        unet.request(*keys["unet"])
+        fast.compiler.stop(timeout=0.1)  # the worker waits for this turn: stop does not wait for it
+    fast.compiler._worker.join(WAIT)
+    assert not fast.compiler._worker.is_alive() and unet.sources == {} and not unet.ready  # nothing loaded
+
+
+def test_an_unsealed_inductor_cache_in_the_fast_paths_folder_is_moved_aside_at_install(tiny_weights, tmp_path):
+    (tmp_path / "cache" / "inductor").mkdir(parents=True, mode=0o700)
+    (tmp_path / "cache").chmod(0o700)
+    (tmp_path / "cache" / "inductor" / "k.py").write_text("import os; os.system('touch /tmp/pwned')")  # planted
+    with inductor_cache_variable(None):
+        _, fast = _installed(tiny_weights, tmp_path / "cache")
+    fast.stop()
+    (aside,) = (tmp_path / "cache").glob("inductor.rejected-*")
+    assert (aside / "k.py").exists() and not any((tmp_path / "cache" / "inductor").iterdir())
+
+
+def test_a_part_that_cannot_be_saved_leaves_no_partial_file_and_says_why(tmp_path):
+    with pytest.raises(AttributeError, match="save_compiled_function"):
+        compiler._save(object(), tmp_path / "part.aot", torch.nn.Linear(2, 2))  # not a compiled function
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_damaged_saved_part_is_moved_aside_and_compiled_again(saved, tiny_weights, tmp_path, caplog, monkeypatch):
     cache, keys, *_ = saved
     shutil.copytree(cache, tmp_path / "cache")  # the shared cache stays whole
@@ -232,8 +271,11 @@ def test_saved_parts_are_keyed_by_their_config_not_its_order_and_by_their_layout
     unet.module.to(memory_format=torch.contiguous_format)
     assert unet.path(key) != channels_last  # compiled code is made for one memory layout
     contiguous = unet.path(key)
+    unet.module.to(torch.float16)
+    assert unet.path(key) != contiguous  # for one dtype of the weights
+    half = unet.path(key)
     unet.module.to("meta")
-    assert unet.path(key) != contiguous  # and for one kind of device
+    assert unet.path(key) != half  # and for one kind of device
 
 
 def test_a_part_asks_for_at_most_its_limit_of_shapes_and_each_once(tiny_weights, tmp_path):
@@ -264,8 +306,8 @@ def test_once_stopped_the_compiler_starts_no_compile_process(saved, tiny_weights
     _, fast = _installed(tiny_weights, tmp_path)
     fast.stop()
     with pytest.raises(RuntimeError, match=r"^no compile process was started: this process is exiting$"):
-        fast.compiler.compile_in_child(fast.parts["unet"].compiled, *keys["unet"], tmp_path / "unet.pt")
-    assert not fast.compiler.children and not (tmp_path / "unet.pt").exists()
+        fast.compiler.compile_in_child(fast.parts["unet"].compiled, *keys["unet"], tmp_path / "unet.aot")
+    assert not fast.compiler.children and not (tmp_path / "unet.aot").exists()
 
 
 def test_only_plain_inference_calls_of_the_shape_it_was_made_for_run_the_compiled_unet(adopted):
