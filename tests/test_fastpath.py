@@ -210,6 +210,14 @@ def test_a_stopped_compiler_does_no_more_work_not_even_the_job_it_had_taken(save
     assert not fast.compiler._worker.is_alive() and unet.sources == {} and not unet.ready  # nothing loaded
 
 
+def test_a_compiler_stopped_before_anything_was_asked_starts_no_worker(tiny_weights, tmp_path):
+    pipe, fast = _installed(tiny_weights, tmp_path)
+    fast.stop()
+    run_pipeline(pipe, fast)  # its calls ask for their shapes
+    assert all(part.requested for part in fast.compiled_parts)
+    assert fast.compiler._worker is None  # nor an exit hook registered again
+
+
 def test_an_unsealed_inductor_cache_in_the_fast_paths_folder_is_moved_aside_at_install(tiny_weights, tmp_path):
     (tmp_path / "cache" / "inductor").mkdir(parents=True, mode=0o700)
     (tmp_path / "cache").chmod(0o700)

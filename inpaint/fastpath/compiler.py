@@ -99,6 +99,8 @@ class Compiler:
 
     def submit(self, part: CompiledPart, key: ShapeKey) -> None:
         with self._starting:
+            if self._exiting.is_set():
+                return  # stopped: no worker starts again, and that job stays pending
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="compile-worker", daemon=True)
                 self._worker.start()
