@@ -93,9 +93,10 @@ class Compiler:
         self._jobs: queue.PriorityQueue[tuple[int, int, CompiledPart | None, ShapeKey | None]] = queue.PriorityQueue()
         self._asked = itertools.count()
         self._worker: threading.Thread | None = None
+        # Held to start the worker or a compile process, and by stop() to look at `children`: once it has
+        # looked, neither starts again (it ends every child it saw).
         self._starting = threading.Lock()
         self._exiting = threading.Event()
-        self._launching = threading.Lock()  # stop() ends every child in `children`: none starts once it has looked
 
     def submit(self, part: CompiledPart, key: ShapeKey) -> None:
         with self._starting:
@@ -124,7 +125,7 @@ class Compiler:
         """At exit, or when its FastPath is done with: end a compile still running (nothing would load it),
         and let the worker end."""
         atexit.unregister(self.stop)  # nothing left for exit to do, and this compiler may be freed
-        with self._launching:
+        with self._starting:
             self._exiting.set()
             children = list(self.children)
         self._jobs.put((-1, next(self._asked), None, None))
@@ -151,7 +152,7 @@ class Compiler:
         if module.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
             command.append("--channels-last")
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        with self._launching:
+        with self._starting:
             if self._exiting.is_set():
                 raise RuntimeError("no compile process was started: this process is exiting")
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
