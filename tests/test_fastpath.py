@@ -8,6 +8,7 @@ place of Inductor: seconds instead of a minute each, and exactly the eager part'
 call is told from an eager one by a forward hook on the part's first convolution, which the traced
 function does not call. tests/test_compiled.py compiles with Inductor, in the slow tier."""
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -216,6 +217,21 @@ def test_a_compiler_stopped_before_anything_was_asked_starts_no_worker(tiny_weig
     run_pipeline(pipe, fast)  # its calls ask for their shapes
     assert all(part.requested for part in fast.compiled_parts)
     assert fast.compiler._worker is None  # nor an exit hook registered again
+
+
+def test_a_part_is_idle_only_once_every_shape_asked_of_it_is_done(saved, tiny_weights):
+    cache, keys, *_ = saved
+    _, fast = _installed(tiny_weights, cache)
+    fast.stop()  # no worker: the test does the worker's jobs, one at a time
+    encoder = fast.parts["vae.encoder"].compiled
+    (key,) = keys["vae.encoder"]
+    other = dataclasses.replace(key, inference=False)  # never saved
+    encoder.request(key)
+    encoder.request(other)
+    encoder.work(key)
+    assert not encoder.wait(0)  # the other shape is still to do
+    encoder.work(other)  # it would be compiled, but the stopped compiler starts no process
+    assert encoder.wait(0) and encoder.sources == {key: "loaded", other: "failed"}
 
 
 def test_an_unsealed_inductor_cache_in_the_fast_paths_folder_is_moved_aside_at_install(tiny_weights, tmp_path):
