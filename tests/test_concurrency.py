@@ -322,7 +322,8 @@ def _cancel_outcome(final: dict) -> str | None:
     server hands run() to the event loop, "failed" with "Failed to submit coroutine" at once; just after,
     before the server holds run()'s task, the cancel never reaches run(), and the prediction ends
     "failed" with an empty CancelationException, at once or once run() is done, or "canceled" once run()
-    is done. Whether run() ran to its end is told by its logs' last denoising step."""
+    is done. A failure names the step of the server's that the CancelationException hit. Whether run()
+    ran to its end is told by its logs' last denoising step."""
     status, error, logs = final["status"], final.get("error") or "", final.get("logs") or ""
     end = " after running to its end" if "denoising: 100%" in logs else ""
     if status in ("succeeded", "canceled"):
@@ -331,10 +332,8 @@ def _cancel_outcome(final: dict) -> str | None:
         return None
     if error.startswith("Input validation error") and not logs:
         return "failed before run()"
-    if error.endswith("Failed to submit coroutine: CancelationException: "):
-        return "failed handing run() over" + end
-    if error.endswith("Async prediction failed: CancelationException: "):
-        return "failed with CancelationException" + end
+    if error.startswith("Prediction failed: ") and error.endswith(": CancelationException: "):  # the step it hit
+        return f"failed ({error[len('Prediction failed: '):-len(': CancelationException: ')]})" + end
     return None
 
 
