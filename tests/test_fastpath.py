@@ -9,6 +9,7 @@ call is told from an eager one by a forward hook on the part's first convolution
 function does not call. tests/test_compiled.py compiles with Inductor, in the slow tier."""
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -217,6 +219,23 @@ def test_a_compiler_stopped_before_anything_was_asked_starts_no_worker(tiny_weig
     run_pipeline(pipe, fast)  # its calls ask for their shapes
     assert all(part.requested for part in fast.compiled_parts)
     assert fast.compiler._worker is None  # nor an exit hook registered again
+
+
+def test_a_stopped_compiler_is_freed_with_its_fast_path(saved, tiny_weights):
+    """stop() takes its exit hook back, which would otherwise keep it (and every part it compiled for)
+    alive to the end of the process: the bake and the tests make and stop one after another."""
+    cache, keys, *_ = saved
+    pipe, fast = _installed(tiny_weights, cache)
+    _load(fast, keys)  # the worker has run, and loaded a part of each kind
+    fast.stop()
+    encoder = fast.parts["vae.encoder"].compiled
+    other = dataclasses.replace(*keys["vae.encoder"], inference=False)
+    encoder.request(other)
+    encoder.work(other)  # and failed one: its warning, which the log's handlers may keep, holds no traceback
+    freed = weakref.ref(fast.compiler)
+    del pipe, fast, encoder
+    gc.collect()
+    assert freed() is None
 
 
 def test_a_part_is_idle_only_once_every_shape_asked_of_it_is_done(saved, tiny_weights):

@@ -270,8 +270,10 @@ class CompiledPart:
             with watch.time("obtain"):
                 compiled, how = self._obtain(key)
         except Exception as error:  # that shape stays eager; the server goes on
+            # The text, not the exception: a handler that keeps records (pytest's does) would keep its
+            # traceback's frames alive, with their tensors and this part.
             log.warning("compiled %s not available (%s: %s); that shape runs uncompiled",
-                        describe(self.part, key), type(error).__name__, error)
+                        describe(self.part, key), type(error).__name__, str(error))
             compiled, how = None, "failed"
         with self._state:
             self.sources[key] = how
@@ -301,7 +303,7 @@ class CompiledPart:
                     except Exception as error:
                         aside = cachetrust.move_aside(path)
                         log.warning("saved compiled %s %s not loaded (%s: %s); moved aside to %s, compiling it again",
-                                    PARTS[self.part].name, path.name, type(error).__name__, error, aside.name)
+                                    PARTS[self.part].name, path.name, type(error).__name__, str(error), aside.name)
                     if compiled is not None:
                         self._check(compiled, key)
                         _seal_inductor_cache(self.seal)
