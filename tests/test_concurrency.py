@@ -273,10 +273,10 @@ def test_a_sticky_cuda_error_makes_the_container_unhealthy_and_later_requests_fa
     with pytest.raises(RuntimeError, match="illegal memory access"):
         faulty.inpaint(photo, mask, _request(), tmp_path)
     assert not faulty.healthy()
-    started = time.monotonic()
+    # Fast: refused before any work, so a photo that does not exist is never read.
     with pytest.raises(DeviceFailed, match="restart the container"):
-        faulty.inpaint(photo, mask, _request(), tmp_path)
-    assert time.monotonic() - started < 0.1
+        faulty.inpaint(tmp_path / "never-read.png", tmp_path / "never-read-either.png", _request(), tmp_path)
+    assert faulty.device.waiting == 0
     assert inpainter.healthy()
 
 

@@ -98,6 +98,63 @@ def test_each_stage_is_a_span_under_the_servers_prediction_span(tiny_weights, tm
     assert order.index("decode") < order.index("denoise") < order.index("vae_decode") < order.index("encode")
 
 
+@pytest.fixture
+def exporter(monkeypatch):
+    """Tracing on in this process, as Cog's worker turns it on, with OpenTelemetry's SDK provider, its spans
+    kept in memory. The global provider can be set only once, so the two calls tracing.py makes reach it
+    through monkeypatch and are undone after the test."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider, kept = TracerProvider(), InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(kept))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    monkeypatch.setattr(trace, "get_tracer", lambda name, *args, **kwargs: provider.get_tracer(name, *args, **kwargs))
+    yield kept
+    provider.shutdown()
+
+
+def test_in_process_each_stage_is_a_span_under_the_callers_span_and_denoise_lies_between_its_neighbours(
+        inpainter, tmp_path, exporter):
+    from opentelemetry import trace
+
+    assert tracing.enabled()
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    # A negative prompt: the text encoder runs twice (prompt, then negative), one span each.
+    request = check_inputs(**dict(PREDICT_DEFAULTS, negative_prompt="blurry", mask_padding=16))
+    with trace.get_tracer("caller").start_as_current_span("prediction") as caller:
+        assert inpainter.inpaint(photo, mask, request, tmp_path).paths
+    spans = exporter.get_finished_spans()
+    root = caller.get_span_context()
+    ours = [span for span in spans if span.instrumentation_scope.name == tracing.TRACER_NAME]
+    everything = {*STAGES, "prepare", "queue", "vae_encode", "composite"}  # the service's and the model's stages
+    assert {span.name for span in ours} == everything, sorted(span.name for span in ours)
+    for span in ours:  # children of the caller's span, straight or through one of ours
+        assert span.context.trace_id == root.trace_id and span.parent is not None, span.name
+        assert span.parent.span_id in {root.span_id, *(other.context.span_id for other in ours)}, span.name
+        assert 0 < span.start_time <= span.end_time, span.name
+    named = {name: [span for span in ours if span.name == name] for name in {span.name for span in ours}}
+    assert len(named["text_encode"]) == 2 and [len(named[name]) for name in ("denoise", "vae_decode")] == [1, 1]
+    (denoise,), (decode,) = named["denoise"], named["vae_decode"]
+    # The loop's span runs from the end of the last stage before it to the VAE decode's start.
+    before = max(span.end_time for span in named["text_encode"] + named["vae_encode"])
+    assert before <= denoise.start_time <= denoise.end_time <= decode.start_time
+    # The request's own stages are in time order around the model's.
+    first = {name: min(span.start_time for span in named[name]) for name in named}
+    assert first["decode"] < first["queue"] < first["text_encode"] < denoise.start_time < first["vae_decode"]
+    assert first["vae_decode"] < first["safety"] < first["encode"] and first["vae_decode"] < first["composite"]
+
+
+def test_a_span_over_a_time_already_past_is_kept_only_when_it_ends_after_it_starts(exporter):
+    tracing.record("forwards", 1_000, 2_000)
+    tracing.record("an instant", 3_000, 3_000)
+    tracing.record("backwards", 5_000, 4_000)
+    kept = {span.name: (span.start_time, span.end_time) for span in exporter.get_finished_spans()}
+    assert kept == {"forwards": (1_000, 2_000), "an instant": (3_000, 3_000)}
+
+
 def test_with_tracing_off_no_span_is_made(inpainter, tmp_path, monkeypatch):
     from opentelemetry import trace
 
