@@ -302,6 +302,37 @@ def test_requirements_only_env_holds_the_images_packages_and_runs_the_model(tmp_
     assert imported.returncode == 0, imported.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_the_device_run_works_with_the_lent_machines_packages(tmp_path):
+    """bench/on-device --targets, rehearsed here as a device run starts it: in a venv of the lent machine's
+    packages (bench/device-env, from the device tool's list), with the wheels bench/device-wheels downloads
+    carried beside them; tiny weights, and a budget too short for the bake. An import the machine's
+    packages cannot satisfy fails here, not in a device run's scarce minutes."""
+    env = tmp_path / "device-env"
+    for command in ([sys.executable, str(ROOT / "bench" / "device-env"), str(env)],
+                    ["bash", str(ROOT / "bench" / "device-wheels"), str(tmp_path / "wheels")]):
+        made = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert made.returncode == 0, made.stderr[-3000:]
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run(["bash", "bench/on-device", "--targets", "--tiny", "--runs", "1", "--budget", "12"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env={**os.environ, "PYTHON": str(env / "bin" / "python"), "OUT": str(out),
+                              "WHEELS": str(tmp_path / "wheels")})
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    # The carried wheels are what runs (the project's pins), beside the machine's own hub.
+    pins = dict(line.split("==") for name in ("requirements.txt", "requirements-dev.txt")
+                for line in (ROOT / name).read_text().splitlines() if "==" in line and not line.startswith("#"))
+    machine = dict(line.split("==") for line in (ROOT / "bench" / "device-packages.txt").read_text().splitlines()
+                   if "==" in line and not line.startswith("#"))
+    assert (f"diffusers {pins['diffusers']} transformers {pins['transformers']} hub {machine['huggingface-hub']} "
+            f"cog {pins['cog']}") in run.stdout
+    assert "figures: {" in (out / "bench.log").read_text() and list((out / "results").glob("*.json"))
+    tests = (out / "tests.log").read_text()
+    summaries = [line for line in tests.splitlines() if re.search(r"^=* ?\d+ (passed|skipped|failed|error).* in [\d.]+s", line)]
+    assert len(summaries) == 3 and not any("failed" in line or "error" in line for line in summaries), tests[-3000:]
+
+
 def test_figures_are_written_as_json_a_strict_parser_reads(monkeypatch):
     """Python's json writes an infinite float as `Infinity`, which jq and JavaScript refuse; the PSNR of two
     identical pictures is infinite (on the CPU, where the fast path is off, ours and diffusers' are)."""
