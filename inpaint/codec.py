@@ -17,7 +17,7 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 from isal import isal_zlib  # ISA-L's deflate: PNG outputs
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
     try:
         image = Image.open(path, formats=FORMATS)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        _check_metadata(error, name)
         raise ValueError(f"{name} could not be read as an image ({_reason(error)}); upload a {_ACCEPTED} file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(
@@ -123,6 +124,18 @@ def check_canvas(size: tuple[int, int], margins: tuple[int, int, int, int], limi
     _check_size(canvas, limits, subject, (smaller, smaller, "lower the margins along its long side, or add some across it"))
 
 
+def _check_metadata(error: Exception, name: str) -> None:
+    """Raise the error to show when Pillow refused a PNG for its metadata: a text or ICC profile chunk that
+    inflates past its cap (a zip bomb, or metadata far larger than any photo's), which no other format
+    would cure. The pixels are never read, so the metadata has to go."""
+    if "MAX_TEXT_CHUNK" in str(error) or "MAX_TEXT_MEMORY" in str(error):
+        raise ValueError(
+            f"{name} holds too much metadata: a PNG text or colour profile chunk that decompresses past "
+            f"{PngImagePlugin.MAX_TEXT_CHUNK:,} bytes, or text chunks past {PngImagePlugin.MAX_TEXT_MEMORY:,} bytes "
+            "in all; save the image again without its metadata"
+        ) from None
+
+
 def _reason(error: Exception) -> str:
     text = str(error).split(" '/")[0].split(" \"/")[0]  # drop temporary paths Pillow quotes
     return text or type(error).__name__
@@ -140,6 +153,7 @@ def _decode(path: Path, name: str, limits: InputLimits) -> np.ndarray | Image.Im
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
     except (OSError, SyntaxError, ValueError, EOFError) as error:
+        _check_metadata(error, name)
         raise ValueError(
             f"{name} could not be decoded ({_reason(error)}); the file may be truncated or damaged, upload it again"
         ) from None

@@ -46,6 +46,19 @@ def jpeg_scan_bomb(side: int = 4096, repeats: int = 20_000) -> bytes:
     return data[:-2] + scan * repeats + b"\xff\xd9"
 
 
+def png_metadata_bomb(kind: bytes = b"zTXt", after_pixels: bool = False, inflated: int = 200 << 20, bits: int = 8) -> bytes:
+    """A valid 64x64 PNG (grey, or grey and alpha at 16 bits) with one compressed metadata chunk (zTXt, iTXt or
+    iCCP, as the PNG specification lays each out) that inflates to `inflated` bytes of zeros, before or after
+    the pixels."""
+    packed = zlib.compress(b"\0" * inflated, 9)
+    body = {b"zTXt": b"Comment\0\0", b"iTXt": b"XML:com.adobe.xmp\0\1\0\0\0", b"iCCP": b"icc\0\0"}[kind] + packed
+    colour, channels = (0, 1) if bits == 8 else (4, 2)
+    rows = zlib.compress((b"\0" + b"\0" * (64 * channels * bits // 8)) * 64)
+    chunks = [_chunk(b"IDAT", rows), _chunk(kind, body)] if after_pixels else [_chunk(kind, body), _chunk(b"IDAT", rows)]
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, bits, colour, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + b"".join(chunks) + _chunk(b"IEND", b"")
+
+
 def ico_bomb(side: int = 13_000) -> bytes:
     """An ICO whose one entry is a PNG of side x side: Pillow's ICO plugin decodes it whole, before
     any size check, since the ICO directory says 256x256 (0)."""
@@ -126,6 +139,36 @@ def test_an_ico_bomb_is_refused_without_decoding(tmp_path):
     assert seconds < 1 and grown < 50
 
 
+METADATA_REFUSED = ("{} holds too much metadata: a PNG text or colour profile chunk that decompresses past 1,048,576 "
+                    "bytes, or text chunks past 67,108,864 bytes in all; save the image again without its metadata")
+
+
+@pytest.mark.parametrize("decoder", ["decode_image", "decode_mask"])
+@pytest.mark.parametrize("bomb", [dict(kind=b"zTXt"), dict(kind=b"iTXt"), dict(kind=b"iCCP"),
+                                  dict(kind=b"zTXt", after_pixels=True, bits=16)],
+                         ids=["zTXt", "iTXt", "iCCP", "zTXt after the pixels"])
+def test_a_png_metadata_zip_bomb_is_refused_with_what_to_do(tmp_path, decoder, bomb):
+    """200 MB of text or colour profile in a 200 KB file. Pillow stops inflating a chunk at 1 MiB
+    (PngImagePlugin.MAX_TEXT_CHUNK); the error says what is wrong and what to do, which no other format
+    would cure. (A chunk after the pixels is read only where Pillow decodes them: a 16-bit PNG.)"""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_metadata_bomb(**bomb))
+    assert path.stat().st_size < 300_000
+    message, seconds, grown = _refused_fast_in_bounded_memory(path, decoder)
+    assert message == METADATA_REFUSED.format(decoder.split("_")[1])
+    assert seconds < 1 and grown < 50
+
+
+def test_text_chunks_past_pillows_total_are_refused_with_what_to_do(tmp_path):
+    """65 plain tEXt chunks of 1 MiB each: each is under Pillow's cap, together they pass its 64 MiB total."""
+    lines = b"".join(_chunk(b"tEXt", b"Comment\0" + b"a" * (1 << 20)) for _ in range(65))
+    png = png_strip(64, 64)
+    path = tmp_path / "text.png"
+    path.write_bytes(png[:33] + lines + png[33:])  # after the signature and IHDR
+    message, seconds, _ = _refused_fast_in_bounded_memory(path)
+    assert message == METADATA_REFUSED.format("image") and seconds < 1
+
+
 @pytest.mark.parametrize("fmt", ["ICO", "JPEG2000", "BMP", "PPM"])
 def test_formats_outside_the_promised_list_are_refused(tmp_path, fmt):
     path = tmp_path / f"small.{fmt.lower()}"
@@ -173,7 +216,10 @@ def test_hostile_files_through_the_server_fail_alone_and_it_keeps_serving(server
     strip.write_bytes(png_strip(16_777_216, 1))
     bomb = tmp_path / "bomb.jpg"
     bomb.write_bytes(jpeg_scan_bomb())
-    for image, expected in ((strip, "a side over the limit"), (bomb, "scans, over the limit")):
+    metadata = tmp_path / "metadata.png"
+    metadata.write_bytes(png_metadata_bomb())
+    for image, expected in ((strip, "a side over the limit"), (bomb, "scans, over the limit"),
+                            (metadata, "save the image again without its metadata")):
         started = time.monotonic()
         status, response = server.predict({"image": data_uri(image), "mask": data_uri(image), "num_inference_steps": 1})
         assert status == 200 and response["status"] == "failed", response
