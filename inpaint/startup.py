@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -35,6 +36,9 @@ def load(weights: str | os.PathLike | None) -> Inpainter:
 
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("inpaint").setLevel(logging.INFO)
+        # Pillow warns once per damaged EXIF tag, naming the tag, so Python's once-per-text default let a
+        # crafted 66 KB JPEG put 10,000 lines into a prediction's logs; only the orientation is read here.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
         settings = Settings.from_env()
         folder = resolve_weights_ahead(weights, settings)  # the disk work runs while the libraries import
         from .service import Inpainter  # torch, diffusers, transformers: most of a cold start
