@@ -8,6 +8,7 @@ from cog import BaseRunner, Input, Path
 
 from inpaint import inputs, startup
 from inpaint.concurrency import OutputFolders, run_cancellable
+from inpaint.urlinputs import Downloads
 
 
 class Predictor(BaseRunner):
@@ -15,6 +16,8 @@ class Predictor(BaseRunner):
         """Find and verify the weights (COG_WEIGHTS, else ./weights, else download) and load the model."""
         self.inpainter = startup.load(weights)  # imports torch and diffusers while the weights are read
         self.outputs = OutputFolders()
+        limits = self.inpainter.settings
+        self.downloads = Downloads(limits.max_upload_bytes, limits.max_download_seconds).install()  # URL inputs
 
     def healthcheck(self) -> bool:
         """Cog's server asks this for /health-check: False (UNHEALTHY) once the GPU has failed for good."""
@@ -97,10 +100,11 @@ class Predictor(BaseRunner):
     ) -> List[Path]:
         # Every input but the two files goes, by name, to the one function that validates them all.
         settings = {name: value for name, value in locals().items() if name not in ("self", "image", "mask")}
-        request = inputs.check_inputs(**settings)
-        with self.outputs.folder() as folder:  # in a thread of its own; the token is inpaint's last argument
-            inpaint = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
-            prediction = await run_cancellable(inpaint)
+        with self.downloads.used(image, mask):  # the fetched files, removed when this ends
+            request = inputs.check_inputs(**settings)
+            with self.outputs.folder() as folder:  # in a thread of its own; the token is inpaint's last argument
+                inpaint = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
+                prediction = await run_cancellable(inpaint)
         for key, value in prediction.metrics.items():
             self.record_metric(key, value)
         return [Path(path) for path in prediction.paths]

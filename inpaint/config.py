@@ -13,7 +13,8 @@ COMPILE_MODES = ("background", "setup", "off")
 # The least each number may be. A NaN or infinite one is refused too: every comparison with NaN is false,
 # so it would switch its limit off without a word.
 AT_LEAST = {"weights_archive_max_bytes": 0, "weights_archive_max_members": 1, "weights_archive_timeout": 0,
-            "max_input_pixels": 1, "max_upload_bytes": 1, "max_input_side": 1, "max_input_aspect": 1,
+            "max_input_pixels": 1, "max_upload_bytes": 1, "max_download_seconds": 1, "max_input_side": 1,
+            "max_input_aspect": 1,
             "max_jpeg_scans": 1, "max_working_pixels": 1, "max_batch_pixels": 1}
 PINS = ("weights_manifest_sha256", "compiled_manifest_sha256")
 
@@ -43,8 +44,11 @@ class Settings:
     # Largest input image, in pixels; checked from the header, before any pixel is decoded (Pillow's own
     # decompression-bomb limit is set to it too).
     max_input_pixels: int = 4096 * 4096
-    # Largest uploaded file (image or mask), in bytes; checked before the file is opened.
+    # Largest uploaded file (image or mask), in bytes; checked before the file is opened, and while Cog's server
+    # fetches one given as a URL (inpaint/urlinputs.py).
     max_upload_bytes: int = 128 << 20
+    # Most seconds Cog's server may take to fetch an image or mask given as a URL, before the prediction starts.
+    max_download_seconds: float = 60.0
     # Longest side of an input image, and most elongated shape (longer side over shorter): a 16,777,216x1
     # strip is within the pixel limit but would cost gigabytes of resizing.
     max_input_side: int = 8192
