@@ -2,7 +2,7 @@
 
 An input given as an http(s) URL or a data URI reaches `run()` as a temporary file that Cog's SDK
 (0.23.1, `cog.types.URLPath.convert`) wrote with `shutil.copyfileobj`: no cap on its size, none on its
-time (requests' 10 s timeout is per read), and nobody removes it. So an endless response filled the
+time (requests' timeout is per read), and nobody removes it. So an endless response filled the
 disk, one that trickled held a prediction slot for as long as it lasted, and every prediction left its
 inputs in /tmp for good. `Downloads.install` replaces that method once, at setup, with the same copy
 into a folder of this process's own, held to a byte limit and a deadline (the part-written file of a
