@@ -169,6 +169,9 @@ def test_a_png_metadata_zip_bomb_is_refused_with_what_to_do(tmp_path, decoder, b
     message, seconds, grown = _refused_fast_in_bounded_memory(path, decoder)
     assert message == METADATA_REFUSED.format(decoder.split("_")[1])
     assert seconds < 1 and grown < 50
+    with pytest.raises(ValueError) as refused:  # the same in this process
+        {"decode_image": decode_image, "decode_mask": decode_mask}[decoder](path, InputLimits())
+    assert str(refused.value) == message
 
 
 def test_text_chunks_past_pillows_total_are_refused_with_what_to_do(tmp_path):

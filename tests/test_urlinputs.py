@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import os
+import stat
+import tempfile
 import threading
 import time
 from contextlib import closing
@@ -99,6 +101,27 @@ def test_a_trickle_stops_at_the_deadline_and_leaves_nothing(tmp_path, host):
     assert list((tmp_path / "in").iterdir()) == []
 
 
+def test_a_file_of_exactly_the_limit_is_fetched_and_one_byte_more_is_not(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (tmp_path / "exact").write_bytes(b"x" * 1000)
+    (tmp_path / "over").write_bytes(b"x" * 1001)
+    downloads = Downloads(1000, 30, folder)
+    with open(tmp_path / "exact", "rb", buffering=0) as raw:  # a raw file has read() alone, no read1()
+        assert downloads.fetch(raw, "https://example.com/exact.png", "exact.png").read_bytes() == b"x" * 1000
+    with open(tmp_path / "over", "rb") as over, pytest.raises(ValueError, match="is over the limit of 1,000 bytes"):
+        downloads.fetch(over, "https://example.com/over.png", "over.png")
+
+
+def test_by_default_the_files_go_to_a_private_folder_of_their_own_in_the_temporary_folder():
+    folder = Downloads(1, 1).folder
+    try:
+        assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("inpaint-inputs-")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and list(folder.iterdir()) == []
+    finally:
+        folder.rmdir()
+
+
 def test_a_data_uri_over_the_limit_is_named_without_its_data(tmp_path):
     import io
 
@@ -115,16 +138,39 @@ def test_a_predictions_inputs_go_when_it_ends_and_an_abandoned_one_at_the_next_f
     downloads = Downloads(1 << 20, 5, folder)
     image, mask, abandoned = (downloads.fetch(io.BytesIO(b"pixels"), "data:,", name) for name in ("a", "b", "c"))
     elsewhere = make_mask(tmp_path / "mask.png")  # a path of the caller's own is never touched
-    long_ago = time.time() - 5 - GRACE_SECONDS - 1
+    long_ago, not_yet = (time.time() - 5 - GRACE_SECONDS + seconds for seconds in (-1, 1))
     with downloads.used(image, None, elsewhere):
         os.utime(image, (long_ago, long_ago))
         os.utime(abandoned, (long_ago, long_ago))
+        os.utime(mask, (not_yet, not_yet))  # its other input may still be on its way
         later = downloads.fetch(io.BytesIO(b"pixels"), "data:,", "d")  # sweeps what no run() holds
         assert image.exists() and not abandoned.exists() and mask.exists() and later.exists()
     assert not image.exists() and elsewhere.exists()
     with pytest.raises(RuntimeError), downloads.used(mask):
         raise RuntimeError("a failed prediction")
     assert sorted(folder.iterdir()) == [later]
+
+
+def test_once_installed_cogs_own_inputs_are_fetched_into_the_folder_once_each(tmp_path, host, monkeypatch):
+    """Cog's SDK turns a URL or a data URI given for a Path input into a URLPath (cog.types.Path.validate),
+    and its server asks that for its file (convert); installed, that fetch is ours."""
+    from cog.types import Path as CogPath
+    from cog.types import URLPath
+
+    monkeypatch.setattr(URLPath, "convert", URLPath.convert)  # the SDK's own again after this test
+    folder = tmp_path / "in"
+    folder.mkdir()
+    assert Downloads(1 << 20, 30, folder).install().folder == folder
+    photo = (tmp_path / "photo.png").read_bytes()
+    for value in (f"{host.url}/photo.png", data_uri(tmp_path / "photo.png")):
+        given = CogPath.validate(value)
+        assert isinstance(given, URLPath)
+        fetched = given.convert()
+        assert isinstance(fetched, CogPath) and fetched.parent == folder and fetched.read_bytes() == photo
+        assert fetched.name.endswith("photo.png" if value.startswith("http") else ".png")
+        assert given.convert() == fetched and len(list(folder.iterdir())) <= 2  # fetched once
+    with pytest.raises(ValueError, match=f"^the file at {host.url}/endless.png is over the limit of 1,048,576 bytes"):
+        CogPath.validate(f"{host.url}/endless.png").convert()
 
 
 @pytest.mark.slow
