@@ -4,7 +4,7 @@ Modules, one concern each:
   config       deployment settings (environment variables, read in one place)
   inputs       the request: bounds, defaults and validation of every input
   codec        decoding uploaded files into arrays, encoding output files
-  urlinputs    a photo or mask given as a URL, held to the upload limits while Cog's server fetches it
+  urlinputs    a photo or mask Cog's server fetches (URL, data URI): held to the upload limits, then removed
   geometry     sizes: working size, mapping back to the input's size
   compositing  masks and pixels: clean-up, feather, paste the result over the original
   schedulers   user-facing scheduler name -> diffusers scheduler

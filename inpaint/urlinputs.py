@@ -8,7 +8,7 @@ inputs in /tmp for good. `Downloads.install` replaces that method once, at setup
 into a folder of this process's own, held to a byte limit and a deadline (the part-written file of a
 copy that fails is removed); `Downloads.used` removes a prediction's inputs once its `run()` ends, and
 each fetch removes those of a prediction that never reached `run()` (its other input failed). Cog's
-server reports a refused download as an input validation error (tests/test_hostile_inputs.py).
+server reports a refused download as an input validation error (tests/test_urlinputs.py).
 """
 
 from __future__ import annotations

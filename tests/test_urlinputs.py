@@ -4,6 +4,7 @@ the byte limit and the deadline, a failed fetch leaves nothing, and a prediction
 from __future__ import annotations
 
 import http.server
+import io
 import os
 import stat
 import tempfile
@@ -123,16 +124,12 @@ def test_by_default_the_files_go_to_a_private_folder_of_their_own_in_the_tempora
 
 
 def test_a_data_uri_over_the_limit_is_named_without_its_data(tmp_path):
-    import io
-
     (tmp_path / "in").mkdir()
     with pytest.raises(ValueError, match="^a data URI is over the limit of 10 bytes"):
         Downloads(10, 30, tmp_path / "in").fetch(io.BytesIO(b"x" * 11), "data:image/png;base64," + "eA" * 8, "file.png")
 
 
 def test_a_predictions_inputs_go_when_it_ends_and_an_abandoned_one_at_the_next_fetch(tmp_path):
-    import io
-
     folder = tmp_path / "in"
     folder.mkdir()
     downloads = Downloads(1 << 20, 5, folder)
