@@ -22,6 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The most one request's body may hold, data URIs included: Cog's server answers HTTP 413 "Failed to
+# buffer the request body: length limit exceeded" above it. MAX_HTTP_BODY_SIZE in replicate/cog's
+# crates/coglet/src/transport/http/routes.rs; tests/test_http.py checks it against the running server.
+MAX_BODY_BYTES = 100 * 1024 * 1024
+
 
 def free_port() -> int:
     with socket.socket() as sock:

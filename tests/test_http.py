@@ -2,6 +2,7 @@
 
 import io
 import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cogserver import data_uri, decode_data_uri
+from cogserver import MAX_BODY_BYTES, data_uri, decode_data_uri
 from conftest import make_mask, make_photo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,36 @@ def test_sync_prediction_with_data_uris(server, tmp_path):
             assert image.format == "PNG" and image.size == (120, 80)
     assert response["metrics"]["seed"] == 3
     assert "denoising" in response["logs"] and "seed 3" in response["logs"]
+
+
+def test_a_request_body_is_taken_up_to_cogs_limit_and_refused_with_413_past_it(server, tmp_path):
+    """Cog's server reads a body of MAX_BODY_BYTES (cogserver.py, from coglet's source; script/predict checks
+    requests against it) and answers 413 to one byte more, as curl sees it; the server keeps serving.
+    Data URIs travel in the body, so they are held to it, not to INPAINT_MAX_UPLOAD_BYTES (the README says so)."""
+    request = json.dumps({"input": inputs_for(tmp_path)}).encode()
+    body = tmp_path / "body.json"
+    body.write_bytes(request + b" " * (MAX_BODY_BYTES - len(request)))  # JSON allows trailing whitespace
+
+    def post() -> tuple[str, bytes]:
+        for _ in range(100):  # the server's brief 409 after the previous prediction, as server.predict retries it
+            result = subprocess.run(
+                ["curl", "-sS", "-o", str(tmp_path / "response"), "-w", "%{http_code}", server.url + "/predictions",
+                 "-H", "Content-Type: application/json", "--data-binary", f"@{body}"],
+                capture_output=True, text=True, timeout=300,
+            )
+            assert result.returncode == 0, result.stderr
+            if result.stdout != "409":
+                return result.stdout, (tmp_path / "response").read_bytes()
+            time.sleep(0.05)
+        raise AssertionError("the server stayed at capacity")
+
+    status, response = post()
+    assert status == "200" and json.loads(response)["status"] == "succeeded", response[:500]
+    with body.open("ab") as file:
+        file.write(b" ")
+    assert post() == ("413", b"Failed to buffer the request body: length limit exceeded")
+    assert server.health()["status"] == "READY"
+    assert server.predict(inputs_for(tmp_path))[1]["status"] == "succeeded"
 
 
 def test_random_seed_is_logged_and_recorded(server, tmp_path):

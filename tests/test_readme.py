@@ -107,3 +107,28 @@ def test_script_predict_works_as_written(tmp_path):
     with Image.open(written) as output, Image.open(ROOT / "examples" / "chelsea.png") as photo:
         assert output.size == photo.size
     assert json.loads((ROOT / "outputs" / "metrics.json").read_text())["seed"] == 42
+
+
+def test_script_predict_refuses_a_request_over_cogs_body_limit_before_it_starts_anything(tmp_path):
+    """A 4096x4096 photo and its mask as uncompressed TIFFs (117 MB, a third more as data URIs) are over what
+    Cog's server takes in one request: script/predict says so, names the files and what to do, before it makes
+    weights or starts a server."""
+    image, mask = tmp_path / "photo.tif", tmp_path / "mask.tif"
+    Image.new("RGBA", (4096, 4096)).save(image)  # Pillow writes TIFF uncompressed by default
+    Image.new("RGB", (4096, 4096)).save(mask)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = ["script/predict", "--image", str(image), "--mask", str(mask), "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip()
+    assert "over the 104,857,600 bytes (100 MiB) Cog's server accepts in one request body" in message
+    assert f"image {image} ({image.stat().st_size:,} bytes) and mask {mask} ({mask.stat().st_size:,} bytes)" in message
+    assert "-i image=https://" in message
+    assert not out.exists()  # no server was started
+
+
+def test_script_predict_names_a_missing_file(tmp_path):
+    result = subprocess.run(["script/predict", "--image", str(tmp_path / "nope.png")], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"--image {tmp_path / 'nope.png'}: no such file" in result.stderr
