@@ -4,7 +4,8 @@ Pixels travel through the package as numpy arrays: a photo is (H, W, 3) RGB or (
 uint8, a mask (H, W) uint8. Pillow reads every header first, so the size limits hold before a
 single pixel is decoded. Still 8-bit PNGs, RGB or grey JPEGs and still WebPs then decode with
 libpng, libjpeg-turbo and libwebp through imagecodecs, straight into an array and without holding
-Python's lock (the photo and its mask decode side by side); Pillow decodes everything else.
+Python's lock (the photo and its mask decode side by side); Pillow decodes everything else. A
+16-bit PNG photo can come as uint16 instead (libpng), and PNG outputs can be written in 16 bits.
 """
 
 from __future__ import annotations
@@ -141,14 +142,17 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
-def _decode(path: Path, name: str, limits: InputLimits) -> np.ndarray | Image.Image:
-    """The upright 8-bit pixels: an array from the fast decoders ((H, W), or (H, W, C) with C = 2, 3
-    or 4 for LA, RGB, RGBA), else a decoded Pillow image (first frame of an animation)."""
+def _decode(path: Path, name: str, limits: InputLimits, deep: bool = False) -> np.ndarray | Image.Image:
+    """The upright pixels: an array from the fast decoders ((H, W), or (H, W, C) with C = 2, 3 or 4 for
+    LA, RGB, RGBA; uint16 for a 16-bit PNG when `deep`, else uint8), else a decoded Pillow image in
+    8 bits (first frame of an animation)."""
     image = _open(path, name, limits)
-    pixels = _decode_fast(image, path)
-    if pixels is not None:
-        return pixels
     try:
+        pixels = _decode_deep(image, path) if deep else None
+        if pixels is None:
+            pixels = _decode_fast(image, path)
+        if pixels is not None:
+            return pixels
         image.seek(0)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
@@ -199,6 +203,36 @@ def _decode_fast(image: Image.Image, path: Path) -> np.ndarray | None:
     return _orient(pixels, orientation)
 
 
+def _decode_deep(image: Image.Image, path: Path) -> np.ndarray | None:
+    """A 16-bit PNG's samples as they are, upright: uint16 (H, W), or (H, W, C) with C = 2, 3 or 4, from
+    libpng (Pillow reads 16-bit colour as 8-bit); a transparent colour key (tRNS) is left out, as in 8 bits.
+    None, for the 8-bit decoders instead: another format or depth, an APNG, or a file libpng refuses."""
+    if image.format != "PNG" or getattr(image, "n_frames", 1) != 1:
+        return None
+    data = path.read_bytes()
+    if data[24] != 16:  # IHDR's bit depth, after the signature, the chunk's length and type, width and height
+        return None
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except (imagecodecs.PngError, ValueError):
+        return None
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(data[25])  # by IHDR's colour type, which follows the bit depth
+    if pixels.dtype != np.uint16 or pixels.shape[:2] != (image.height, image.width) or channels is None:
+        return None
+    if pixels.ndim == 3 and pixels.shape[2] > channels:  # libpng made the colour key an alpha channel
+        pixels = pixels[..., 0] if channels == 1 else pixels[..., :channels]
+    # Pillow reads a PNG's EXIF only by decoding it all (damage or a metadata bomb there: _decode reports it).
+    exif = b"eXIf" in data or b"Raw profile type exif" in data
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif else 1
+    image.close()
+    return _orient(pixels, orientation)
+
+
+def reduce_to_8bit(pixels: np.ndarray) -> np.ndarray:
+    """16-bit samples scaled to 8 bits (65535 to 255, rounded down), as 16-bit grey always was."""
+    return (pixels // 257).astype(np.uint8)
+
+
 def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation (2-8) the way ImageOps.exif_transpose does; 1 or unknown: as is."""
     turned = {
@@ -234,12 +268,17 @@ def _has_alpha(image: Image.Image) -> bool:
     return "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
 
 
-def decode_image(path: Path, limits: InputLimits, name: str = "image") -> np.ndarray:
-    """The uploaded photo, upright: (H, W, 3) RGB uint8, or (H, W, 4) RGBA when it has transparency."""
-    decoded = _decode(path, name, limits)
+def decode_image(path: Path, limits: InputLimits, name: str = "image", deep: bool = False) -> np.ndarray:
+    """The uploaded photo, upright: (H, W, 3) RGB uint8, or (H, W, 4) RGBA when it has transparency.
+    `deep`: a 16-bit PNG comes as uint16 instead, all 16 bits of each sample kept."""
+    decoded = _decode(path, name, limits, deep)
     if isinstance(decoded, np.ndarray):
         if decoded.ndim == 3 and decoded.shape[2] in (3, 4):
             return decoded
+        if decoded.dtype == np.uint16:  # grey, or grey and alpha: spread over RGB(A) as Pillow does
+            grey = decoded if decoded.ndim == 2 else decoded[..., 0]
+            alpha = () if decoded.ndim == 2 else (decoded[..., 1],)
+            return np.stack((grey, grey, grey, *alpha), axis=2)
         decoded = Image.fromarray(decoded)  # grey, or grey and alpha: Pillow spreads it over RGB(A)
     return np.asarray(decoded.convert("RGBA" if _has_alpha(decoded) else "RGB"))
 
@@ -283,9 +322,11 @@ _PNG_STRIP_ROWS = 256  # rows of a PNG output deflated at a time, each strip on 
 
 def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, quality: int, map=map,
                  strip_rows: int = _PNG_STRIP_ROWS) -> Path:
-    """Write one output ((H, W, 3 or 4) uint8); PNG is lossless (bit-exact outside the mask), WebP and
-    JPEG use `quality`. A PNG's strips of `strip_rows` go through `map` (_write_png); the file does
-    not depend on either."""
+    """Write one output ((H, W, 3 or 4) uint8, or uint16 for a 16-bit PNG); PNG is lossless (bit-exact
+    outside the mask), WebP and JPEG use `quality` and 8 bits. A PNG's strips of `strip_rows` go through
+    `map` (_write_png); the file does not depend on either."""
+    if pixels.dtype == np.uint16 and output_format != "png":
+        pixels = reduce_to_8bit(pixels)
     if output_format == "png":
         path = path_stem.with_suffix(".png")
         _write_png(np.ascontiguousarray(pixels), path, map, strip_rows)
@@ -301,9 +342,10 @@ def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, qualit
 
 
 def _write_png(pixels: np.ndarray, path: Path, map=map, strip_rows: int = _PNG_STRIP_ROWS) -> None:
-    """An 8-bit RGB or RGBA PNG, deflated in strips of rows side by side, as pigz does for gzip.
+    """An RGB or RGBA PNG of 8 bits (uint8 `pixels`) or 16 (uint16), deflated in strips of rows side by
+    side, as pigz does for gzip.
 
-    Every row is filtered Up (less the row above; the first row less zeros). Each strip is deflated
+    Every row is filtered Up (less the row above, byte by byte; the first row less zeros). Each strip is deflated
     by its own ISA-L compressor at level 1 and ended with a sync flush, so the next strip carries on
     the one zlib stream at a byte boundary; each goes in its own IDAT chunk, and the stream's
     Adler-32 is put together from the strips'. Faster than fpng and Pillow, and smaller files
@@ -311,11 +353,13 @@ def _write_png(pixels: np.ndarray, path: Path, map=map, strip_rows: int = _PNG_S
     and numpy release Python's lock), the builtin one in turn.
     """
     height, width, channels = pixels.shape
-    rows = pixels.reshape(height, width * channels)
+    depth = 8 * pixels.dtype.itemsize
+    # (H, row bytes): a 16-bit sample is two bytes, most significant first
+    rows = (pixels if depth == 8 else pixels.astype(">u2")).view(np.uint8).reshape(height, -1)
 
     def deflate(start: int) -> tuple[bytes, int, int]:
         stop = min(start + strip_rows, height)
-        filtered = np.empty((stop - start, 1 + width * channels), np.uint8)  # (rows, filter byte + row)
+        filtered = np.empty((stop - start, 1 + rows.shape[1]), np.uint8)  # (rows, filter byte + row)
         filtered[:, 0] = 2  # Up
         filtered[0, 1:] = rows[start] - rows[start - 1] if start else rows[0]  # uint8: modulo 256
         np.subtract(rows[start + 1 : stop], rows[start : stop - 1], out=filtered[1:, 1:])
@@ -329,7 +373,7 @@ def _write_png(pixels: np.ndarray, path: Path, map=map, strip_rows: int = _PNG_S
         checksum = _adler32_combine(checksum, adler, length)
     with path.open("wb") as file:
         file.write(b"\x89PNG\r\n\x1a\n")
-        _write_chunk(file, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6 if channels == 4 else 2, 0, 0, 0))
+        _write_chunk(file, b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 6 if channels == 4 else 2, 0, 0, 0))
         for index, (data, _, _) in enumerate(strips):
             if index == 0:
                 data = b"\x78\x01" + data  # zlib header: deflate, 32 KiB window, fastest

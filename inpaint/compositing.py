@@ -98,6 +98,35 @@ def extend_canvas(image: np.ndarray, margins: tuple[int, int, int, int]) -> np.n
     return canvas
 
 
+def deep_canvas(canvas: np.ndarray, photo: np.ndarray, margins: tuple[int, int, int, int]) -> np.ndarray:
+    """The 16-bit canvas the outputs of a 16-bit `photo` ((H, W, C) uint16) keep: the photo's samples, and
+    the margins of `canvas` (extend_canvas of its 8-bit reduction) scaled to 16 bits. Before any painting."""
+    if not any(margins):
+        return photo
+    left, top = margins[:2]
+    deep = canvas.astype(np.uint16) * np.uint16(257)
+    deep[top : top + photo.shape[0], left : left + photo.shape[1]] = photo
+    return deep
+
+
+def deepen(result: np.ndarray, original: np.ndarray, box: Box | None, rows: int = TILING.strip) -> np.ndarray:
+    """A 16-bit output: `original` ((H, W, C) uint16) with the change that painting made to its 8-bit
+    reduction (`result`, (H, W, C) uint8, against original // 257) added at 16 bits. A pixel the painting
+    left as it was keeps its 16 bits, and the output reduced to 8 bits (// 257) is `result` exactly:
+    original = 257 o + j with j in 0..256, so 257 r + j (at most 65535 once clipped) // 257 = r.
+    Only `box` can differ (None: nowhere); it is worked in strips of `rows`, for bounded memory."""
+    deep = original.copy()
+    if box is None:
+        return deep
+    left, top, right, bottom = box
+    for y in range(top, bottom, rows):
+        end = min(y + rows, bottom)
+        base = original[y:end, left:right].astype(np.int32)
+        change = result[y:end, left:right].astype(np.int32) - base // 257
+        deep[y:end, left:right] = np.clip(base + change * 257, 0, 65535)
+    return deep
+
+
 def prepare_mask(mask: np.ndarray, invert: bool = False, grow: int = 0, map=map, tiling: Tiling = TILING) -> np.ndarray:
     """(H, W) bool, True = repaint, from a (H, W) uint8 grey mask: thresholded at 50%, optionally
     inverted, then grown (or shrunk if grow < 0) by Euclidean distance, tile by tile (_by_distance)."""

@@ -167,8 +167,14 @@ class Inpainter:
         # One after the other: decoding the photo in a thread beside the mask work gained too little to keep
         # (bench/RESULTS.md, "speed-ups").
         with timer.stage("decode"):
-            image = codec.decode_image(image_path, self.limits, "image")
+            image = codec.decode_image(image_path, self.limits, "image", deep=True)
             mask = None if mask_path is None else codec.decode_mask(mask_path, self.limits, "mask")
+        deep = None  # a 16-bit photo's samples, which a PNG output keeps; the model sees its 8-bit reduction
+        if image.dtype == np.uint16:
+            if request.output_format == "png":
+                deep = image
+                log.info("the image is a 16-bit PNG: the output keeps its 16 bits wherever the painting leaves a pixel as it was")
+            image = codec.reduce_to_8bit(image)
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:
             self._log_truncation("negative_prompt", request.negative_prompt)
@@ -178,6 +184,8 @@ class Inpainter:
             mask = codec.fit_mask(mask, _size(image))
             regions = self._regions(mask, request)
             canvas = compositing.extend_canvas(image, request.margins)  # the photo itself without margins
+            if deep is not None:
+                deep = compositing.deep_canvas(canvas, deep, request.margins)  # before painting reuses canvas
         token.check()
         metrics: dict[str, object] = {
             "seed": request.seed,
@@ -192,6 +200,10 @@ class Inpainter:
         else:
             results = self._paint(canvas, regions, mask_path is None, request, timer, metrics, token)
 
+        if deep is not None:
+            with timer.stage("composite"):
+                box = None if regions.feather is None else regions.feather.box
+                results = [compositing.deepen(result, deep, box) for result in results]
         token.check()
         with timer.stage("encode"):
             paths = [

@@ -177,13 +177,86 @@ def test_16bit_rgb_png_is_reduced_to_8bit(tmp_path):
     assert np.array_equal(decoded, (samples >> 8).astype(np.uint8))
 
 
-def _write_png(path, width, height, depth, color_type, raw: bytes, row_bytes: int) -> None:
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
+def _write_png(path, width, height, depth, color_type, raw: bytes, row_bytes: int, before: bytes = b"",
+               after: bytes = b"") -> None:
+    """A PNG as its specification lays it out, unfiltered, with chunks (from _chunk) `before` and `after` the pixels."""
     rows = b"".join(b"\0" + raw[y * row_bytes : (y + 1) * row_bytes] for y in range(height))
     ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + before + _chunk(b"IDAT", zlib.compress(rows)) + after
+                     + _chunk(b"IEND", b""))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # a PNG's colour type by samples per pixel: grey, grey + alpha, RGB, RGBA
+
+
+def _write_16bit_png(path, samples: np.ndarray, before: bytes = b"", after: bytes = b"") -> None:
+    height, width, channels = samples.shape
+    _write_png(path, width, height, 16, _COLOUR_TYPES[channels], samples.astype(">u2").tobytes(), width * channels * 2,
+               before, after)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4], ids=["grey", "grey+alpha", "RGB", "RGBA"])
+def test_a_16bit_png_decodes_deep_to_its_own_samples(tmp_path, channels):
+    """With `deep`, every 16-bit PNG keeps all of its samples' bits (grey spread over RGB, as Pillow spreads
+    8 bits); without, the 8 bits it always had. The file is laid out by hand from the PNG specification."""
+    samples = np.random.default_rng(channels).integers(0, 65536, (12, 10, channels), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    _write_16bit_png(path, samples)
+    decoded = decode_image(path, LIMIT, deep=True)
+    colour = samples[..., :1].repeat(3, axis=2) if channels <= 2 else samples[..., :3]
+    alpha = samples[..., -1:] if channels in (2, 4) else samples[..., :0]
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, np.concatenate((colour, alpha), axis=2))
+    shallow = decode_image(path, LIMIT)
+    assert shallow.dtype == np.uint8 and shallow.shape == decoded.shape
+    if channels == 1:  # 16-bit grey was always scaled (65535 to 255); Pillow keeps the high byte of colour
+        assert np.array_equal(shallow, codec.reduce_to_8bit(decoded))
+
+
+def test_reduce_to_8bit_scales_65535_to_255_rounding_down():
+    every = np.arange(65536, dtype=np.uint16)
+    assert np.array_equal(codec.reduce_to_8bit(every), (every.astype(np.int64) * 255 // 65535).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_16bit_pngs_exif_orientation_is_applied_as_pillow_applies_it(tmp_path, orientation):
+    """Pillow turns the 8-bit reading of the file; the deep one turns the same way, both bytes of each sample.
+    The eXIf chunk comes after the pixels, where Pillow finds it only once it decodes them."""
+    samples = np.random.default_rng(orientation).integers(0, 65536, (6, 10, 3), dtype=np.uint16)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.png"
+    _write_16bit_png(path, samples, after=_chunk(b"eXIf", exif.tobytes()))
+    decoded = decode_image(path, LIMIT, deep=True)
+    turned = []
+    for byte in (samples >> 8, samples & 0xFF):  # each byte as an 8-bit PNG with the same EXIF, turned by Pillow
+        Image.fromarray(byte.astype(np.uint8)).save(tmp_path / "byte.png", exif=exif)
+        turned.append(np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "byte.png"))).astype(np.uint16))
+    assert decoded.shape == turned[0].shape and np.array_equal(decoded, turned[0] << 8 | turned[1])
+
+
+@pytest.mark.parametrize("key", [(10,), (10, 20, 30)], ids=["grey", "RGB"])
+def test_a_16bit_pngs_transparent_colour_key_is_left_out_as_an_8bit_pngs_is(tmp_path, key):
+    samples = np.full((4, 5, len(key)), 1000, np.uint16)
+    samples[0, 0] = key
+    path = tmp_path / "keyed.png"
+    _write_16bit_png(path, samples, before=_chunk(b"tRNS", struct.pack(f">{len(key)}H", *key)))
+    assert np.array_equal(decode_image(path, LIMIT, deep=True), samples.repeat(3 // len(key), axis=2))
+    assert decode_image(path, LIMIT).shape == (4, 5, 3)  # as test_png_colour_chunks_change_no_pixel shows for 8 bits
+
+
+def test_a_damaged_16bit_png_is_reported_as_damaged_when_read_deep(tmp_path):
+    path = tmp_path / "deep.png"
+    _write_16bit_png(path, np.random.default_rng(0).integers(0, 65536, (40, 30, 3), dtype=np.uint16))
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4
+    data[start + 10 : start + 60] = bytes(50)  # the zlib stream broken, the chunk's length intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="^image could not be decoded .*damaged"):
+        decode_image(path, LIMIT, deep=True)
 
 
 @pytest.mark.parametrize("options", [{"quality": 80}, {"lossless": True}], ids=["lossy", "lossless"])
@@ -292,11 +365,12 @@ def test_png_round_trips_exactly_with_alpha(tmp_path, mode):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([3, 4]), st.sampled_from([1, 2, 5, 256]), st.integers(0, 2**16))
-def test_png_strips_make_one_valid_stream_of_the_same_pixels(width, height, channels, strip_rows, seed):
+@given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([3, 4]), st.sampled_from([1, 2, 5, 256]), st.integers(0, 2**16),
+       st.sampled_from([np.uint8, np.uint16]))
+def test_png_strips_make_one_valid_stream_of_the_same_pixels(width, height, channels, strip_rows, seed, dtype):
     """Strips deflated apart and chained by sync flushes: every chunk's CRC, the one zlib stream with
-    its Adler-32, and the pixels as Pillow and libpng read them back."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    its Adler-32, and the pixels as Pillow (which reads 16 bits as their high byte) and libpng read them back."""
+    pixels = np.random.default_rng(seed).integers(0, np.iinfo(dtype).max + 1, (height, width, channels), dtype=dtype)
     pixels[: height // 2] //= 64  # some runs to compress, some noise
     with tempfile.TemporaryDirectory() as folder, ThreadPoolExecutor(3) as pool:
         data = encode_image(pixels, Path(folder) / "out", "png", 90, pool.map, strip_rows).read_bytes()
@@ -311,9 +385,17 @@ def test_png_strips_make_one_valid_stream_of_the_same_pixels(width, height, chan
         position += 12 + length
     assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and set(kinds[1:-1]) == {b"IDAT"}
     assert kinds.count(b"IDAT") == -(-height // strip_rows)
-    assert len(zlib.decompress(stream)) == height * (1 + width * channels)  # zlib checks the Adler-32
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    assert data[24] == 8 * pixels.itemsize  # IHDR's bit depth
+    assert len(zlib.decompress(stream)) == height * (1 + width * channels * pixels.itemsize)  # zlib checks the Adler-32
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels >> 8 if dtype == np.uint16 else pixels)
     assert np.array_equal(imagecodecs.png_decode(data), pixels)
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpg"])
+def test_a_16bit_output_in_an_8bit_format_is_written_from_its_8bit_reduction(tmp_path, fmt):
+    pixels = np.random.default_rng(0).integers(0, 65536, (20, 30, 4), dtype=np.uint16)
+    deep = encode_image(pixels, tmp_path / "deep", fmt, 90).read_bytes()
+    assert deep == encode_image(codec.reduce_to_8bit(pixels), tmp_path / "shallow", fmt, 90).read_bytes()
 
 
 def test_adler32_of_two_parts_is_the_adler32_of_the_whole():

@@ -412,3 +412,35 @@ def test_a_tile_is_shown_the_canvas_with_the_painting_blended_in_and_resized_as_
     expected = np.rint(base + (layer_box_pixels.astype(np.float32) - base) * here[..., None]).astype(np.uint8)
     resized = Image.fromarray(expected).resize((64, 48), Image.Resampling.LANCZOS, reducing_gap=3.0)
     assert shown.size == (64, 48) and np.array_equal(np.asarray(shown), np.asarray(resized))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.sampled_from([3, 4]), st.sampled_from([1, 3, 256]), st.integers(0, 2**16))
+def test_a_16bit_output_keeps_what_the_painting_left_and_reduces_to_the_8bit_output(width, height, channels, rows, seed):
+    """deepen: a pixel the 8-bit painting left as it was keeps all 16 bits; every pixel, reduced to 8 bits,
+    is the 8-bit output's. Extreme samples included (0, 65535, and 257 o + 256, which rounds to o at 8 bits)."""
+    rng = np.random.default_rng(seed)
+    original = rng.choice(np.array([0, 1, 256, 257, 513, 65279, 65534, 65535, 40000], np.uint16), (height, width, channels))
+    original[rng.random((height, width)) < 0.5] = rng.integers(0, 65536, (channels,), dtype=np.uint16)
+    result = codec.reduce_to_8bit(original)
+    x0, x1 = sorted(rng.integers(0, width + 1, 2))
+    y0, y1 = sorted(rng.integers(0, height + 1, 2))
+    painted = rng.random((y1 - y0, x1 - x0)) < 0.7  # the painting changes some pixels of its box, not all
+    result[y0:y1, x0:x1][painted] = rng.integers(0, 256, (int(painted.sum()), channels), dtype=np.uint8)
+    deep = compositing.deepen(result, original, (x0, y0, x1, y1), rows)
+    assert deep.dtype == np.uint16 and np.array_equal(codec.reduce_to_8bit(deep), result)
+    left = (result == codec.reduce_to_8bit(original)).all(axis=2)
+    assert np.array_equal(deep[left], original[left])
+    assert np.array_equal(compositing.deepen(codec.reduce_to_8bit(original), original, None), original)
+
+
+def test_the_16bit_canvas_is_the_photo_within_its_margins_filled_at_16_bits():
+    photo = np.random.default_rng(0).integers(0, 65536, (6, 5, 4), dtype=np.uint16)
+    margins = (2, 1, 3, 4)
+    canvas = compositing.extend_canvas(codec.reduce_to_8bit(photo), margins)
+    deep = compositing.deep_canvas(canvas, photo, margins)
+    assert deep.shape == (11, 10, 4) and np.array_equal(deep[1:7, 2:7], photo)
+    filled = np.ones(deep.shape[:2], bool)
+    filled[1:7, 2:7] = False
+    assert np.array_equal(deep[filled], canvas[filled].astype(np.uint16) * 257)
+    assert compositing.deep_canvas(canvas, photo, (0, 0, 0, 0)) is photo

@@ -12,6 +12,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -80,9 +81,9 @@ def ico_bomb(side: int = 13_000) -> bytes:
     return header + entry + png
 
 
-def _refused_fast_in_bounded_memory(path: Path, decoder: str = "decode_image") -> tuple[str, float, int]:
-    """(error message, seconds, growth of the peak resident memory in MB) of decoding `path` in a
-    fresh process, after the imports."""
+def _refused_fast_in_bounded_memory(path: Path, decoder: str = "decode_image", deep: bool = False) -> tuple[str, float, int]:
+    """(error message or None, seconds, growth of the peak resident memory in MB) of decoding `path` in a
+    fresh process, after the imports; `deep`: as the service decodes a photo."""
     code = f"""
 import json, resource, sys, time
 from pathlib import Path
@@ -91,7 +92,7 @@ from inpaint.codec import InputLimits, {decoder} as decode
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
 try:
-    decode(Path({str(path)!r}), InputLimits())
+    decode(Path({str(path)!r}), InputLimits(){", deep=True" if deep else ""})
     message = None
 except ValueError as error:
     message = str(error)
@@ -172,6 +173,28 @@ def test_a_png_metadata_zip_bomb_is_refused_with_what_to_do(tmp_path, decoder, b
     with pytest.raises(ValueError) as refused:  # the same in this process
         {"decode_image": decode_image, "decode_mask": decode_mask}[decoder](path, InputLimits())
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("exif", [False, True], ids=["alone", "with EXIF after it"])
+def test_a_16bit_photo_with_a_metadata_bomb_after_its_pixels_is_read_deep_in_bounded_memory(tmp_path, exif):
+    """Read at 16 bits (as the service reads a photo), libpng leaves text after the pixels uninflated, so the
+    photo decodes; Pillow inflates it only to reach an EXIF orientation there, and is refused as above."""
+    data = png_metadata_bomb(kind=b"zTXt", after_pixels=True, bits=16)
+    if exif:
+        turned = Image.Exif()
+        turned[0x0112] = 6
+        data = data[:-12] + _chunk(b"eXIf", turned.tobytes()) + data[-12:]  # before IEND
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    message, seconds, grown = _refused_fast_in_bounded_memory(path, deep=True)
+    assert message == (METADATA_REFUSED.format("image") if exif else None)
+    assert seconds < 1 and grown < 50
+    if not exif:
+        decoded = decode_image(path, InputLimits(), deep=True)
+        assert decoded.dtype == np.uint16 and decoded.shape == (64, 64, 4) and not decoded.any()
+    else:
+        with pytest.raises(ValueError, match="^image holds too much metadata"):
+            decode_image(path, InputLimits(), deep=True)
 
 
 def test_text_chunks_past_pillows_total_are_refused_with_what_to_do(tmp_path):

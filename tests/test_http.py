@@ -7,6 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -184,6 +185,23 @@ def test_png_output_is_bit_identical_outside_the_band_through_the_server(server,
     changed = (np.asarray(output) != np.asarray(Image.open(photo).convert("RGB"))).any(axis=2)
     assert changed[50:121, 100:181].all()
     assert not changed[:40].any() and not changed[130:].any() and not changed[:, :90].any() and not changed[:, 190:].any()
+
+
+def test_a_16bit_png_comes_back_in_16_bits_through_the_server(server, tmp_path):
+    """A 16-bit PNG photo (libpng wrote it; Cog's server sends its data URI on as a file): the output PNG has
+    16-bit samples, the photo's own beyond the mask's feather band."""
+    samples = np.random.default_rng(2).integers(0, 65536, (90, 130, 3), dtype=np.uint16)
+    photo = tmp_path / "deep.png"
+    photo.write_bytes(imagecodecs.png_encode(samples))
+    mask = make_mask(tmp_path / "m.png", (130, 90), box=(40, 30, 80, 60))
+    status, response = server.predict({"image": data_uri(photo), "mask": data_uri(mask), "num_inference_steps": 2})
+    assert status == 200 and response["status"] == "succeeded", response
+    assert "the image is a 16-bit PNG" in response["logs"]
+    output = imagecodecs.png_decode(decode_data_uri(response["output"][0]))
+    assert output.dtype == np.uint16 and output.shape == samples.shape
+    far = np.ones((90, 130), bool)
+    far[30 - 9 : 60 + 10, 40 - 9 : 80 + 10] = False
+    assert np.array_equal(output[far], samples[far]) and not np.array_equal(output, samples)
 
 
 def test_transparent_image_without_mask_and_empty_mask(server, tmp_path):

@@ -6,12 +6,14 @@ import re
 import shutil
 import time
 
+import imagecodecs
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from conftest import make_mask, make_photo
+from inpaint import codec
 from inpaint.inputs import check_inputs
 
 
@@ -270,3 +272,59 @@ def test_an_empty_mask_or_no_strength_returns_the_photo_and_the_log_says_why(inp
         assert f"{reason}: returning the image unchanged without running the model" in caplog.messages
         assert result.metrics["mask_coverage"] == (0.0 if mask == empty else 1.0)
         assert np.array_equal(np.asarray(Image.open(result.paths[0]).convert("RGB")), np.asarray(Image.open(photo).convert("RGB")))
+
+
+def _deep_and_shallow(tmp_path, size, channels, seed=0):
+    """A 16-bit PNG photo of noise (written by libpng) and its 8-bit reduction as an 8-bit PNG."""
+    samples = np.random.default_rng(seed).integers(0, 65536, (size[1], size[0], channels), dtype=np.uint16)
+    deep, shallow = tmp_path / "deep.png", tmp_path / "shallow.png"
+    deep.write_bytes(imagecodecs.png_encode(samples))
+    Image.fromarray(codec.reduce_to_8bit(samples)).save(shallow)
+    return deep, shallow, samples
+
+
+@pytest.mark.parametrize("channels, margins", [(3, {}), (4, {}), (3, {"outpaint_left": 40, "outpaint_down": 24})],
+                         ids=["RGB", "RGBA", "outpainting"])
+def test_a_16bit_png_photo_keeps_its_16_bits_where_the_painting_left_it(inpainter, tmp_path, caplog, channels, margins):
+    """The model paints the photo's 8-bit reduction, exactly as it paints that reduction sent as an 8-bit PNG
+    (same seed): the 16-bit output reduced to 8 bits is that output, byte for byte, and every pixel the
+    painting left as it was (all beyond the feather, at least) keeps the photo's 16 bits. Read back by libpng."""
+    deep, shallow, samples = _deep_and_shallow(tmp_path, (200, 120), channels)
+    mask = make_mask(tmp_path / "mask.png")
+    request = check_inputs(seed=5, num_inference_steps=2, num_outputs=2, **margins)
+    (tmp_path / "deep-out").mkdir(), (tmp_path / "shallow-out").mkdir()
+    with caplog.at_level("INFO", logger="inpaint.service"):
+        deep_result = inpainter.inpaint(deep, mask, request, tmp_path / "deep-out")
+    assert any("the image is a 16-bit PNG" in message for message in caplog.messages)
+    shallow_result = inpainter.inpaint(shallow, mask, request, tmp_path / "shallow-out")
+    assert deep_result.metrics["crop_boxes"] == shallow_result.metrics["crop_boxes"]
+    left, top = margins.get("outpaint_left", 0), 0
+    for deep_path, shallow_path in zip(deep_result.paths, shallow_result.paths, strict=True):
+        output = imagecodecs.png_decode(deep_path.read_bytes())
+        expected = imagecodecs.png_decode(shallow_path.read_bytes())
+        assert output.dtype == np.uint16 and np.array_equal(codec.reduce_to_8bit(output), expected)
+        photo = output[top : top + 120, left : left + 200]
+        left_alone = (expected[top : top + 120, left : left + 200] == codec.reduce_to_8bit(samples)).all(axis=2)
+        assert np.array_equal(photo[left_alone], samples[left_alone])
+        far = np.ones((120, 200), bool)
+        far[30 - 9 : 60 + 10, 50 - 9 : 100 + 10] = False  # the mask's box grown by the feather (mask_blur 8) and a pixel
+        if margins:  # and the feather into the photo from the margins, left and below
+            far[:, :9] = far[-9:] = False
+        assert left_alone[far].all() and not left_alone.all()
+
+
+def test_a_16bit_png_photo_with_a_lossy_output_is_its_8bit_reduction_painted(inpainter, tmp_path):
+    deep, shallow, _ = _deep_and_shallow(tmp_path, (200, 120), 3)
+    mask = make_mask(tmp_path / "mask.png")
+    request = check_inputs(seed=5, num_inference_steps=2, output_format="webp")
+    (tmp_path / "deep-out").mkdir(), (tmp_path / "shallow-out").mkdir()
+    [deep_path] = inpainter.inpaint(deep, mask, request, tmp_path / "deep-out").paths
+    [shallow_path] = inpainter.inpaint(shallow, mask, request, tmp_path / "shallow-out").paths
+    assert deep_path.read_bytes() == shallow_path.read_bytes()
+
+
+def test_a_16bit_png_photo_with_nothing_to_paint_comes_back_as_it_was(inpainter, tmp_path):
+    deep, _, samples = _deep_and_shallow(tmp_path, (64, 48), 4)
+    empty = _mask(tmp_path, (64, 48), [])
+    [path] = inpainter.inpaint(deep, empty, check_inputs(seed=1, num_inference_steps=2), tmp_path).paths
+    assert np.array_equal(imagecodecs.png_decode(path.read_bytes()), samples)
