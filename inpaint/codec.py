@@ -33,6 +33,10 @@ _FAST_MODES = {"PNG": ("L", "LA", "RGB", "RGBA"), "JPEG": ("L", "RGB"), "MPO": (
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF")  # Pillow's JPEG opener gives MPO files too
 _ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
 
+# The largest ICC profile an output carries: Pillow's cap on a PNG's, so that every input format is held to
+# the same; a photo's profile is a few hundred bytes to a few hundred KB.
+MAX_PROFILE_BYTES = PngImagePlugin.MAX_TEXT_CHUNK
+
 
 @dataclass(frozen=True)
 class InputLimits:
@@ -142,17 +146,18 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
-def _decode(path: Path, name: str, limits: InputLimits, deep: bool = False) -> np.ndarray | Image.Image:
+def _decode(path: Path, name: str, limits: InputLimits, deep: bool = False) -> tuple[np.ndarray | Image.Image, bytes | None]:
     """The upright pixels: an array from the fast decoders ((H, W), or (H, W, C) with C = 2, 3 or 4 for
     LA, RGB, RGBA; uint16 for a 16-bit PNG when `deep`, else uint8), else a decoded Pillow image in
-    8 bits (first frame of an animation)."""
+    8 bits (first frame of an animation); and the ICC profile the file holds, if any."""
     image = _open(path, name, limits)
+    profile = image.info.get("icc_profile")  # read with the header, as is every format's
     try:
         pixels = _decode_deep(image, path) if deep else None
         if pixels is None:
             pixels = _decode_fast(image, path)
         if pixels is not None:
-            return pixels
+            return pixels, profile
         image.seek(0)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
@@ -161,7 +166,7 @@ def _decode(path: Path, name: str, limits: InputLimits, deep: bool = False) -> n
         raise ValueError(
             f"{name} could not be decoded ({_reason(error)}); the file may be truncated or damaged, upload it again"
         ) from None
-    return _to_8bit(image)
+    return _to_8bit(image), profile
 
 
 def _decode_fast(image: Image.Image, path: Path) -> np.ndarray | None:
@@ -207,7 +212,7 @@ def _decode_deep(image: Image.Image, path: Path) -> np.ndarray | None:
     """A 16-bit PNG's samples as they are, upright: uint16 (H, W), or (H, W, C) with C = 2, 3 or 4, from
     libpng (Pillow reads 16-bit colour as 8-bit); a transparent colour key (tRNS) is left out, as in 8 bits.
     None, for the 8-bit decoders instead: another format or depth, an APNG, or a file libpng refuses."""
-    if image.format != "PNG" or getattr(image, "n_frames", 1) != 1:
+    if image.format != "PNG" or image.n_frames != 1:
         return None
     data = path.read_bytes()
     if data[24] != 16:  # IHDR's bit depth, after the signature, the chunk's length and type, width and height
@@ -216,14 +221,13 @@ def _decode_deep(image: Image.Image, path: Path) -> np.ndarray | None:
         pixels = imagecodecs.png_decode(data)
     except (imagecodecs.PngError, ValueError):
         return None
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(data[25])  # by IHDR's colour type, which follows the bit depth
-    if pixels.dtype != np.uint16 or pixels.shape[:2] != (image.height, image.width) or channels is None:
+    if pixels.dtype != np.uint16 or pixels.shape[:2] != (image.height, image.width):
         return None
-    if pixels.ndim == 3 and pixels.shape[2] > channels:  # libpng made the colour key an alpha channel
-        pixels = pixels[..., 0] if channels == 1 else pixels[..., :channels]
+    if "transparency" in image.info:  # libpng made the colour key (of grey or RGB) an alpha channel
+        pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]
     # Pillow reads a PNG's EXIF only by decoding it all (damage or a metadata bomb there: _decode reports it).
     exif = b"eXIf" in data or b"Raw profile type exif" in data
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif else 1
+    orientation = image.getexif().get(ExifTags.Base.Orientation) if exif else None  # None: as it is
     image.close()
     return _orient(pixels, orientation)
 
@@ -233,8 +237,8 @@ def reduce_to_8bit(pixels: np.ndarray) -> np.ndarray:
     return (pixels // 257).astype(np.uint8)
 
 
-def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """Apply an EXIF orientation (2-8) the way ImageOps.exif_transpose does; 1 or unknown: as is."""
+def _orient(pixels: np.ndarray, orientation: int | None) -> np.ndarray:
+    """Apply an EXIF orientation (2-8) the way ImageOps.exif_transpose does; 1, unknown or None: as is."""
     turned = {
         2: lambda a: a[:, ::-1],  # mirrored
         3: lambda a: a[::-1, ::-1],  # upside down
@@ -268,10 +272,28 @@ def _has_alpha(image: Image.Image) -> bool:
     return "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
 
 
+@dataclass(frozen=True)
+class Photo:
+    """An uploaded photo, decoded."""
+
+    pixels: np.ndarray  # (H, W, 3) RGB or (H, W, 4) RGBA, upright; uint8, or uint16 for a 16-bit PNG read deep
+    icc_profile: bytes | None = None  # the file's colour profile, which its outputs carry; None: none, or not for RGB
+
+
+def decode_photo(path: Path, limits: InputLimits, name: str = "image") -> Photo:
+    """The uploaded photo, upright: (H, W, 3) RGB, or (H, W, 4) RGBA when it has transparency; uint8, or
+    uint16 for a 16-bit PNG, all 16 bits of each sample kept. Its pixels are as the file holds them, in its
+    colour space: the ICC profile that says which comes along, for the outputs to carry."""
+    decoded, profile = _decode(path, name, limits, deep=True)
+    return Photo(_rgb(decoded), _carried_profile(profile, name))
+
+
 def decode_image(path: Path, limits: InputLimits, name: str = "image", deep: bool = False) -> np.ndarray:
-    """The uploaded photo, upright: (H, W, 3) RGB uint8, or (H, W, 4) RGBA when it has transparency.
-    `deep`: a 16-bit PNG comes as uint16 instead, all 16 bits of each sample kept."""
-    decoded = _decode(path, name, limits, deep)
+    """The photo's pixels alone, in 8 bits; with `deep` as decode_photo reads them."""
+    return _rgb(_decode(path, name, limits, deep)[0])
+
+
+def _rgb(decoded: np.ndarray | Image.Image) -> np.ndarray:
     if isinstance(decoded, np.ndarray):
         if decoded.ndim == 3 and decoded.shape[2] in (3, 4):
             return decoded
@@ -283,12 +305,29 @@ def decode_image(path: Path, limits: InputLimits, name: str = "image", deep: boo
     return np.asarray(decoded.convert("RGBA" if _has_alpha(decoded) else "RGB"))
 
 
+def _carried_profile(profile: bytes | None, name: str) -> bytes | None:
+    """`profile` if the RGB outputs can carry it: an ICC profile of RGB data (its header's colour space,
+    bytes 16-19, is "RGB "), of at most MAX_PROFILE_BYTES. A profile of other data (grey, CMYK, Lab: the
+    pixels were converted to RGB, as if sRGB) or too large is left out, and the log says so."""
+    if not profile:
+        return None
+    if profile[16:20] != b"RGB ":
+        space = profile[16:20].decode("latin-1").strip()
+        log.info("%s's ICC colour profile is for %r data, not RGB: the outputs carry none", name, space)
+        return None
+    if len(profile) > MAX_PROFILE_BYTES:
+        log.info("%s's ICC colour profile is %s bytes, over %s: the outputs carry none", name, f"{len(profile):,}",
+                 f"{MAX_PROFILE_BYTES:,}")
+        return None
+    return profile
+
+
 def decode_mask(path: Path, limits: InputLimits, name: str = "mask") -> np.ndarray:
     """The uploaded mask as (H, W) uint8 grey (white = repaint); thresholding is the caller's.
 
     Colour is reduced to luminance (as Pillow's "L"); transparent pixels count as keep (black).
     """
-    decoded = _decode(path, name, limits)
+    decoded, _ = _decode(path, name, limits)
     if isinstance(decoded, np.ndarray):
         if decoded.ndim == 2:
             return decoded
@@ -321,29 +360,32 @@ _PNG_STRIP_ROWS = 256  # rows of a PNG output deflated at a time, each strip on 
 
 
 def encode_image(pixels: np.ndarray, path_stem: Path, output_format: str, quality: int, map=map,
-                 strip_rows: int = _PNG_STRIP_ROWS) -> Path:
+                 strip_rows: int = _PNG_STRIP_ROWS, icc_profile: bytes | None = None) -> Path:
     """Write one output ((H, W, 3 or 4) uint8, or uint16 for a 16-bit PNG); PNG is lossless (bit-exact
-    outside the mask), WebP and JPEG use `quality` and 8 bits. A PNG's strips of `strip_rows` go through
-    `map` (_write_png); the file does not depend on either."""
+    outside the mask), WebP and JPEG use `quality` and 8 bits. `icc_profile`: the photo's, to say what
+    colours the pixels mean. A PNG's strips of `strip_rows` go through `map` (_write_png); the file does
+    not depend on either."""
     if pixels.dtype == np.uint16 and output_format != "png":
         pixels = reduce_to_8bit(pixels)
+    profile = {} if icc_profile is None else {"icc_profile": icc_profile}
     if output_format == "png":
         path = path_stem.with_suffix(".png")
-        _write_png(np.ascontiguousarray(pixels), path, map, strip_rows)
+        _write_png(np.ascontiguousarray(pixels), path, map, strip_rows, icc_profile)
     elif output_format == "webp":
         path = path_stem.with_suffix(".webp")
-        Image.fromarray(pixels).save(path, format="WEBP", quality=quality, method=4)
+        Image.fromarray(pixels).save(path, format="WEBP", quality=quality, method=4, **profile)
     elif output_format == "jpg":
         path = path_stem.with_suffix(".jpg")
-        Image.fromarray(pixels[..., :3]).save(path, format="JPEG", quality=quality)  # JPEG has no alpha
+        Image.fromarray(pixels[..., :3]).save(path, format="JPEG", quality=quality, **profile)  # JPEG has no alpha
     else:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     return path
 
 
-def _write_png(pixels: np.ndarray, path: Path, map=map, strip_rows: int = _PNG_STRIP_ROWS) -> None:
-    """An RGB or RGBA PNG of 8 bits (uint8 `pixels`) or 16 (uint16), deflated in strips of rows side by
-    side, as pigz does for gzip.
+def _write_png(pixels: np.ndarray, path: Path, map=map, strip_rows: int = _PNG_STRIP_ROWS,
+               icc_profile: bytes | None = None) -> None:
+    """An RGB or RGBA PNG of 8 bits (uint8 `pixels`) or 16 (uint16), with `icc_profile` as its iCCP chunk,
+    deflated in strips of rows side by side, as pigz does for gzip.
 
     Every row is filtered Up (less the row above, byte by byte; the first row less zeros). Each strip is deflated
     by its own ISA-L compressor at level 1 and ended with a sync flush, so the next strip carries on
@@ -374,6 +416,8 @@ def _write_png(pixels: np.ndarray, path: Path, map=map, strip_rows: int = _PNG_S
     with path.open("wb") as file:
         file.write(b"\x89PNG\r\n\x1a\n")
         _write_chunk(file, b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 6 if channels == 4 else 2, 0, 0, 0))
+        if icc_profile is not None:  # a name, compression method 0 (zlib), the profile; before the pixels
+            _write_chunk(file, b"iCCP", b"ICC profile\0\0" + isal_zlib.compress(icc_profile))
         for index, (data, _, _) in enumerate(strips):
             if index == 0:
                 data = b"\x78\x01" + data  # zlib header: deflate, 32 KiB window, fastest

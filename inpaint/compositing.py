@@ -113,7 +113,7 @@ def deepen(result: np.ndarray, original: np.ndarray, box: Box | None, rows: int 
     """A 16-bit output: `original` ((H, W, C) uint16) with the change that painting made to its 8-bit
     reduction (`result`, (H, W, C) uint8, against original // 257) added at 16 bits. A pixel the painting
     left as it was keeps its 16 bits, and the output reduced to 8 bits (// 257) is `result` exactly:
-    original = 257 o + j with j in 0..256, so 257 r + j (at most 65535 once clipped) // 257 = r.
+    original = 257 o + j with j in 0..256, so 257 r + j (never below 0; at most 65535 once capped) // 257 = r.
     Only `box` can differ (None: nowhere); it is worked in strips of `rows`, for bounded memory."""
     deep = original.copy()
     if box is None:
@@ -123,7 +123,7 @@ def deepen(result: np.ndarray, original: np.ndarray, box: Box | None, rows: int 
         end = min(y + rows, bottom)
         base = original[y:end, left:right].astype(np.int32)
         change = result[y:end, left:right].astype(np.int32) - base // 257
-        deep[y:end, left:right] = np.clip(base + change * 257, 0, 65535)
+        deep[y:end, left:right] = np.minimum(base + change * 257, 65535)
     return deep
 
 

@@ -167,7 +167,8 @@ class Inpainter:
         # One after the other: decoding the photo in a thread beside the mask work gained too little to keep
         # (bench/RESULTS.md, "speed-ups").
         with timer.stage("decode"):
-            image = codec.decode_image(image_path, self.limits, "image", deep=True)
+            photo = codec.decode_photo(image_path, self.limits, "image")
+            image = photo.pixels
             mask = None if mask_path is None else codec.decode_mask(mask_path, self.limits, "mask")
         deep = None  # a 16-bit photo's samples, which a PNG output keeps; the model sees its 8-bit reduction
         if image.dtype == np.uint16:
@@ -208,7 +209,8 @@ class Inpainter:
         with timer.stage("encode"):
             paths = [
                 codec.encode_image(
-                    result, out_dir / f"out-{index}", request.output_format, request.output_quality, self._workers.map
+                    result, out_dir / f"out-{index}", request.output_format, request.output_quality, self._workers.map,
+                    icc_profile=photo.icc_profile,
                 )
                 for index, result in enumerate(results)
             ]

@@ -14,10 +14,10 @@ import pytest
 from conftest import make_photo
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from inpaint import codec
-from inpaint.codec import InputLimits, decode_image, decode_mask, encode_image, fit_mask, flatten
+from inpaint.codec import InputLimits, decode_image, decode_mask, decode_photo, encode_image, fit_mask, flatten
 
 LIMIT = InputLimits()
 
@@ -236,6 +236,31 @@ def test_a_16bit_pngs_exif_orientation_is_applied_as_pillow_applies_it(tmp_path,
         Image.fromarray(byte.astype(np.uint8)).save(tmp_path / "byte.png", exif=exif)
         turned.append(np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "byte.png"))).astype(np.uint16))
     assert decoded.shape == turned[0].shape and np.array_equal(decoded, turned[0] << 8 | turned[1])
+
+
+def test_a_16bit_pngs_orientation_in_imagemagicks_raw_exif_text_or_none_in_its_exif(tmp_path):
+    from PIL import ExifTags, PngImagePlugin
+
+    samples = np.random.default_rng(0).integers(0, 65536, (6, 10, 3), dtype=np.uint16)
+    turned = Image.Exif()
+    turned[ExifTags.Base.Orientation] = 6
+    data = turned.tobytes()
+    text = PngImagePlugin.PngInfo()  # as in test_a_png_whose_orientation_is_in_imagemagicks_raw_exif_text...
+    text.add_text("Raw profile type exif", f"\nexif\n{len(data):8d}\n{data.hex()}\n", zip=True)
+    raw = b"".join(_chunk(kind, body) for kind, body, *_ in text.chunks)
+    _write_16bit_png(tmp_path / "raw.png", samples, before=raw)
+    assert np.array_equal(decode_image(tmp_path / "raw.png", LIMIT, deep=True), np.rot90(samples, -1))
+    unturned = Image.Exif()
+    unturned[ExifTags.Base.Make] = "a camera that says nothing of orientation"
+    _write_16bit_png(tmp_path / "plain.png", samples, after=_chunk(b"eXIf", unturned.tobytes()))
+    assert np.array_equal(decode_image(tmp_path / "plain.png", LIMIT, deep=True), samples)
+
+
+def test_a_16bit_animated_png_is_read_in_8_bits_first_frame_as_pillow_reads_it(tmp_path):
+    first, second = Image.new("I;16", (8, 6), 1000), Image.new("I;16", (8, 6), 40000)
+    first.save(tmp_path / "anim.png", save_all=True, append_images=[second])
+    decoded = decode_image(tmp_path / "anim.png", LIMIT, deep=True)
+    assert decoded.dtype == np.uint8 and (decoded == 1000 // 257).all()
 
 
 @pytest.mark.parametrize("key", [(10,), (10, 20, 30)], ids=["grey", "RGB"])
@@ -614,3 +639,64 @@ def test_an_unknown_output_format_is_refused_by_name(tmp_path):
 def test_a_png_output_ends_with_the_one_iend_chunk_the_png_spec_allows(tmp_path):
     path = encode_image(np.zeros((3, 2, 4), np.uint8), tmp_path / "out", "png", 90)
     assert path.read_bytes().endswith(b"\x00\x00\x00\x00IEND\xaeB`\x82")  # empty data, its CRC-32 (PNG 11.2.5)
+
+
+def _profile(space: str) -> bytes:
+    """An ICC profile as LittleCMS (Pillow's ImageCms) writes it: "sRGB" is for RGB data, "LAB" for Lab."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile(space)).tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_a_photos_rgb_colour_profile_is_read_for_its_outputs_and_its_pixels_are_left_as_they_are(tmp_path, fmt):
+    path = tmp_path / f"photo.{fmt.lower()}"
+    Image.open(make_photo(tmp_path / "p.png")).save(path, fmt, icc_profile=_profile("sRGB"))
+    photo = decode_photo(path, LIMIT)
+    assert photo.icc_profile == _profile("sRGB")
+    assert np.array_equal(photo.pixels, _pillow_pixels(path))  # no colour conversion
+    assert decode_photo(make_photo(tmp_path / "plain.png"), LIMIT).icc_profile is None
+
+
+def test_a_16bit_pngs_colour_profile_is_read_too(tmp_path):
+    path = tmp_path / "deep.png"
+    profile = _profile("sRGB")
+    _write_16bit_png(path, np.zeros((4, 4, 3), np.uint16),
+                     before=_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(profile)))
+    photo = decode_photo(path, LIMIT)
+    assert photo.pixels.dtype == np.uint16 and photo.icc_profile == profile
+
+
+def test_a_colour_profile_the_rgb_outputs_cannot_carry_is_left_out_and_logged(tmp_path, caplog):
+    lab = tmp_path / "lab.jpg"  # a Lab profile on a JPEG: its pixels are read as RGB
+    Image.open(make_photo(tmp_path / "p.png")).save(lab, icc_profile=_profile("LAB"))
+    large = tmp_path / "large.jpg"  # an RGB profile one byte over the cap (JPEG carries up to 16 MB of it)
+    padded = _profile("sRGB") + bytes(codec.MAX_PROFILE_BYTES + 1 - len(_profile("sRGB")))
+    Image.open(make_photo(tmp_path / "p.png")).save(large, icc_profile=padded)
+    junk = tmp_path / "junk.jpg"  # a profile too short to say
+    Image.open(make_photo(tmp_path / "p.png")).save(junk, icc_profile=b"RGB " * 4)
+    with caplog.at_level("INFO", logger="inpaint.codec"):
+        assert decode_photo(lab, LIMIT).icc_profile is None
+        assert decode_photo(junk, LIMIT).icc_profile is None
+        assert decode_photo(large, LIMIT).icc_profile is None
+    assert caplog.messages == [
+        "image's ICC colour profile is for 'Lab' data, not RGB: the outputs carry none",
+        "image's ICC colour profile is for '' data, not RGB: the outputs carry none",
+        f"image's ICC colour profile is {codec.MAX_PROFILE_BYTES + 1:,} bytes, over {codec.MAX_PROFILE_BYTES:,}: "
+        "the outputs carry none",
+    ]
+    exactly = tmp_path / "exactly.jpg"
+    Image.open(make_photo(tmp_path / "p.png")).save(exactly, icc_profile=padded[:-1])
+    assert decode_photo(exactly, LIMIT).icc_profile == padded[:-1]
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_an_output_carries_the_photos_colour_profile_as_pillow_and_littlecms_read_it(tmp_path, fmt, dtype):
+    pixels = np.random.default_rng(0).integers(0, np.iinfo(dtype).max + 1, (20, 30, 4), dtype=dtype)
+    path = encode_image(pixels, tmp_path / "out", fmt, 90, icc_profile=_profile("sRGB"))
+    with Image.open(path) as image:
+        assert image.info["icc_profile"] == _profile("sRGB")
+        assert ImageCms.getProfileName(ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))).strip() == "sRGB built-in"
+    if fmt == "png":
+        assert np.array_equal(imagecodecs.png_decode(path.read_bytes()), pixels)  # libpng takes the chunk too
+    without = encode_image(pixels, tmp_path / "plain", fmt, 90)
+    assert "icc_profile" not in Image.open(without).info

@@ -436,10 +436,10 @@ def test_a_16bit_output_keeps_what_the_painting_left_and_reduces_to_the_8bit_out
 
 def test_the_16bit_canvas_is_the_photo_within_its_margins_filled_at_16_bits():
     photo = np.random.default_rng(0).integers(0, 65536, (6, 5, 4), dtype=np.uint16)
-    margins = (2, 1, 3, 4)
+    margins = (2, 1, 6, 4)
     canvas = compositing.extend_canvas(codec.reduce_to_8bit(photo), margins)
     deep = compositing.deep_canvas(canvas, photo, margins)
-    assert deep.shape == (11, 10, 4) and np.array_equal(deep[1:7, 2:7], photo)
+    assert deep.dtype == np.uint16 and deep.shape == (11, 13, 4) and np.array_equal(deep[1:7, 2:7], photo)
     filled = np.ones(deep.shape[:2], bool)
     filled[1:7, 2:7] = False
     assert np.array_equal(deep[filled], canvas[filled].astype(np.uint16) * 257)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inpaint.codec import InputLimits, decode_image, decode_mask
+from inpaint.codec import InputLimits, decode_image, decode_mask, decode_photo
 from inpaint.inputs import PROMPT_MAX_CHARS, check_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +81,9 @@ def ico_bomb(side: int = 13_000) -> bytes:
     return header + entry + png
 
 
-def _refused_fast_in_bounded_memory(path: Path, decoder: str = "decode_image", deep: bool = False) -> tuple[str, float, int]:
+def _refused_fast_in_bounded_memory(path: Path, decoder: str = "decode_image") -> tuple[str, float, int]:
     """(error message or None, seconds, growth of the peak resident memory in MB) of decoding `path` in a
-    fresh process, after the imports; `deep`: as the service decodes a photo."""
+    fresh process, after the imports."""
     code = f"""
 import json, resource, sys, time
 from pathlib import Path
@@ -92,7 +92,7 @@ from inpaint.codec import InputLimits, {decoder} as decode
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
 try:
-    decode(Path({str(path)!r}), InputLimits(){", deep=True" if deep else ""})
+    decode(Path({str(path)!r}), InputLimits())
     message = None
 except ValueError as error:
     message = str(error)
@@ -177,7 +177,7 @@ def test_a_png_metadata_zip_bomb_is_refused_with_what_to_do(tmp_path, decoder, b
 
 @pytest.mark.parametrize("exif", [False, True], ids=["alone", "with EXIF after it"])
 def test_a_16bit_photo_with_a_metadata_bomb_after_its_pixels_is_read_deep_in_bounded_memory(tmp_path, exif):
-    """Read at 16 bits (as the service reads a photo), libpng leaves text after the pixels uninflated, so the
+    """Read as the service reads a photo, at 16 bits, libpng leaves text after the pixels uninflated, so the
     photo decodes; Pillow inflates it only to reach an EXIF orientation there, and is refused as above."""
     data = png_metadata_bomb(kind=b"zTXt", after_pixels=True, bits=16)
     if exif:
@@ -186,15 +186,15 @@ def test_a_16bit_photo_with_a_metadata_bomb_after_its_pixels_is_read_deep_in_bou
         data = data[:-12] + _chunk(b"eXIf", turned.tobytes()) + data[-12:]  # before IEND
     path = tmp_path / "bomb.png"
     path.write_bytes(data)
-    message, seconds, grown = _refused_fast_in_bounded_memory(path, deep=True)
+    message, seconds, grown = _refused_fast_in_bounded_memory(path, "decode_photo")
     assert message == (METADATA_REFUSED.format("image") if exif else None)
     assert seconds < 1 and grown < 50
     if not exif:
-        decoded = decode_image(path, InputLimits(), deep=True)
+        decoded = decode_photo(path, InputLimits()).pixels
         assert decoded.dtype == np.uint16 and decoded.shape == (64, 64, 4) and not decoded.any()
     else:
         with pytest.raises(ValueError, match="^image holds too much metadata"):
-            decode_image(path, InputLimits(), deep=True)
+            decode_photo(path, InputLimits())
 
 
 def test_text_chunks_past_pillows_total_are_refused_with_what_to_do(tmp_path):

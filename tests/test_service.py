@@ -10,7 +10,7 @@ import imagecodecs
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageCms, ImageDraw
 
 from conftest import make_mask, make_photo
 from inpaint import codec
@@ -328,3 +328,17 @@ def test_a_16bit_png_photo_with_nothing_to_paint_comes_back_as_it_was(inpainter,
     empty = _mask(tmp_path, (64, 48), [])
     [path] = inpainter.inpaint(deep, empty, check_inputs(seed=1, num_inference_steps=2), tmp_path).paths
     assert np.array_equal(imagecodecs.png_decode(path.read_bytes()), samples)
+
+
+@pytest.mark.parametrize("output_format", ["png", "webp", "jpg"])
+def test_every_output_carries_the_photos_colour_profile(inpainter, tmp_path, output_format):
+    """A photo in another colour space than sRGB (here LittleCMS' sRGB profile stands for one) is painted in
+    its own pixel values, and each output says what they mean with the same profile."""
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo = tmp_path / "tagged.jpg"
+    Image.open(make_photo(tmp_path / "p.png")).save(photo, quality=95, icc_profile=profile)
+    request = check_inputs(seed=1, num_inference_steps=2, num_outputs=2, output_format=output_format)
+    result = inpainter.inpaint(photo, make_mask(tmp_path / "m.png"), request, tmp_path)
+    assert len(result.paths) == 2
+    for path in result.paths:
+        assert Image.open(path).info["icc_profile"] == profile
