@@ -163,8 +163,9 @@ def bench_speedups(runs: int, rounds: int = 3) -> list[list[object]]:
     }
 
     def pillow_png(level: int):
-        def write(pixels, path, map=map, strip_rows=None):  # _write_png's signature; Pillow needs neither
-            Image.fromarray(pixels).save(path, format="PNG", compress_level=level)
+        def write(pixels, path, map=map, strip_rows=None, icc_profile=None):  # _write_png's signature
+            profile = {} if icc_profile is None else {"icc_profile": icc_profile}  # Pillow needs no map or strips
+            Image.fromarray(pixels).save(path, format="PNG", compress_level=level, **profile)
         return write
 
     variants = {

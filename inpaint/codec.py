@@ -5,7 +5,7 @@ uint8, a mask (H, W) uint8. Pillow reads every header first, so the size limits 
 single pixel is decoded. Still 8-bit PNGs, RGB or grey JPEGs and still WebPs then decode with
 libpng, libjpeg-turbo and libwebp through imagecodecs, straight into an array and without holding
 Python's lock (the photo and its mask decode side by side); Pillow decodes everything else. A
-16-bit PNG photo can come as uint16 instead (libpng), and PNG outputs can be written in 16 bits.
+16-bit PNG or TIFF photo can come as uint16 instead (libpng, libtiff), and a PNG output in 16 bits.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 from isal import isal_zlib  # ISA-L's deflate: PNG outputs
-from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,8 @@ def _reason(error: Exception) -> str:
 
 def _decode(path: Path, name: str, limits: InputLimits, deep: bool = False) -> tuple[np.ndarray | Image.Image, bytes | None]:
     """The upright pixels: an array from the fast decoders ((H, W), or (H, W, C) with C = 2, 3 or 4 for
-    LA, RGB, RGBA; uint16 for a 16-bit PNG when `deep`, else uint8), else a decoded Pillow image in
-    8 bits (first frame of an animation); and the ICC profile the file holds, if any."""
+    LA, RGB, RGBA; uint16 for a 16-bit PNG or TIFF when `deep`, else uint8), else a decoded Pillow image
+    in 8 bits (first frame of an animation); and the ICC profile the file holds, if any."""
     image = _open(path, name, limits)
     profile = image.info.get("icc_profile")  # read with the header, as is every format's
     try:
@@ -209,10 +209,19 @@ def _decode_fast(image: Image.Image, path: Path) -> np.ndarray | None:
 
 
 def _decode_deep(image: Image.Image, path: Path) -> np.ndarray | None:
-    """A 16-bit PNG's samples as they are, upright: uint16 (H, W), or (H, W, C) with C = 2, 3 or 4, from
-    libpng (Pillow reads 16-bit colour as 8-bit); a transparent colour key (tRNS) is left out, as in 8 bits.
-    None, for the 8-bit decoders instead: another format or depth, an APNG, or a file libpng refuses."""
-    if image.format != "PNG" or image.n_frames != 1:
+    """A 16-bit PNG's or TIFF's samples as they are, upright: uint16 (H, W), or (H, W, C) with C = 2, 3 or
+    4, from libpng or libtiff (Pillow reads 16-bit colour as 8-bit). None, for the 8-bit decoders instead:
+    another format or depth, or a layout read otherwise (below), or a file the library refuses."""
+    if image.format == "PNG":
+        return _decode_deep_png(image, path)
+    if image.format == "TIFF":
+        return _decode_deep_tiff(image, path)
+    return None
+
+
+def _decode_deep_png(image: Image.Image, path: Path) -> np.ndarray | None:
+    """Not an APNG (Pillow takes its first frame); a transparent colour key (tRNS) is left out, as in 8 bits."""
+    if image.n_frames != 1:
         return None
     data = path.read_bytes()
     if data[24] != 16:  # IHDR's bit depth, after the signature, the chunk's length and type, width and height
@@ -228,6 +237,31 @@ def _decode_deep(image: Image.Image, path: Path) -> np.ndarray | None:
     # Pillow reads a PNG's EXIF only by decoding it all (damage or a metadata bomb there: _decode reports it).
     exif = b"eXIf" in data or b"Raw profile type exif" in data
     orientation = image.getexif().get(ExifTags.Base.Orientation) if exif else None  # None: as it is
+    image.close()
+    return _orient(pixels, orientation)
+
+
+def _decode_deep_tiff(image: Image.Image, path: Path) -> np.ndarray | None:
+    """The first page, unsigned 16-bit grey or RGB, with or without unassociated alpha; premultiplied alpha,
+    min-is-white, signed or float samples go to the 8-bit decoders, which convert them."""
+    tags = image.tag_v2
+    colour = {1: 1, 2: 3}.get(tags.get(TiffImagePlugin.PHOTOMETRIC_INTERPRETATION))  # min-is-black grey, RGB
+    extra = tuple(tags.get(TiffImagePlugin.EXTRASAMPLES, ()))
+    if (colour is None or set(tags.get(TiffImagePlugin.BITSPERSAMPLE, ())) != {16} or extra not in ((), (2,))
+            or set(tags.get(TiffImagePlugin.SAMPLEFORMAT, (1,))) != {1}):
+        return None
+    try:
+        pixels = imagecodecs.tiff_decode(path.read_bytes(), index=0)
+    except (imagecodecs.TiffError, ValueError):
+        return None
+    if tags.get(TiffImagePlugin.PLANAR_CONFIGURATION) == 2 and pixels.ndim == 3:  # (C, H, W): one plane a sample
+        pixels = np.ascontiguousarray(np.moveaxis(pixels, 0, 2))
+    channels = colour + len(extra)
+    # The stored size: Pillow's is turned already where libtiff will turn the pixels for it.
+    stored = (tags.get(TiffImagePlugin.IMAGELENGTH), tags.get(TiffImagePlugin.IMAGEWIDTH))
+    if pixels.dtype != np.uint16 or pixels.shape != (*stored, *((channels,) if channels > 1 else ())):
+        return None
+    orientation = image.getexif().get(ExifTags.Base.Orientation)  # a TIFF's tags, read with its header
     image.close()
     return _orient(pixels, orientation)
 
@@ -276,14 +310,14 @@ def _has_alpha(image: Image.Image) -> bool:
 class Photo:
     """An uploaded photo, decoded."""
 
-    pixels: np.ndarray  # (H, W, 3) RGB or (H, W, 4) RGBA, upright; uint8, or uint16 for a 16-bit PNG read deep
+    pixels: np.ndarray  # (H, W, 3) RGB or (H, W, 4) RGBA, upright; uint8, or uint16 for a 16-bit PNG or TIFF
     icc_profile: bytes | None = None  # the file's colour profile, which its outputs carry; None: none, or not for RGB
 
 
 def decode_photo(path: Path, limits: InputLimits, name: str = "image") -> Photo:
     """The uploaded photo, upright: (H, W, 3) RGB, or (H, W, 4) RGBA when it has transparency; uint8, or
-    uint16 for a 16-bit PNG, all 16 bits of each sample kept. Its pixels are as the file holds them, in its
-    colour space: the ICC profile that says which comes along, for the outputs to carry."""
+    uint16 for a 16-bit PNG or TIFF, all 16 bits of each sample kept. Its pixels are as the file holds
+    them, in its colour space: the ICC profile that says which comes along, for the outputs to carry."""
     decoded, profile = _decode(path, name, limits, deep=True)
     return Photo(_rgb(decoded), _carried_profile(profile, name))
 

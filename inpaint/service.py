@@ -174,7 +174,7 @@ class Inpainter:
         if image.dtype == np.uint16:
             if request.output_format == "png":
                 deep = image
-                log.info("the image is a 16-bit PNG: the output keeps its 16 bits wherever the painting leaves a pixel as it was")
+                log.info("the image is 16-bit: the output PNG keeps its 16 bits wherever the painting leaves a pixel as it was")
             image = codec.reduce_to_8bit(image)
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:

@@ -11,6 +11,7 @@ from unittest import mock
 import imagecodecs
 import numpy as np
 import pytest
+import tifffile
 from conftest import make_photo
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -214,6 +215,50 @@ def test_a_16bit_png_decodes_deep_to_its_own_samples(tmp_path, channels):
     assert shallow.dtype == np.uint8 and shallow.shape == decoded.shape
     if channels == 1:  # 16-bit grey was always scaled (65535 to 255); Pillow keeps the high byte of colour
         assert np.array_equal(shallow, codec.reduce_to_8bit(decoded))
+
+
+_SAMPLES = np.random.default_rng(7).integers(0, 65536, (32, 48, 4), dtype=np.uint16)
+_TIFFS = {  # tifffile.imwrite's arguments, and the samples the first page holds
+    "RGB": (dict(data=_SAMPLES[..., :3], photometric="rgb"), _SAMPLES[..., :3]),
+    "RGB, deflate with a predictor": (dict(data=_SAMPLES[..., :3], photometric="rgb", compression="zlib",
+                                           predictor=True), _SAMPLES[..., :3]),
+    "RGB, LZW": (dict(data=_SAMPLES[..., :3], photometric="rgb", compression="lzw"), _SAMPLES[..., :3]),
+    "RGB, in tiles": (dict(data=_SAMPLES[..., :3], photometric="rgb", tile=(16, 16)), _SAMPLES[..., :3]),
+    "RGB, in planes": (dict(data=_SAMPLES[..., :3].transpose(2, 0, 1), photometric="rgb", planarconfig="separate"),
+                       _SAMPLES[..., :3]),
+    "RGBA": (dict(data=_SAMPLES, photometric="rgb", extrasamples=["unassalpha"]), _SAMPLES),
+    "grey": (dict(data=_SAMPLES[..., 0], photometric="minisblack"), _SAMPLES[..., :1].repeat(3, axis=2)),
+    "two pages": (dict(data=np.stack([_SAMPLES[..., :3], _SAMPLES[..., 1:]]), photometric="rgb"), _SAMPLES[..., :3]),
+}
+
+
+@pytest.mark.parametrize("layout", list(_TIFFS))
+def test_a_16bit_tiff_decodes_deep_to_its_first_pages_own_samples(tmp_path, layout):
+    arguments, expected = _TIFFS[layout]
+    path = tmp_path / "deep.tif"
+    tifffile.imwrite(path, **arguments)
+    decoded = decode_image(path, LIMIT, deep=True)
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("layout", [dict(photometric="rgb", extrasamples=["assocalpha"]), dict(photometric="miniswhite")],
+                         ids=["premultiplied alpha", "min-is-white"])
+def test_a_16bit_tiff_laid_out_otherwise_is_read_in_8_bits_as_before(tmp_path, layout):
+    data = _SAMPLES if "extrasamples" in layout else _SAMPLES[..., 0]
+    path = tmp_path / "other.tif"
+    tifffile.imwrite(path, data=data, **layout)
+    decoded = decode_image(path, LIMIT, deep=True)
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, decode_image(path, LIMIT))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_16bit_tiffs_orientation_is_applied_as_pillow_applies_it_to_its_8bit_reading(tmp_path, orientation):
+    path = tmp_path / "turned.tif"
+    tifffile.imwrite(path, data=_SAMPLES[:6, :10, :3], photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
+    decoded = decode_image(path, LIMIT, deep=True)
+    turned = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))  # Pillow keeps the high byte
+    assert decoded.shape == turned.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
+    assert np.array_equal(decoded >> 8, turned)
 
 
 def test_reduce_to_8bit_scales_65535_to_255_rounding_down():

@@ -196,7 +196,7 @@ def test_a_16bit_png_comes_back_in_16_bits_through_the_server(server, tmp_path):
     mask = make_mask(tmp_path / "m.png", (130, 90), box=(40, 30, 80, 60))
     status, response = server.predict({"image": data_uri(photo), "mask": data_uri(mask), "num_inference_steps": 2})
     assert status == 200 and response["status"] == "succeeded", response
-    assert "the image is a 16-bit PNG" in response["logs"]
+    assert "the image is 16-bit" in response["logs"]
     output = imagecodecs.png_decode(decode_data_uri(response["output"][0]))
     assert output.dtype == np.uint16 and output.shape == samples.shape
     far = np.ones((90, 130), bool)

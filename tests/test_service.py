@@ -9,6 +9,7 @@ import time
 import imagecodecs
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image, ImageCms, ImageDraw
 
@@ -274,28 +275,32 @@ def test_an_empty_mask_or_no_strength_returns_the_photo_and_the_log_says_why(inp
         assert np.array_equal(np.asarray(Image.open(result.paths[0]).convert("RGB")), np.asarray(Image.open(photo).convert("RGB")))
 
 
-def _deep_and_shallow(tmp_path, size, channels, seed=0):
-    """A 16-bit PNG photo of noise (written by libpng) and its 8-bit reduction as an 8-bit PNG."""
+def _deep_and_shallow(tmp_path, size, channels, seed=0, fmt="png"):
+    """A 16-bit PNG (written by libpng) or TIFF (tifffile) photo of noise, and its 8-bit reduction as an 8-bit PNG."""
     samples = np.random.default_rng(seed).integers(0, 65536, (size[1], size[0], channels), dtype=np.uint16)
-    deep, shallow = tmp_path / "deep.png", tmp_path / "shallow.png"
-    deep.write_bytes(imagecodecs.png_encode(samples))
+    deep, shallow = tmp_path / f"deep.{fmt}", tmp_path / "shallow.png"
+    if fmt == "png":
+        deep.write_bytes(imagecodecs.png_encode(samples))
+    else:
+        tifffile.imwrite(deep, samples, photometric="rgb", compression="zlib")
     Image.fromarray(codec.reduce_to_8bit(samples)).save(shallow)
     return deep, shallow, samples
 
 
-@pytest.mark.parametrize("channels, margins", [(3, {}), (4, {}), (3, {"outpaint_left": 40, "outpaint_down": 24})],
-                         ids=["RGB", "RGBA", "outpainting"])
-def test_a_16bit_png_photo_keeps_its_16_bits_where_the_painting_left_it(inpainter, tmp_path, caplog, channels, margins):
+@pytest.mark.parametrize("channels, margins, fmt", [(3, {}, "png"), (4, {}, "png"), (3, {"outpaint_left": 40, "outpaint_down": 24}, "png"),
+                                                    (3, {}, "tif")],
+                         ids=["RGB", "RGBA", "outpainting", "TIFF"])
+def test_a_16bit_photo_keeps_its_16_bits_where_the_painting_left_it(inpainter, tmp_path, caplog, channels, margins, fmt):
     """The model paints the photo's 8-bit reduction, exactly as it paints that reduction sent as an 8-bit PNG
     (same seed): the 16-bit output reduced to 8 bits is that output, byte for byte, and every pixel the
     painting left as it was (all beyond the feather, at least) keeps the photo's 16 bits. Read back by libpng."""
-    deep, shallow, samples = _deep_and_shallow(tmp_path, (200, 120), channels)
+    deep, shallow, samples = _deep_and_shallow(tmp_path, (200, 120), channels, fmt=fmt)
     mask = make_mask(tmp_path / "mask.png")
     request = check_inputs(seed=5, num_inference_steps=2, num_outputs=2, **margins)
     (tmp_path / "deep-out").mkdir(), (tmp_path / "shallow-out").mkdir()
     with caplog.at_level("INFO", logger="inpaint.service"):
         deep_result = inpainter.inpaint(deep, mask, request, tmp_path / "deep-out")
-    assert any("the image is a 16-bit PNG" in message for message in caplog.messages)
+    assert any("the image is 16-bit" in message for message in caplog.messages)
     shallow_result = inpainter.inpaint(shallow, mask, request, tmp_path / "shallow-out")
     assert deep_result.metrics["crop_boxes"] == shallow_result.metrics["crop_boxes"]
     left, top = margins.get("outpaint_left", 0), 0
