@@ -242,13 +242,13 @@ def _decode_deep_png(image: Image.Image, path: Path) -> np.ndarray | None:
 
 
 def _decode_deep_tiff(image: Image.Image, path: Path) -> np.ndarray | None:
-    """The first page, unsigned 16-bit grey or RGB, with or without unassociated alpha; premultiplied alpha,
-    min-is-white, signed or float samples go to the 8-bit decoders, which convert them."""
+    """The first page, 16-bit grey or RGB, with or without unassociated alpha; premultiplied alpha and
+    min-is-white go to the 8-bit decoders, which convert them, as do signed and float samples (libtiff
+    gives them as another dtype)."""
     tags = image.tag_v2
     colour = {1: 1, 2: 3}.get(tags.get(TiffImagePlugin.PHOTOMETRIC_INTERPRETATION))  # min-is-black grey, RGB
     extra = tuple(tags.get(TiffImagePlugin.EXTRASAMPLES, ()))
-    if (colour is None or set(tags.get(TiffImagePlugin.BITSPERSAMPLE, ())) != {16} or extra not in ((), (2,))
-            or set(tags.get(TiffImagePlugin.SAMPLEFORMAT, (1,))) != {1}):
+    if colour is None or set(tags.get(TiffImagePlugin.BITSPERSAMPLE, ())) != {16} or extra not in ((), (2,)):
         return None
     try:
         pixels = imagecodecs.tiff_decode(path.read_bytes(), index=0)

@@ -251,6 +251,20 @@ def test_a_16bit_tiff_laid_out_otherwise_is_read_in_8_bits_as_before(tmp_path, l
     assert decoded.dtype == np.uint8 and np.array_equal(decoded, decode_image(path, LIMIT))
 
 
+def test_a_tiff_without_bits_per_sample_is_bilevel_as_the_tiff_specification_says(tmp_path):
+    """The tag's default is 1: laid out by hand, a 16x2 picture of one bit per pixel, read by Pillow."""
+    rows = bytes([0b10101010, 0b11110000]) * 2  # 16 pixels a row, two rows
+    entries = [(256, 3, 1, 16), (257, 3, 1, 2), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8), (277, 3, 1, 1),
+               (278, 3, 1, 2), (279, 4, 1, len(rows))]  # no 258, BitsPerSample
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, count, value in entries) + struct.pack("<I", 0)
+    path = tmp_path / "bilevel.tif"
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8 + len(rows)) + rows + ifd)
+    decoded = decode_photo(path, LIMIT).pixels
+    assert decoded.dtype == np.uint8 and decoded[..., 0].tolist() == [[255, 0] * 4 + [255] * 4 + [0] * 4] * 2
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_a_16bit_tiffs_orientation_is_applied_as_pillow_applies_it_to_its_8bit_reading(tmp_path, orientation):
     path = tmp_path / "turned.tif"
