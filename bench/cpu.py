@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -82,13 +83,25 @@ def _photo_4096(path: Path) -> Path:
     return path
 
 
-def _prepost_files() -> tuple[Path, Path, Path, Path, Path]:
-    """The 4096x4096 photo (PNG and JPEG) and masks (800x600 ellipse, 3500x3500, brush strokes) of the pre/post rows."""
+def _photo_4096_16bit(path: Path, png: Path) -> Path:
+    """The 4096x4096 photo as a 16-bit PNG: its 8 bits as the high byte, noise as the low byte (a camera's
+    low bits are noise, and compress as badly)."""
+    if not path.is_file():
+        high = np.asarray(Image.open(png).convert("RGB")).astype(np.uint16) << 8
+        low = np.random.default_rng(0).integers(0, 256, high.shape, dtype=np.uint16)
+        path.write_bytes(imagecodecs.png_encode(high | low, level=6))
+    return path
+
+
+def _prepost_files() -> tuple[Path, Path, Path, Path, Path, Path]:
+    """The 4096x4096 photo (PNG, JPEG and 16-bit PNG) and masks (800x600 ellipse, 3500x3500, brush strokes) of
+    the pre/post rows."""
     CACHE.mkdir(exist_ok=True)
     png = _photo_4096(CACHE / "photo-4096.png")
     jpeg = CACHE / "photo-4096.jpg"
     if not jpeg.is_file():
         Image.open(png).save(jpeg, quality=92)
+    deep = _photo_4096_16bit(CACHE / "photo-4096-16bit.png", png)
     small, large, strokes = CACHE / "mask-4096.png", CACHE / "mask-4096-large.png", CACHE / "mask-4096-strokes.png"
     for path, draw in ((small, "ellipse"), (large, "rectangle")):
         mask = Image.new("L", (4096, 4096), 0)
@@ -101,7 +114,7 @@ def _prepost_files() -> tuple[Path, Path, Path, Path, Path]:
         points = [tuple(rng.integers(200, 3900, 2).tolist()) for _ in range(4)]
         ImageDraw.Draw(mask).line(points, fill=255, width=int(rng.integers(60, 200)), joint="curve")
     mask.save(strokes)
-    return png, jpeg, small, large, strokes
+    return png, jpeg, deep, small, large, strokes
 
 
 def bench_prepost(runs: int) -> list[list[object]]:
@@ -118,11 +131,12 @@ def bench_prepost(runs: int) -> list[list[object]]:
     CACHE.mkdir(exist_ok=True)
     tiny = workload.weights(True, torch.device("cpu"))
     inpainter = Inpainter.load(str(tiny), Settings(device="cpu", weights_manifest_sha256=manifest_pin(tiny)))
-    png, jpeg, small, large, strokes = _prepost_files()
+    png, jpeg, deep, small, large, strokes = _prepost_files()
     stages = ("decode", "prepare", "composite", "encode")
     rows = []
     for label, photo, mask_path in (
         ("PNG in, PNG out, 800x600 mask", png, small),
+        ("16-bit PNG in, 16-bit PNG out, 800x600 mask", deep, small),
         ("JPEG in, PNG out, 800x600 mask", jpeg, small),
         ("JPEG in, PNG out, 3500x3500 mask (the whole photo is the crop)", jpeg, large),
         ("JPEG in, PNG out, 12 brush strokes over the photo (32% of it)", jpeg, strokes),

@@ -221,7 +221,7 @@ def test_a_fresh_servers_figures_count_as_the_shipped_parts_only_when_it_ran_on_
 def test_bench_prepost_smoke_test_prints_each_uploads_stages():
     out, figures = _bench("--prepost", "--runs", "1")
     assert "| input | decode | prepare | composite | encode | total |" in out
-    assert len(figures["prepost_ms"]) == 4 and all(ms > 0 for ms in figures["prepost_ms"].values())
+    assert len(figures["prepost_ms"]) == 5 and all(ms > 0 for ms in figures["prepost_ms"].values())
 
 
 COLD_STARTS = ("first start (no verified stamp: sha256 of every file), page cache warm",
@@ -262,7 +262,7 @@ def test_bench_cpu_smoke_test_prints_every_table_and_its_figures(tmp_path):
     assert "| 1 output(s) |" in out and "| 4 output(s) |" in out
     assert all(_seconds(out, start) > 0 for start in COLD_STARTS)
     assert figures["load_s"] == _seconds(out, loads[1]) and figures["cold_start_s"] == _seconds(out, COLD_STARTS[-1])
-    assert len(figures["prepost_ms"]) == 4 and all(ms > 0 for ms in figures["prepost_ms"].values())
+    assert len(figures["prepost_ms"]) == 5 and all(ms > 0 for ms in figures["prepost_ms"].values())
     assert figures["safety_ms"] > 0
 
 
