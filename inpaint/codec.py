@@ -33,6 +33,10 @@ _FAST_MODES = {"PNG": ("L", "LA", "RGB", "RGBA"), "JPEG": ("L", "RGB"), "MPO": (
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF")  # Pillow's JPEG opener gives MPO files too
 _ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
 
+# A PNG's chunks looked through for EXIF (an 8-bit 4096x4096 photo has a few hundred; a file of more is read by
+# Pillow, which finds the EXIF itself).
+_PNG_CHUNKS_WALKED = 1 << 16
+
 # The largest ICC profile an output carries: Pillow's cap on a PNG's, so that every input format is held to
 # the same; a photo's profile is a few hundred bytes to a few hundred KB.
 MAX_PROFILE_BYTES = PngImagePlugin.MAX_TEXT_CHUNK
@@ -183,7 +187,7 @@ def _decode_fast(image: Image.Image, path: Path) -> np.ndarray | None:
         if image.tile[0].args != image.mode or getattr(image, "n_frames", 1) != 1:  # 16-bit, or APNG
             return None
         data = path.read_bytes()
-        if b"eXIf" in data or b"Raw profile type exif" in data:
+        if _png_has_exif(data):
             return None
         decode, failure = imagecodecs.png_decode, imagecodecs.PngError
     else:
@@ -235,10 +239,26 @@ def _decode_deep_png(image: Image.Image, path: Path) -> np.ndarray | None:
     if "transparency" in image.info:  # libpng made the colour key (of grey or RGB) an alpha channel
         pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]
     # Pillow reads a PNG's EXIF only by decoding it all (damage or a metadata bomb there: _decode reports it).
-    exif = b"eXIf" in data or b"Raw profile type exif" in data
-    orientation = image.getexif().get(ExifTags.Base.Orientation) if exif else None  # None: as it is
+    orientation = image.getexif().get(ExifTags.Base.Orientation) if _png_has_exif(data) else None  # None: as it is
     image.close()
     return _orient(pixels, orientation)
+
+
+def _png_has_exif(data: bytes) -> bool:
+    """Whether a PNG holds EXIF: an eXIf chunk, or ImageMagick's "Raw profile type exif" text. The bytes
+    turn up by chance in a large file's compressed pixels (and Pillow then decoded it all to look), so a
+    match is checked chunk by chunk; a file of more than _PNG_CHUNKS_WALKED chunks is taken to hold EXIF."""
+    if b"eXIf" not in data and b"Raw profile type exif" not in data:
+        return False
+    position = 8  # after the signature: each chunk is its length, type, data and CRC
+    for _ in range(_PNG_CHUNKS_WALKED):
+        if position + 8 > len(data):
+            return False
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"eXIf" or kind in (b"tEXt", b"zTXt", b"iTXt") and data.startswith(b"Raw profile type exif", position + 8):
+            return True
+        position += 12 + length
+    return True
 
 
 def _decode_deep_tiff(image: Image.Image, path: Path) -> np.ndarray | None:

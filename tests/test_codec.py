@@ -315,6 +315,23 @@ def test_a_16bit_pngs_orientation_in_imagemagicks_raw_exif_text_or_none_in_its_e
     assert np.array_equal(decode_image(tmp_path / "plain.png", LIMIT, deep=True), samples)
 
 
+@pytest.mark.parametrize("depth", [8, 16])
+def test_the_bytes_exif_in_a_pngs_pixel_data_are_no_exif_and_pillow_does_not_decode_it(tmp_path, depth):
+    """Stored (level 0) deflate keeps the pixels' bytes as they are: rows of "eXIf" and "Raw profile type
+    exif" inside IDAT. Only a chunk of that type (or text of that keyword) is EXIF; Pillow decoding the
+    whole picture to look for it was a cost of its own."""
+    row = (b"eXIf" + b"Raw profile type exif\0" + bytes(6)) * 2  # 64 bytes: 64 grey pixels, or 32 at 16 bits
+    ihdr = struct.pack(">IIBBBBB", len(row) * 8 // depth, 4, depth, 0, 0, 0, 0)
+    path = tmp_path / "chance.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress((b"\0" + row) * 4, 0))
+                     + _chunk(b"IEND", b""))
+    assert b"eXIf" in path.read_bytes()
+    with mock.patch.object(ImageFile.ImageFile, "load", side_effect=AssertionError("Pillow decoded the pixels")):
+        decoded = decode_photo(path, LIMIT).pixels
+    samples = np.frombuffer(row, np.uint8 if depth == 8 else ">u2")
+    assert decoded.shape == (4, len(samples), 3) and (decoded[..., 0] == samples).all()
+
+
 def test_a_16bit_animated_png_is_read_in_8_bits_first_frame_as_pillow_reads_it(tmp_path):
     first, second = Image.new("I;16", (8, 6), 1000), Image.new("I;16", (8, 6), 40000)
     first.save(tmp_path / "anim.png", save_all=True, append_images=[second])
