@@ -168,14 +168,13 @@ class Inpainter:
         # (bench/RESULTS.md, "speed-ups").
         with timer.stage("decode"):
             photo = codec.decode_photo(image_path, self.limits, "image")
-            image = photo.pixels
             mask = None if mask_path is None else codec.decode_mask(mask_path, self.limits, "mask")
-        deep = None  # a 16-bit photo's samples, which a PNG output keeps; the model sees its 8-bit reduction
-        if image.dtype == np.uint16:
-            if request.output_format == "png":
-                deep = image
-                log.info("the image is 16-bit: the output PNG keeps its 16 bits wherever the painting leaves a pixel as it was")
-            image = codec.reduce_to_8bit(image)
+            image, deep = photo.pixels, None  # deep: a 16-bit photo's samples, which a PNG output keeps
+            if image.dtype == np.uint16:  # the model sees its 8-bit reduction
+                if request.output_format == "png":
+                    deep = image
+                    log.info("the image is 16-bit: the output PNG keeps its 16 bits wherever the painting leaves a pixel as it was")
+                image = codec.reduce_to_8bit(image)
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:
             self._log_truncation("negative_prompt", request.negative_prompt)
