@@ -174,6 +174,8 @@ class Inpainter:
                 if request.output_format == "png":
                     deep = image
                     log.info("the image is 16-bit: the output PNG keeps its 16 bits wherever the painting leaves a pixel as it was")
+                else:
+                    log.info("the image is 16-bit, and a %s output holds 8: ask for png to keep 16", request.output_format)
                 image = codec.reduce_to_8bit(image)
         self._log_truncation("prompt", request.prompt)
         if request.negative_prompt:

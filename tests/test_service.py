@@ -318,12 +318,14 @@ def test_a_16bit_photo_keeps_its_16_bits_where_the_painting_left_it(inpainter, t
         assert left_alone[far].all() and not left_alone.all()
 
 
-def test_a_16bit_png_photo_with_a_lossy_output_is_its_8bit_reduction_painted(inpainter, tmp_path):
+def test_a_16bit_png_photo_with_a_lossy_output_is_its_8bit_reduction_painted(inpainter, tmp_path, caplog):
     deep, shallow, _ = _deep_and_shallow(tmp_path, (200, 120), 3)
     mask = make_mask(tmp_path / "mask.png")
     request = check_inputs(seed=5, num_inference_steps=2, output_format="webp")
     (tmp_path / "deep-out").mkdir(), (tmp_path / "shallow-out").mkdir()
-    [deep_path] = inpainter.inpaint(deep, mask, request, tmp_path / "deep-out").paths
+    with caplog.at_level("INFO", logger="inpaint.service"):
+        [deep_path] = inpainter.inpaint(deep, mask, request, tmp_path / "deep-out").paths
+    assert "the image is 16-bit, and a webp output holds 8: ask for png to keep 16" in caplog.messages
     [shallow_path] = inpainter.inpaint(shallow, mask, request, tmp_path / "shallow-out").paths
     assert deep_path.read_bytes() == shallow_path.read_bytes()
 
