@@ -225,11 +225,9 @@ def _decode_deep(image: Image.Image, path: Path) -> np.ndarray | None:
 
 def _decode_deep_png(image: Image.Image, path: Path) -> np.ndarray | None:
     """Not an APNG (Pillow takes its first frame); a transparent colour key (tRNS) is left out, as in 8 bits."""
-    if image.n_frames != 1:
+    if not image.tile[0].args.endswith(";16B") or image.n_frames != 1:  # Pillow's raw mode of 16-bit samples
         return None
-    data = path.read_bytes()
-    if data[24] != 16:  # IHDR's bit depth, after the signature, the chunk's length and type, width and height
-        return None
+    data = path.read_bytes()  # only now: an 8-bit PNG is read once, by _decode_fast
     try:
         pixels = imagecodecs.png_decode(data)
     except (imagecodecs.PngError, ValueError):
@@ -342,9 +340,9 @@ def decode_photo(path: Path, limits: InputLimits, name: str = "image") -> Photo:
     return Photo(_rgb(decoded), _carried_profile(profile, name))
 
 
-def decode_image(path: Path, limits: InputLimits, name: str = "image", deep: bool = False) -> np.ndarray:
-    """The photo's pixels alone, in 8 bits; with `deep` as decode_photo reads them."""
-    return _rgb(_decode(path, name, limits, deep)[0])
+def decode_image(path: Path, limits: InputLimits, name: str = "image") -> np.ndarray:
+    """The photo's pixels alone, always in 8 bits (decode_photo keeps 16)."""
+    return _rgb(_decode(path, name, limits)[0])
 
 
 def _rgb(decoded: np.ndarray | Image.Image) -> np.ndarray:

@@ -207,7 +207,7 @@ def test_a_16bit_png_decodes_deep_to_its_own_samples(tmp_path, channels):
     samples = np.random.default_rng(channels).integers(0, 65536, (12, 10, channels), dtype=np.uint16)
     path = tmp_path / "deep.png"
     _write_16bit_png(path, samples)
-    decoded = decode_image(path, LIMIT, deep=True)
+    decoded = decode_photo(path, LIMIT).pixels
     colour = samples[..., :1].repeat(3, axis=2) if channels <= 2 else samples[..., :3]
     alpha = samples[..., -1:] if channels in (2, 4) else samples[..., :0]
     assert decoded.dtype == np.uint16 and np.array_equal(decoded, np.concatenate((colour, alpha), axis=2))
@@ -237,7 +237,7 @@ def test_a_16bit_tiff_decodes_deep_to_its_first_pages_own_samples(tmp_path, layo
     arguments, expected = _TIFFS[layout]
     path = tmp_path / "deep.tif"
     tifffile.imwrite(path, **arguments)
-    decoded = decode_image(path, LIMIT, deep=True)
+    decoded = decode_photo(path, LIMIT).pixels
     assert decoded.dtype == np.uint16 and np.array_equal(decoded, expected)
 
 
@@ -247,7 +247,7 @@ def test_a_16bit_tiff_laid_out_otherwise_is_read_in_8_bits_as_before(tmp_path, l
     data = _SAMPLES if "extrasamples" in layout else _SAMPLES[..., 0]
     path = tmp_path / "other.tif"
     tifffile.imwrite(path, data=data, **layout)
-    decoded = decode_image(path, LIMIT, deep=True)
+    decoded = decode_photo(path, LIMIT).pixels
     assert decoded.dtype == np.uint8 and np.array_equal(decoded, decode_image(path, LIMIT))
 
 
@@ -269,7 +269,7 @@ def test_a_tiff_without_bits_per_sample_is_bilevel_as_the_tiff_specification_say
 def test_a_16bit_tiffs_orientation_is_applied_as_pillow_applies_it_to_its_8bit_reading(tmp_path, orientation):
     path = tmp_path / "turned.tif"
     tifffile.imwrite(path, data=_SAMPLES[:6, :10, :3], photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
-    decoded = decode_image(path, LIMIT, deep=True)
+    decoded = decode_photo(path, LIMIT).pixels
     turned = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))  # Pillow keeps the high byte
     assert decoded.shape == turned.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
     assert np.array_equal(decoded >> 8, turned)
@@ -289,7 +289,7 @@ def test_a_16bit_pngs_exif_orientation_is_applied_as_pillow_applies_it(tmp_path,
     exif[0x0112] = orientation
     path = tmp_path / "turned.png"
     _write_16bit_png(path, samples, after=_chunk(b"eXIf", exif.tobytes()))
-    decoded = decode_image(path, LIMIT, deep=True)
+    decoded = decode_photo(path, LIMIT).pixels
     turned = []
     for byte in (samples >> 8, samples & 0xFF):  # each byte as an 8-bit PNG with the same EXIF, turned by Pillow
         Image.fromarray(byte.astype(np.uint8)).save(tmp_path / "byte.png", exif=exif)
@@ -308,11 +308,11 @@ def test_a_16bit_pngs_orientation_in_imagemagicks_raw_exif_text_or_none_in_its_e
     text.add_text("Raw profile type exif", f"\nexif\n{len(data):8d}\n{data.hex()}\n", zip=True)
     raw = b"".join(_chunk(kind, body) for kind, body, *_ in text.chunks)
     _write_16bit_png(tmp_path / "raw.png", samples, before=raw)
-    assert np.array_equal(decode_image(tmp_path / "raw.png", LIMIT, deep=True), np.rot90(samples, -1))
+    assert np.array_equal(decode_photo(tmp_path / "raw.png", LIMIT).pixels, np.rot90(samples, -1))
     unturned = Image.Exif()
     unturned[ExifTags.Base.Make] = "a camera that says nothing of orientation"
     _write_16bit_png(tmp_path / "plain.png", samples, after=_chunk(b"eXIf", unturned.tobytes()))
-    assert np.array_equal(decode_image(tmp_path / "plain.png", LIMIT, deep=True), samples)
+    assert np.array_equal(decode_photo(tmp_path / "plain.png", LIMIT).pixels, samples)
 
 
 @pytest.mark.parametrize("depth", [8, 16])
@@ -335,7 +335,7 @@ def test_the_bytes_exif_in_a_pngs_pixel_data_are_no_exif_and_pillow_does_not_dec
 def test_a_16bit_animated_png_is_read_in_8_bits_first_frame_as_pillow_reads_it(tmp_path):
     first, second = Image.new("I;16", (8, 6), 1000), Image.new("I;16", (8, 6), 40000)
     first.save(tmp_path / "anim.png", save_all=True, append_images=[second])
-    decoded = decode_image(tmp_path / "anim.png", LIMIT, deep=True)
+    decoded = decode_photo(tmp_path / "anim.png", LIMIT).pixels
     assert decoded.dtype == np.uint8 and (decoded == 1000 // 257).all()
 
 
@@ -345,7 +345,7 @@ def test_a_16bit_pngs_transparent_colour_key_is_left_out_as_an_8bit_pngs_is(tmp_
     samples[0, 0] = key
     path = tmp_path / "keyed.png"
     _write_16bit_png(path, samples, before=_chunk(b"tRNS", struct.pack(f">{len(key)}H", *key)))
-    assert np.array_equal(decode_image(path, LIMIT, deep=True), samples.repeat(3 // len(key), axis=2))
+    assert np.array_equal(decode_photo(path, LIMIT).pixels, samples.repeat(3 // len(key), axis=2))
     assert decode_image(path, LIMIT).shape == (4, 5, 3)  # as test_png_colour_chunks_change_no_pixel shows for 8 bits
 
 
@@ -357,7 +357,7 @@ def test_a_damaged_16bit_png_is_reported_as_damaged_when_read_deep(tmp_path):
     data[start + 10 : start + 60] = bytes(50)  # the zlib stream broken, the chunk's length intact
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="^image could not be decoded .*damaged"):
-        decode_image(path, LIMIT, deep=True)
+        decode_photo(path, LIMIT).pixels
 
 
 @pytest.mark.parametrize("options", [{"quality": 80}, {"lossless": True}], ids=["lossy", "lossless"])
