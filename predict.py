@@ -17,7 +17,8 @@ class Predictor(BaseRunner):
         self.inpainter = startup.load(weights)  # imports torch and diffusers while the weights are read
         self.outputs = OutputFolders()
         limits = self.inpainter.settings
-        self.downloads = Downloads(limits.max_upload_bytes, limits.max_download_seconds).install()  # URL inputs
+        self.downloads = Downloads(limits.max_upload_bytes, limits.max_download_seconds,
+                                   networks=limits.url_networks).install()  # URL inputs
 
     def healthcheck(self) -> bool:
         """Cog's server asks this for /health-check: False (UNHEALTHY) once the GPU has failed for good."""

@@ -5,6 +5,7 @@ Modules, one concern each:
   inputs       the request: bounds, defaults and validation of every input
   codec        decoding uploaded files into arrays, encoding output files
   urlinputs    a photo or mask Cog's server fetches (URL, data URI): held to the upload limits, then removed
+  egress       the HTTP of a URL a request names: to public addresses (or listed networks) only, one deadline
   geometry     sizes: working size, mapping back to the input's size
   compositing  masks and pixels: clean-up, feather, paste the result over the original
   schedulers   user-facing scheduler name -> diffusers scheduler

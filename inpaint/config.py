@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -49,6 +50,11 @@ class Settings:
     max_upload_bytes: int = 128 << 20
     # Most seconds Cog's server may take to fetch an image or mask given as a URL, before the prediction starts.
     max_download_seconds: float = 60.0
+    # Networks, besides public addresses, that an image or mask given as a URL may be fetched from: CIDRs
+    # separated by commas, such as the cluster's own (10.0.0.0/8) for an image store inside it. Empty: public
+    # addresses only, so that a request cannot make the server fetch the cloud's metadata service, its own
+    # loopback or a service of the cluster (inpaint/egress.py).
+    url_allow_networks: str = ""
     # Longest side of an input image, and most elongated shape (longer side over shorter): a 16,777,216x1
     # strip is within the pixel limit but would cost gigabytes of resizing.
     max_input_side: int = 8192
@@ -100,10 +106,20 @@ class Settings:
             if value and not re.fullmatch(r"[0-9a-f]{64}", value.strip().lower()):
                 raise ValueError(f"INPAINT_{name.upper()}={value!r} must be a sha256: 64 hex digits, as sha256sum "
                                  "prints them (or empty)")
+        try:
+            self.url_networks
+        except ValueError as error:
+            raise ValueError(f"INPAINT_URL_ALLOW_NETWORKS={self.url_allow_networks!r} must list networks as CIDRs "
+                             f"separated by commas, such as 10.0.0.0/8,fd00::/8 ({error})") from None
         if self.device not in ("", "cpu", "cuda"):
             raise ValueError(f"INPAINT_DEVICE={self.device!r} must be cpu or cuda (empty: CUDA when present); to run on "
                              "one GPU of several, make it the only one the container sees: CUDA_VISIBLE_DEVICES=N, "
                              "or docker run --gpus device=N")
+
+    @property
+    def url_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """url_allow_networks parsed: CIDRs (or single addresses), separated by commas or spaces."""
+        return tuple(ipaddress.ip_network(item, strict=False) for item in self.url_allow_networks.replace(",", " ").split())
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -7,8 +7,10 @@ disk, one that trickled held a prediction slot for as long as it lasted, and eve
 inputs in /tmp for good. `Downloads.install` replaces that method once, at setup, with the same copy
 into a folder of this process's own, held to a byte limit and a deadline (the part-written file of a
 copy that fails is removed); `Downloads.used` removes a prediction's inputs once its `run()` ends, and
-each fetch removes those of a prediction that never reached `run()` (its other input failed). Cog's
-server reports a refused download as an input validation error (tests/test_urlinputs.py).
+each fetch removes those of a prediction that never reached `run()` (its other input failed). An
+http(s) URL is fetched through egress.py (allowed addresses only, one deadline headers included), never
+by the SDK's own request. Cog's server reports a refused download as an input validation error
+(tests/test_urlinputs.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
+from . import egress
 from .weights import redact
 
 # A file in the folder that no run() holds, this long after it was fetched, belongs to a prediction that
@@ -31,15 +36,17 @@ GRACE_SECONDS = 60.0
 class Downloads:
     """The inputs Cog's server fetches in this process, in `folder` (a new private one by default)."""
 
-    def __init__(self, max_bytes: int, max_seconds: float, folder: Path | None = None) -> None:
+    def __init__(self, max_bytes: int, max_seconds: float, folder: Path | None = None,
+                 networks: Sequence[egress.Network] = ()) -> None:
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
+        self.networks = tuple(networks)  # besides public addresses, those an input's URL may reach (egress.py)
         self.folder = folder or Path(tempfile.mkdtemp(prefix="inpaint-inputs-"))
         self._held: set[Path] = set()  # the inputs of the run() calls going on
         self._lock = threading.Lock()
 
     def install(self) -> Downloads:
-        """From now on, Cog's SDK fetches every URL or data URI input of this process with `fetch`."""
+        """From now on, Cog's SDK fetches every URL or data URI input of this process with `fetch_input`."""
         from cog.types import Path as CogPath
         from cog.types import URLPath
 
@@ -48,18 +55,50 @@ class Downloads:
         def convert(self: URLPath) -> CogPath:
             """The input's content in a file (its path kept, as the SDK's own method keeps it)."""
             if self._path is None:
-                self._path = CogPath(downloads.fetch(self.fileobj, self.source, self.filename))
+                self._path = CogPath(downloads.fetch_input(self.source, self.filename, lambda: self.fileobj))
             return self._path
 
         URLPath.convert = convert
         return self
 
-    def fetch(self, source_file, source: str, filename: str) -> Path:
-        """Copy `source_file` (an HTTP response or the bytes of a data URI, from `source`) into a new file in
-        the folder whose name ends in `filename`, within the byte limit and the deadline."""
-        self._sweep()
+    def fetch_input(self, source: str, filename: str, opened: Callable[[], BinaryIO]) -> Path:
+        """An input as Cog's SDK hands it over: an http(s) URL is fetched here (never through `opened`, the
+        SDK's own unguarded request); a data URI's bytes come from `opened`, decoded already."""
+        if urllib.parse.urlsplit(source).scheme in ("http", "https"):  # as cog.types.Path.validate tells them apart
+            return self.fetch_url(source, filename)
+        return self.fetch(opened(), source, filename)
+
+    def fetch_url(self, url: str, filename: str) -> Path:
+        """GET `url` as Cog's SDK would, through egress's guard: allowed addresses only, and one deadline for
+        the connections, the headers and the body."""
         deadline = time.monotonic() + self.max_seconds
-        read = getattr(source_file, "read1", source_file.read)  # what has arrived: a trickle meets the deadline
+        agent = os.environ.get("COG_USER_AGENT")  # the SDK sends it when set
+        try:
+            with egress.get(url, deadline, self.networks, {"User-Agent": agent} if agent else None) as body:
+                return self.fetch(body, url, filename, deadline)
+        except egress.Late:
+            raise self._late(url) from None
+        except egress.RefusedAddress as refused:
+            raise ValueError(f"{_named(url)} is not fetched: {refused}. Give a URL on the public internet, or upload "
+                             "the file itself") from None
+        except egress.Status as status:
+            raise ValueError(f"{_named(url)} answered HTTP {status}; check the URL (a signed one may have expired), "
+                             "or upload the file itself") from None
+        except egress.FetchError as error:
+            raise ValueError(f"{_named(url)} could not be fetched ({error}); check the URL, or upload the file "
+                             "itself") from None
+
+    def _late(self, source: str) -> ValueError:
+        return ValueError(f"{_named(source)} did not arrive within {self.max_seconds:g} s "
+                          "(INPAINT_MAX_DOWNLOAD_SECONDS); send it from a faster host, or upload it")
+
+    def fetch(self, source_file: BinaryIO, source: str, filename: str, deadline: float | None = None) -> Path:
+        """Copy `source_file` (an HTTP response's body or the bytes of a data URI, from `source`) into a new
+        file in the folder whose name ends in `filename`, within the byte limit and the deadline."""
+        self._sweep()
+        deadline = time.monotonic() + self.max_seconds if deadline is None else deadline
+        # What has arrived (read1): a trickle meets the deadline. A raw file has read() alone.
+        read = source_file.read1 if hasattr(source_file, "read1") else source_file.read
         with tempfile.NamedTemporaryFile(dir=self.folder, suffix=filename, delete=False) as dest:
             try:
                 copied = 0
@@ -69,8 +108,7 @@ class Downloads:
                         raise ValueError(f"{_named(source)} is over the limit of {self.max_bytes:,} bytes "
                                          "(INPAINT_MAX_UPLOAD_BYTES); send a smaller or compressed image")
                     if time.monotonic() > deadline:
-                        raise ValueError(f"{_named(source)} did not arrive within {self.max_seconds:g} s "
-                                         "(INPAINT_MAX_DOWNLOAD_SECONDS); send it from a faster host, or upload it")
+                        raise self._late(source)
                     dest.write(chunk)
             except BaseException:
                 os.unlink(dest.name)

@@ -317,6 +317,8 @@ def redact(url: str) -> str:
     (X-Amz-Signature, a token) stays out of the setup logs, which Cog's server hands to any client."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     hidden = " (query hidden)" if parts.query else ""

@@ -3,54 +3,96 @@ the byte limit and the deadline, a failed fetch leaves nothing, and a prediction
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import io
+import ipaddress
 import os
+import re
 import stat
 import tempfile
 import threading
 import time
+import urllib.parse
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-import requests
 
 from cogserver import CogServer, data_uri
 from conftest import make_mask, make_photo
+from inpaint import egress
+from inpaint.config import Settings
 from inpaint.urlinputs import GRACE_SECONDS, Downloads
 
 
-class Host:
-    """A real HTTP server on loopback: /photo.png (a photo, with Content-Length), /endless.png (zeros with no
-    length, for all a test needs: 256 MiB, so that a regression cannot fill the disk, as Cog's own fetch did),
-    /trickle.png (a byte every 0.2 s)."""
+# Loopback is not public: the tests' hosts are reached as a deployment's own networks are, by listing them.
+LOOPBACK = Settings(url_allow_networks="127.0.0.0/8").url_networks
 
-    def __init__(self, photo: bytes) -> None:
+
+class Host:
+    """A real HTTP server on loopback (127.0.0.1, or another address of 127/8):
+    /photo.png (a photo, with Content-Length); /endless.png (zeros with no length, for all a test needs:
+    256 MiB, so that a regression cannot fill the disk, as Cog's own fetch did); /trickle.png (a byte every
+    0.2 s); /slow-headers.png (a header line every 0.2 s, for 8 s, before any body); /stall.png (a length of
+    1,000 bytes, 10 of them sent, then nothing for 30 s); /bomb.png (Content-Encoding: gzip, 64 KiB that
+    inflate to 64 MiB of zeros); /missing.png (404); /moved.png?to=URL (302 to URL). `served` lists the
+    paths asked for."""
+
+    def __init__(self, photo: bytes, address: str = "127.0.0.1") -> None:
+        served = self.served = []
+        bomb = gzip.compress(bytes(64 << 20), compresslevel=9)
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                if self.path.startswith("/photo.png"):
-                    self.send_header("Content-Length", str(len(photo)))
-                    self.end_headers()
-                    self.wfile.write(photo)
-                    return
-                self.end_headers()
+                served.append(self.path)
+                target = urllib.parse.urlsplit(self.path)  # a proxy is sent the absolute URL
                 try:
-                    for _ in range(256 if self.path.startswith("/endless") else 10**6):
-                        self.wfile.write(b"\0" * (1 << 20) if self.path.startswith("/endless") else b"\0")
-                        self.wfile.flush()
-                        if self.path.startswith("/trickle"):
-                            time.sleep(0.2)
+                    self._answer(target.path, urllib.parse.parse_qs(target.query))
                 except OSError:  # the client hung up
                     pass
+
+            def _answer(self, path, query):
+                if path == "/missing.png":
+                    self.send_error(404)
+                    return
+                if path == "/moved.png":
+                    self.send_response(302)
+                    self.send_header("Location", query["to"][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                if path == "/slow-headers.png":
+                    self.flush_headers()  # the status line, then a header at a time
+                    for number in range(40):
+                        self.wfile.write(f"X-Slow-{number}: 1\r\n".encode())
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                if path in ("/photo.png", "/bomb.png", "/stall.png", "/slow-headers.png"):
+                    body = bomb if path == "/bomb.png" else photo
+                    if path == "/bomb.png":
+                        self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(1000 if path == "/stall.png" else len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:10] if path == "/stall.png" else body)
+                    self.wfile.flush()
+                    if path == "/stall.png":
+                        time.sleep(30)
+                    return
+                self.end_headers()
+                for _ in range(256 if path == "/endless.png" else 10**6):
+                    self.wfile.write(b"\0" * (1 << 20) if path == "/endless.png" else b"\0")
+                    self.wfile.flush()
+                    if path == "/trickle.png":
+                        time.sleep(0.2)
 
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd = http.server.ThreadingHTTPServer((address, 0), Handler)
+        self.url = f"http://{address}:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -64,42 +106,158 @@ def host(tmp_path):
         yield running
 
 
-def _response(url: str):
-    """The file object Cog's SDK copies from (cog.types.URLFile: requests' raw stream, decoded)."""
-    response = requests.get(url, stream=True, timeout=10)
-    response.raise_for_status()
-    response.raw.decode_content = True
-    return response.raw
-
-
-def test_a_fetch_copies_the_whole_file_into_the_folder(tmp_path, host):
-    downloads = Downloads(10 << 20, 30, tmp_path / "in")
+@pytest.fixture
+def folder(tmp_path):
     (tmp_path / "in").mkdir()
-    fetched = downloads.fetch(_response(f"{host.url}/photo.png"), f"{host.url}/photo.png", "photo.png")
-    assert fetched.parent == tmp_path / "in" and fetched.name.endswith("photo.png")
+    return tmp_path / "in"
+
+
+def test_a_fetch_copies_the_whole_file_into_the_folder(tmp_path, host, folder):
+    fetched = Downloads(10 << 20, 30, folder, LOOPBACK).fetch_url(f"{host.url}/photo.png", "photo.png")
+    assert fetched.parent == folder and fetched.name.endswith("photo.png")
     assert fetched.read_bytes() == (tmp_path / "photo.png").read_bytes()
 
 
-def test_an_endless_response_stops_at_the_byte_limit_names_the_url_without_its_query_and_leaves_nothing(tmp_path, host):
-    (tmp_path / "in").mkdir()
-    downloads = Downloads(3 << 20, 30, tmp_path / "in")
+def test_an_endless_response_stops_at_the_byte_limit_names_the_url_without_its_query_and_leaves_nothing(host, folder):
     url = f"{host.url}/endless.png?X-Amz-Signature=secret"
     with pytest.raises(ValueError) as refused:
-        downloads.fetch(_response(url), url, "endless.png")
+        Downloads(3 << 20, 30, folder, LOOPBACK).fetch_url(url, "endless.png")
     assert str(refused.value) == (f"the file at {host.url}/endless.png (query hidden) is over the limit of 3,145,728 bytes "
                                   "(INPAINT_MAX_UPLOAD_BYTES); send a smaller or compressed image")
-    assert list((tmp_path / "in").iterdir()) == []
+    assert list(folder.iterdir()) == []
 
 
-def test_a_trickle_stops_at_the_deadline_and_leaves_nothing(tmp_path, host):
-    (tmp_path / "in").mkdir()
-    downloads = Downloads(10 << 20, 1, tmp_path / "in")
+def test_a_gzip_bomb_is_held_to_the_byte_limit_as_it_inflates(host, folder):
+    """Sent with Content-Encoding: gzip, a file arrives inflated (as Cog's SDK reads it): the limit is on
+    what it inflates to, and reading stops there."""
+    with pytest.raises(ValueError, match="bomb.png is over the limit of 8,388,608 bytes"):
+        Downloads(8 << 20, 30, folder, LOOPBACK).fetch_url(f"{host.url}/bomb.png", "bomb.png")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["trickle.png", "slow-headers.png", "stall.png"])
+def test_a_host_that_trickles_or_stalls_is_cut_at_the_deadline_headers_included_and_leaves_nothing(host, folder, name):
+    """A body a byte at a time, headers a line at a time (requests' timeout is per read, so before this a
+    2 s deadline took 8 s, and any time a host liked), and a body that stops halfway (which waited for the
+    read timeout)."""
     started = time.monotonic()
-    with pytest.raises(ValueError, match=r"trickle.png did not arrive within 1 s \(INPAINT_MAX_DOWNLOAD_SECONDS\); send it "
+    with pytest.raises(ValueError, match=rf"{name} did not arrive within 1 s \(INPAINT_MAX_DOWNLOAD_SECONDS\); send it "
                                          "from a faster host, or upload it"):
-        downloads.fetch(_response(f"{host.url}/trickle.png"), f"{host.url}/trickle.png", "trickle.png")
-    assert time.monotonic() - started < 3  # each read returns what has arrived: no wait for a whole buffer
-    assert list((tmp_path / "in").iterdir()) == []
+        Downloads(10 << 20, 1, folder, LOOPBACK).fetch_url(f"{host.url}/{name}", name)
+    assert time.monotonic() - started < 2
+    assert list(folder.iterdir()) == []
+
+
+def test_a_tls_host_that_stalls_is_cut_at_the_deadline(https, folder, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https.cert))  # requests' own variable for a deployment's CA
+
+    def stalled():
+        yield b"\x89PNG"
+        time.sleep(30)
+
+    https.routes["/stall.png"] = (200, {}, stalled())
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"stall.png did not arrive within 1 s"):
+        Downloads(10 << 20, 1, folder, LOOPBACK).fetch_url(f"{https.url}/stall.png", "stall.png")
+    assert time.monotonic() - started < 2 and https.requests == ["/stall.png"]
+    https.routes["/photo.png"] = (200, {}, b"\x89PNG pixels")  # the same guard, not cut: the whole file
+    assert Downloads(10 << 20, 5, folder, LOOPBACK).fetch_url(f"{https.url}/photo.png", "photo.png").read_bytes() == b"\x89PNG pixels"
+
+
+def test_an_error_status_or_an_unknown_host_is_named_without_the_query(host, folder):
+    downloads = Downloads(10 << 20, 5, folder, LOOPBACK)
+    with pytest.raises(ValueError) as missing:
+        downloads.fetch_url(f"{host.url}/missing.png?token=secret", "missing.png")
+    assert str(missing.value) == (f"the file at {host.url}/missing.png (query hidden) answered HTTP 404 Not Found; check "
+                                  "the URL (a signed one may have expired), or upload the file itself")
+    with pytest.raises(ValueError) as unknown:
+        downloads.fetch_url("https://photos.invalid/cat.png?token=secret", "cat.png")  # .invalid: RFC 6761, never resolves
+    assert str(unknown.value) == ("the file at https://photos.invalid/cat.png (query hidden) could not be fetched (its "
+                                  "host name was not found); check the URL, or upload the file itself")
+    with pytest.raises(ValueError, match=r"could not be fetched \(.*[Cc]onnection refused.*\); check the URL") as refused:
+        downloads.fetch_url("http://127.0.0.1:9/photo.png?token=secret", "photo.png")  # the discard port: nothing listens
+    assert "secret" not in str(refused.value)
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/photo.png", "http://localhost:{port}/photo.png",
+                                 "http://[::ffff:127.0.0.1]:{port}/photo.png", "http://0.0.0.0:{port}/photo.png",
+                                 "HTTP://127.1:{port}/photo.png", "http://2130706433:{port}/photo.png"])
+def test_by_default_a_url_at_a_non_public_address_is_refused_before_a_byte_is_sent(host, folder, url):
+    """The server's own loopback (under each of its spellings: a name, an IPv4-mapped IPv6 address,
+    0.0.0.0, which Linux connects to this host, a short or decimal IPv4), as the cloud's metadata service
+    or a cluster's services would be: refused, and the host never asked."""
+    url = url.format(port=host.url.rsplit(":", 1)[1])
+    with pytest.raises(ValueError, match=r"is not fetched: .* (is a|resolves to .*\() ?(loopback|unspecified).*, and this "
+                                         r"deployment fetches from public addresses only \(and the networks "
+                                         r"INPAINT_URL_ALLOW_NETWORKS lists\)\. Give a URL on the public internet, or upload "
+                                         r"the file itself$"):
+        Downloads(10 << 20, 5, folder).fetch_url(url, "photo.png")
+    assert host.served == [] and list(folder.iterdir()) == []
+    if "[" in url:  # the message names an IPv6 literal's URL as written, brackets kept
+        with pytest.raises(ValueError, match=rf"^the file at {re.escape(url)} is not fetched"):
+            Downloads(10 << 20, 5, folder).fetch_url(url, "photo.png")
+
+
+def test_a_redirect_to_an_address_not_allowed_is_refused_before_a_byte_is_sent_to_it(tmp_path, folder):
+    """Allowed: 127.0.0.1 alone. Its host redirects to another address of the loopback network (Linux
+    answers on all of 127/8): each connection is checked where it is made, so the redirect is too."""
+    photo = make_photo(tmp_path / "photo.png").read_bytes()
+    with closing(Host(photo, "127.0.0.1")) as allowed, closing(Host(photo, "127.0.0.2")) as other:
+        downloads = Downloads(10 << 20, 5, folder, Settings(url_allow_networks="127.0.0.1").url_networks)
+        target = urllib.parse.quote(f"{other.url}/photo.png", safe="")
+        with pytest.raises(ValueError, match=r"is not fetched: 127.0.0.2 is a loopback address, and this deployment"):
+            downloads.fetch_url(f"{allowed.url}/moved.png?to={target}", "photo.png")
+        assert allowed.served == [f"/moved.png?to={target}"] and other.served == []
+        other_allowed = Downloads(10 << 20, 5, folder, Settings(url_allow_networks="127.0.0.1,127.0.0.2").url_networks)
+        assert other_allowed.fetch_url(f"{allowed.url}/moved.png?to={target}", "photo.png").read_bytes() == photo
+
+
+@pytest.mark.parametrize("address, kind", [
+    ("169.254.169.254", "link-local"),  # AWS, GCP and Azure's metadata service
+    ("fd00:ec2::254", "private"),  # AWS's metadata service over IPv6 (a unique local address)
+    ("10.0.0.1", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"),  # RFC 1918
+    ("100.64.0.1", "shared"),  # RFC 6598, carrier-grade NAT (and some clusters' pod networks)
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("fe80::1", "link-local"), ("224.0.0.1", "multicast"), ("ff02::1", "multicast"), ("240.0.0.1", "private"),
+    ("192.0.2.1", "private"), ("198.18.0.1", "private"),  # documentation and benchmarking ranges
+    ("::ffff:169.254.169.254", "link-local"), ("64:ff9b::a9fe:a9fe", "link-local"),  # IPv4 inside IPv6 (mapped, NAT64)
+])
+def test_addresses_that_are_not_public_in_ianas_registries_are_refused(address, kind):
+    """IANA's IPv4 and IPv6 special-purpose address registries (RFC 6890): what is not globally reachable."""
+    parsed = ipaddress.ip_address(address)
+    assert not egress.allowed(parsed, ()) and egress.kind(parsed) == kind
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "::ffff:8.8.8.8", "64:ff9b::808:808"])
+def test_public_addresses_are_allowed(address):
+    assert egress.allowed(ipaddress.ip_address(address), ())
+
+
+def test_the_listed_networks_are_allowed_and_nothing_else_of_them():
+    networks = Settings(url_allow_networks="10.0.0.0/8, fd00:ec2::/32").url_networks
+    for address in ("10.1.2.3", "::ffff:10.1.2.3", "fd00:ec2::1"):
+        assert egress.allowed(ipaddress.ip_address(address), networks), address
+    for address in ("11.0.0.0", "192.168.1.1", "169.254.169.254", "fd00:ec3::1"):
+        assert egress.allowed(ipaddress.ip_address(address), networks) == ipaddress.ip_address(address).is_global
+
+
+def test_a_malformed_network_list_stops_setup_naming_the_setting():
+    with pytest.raises(ValueError, match=r"INPAINT_URL_ALLOW_NETWORKS='10.0.0.0/33' must list networks as CIDRs"):
+        Settings.from_env({"INPAINT_URL_ALLOW_NETWORKS": "10.0.0.0/33"})
+
+
+def test_through_an_http_proxy_the_proxy_fetches_and_its_own_rules_apply(tmp_path, folder, monkeypatch):
+    """HTTP_PROXY, as requests reads it: the connection goes to the proxy (here on loopback, not listed), which
+    is sent the absolute URL (RFC 9112, 3.2.2) and answers for the host. The deployment chose the proxy, so its
+    address is not checked; the proxy decides what it fetches."""
+    photo = make_photo(tmp_path / "photo.png").read_bytes()
+    with closing(Host(photo)) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        fetched = Downloads(10 << 20, 5, folder).fetch_url("http://images.example.com/photo.png", "photo.png")
+        assert fetched.read_bytes() == photo and proxy.served == ["http://images.example.com/photo.png"]
 
 
 def test_a_file_of_exactly_the_limit_is_fetched_and_one_byte_more_is_not(tmp_path):
@@ -157,7 +315,7 @@ def test_once_installed_cogs_own_inputs_are_fetched_into_the_folder_once_each(tm
     monkeypatch.setattr(URLPath, "convert", URLPath.convert)  # the SDK's own again after this test
     folder = tmp_path / "in"
     folder.mkdir()
-    assert Downloads(1 << 20, 30, folder).install().folder == folder
+    assert Downloads(1 << 20, 30, folder, LOOPBACK).install().folder == folder
     photo = (tmp_path / "photo.png").read_bytes()
     for value in (f"{host.url}/photo.png", data_uri(tmp_path / "photo.png")):
         given = CogPath.validate(value)
@@ -168,6 +326,11 @@ def test_once_installed_cogs_own_inputs_are_fetched_into_the_folder_once_each(tm
         assert given.convert() == fetched and len(list(folder.iterdir())) <= 2  # fetched once
     with pytest.raises(ValueError, match=f"^the file at {host.url}/endless.png is over the limit of 1,048,576 bytes"):
         CogPath.validate(f"{host.url}/endless.png").convert()
+    asked = len(host.served)
+    Downloads(1 << 20, 30, folder).install()  # public addresses only: the SDK's own request is never made either
+    with pytest.raises(ValueError, match=f"^the file at {host.url}/photo.png is not fetched: 127.0.0.1 is a loopback"):
+        CogPath.validate(f"{host.url}/photo.png").convert()
+    assert len(host.served) == asked
 
 
 @pytest.mark.slow
@@ -177,7 +340,8 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
     temporary.mkdir()
     photo, mask = make_photo(tmp_path / "p.png"), make_mask(tmp_path / "m.png")
     small = {"num_inference_steps": 1, "width": 64, "height": 64}
-    env = {"TMPDIR": str(temporary), "INPAINT_MAX_DOWNLOAD_SECONDS": "3", "INPAINT_MAX_UPLOAD_BYTES": str(8 << 20)}
+    env = {"TMPDIR": str(temporary), "INPAINT_MAX_DOWNLOAD_SECONDS": "3", "INPAINT_MAX_UPLOAD_BYTES": str(8 << 20),
+           "INPAINT_URL_ALLOW_NETWORKS": "127.0.0.1"}
     with CogServer(tiny_weights, log_path=tmp_path / "server.log", env=env) as server:
         (folder,) = temporary.glob("inpaint-inputs-*")
         for inputs in ({"image": f"{host.url}/photo.png", "mask": f"{host.url}/photo.png"},
@@ -185,11 +349,17 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
             status, response = server.predict({**inputs, **small})
             assert response["status"] == "succeeded", response.get("error")
             assert list(folder.iterdir()) == []
-        for name, expected in (("endless.png", "is over the limit of 8,388,608 bytes (INPAINT_MAX_UPLOAD_BYTES)"),
-                               ("trickle.png", "did not arrive within 3 s (INPAINT_MAX_DOWNLOAD_SECONDS)")):
+        port = host.url.rsplit(":", 1)[1]
+        for url, expected in ((f"{host.url}/endless.png", "is over the limit of 8,388,608 bytes (INPAINT_MAX_UPLOAD_BYTES)"),
+                              (f"{host.url}/trickle.png", "did not arrive within 3 s (INPAINT_MAX_DOWNLOAD_SECONDS)"),
+                              (f"{host.url}/slow-headers.png", "did not arrive within 3 s (INPAINT_MAX_DOWNLOAD_SECONDS)"),
+                              ("http://169.254.169.254/latest/meta-data/iam/photo.png",
+                               "is not fetched: 169.254.169.254 is a link-local address, and this deployment fetches from "
+                               "public addresses only (and the networks INPAINT_URL_ALLOW_NETWORKS lists)"),
+                              (f"http://127.0.0.2:{port}/photo.png", "is not fetched: 127.0.0.2 is a loopback address")):
             started = time.monotonic()
-            status, response = server.predict({"image": f"{host.url}/{name}", "mask": data_uri(mask), **small})
-            assert response["status"] == "failed" and f"the file at {host.url}/{name} {expected}" in response["error"]
+            status, response = server.predict({"image": url, "mask": data_uri(mask), **small})
+            assert response["status"] == "failed" and f"the file at {url} {expected}" in response["error"], response.get("error")
             assert time.monotonic() - started < 15
         assert sum(path.stat().st_size for path in folder.iterdir()) < 1 << 20  # at most the masks of those two
         status, response = server.predict({"image": data_uri(photo), "mask": data_uri(mask), **small})

@@ -1,0 +1,277 @@
+"""Outbound HTTP for a URL a request names: only to the addresses this deployment allows, all cut at one deadline.
+
+An image or mask given as a URL makes the server fetch it, from inside the deployment's network. Left
+open, a request could name the cloud's metadata service (169.254.169.254), the pod's own loopback, or a
+service of the cluster's, and the server would fetch it for them (server-side request forgery). So the
+address each connection goes to must be public, or in one of the networks the deployment lists
+(INPAINT_URL_ALLOW_NETWORKS). It is checked where the connection is made, on the address it is made to:
+a redirect is a new connection, checked again, and a name is resolved once, so a second answer of the
+DNS cannot swap in another address (DNS rebinding). Through an HTTP proxy (HTTPS_PROXY, HTTP_PROXY)
+the connection goes to the proxy, and the proxy's rules apply instead.
+
+requests bounds each read of a socket, not a fetch: a host that sends a header byte every few
+seconds held the fetch for as long as it liked. Each connection is therefore shut down at the deadline,
+whatever it waits for; only the name lookup (the resolver's own timeouts) is outside it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import HTTPError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: an IPv4 address in the last 32 bits, reached through a translator
+
+
+class FetchError(Exception):
+    """A URL that could not be fetched; the message says why, without the URL."""
+
+
+class Late(FetchError):
+    """The deadline passed first."""
+
+
+class Status(FetchError):
+    """The host answered with an HTTP error (the message: its code and reason)."""
+
+
+class RefusedAddress(FetchError):
+    """A connection to an address the deployment does not allow; nothing was sent to it."""
+
+    def __init__(self, host: str, refused: Sequence[Address]) -> None:
+        self.host, self.refused = host, list(refused)
+        if self.refused == [_literal(host)]:
+            where = f"{host} is a {kind(self.refused[0])} address"
+        else:
+            where = f"{host} resolves to " + ", ".join(f"{address} ({kind(address)})" for address in self.refused)
+        super().__init__(f"{where}, and this deployment fetches from public addresses only (and the networks "
+                         "INPAINT_URL_ALLOW_NETWORKS lists)")
+
+
+def _at(host: str, address: Address) -> str:
+    return str(address) if _literal(host) == address else f"{host} at {address}"
+
+
+def _literal(host: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:  # a name
+        return None
+
+
+def kind(address: Address) -> str:
+    """What a non-public address is, in the words of the IANA registries."""
+    address = _embedded(address) or address
+    for name in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
+        if getattr(address, f"is_{name}"):
+            return name.replace("_", "-")
+    return "shared" if address in ipaddress.ip_network("100.64.0.0/10") else "not public"
+
+
+def allowed(address: Address, networks: Sequence[Network]) -> bool:
+    """Public (global in IANA's special-purpose registries, and not multicast), or in one of the networks.
+    An IPv4 address inside an IPv6 one (mapped, or NAT64's) is judged as that IPv4 address."""
+    inner = _embedded(address)
+    if inner is not None:
+        return allowed(inner, networks) or any(address in network for network in networks)
+    return (address.is_global and not address.is_multicast) or any(address in network for network in networks)
+
+
+def _embedded(address: Address) -> ipaddress.IPv4Address | None:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+class Guard:
+    """One fetch's connections: each made to an allowed address (unless it goes to a proxy), and every one
+    shut down at the deadline. Use it as a context manager around the fetch."""
+
+    def __init__(self, deadline: float, networks: Sequence[Network]) -> None:
+        self.deadline, self.networks = deadline, tuple(networks)
+        self.expired = False
+        self._sockets: list[socket.socket] = []  # duplicates of the connections' sockets: shut down, they end both
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Guard:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for duplicate in self._sockets:
+                duplicate.close()
+            self._sockets.clear()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for duplicate in self._sockets:
+                try:
+                    duplicate.shutdown(socket.SHUT_RDWR)  # wakes a read blocked on it, TLS or not, with an end of file
+                except OSError:  # not connected yet, or closed
+                    pass
+
+    def connect(self, conn: HTTPConnection) -> socket.socket:
+        """urllib3's HTTPConnection._new_conn, to an allowed address only, and within the deadline."""
+        host, to_proxy = conn.host, conn.proxy is not None
+        try:
+            found = socket.getaddrinfo(host, conn.port, 0, socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise FetchError("its host name was not found") from None
+        refused, failure = [], None
+        for family, kind_, proto, _, sockaddr in found:
+            address = ipaddress.ip_address(sockaddr[0])
+            if not (to_proxy or allowed(address, self.networks)):
+                refused.append(address)
+                continue
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock = socket.socket(family, kind_, proto)
+            try:
+                self._hold(sock)
+                for option in conn.socket_options or ():
+                    sock.setsockopt(*option)
+                timeout = conn.timeout if isinstance(conn.timeout, (int, float)) else math.inf
+                sock.settimeout(min(timeout, remaining))
+                if conn.source_address:
+                    sock.bind(conn.source_address)
+                sock.connect(sockaddr)
+                return sock
+            except TimeoutError:
+                failure = Late("the deadline passed") if time.monotonic() >= self.deadline else FetchError(
+                    f"no answer from {_at(host, address)}")
+            except OSError as error:
+                failure = FetchError(f"could not connect to {_at(host, address)}: {error.strerror or error}")
+            sock.close()
+        if failure is not None:
+            raise failure
+        if refused:
+            raise RefusedAddress(host, refused)
+        raise Late("the deadline passed")
+
+    def failure(self, error: BaseException) -> FetchError:
+        """The FetchError for an error of requests or urllib3: Late once the deadline has passed, else the
+        innermost cause in a few words."""
+        if self.expired:
+            return Late("the deadline passed")
+        while error.__cause__ is not None or error.__context__ is not None:
+            error = error.__cause__ or error.__context__
+        if isinstance(error, FetchError):
+            return error
+        if isinstance(error, (TimeoutError, urllib3.exceptions.TimeoutError)):  # a read or connect, short of the deadline
+            return FetchError("its host stopped answering")
+        return FetchError(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+
+    def _hold(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self.expired:
+                raise TimeoutError("the fetch's deadline passed")
+            self._sockets.append(sock.dup())
+
+    def session(self) -> requests.Session:
+        """A requests session (proxies and CA bundles from the environment, as requests.get has them) whose
+        every connection is this guard's."""
+        session = requests.Session()
+        adapter = _Adapter(self)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter with the guard's connections, direct or through an HTTP proxy (a SOCKS proxy keeps
+    its own, unguarded: the proxy makes the connection)."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.pools = _pool_classes(guard)
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self.pools
+
+    def proxy_manager_for(self, proxy: str, **kwargs):
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = self.pools
+        return manager
+
+
+def _pool_classes(guard: Guard) -> dict[str, type]:
+    """urllib3's pools, each with a connection class whose sockets the guard makes (classes per guard: a
+    pool makes its connections from its class and keyword arguments alone)."""
+
+    class Connection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return guard.connect(self)
+
+    class TLSConnection(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return guard.connect(self)
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Connection
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConnection
+
+    return {"http": Pool, "https": TLSPool}
+
+
+@contextmanager
+def get(url: str, deadline: float, networks: Sequence[Network], headers: dict | None = None) -> Iterator[Body]:
+    """GET `url` as Cog's SDK does (requests, streamed, a compressed transfer decoded), its connections
+    guarded: the body to read, or a FetchError. Everything is closed when the block ends."""
+    with Guard(deadline, networks) as guard, guard.session() as session:
+        try:
+            response = session.get(url, stream=True, timeout=min(10.0, max(deadline - time.monotonic(), 0.001)),
+                                   headers=headers)
+        except _TRANSPORT as error:
+            raise guard.failure(error) from None
+        with response:
+            if response.status_code >= 400:
+                raise Status(f"{response.status_code} {response.reason}")
+            response.raw.decode_content = True
+            yield Body(response.raw, guard)
+
+
+class Body:
+    """A response's content, read as it arrives (read1); an error, or an end cut short by the deadline,
+    raised as a FetchError."""
+
+    def __init__(self, raw, guard: Guard) -> None:
+        self.raw, self.guard = raw, guard
+
+    def read1(self, size: int) -> bytes:
+        try:
+            chunk = self.raw.read1(size)
+        except _TRANSPORT as error:
+            raise self.guard.failure(error) from None
+        if not chunk and self.guard.expired:  # the guard shut the socket: an end of file, but not of the file
+            raise Late("the deadline passed")
+        return chunk
+
+
+# What requests and urllib3 raise for a failed connection, TLS handshake, read or redirect.
+_TRANSPORT = (requests.RequestException, HTTPError, OSError)
