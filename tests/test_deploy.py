@@ -5,6 +5,7 @@ written against Cog's real server in each state they must tell apart."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 
 from cogserver import CogServer, concurrency_max
 from faulty_predict import FAULT_PROMPT
+from inpaint import egress
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -53,7 +55,39 @@ def _containers(document: dict) -> list[dict]:
 
 def test_there_are_manifests_for_a_deployment_a_service_a_volume_and_knative():
     kinds = {(document["apiVersion"], document["kind"]) for _, document in documents()}
-    assert {("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"), (KNATIVE, "Service")} <= kinds
+    assert {("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"), (KNATIVE, "Service"),
+            ("networking.k8s.io/v1", "NetworkPolicy")} <= kinds
+
+
+# The instance metadata services, as each cloud documents them: AWS (IPv4 and IPv6), GCP, Azure and OCI at
+# 169.254.169.254, Alibaba Cloud at 100.100.100.200.
+METADATA = ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+
+
+def test_the_network_policy_keeps_every_pod_off_the_metadata_services_and_nothing_else():
+    """Cog's server posts webhooks to any URL a request names (the model's code never sees them, so
+    egress.py cannot check them): the policy closes the metadata services to the pods of both workloads,
+    and leaves public, private and the rest of link-local (NodeLocal DNSCache's 169.254.20.10) open."""
+    (policy,) = [document for _, document in documents() if document["kind"] == "NetworkPolicy"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    workloads = [document for _, document in documents() if document["kind"] in ("Deployment", "Service")
+                 and "template" in document["spec"]]
+    assert len(workloads) == 2 and all(selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+                                       for workload in workloads)
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    blocks = [peer["ipBlock"] for rule in policy["spec"]["egress"] for peer in rule["to"]]
+    assert not any("ports" in rule for rule in policy["spec"]["egress"])
+
+    def reachable(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in ipaddress.ip_network(block["cidr"]) and not any(ip in ipaddress.ip_network(cut)
+                   for cut in block.get("except", [])) for block in blocks)
+
+    for address in METADATA:
+        assert not reachable(address), address
+        assert not egress.allowed(ipaddress.ip_address(address), ()), address  # nor does a URL input reach it
+    for address in ("8.8.8.8", "2001:4860:4860::8888", "10.96.0.10", "169.254.20.10", "fd00:ec2::253"):
+        assert reachable(address), address
 
 
 @pytest.mark.parametrize("version", VERSIONS)
