@@ -101,11 +101,12 @@ class Predictor(BaseRunner):
     ) -> List[Path]:
         # Every input but the two files goes, by name, to the one function that validates them all.
         settings = {name: value for name, value in locals().items() if name not in ("self", "image", "mask")}
-        with self.downloads.used(image, mask):  # the fetched files, removed when this ends
-            request = inputs.check_inputs(**settings)
-            with self.outputs.folder() as folder:  # in a thread of its own; the token is inpaint's last argument
-                inpaint = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
-                prediction = await run_cancellable(inpaint)
+        request = inputs.check_inputs(**settings)
+        # Each call below runs in a thread of its own, the cancel token its last argument.
+        with self.downloads.prediction() as fetched, self.outputs.folder() as folder:
+            image, mask = await run_cancellable(functools.partial(fetched.fetch, (image, mask)))  # URLs, data URIs
+            inpaint = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
+            prediction = await run_cancellable(inpaint)
         for key, value in prediction.metrics.items():
             self.record_metric(key, value)
         return [Path(path) for path in prediction.paths]

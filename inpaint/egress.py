@@ -101,14 +101,15 @@ def _embedded(address: Address) -> ipaddress.IPv4Address | None:
 
 class Guard:
     """One fetch's connections: each made to an allowed address (unless it goes to a proxy), and every one
-    shut down at the deadline. Use it as a context manager around the fetch."""
+    shut down at the deadline, or when `cut` is called (the prediction was cancelled, or its other input
+    failed). Use it as a context manager around the fetch."""
 
     def __init__(self, deadline: float, networks: Sequence[Network]) -> None:
         self.deadline, self.networks = deadline, tuple(networks)
         self.expired = False
         self._sockets: list[socket.socket] = []  # duplicates of the connections' sockets: shut down, they end both
         self._lock = threading.Lock()
-        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self.cut)
         self._timer.daemon = True
 
     def __enter__(self) -> Guard:
@@ -122,7 +123,8 @@ class Guard:
                 duplicate.close()
             self._sockets.clear()
 
-    def _expire(self) -> None:
+    def cut(self) -> None:
+        """Shut every connection now, and refuse new ones: the fetch ends with Late."""
         with self._lock:
             self.expired = True
             for duplicate in self._sockets:
@@ -240,12 +242,12 @@ def _pool_classes(guard: Guard) -> dict[str, type]:
 
 
 @contextmanager
-def get(url: str, deadline: float, networks: Sequence[Network], headers: dict | None = None) -> Iterator[Body]:
-    """GET `url` as Cog's SDK does (requests, streamed, a compressed transfer decoded), its connections
-    guarded: the body to read, or a FetchError. Everything is closed when the block ends."""
-    with Guard(deadline, networks) as guard, guard.session() as session:
+def get(url: str, guard: Guard, headers: dict | None = None) -> Iterator[Body]:
+    """GET `url` as Cog's SDK does (requests, streamed, a compressed transfer decoded), every connection
+    through `guard`: the body to read, or a FetchError. Everything is closed when the block ends."""
+    with guard.session() as session:
         try:
-            response = session.get(url, stream=True, timeout=min(10.0, max(deadline - time.monotonic(), 0.001)),
+            response = session.get(url, stream=True, timeout=min(10.0, max(guard.deadline - time.monotonic(), 0.001)),
                                    headers=headers)
         except _TRANSPORT as error:
             raise guard.failure(error) from None

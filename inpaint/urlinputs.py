@@ -1,16 +1,18 @@
-"""The photo and mask files Cog's server fetches for a prediction: held to the upload limits, and removed.
+"""The photo and mask given as URLs or data URIs: fetched inside the prediction, held to the limits, removed.
 
-An input given as an http(s) URL or a data URI reaches `run()` as a temporary file that Cog's SDK
-(0.23.1, `cog.types.URLPath.convert`) wrote with `shutil.copyfileobj`: no cap on its size, none on its
-time (requests' timeout is per read), and nobody removes it. So an endless response filled the
-disk, one that trickled held a prediction slot for as long as it lasted, and every prediction left its
-inputs in /tmp for good. `Downloads.install` replaces that method once, at setup, with the same copy
-into a folder of this process's own, held to a byte limit and a deadline (the part-written file of a
-copy that fails is removed); `Downloads.used` removes a prediction's inputs once its `run()` ends, and
-each fetch removes those of a prediction that never reached `run()` (its other input failed). An
-http(s) URL is fetched through egress.py (allowed addresses only, one deadline headers included), never
-by the SDK's own request. Cog's server reports a refused download as an input validation error
-(tests/test_urlinputs.py).
+Cog's SDK (0.23.1) fetches an http(s) URL or data URI given for a Path input before `run()` starts
+(`cog.types.URLPath.convert`, each input of a prediction in a thread of its own), with
+`shutil.copyfileobj`: no cap on size or time (requests' timeout is per read), and nothing removes the
+file. Held to limits there, a prediction whose other input failed still left its file behind, since
+its `run()` never came: a client could fill the disk with a large image URL and a mask URL that fails
+(docs/serving.md, "Input files"; tests/test_urlinputs.py keeps it at nothing).
+
+So `Downloads.install` replaces that method, at setup, with one that fetches nothing: it hands `run()`
+a path that says what to fetch (`Pending`). `run()` fetches its inputs once it holds them, both at
+once, through `Downloads.prediction` (URLs through egress.py: allowed addresses only, one deadline,
+headers included), and every file it fetched is removed when it ends, whatever the outcome: nothing
+is written that no `run()` holds. A refused or failed fetch fails the prediction with a message that
+names the input, and cancelling the prediction cuts its fetches.
 """
 
 from __future__ import annotations
@@ -21,20 +23,42 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from . import egress
 from .weights import redact
 
-# A file in the folder that no run() holds, this long after it was fetched, belongs to a prediction that
-# never reached run() (its other input failed): a fetch of the other input could take the deadline.
-GRACE_SECONDS = 60.0
+PENDING = "inpaint_pending"  # the attribute of a path handed to run() that says what to fetch into it
+CANCEL_CHECK_SECONDS = 0.05  # how often a prediction's fetches look whether it was cancelled
+
+
+class Cancellable(Protocol):
+    """What says whether the prediction was cancelled (concurrency.CancelToken)."""
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An input Cog's server was given as `source` (an http(s) URL, or a data URI whose bytes `opened`
+    returns, decoded already) and has not fetched."""
+
+    source: str
+    filename: str
+    opened: Callable[[], BinaryIO]
+
+    @property
+    def is_url(self) -> bool:
+        return urllib.parse.urlsplit(self.source).scheme in ("http", "https")  # as cog.types.Path.validate tells
 
 
 class Downloads:
-    """The inputs Cog's server fetches in this process, in `folder` (a new private one by default)."""
+    """The inputs fetched in this process, in `folder` (a new private one by default)."""
 
     def __init__(self, max_bytes: int, max_seconds: float, folder: Path | None = None,
                  networks: Sequence[egress.Network] = ()) -> None:
@@ -42,40 +66,43 @@ class Downloads:
         self.max_seconds = max_seconds
         self.networks = tuple(networks)  # besides public addresses, those an input's URL may reach (egress.py)
         self.folder = folder or Path(tempfile.mkdtemp(prefix="inpaint-inputs-"))
-        self._held: set[Path] = set()  # the inputs of the run() calls going on
-        self._lock = threading.Lock()
 
     def install(self) -> Downloads:
-        """From now on, Cog's SDK fetches every URL or data URI input of this process with `fetch_input`."""
+        """From now on, Cog's SDK hands run() each URL or data URI input of this process as a Pending path,
+        which Downloads.prediction fetches."""
         from cog.types import Path as CogPath
         from cog.types import URLPath
 
-        downloads = self
+        folder = self.folder
 
         def convert(self: URLPath) -> CogPath:
-            """The input's content in a file (its path kept, as the SDK's own method keeps it)."""
+            """A path for run() that says what to fetch (nothing is fetched here; the path names no file)."""
             if self._path is None:
-                self._path = CogPath(downloads.fetch_input(self.source, self.filename, lambda: self.fileobj))
+                path = CogPath(folder / f"not-fetched-{self.filename}")
+                setattr(path, PENDING, Pending(self.source, self.filename, lambda: self.fileobj))
+                self._path = path
             return self._path
 
         URLPath.convert = convert
         return self
 
-    def fetch_input(self, source: str, filename: str, opened: Callable[[], BinaryIO]) -> Path:
-        """An input as Cog's SDK hands it over: an http(s) URL is fetched here (never through `opened`, the
-        SDK's own unguarded request); a data URI's bytes come from `opened`, decoded already."""
-        if urllib.parse.urlsplit(source).scheme in ("http", "https"):  # as cog.types.Path.validate tells them apart
-            return self.fetch_url(source, filename)
-        return self.fetch(opened(), source, filename)
+    @contextmanager
+    def prediction(self) -> Iterator[Inputs]:
+        """One prediction's inputs: fetched with `fetch`, every file removed when the block ends."""
+        inputs = Inputs(self)
+        try:
+            yield inputs
+        finally:
+            inputs.close()
 
-    def fetch_url(self, url: str, filename: str) -> Path:
-        """GET `url` as Cog's SDK would, through egress's guard: allowed addresses only, and one deadline for
-        the connections, the headers and the body."""
-        deadline = time.monotonic() + self.max_seconds
+    def fetch_url(self, url: str, filename: str, guard: egress.Guard | None = None) -> Path:
+        """GET `url` as Cog's SDK would, through egress's guard (a new one by default): allowed addresses
+        only, and one deadline for the connections, the headers and the body."""
+        guard = guard or egress.Guard(time.monotonic() + self.max_seconds, self.networks)
         agent = os.environ.get("COG_USER_AGENT")  # the SDK sends it when set
         try:
-            with egress.get(url, deadline, self.networks, {"User-Agent": agent} if agent else None) as body:
-                return self.fetch(body, url, filename, deadline)
+            with guard, egress.get(url, guard, {"User-Agent": agent} if agent else None) as body:
+                return self.fetch(body, url, filename, guard.deadline)
         except egress.Late:
             raise self._late(url) from None
         except egress.RefusedAddress as refused:
@@ -94,8 +121,8 @@ class Downloads:
 
     def fetch(self, source_file: BinaryIO, source: str, filename: str, deadline: float | None = None) -> Path:
         """Copy `source_file` (an HTTP response's body or the bytes of a data URI, from `source`) into a new
-        file in the folder whose name ends in `filename`, within the byte limit and the deadline."""
-        self._sweep()
+        file in the folder whose name ends in `filename`, within the byte limit and the deadline; a copy
+        that fails leaves nothing."""
         deadline = time.monotonic() + self.max_seconds if deadline is None else deadline
         # What has arrived (read1): a trickle meets the deadline. A raw file has read() alone.
         read = source_file.read1 if hasattr(source_file, "read1") else source_file.read
@@ -111,34 +138,76 @@ class Downloads:
                         raise self._late(source)
                     dest.write(chunk)
             except BaseException:
-                os.unlink(dest.name)
+                Path(dest.name).unlink(missing_ok=True)
                 raise
         return Path(dest.name)
 
-    @contextmanager
-    def used(self, *inputs: Path | None) -> Iterator[None]:
-        """A prediction's run() with these inputs: those fetched into the folder are removed when it ends."""
-        ours = {Path(path) for path in inputs if path is not None and Path(path).parent == self.folder}
-        with self._lock:
-            self._held |= ours
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held -= ours
-            for path in ours:
-                path.unlink(missing_ok=True)
 
-    def _sweep(self) -> None:
-        """Remove the files no run() holds, fetched over the deadline and GRACE_SECONDS ago."""
-        oldest = time.time() - self.max_seconds - GRACE_SECONDS
-        with self._lock, os.scandir(self.folder) as entries:
-            for entry in entries:
-                try:
-                    if Path(entry.path) not in self._held and entry.stat().st_mtime < oldest:
-                        os.unlink(entry.path)
-                except FileNotFoundError:  # its run() ended meanwhile
-                    pass
+class Inputs:
+    """One prediction's fetches and files (Downloads.prediction)."""
+
+    def __init__(self, downloads: Downloads) -> None:
+        self.downloads = downloads
+        self.files: list[Path] = []
+        self._guards: list[egress.Guard] = []
+        self._lock = threading.Lock()
+        self._cut = False
+
+    def fetch(self, paths: Sequence[Path | None], token: Cancellable) -> list[Path | None]:
+        """Each path as a file: a Pending one fetched into the folder (all at once), any other as it is.
+        The first failure cuts the other fetches and is raised; so does a cancel of `token` (polled)."""
+        pending = [getattr(path, PENDING, None) for path in paths]
+        found = list(paths)
+        jobs = {index: item for index, item in enumerate(pending) if item is not None}
+        if not jobs:
+            return found
+        first: BaseException | None = None
+        with ThreadPoolExecutor(len(jobs), thread_name_prefix="inpaint-fetch") as pool:
+            futures = {pool.submit(self._one, item): index for index, item in jobs.items()}
+            undone = set(futures)
+            while undone:
+                done, undone = wait(undone, timeout=CANCEL_CHECK_SECONDS, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None and first is None:
+                        first = future.exception()  # the cause: the others fail next, cut short by it
+                if first is not None or token.cancelled:
+                    self.cut()
+                for future in done:
+                    if future.exception() is None:
+                        found[futures[future]] = future.result()
+        if first is not None:
+            raise first
+        return found
+
+    def _one(self, pending: Pending) -> Path:
+        downloads = self.downloads
+        if not pending.is_url:  # a data URI: its bytes are here already
+            path = downloads.fetch(pending.opened(), pending.source, pending.filename)
+        else:
+            guard = egress.Guard(time.monotonic() + downloads.max_seconds, downloads.networks)
+            with self._lock:
+                self._guards.append(guard)
+                if self._cut:
+                    guard.cut()
+            path = downloads.fetch_url(pending.source, pending.filename, guard)
+        with self._lock:
+            self.files.append(path)
+        return path
+
+    def cut(self) -> None:
+        """End every fetch of this prediction now (each then fails with its deadline's message)."""
+        with self._lock:
+            self._cut = True
+            guards = list(self._guards)
+        for guard in guards:
+            guard.cut()
+
+    def close(self) -> None:
+        self.cut()
+        with self._lock:
+            files, self.files = self.files, []
+        for path in files:
+            path.unlink(missing_ok=True)
 
 
 def _named(source: str) -> str:

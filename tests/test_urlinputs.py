@@ -7,13 +7,14 @@ import gzip
 import http.server
 import io
 import ipaddress
-import os
+import math
 import re
 import stat
 import tempfile
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from cogserver import CogServer, data_uri
 from conftest import make_mask, make_photo
 from inpaint import egress
 from inpaint.config import Settings
-from inpaint.urlinputs import GRACE_SECONDS, Downloads
+from inpaint.urlinputs import Downloads
 
 
 # Loopback is not public: the tests' hosts are reached as a deployment's own networks are, by listing them.
@@ -287,50 +288,82 @@ def test_a_data_uri_over_the_limit_is_named_without_its_data(tmp_path):
         Downloads(10, 30, tmp_path / "in").fetch(io.BytesIO(b"x" * 11), "data:image/png;base64," + "eA" * 8, "file.png")
 
 
-def test_a_predictions_inputs_go_when_it_ends_and_an_abandoned_one_at_the_next_fetch(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    downloads = Downloads(1 << 20, 5, folder)
-    image, mask, abandoned = (downloads.fetch(io.BytesIO(b"pixels"), "data:,", name) for name in ("a", "b", "c"))
-    elsewhere = make_mask(tmp_path / "mask.png")  # a path of the caller's own is never touched
-    long_ago, not_yet = (time.time() - 5 - GRACE_SECONDS + seconds for seconds in (-1, 1))
-    with downloads.used(image, None, elsewhere):
-        os.utime(image, (long_ago, long_ago))
-        os.utime(abandoned, (long_ago, long_ago))
-        os.utime(mask, (not_yet, not_yet))  # its other input may still be on its way
-        later = downloads.fetch(io.BytesIO(b"pixels"), "data:,", "d")  # sweeps what no run() holds
-        assert image.exists() and not abandoned.exists() and mask.exists() and later.exists()
-    assert not image.exists() and elsewhere.exists()
-    with pytest.raises(RuntimeError), downloads.used(mask):
-        raise RuntimeError("a failed prediction")
-    assert sorted(folder.iterdir()) == [later]
+class Token:
+    """A prediction's cancel token as run_cancellable hands it over (concurrency.CancelToken's `cancelled`),
+    set `after` seconds."""
+
+    def __init__(self, after: float = math.inf) -> None:
+        self.at = time.monotonic() + after
+
+    @property
+    def cancelled(self) -> bool:
+        return time.monotonic() >= self.at
 
 
-def test_once_installed_cogs_own_inputs_are_fetched_into_the_folder_once_each(tmp_path, host, monkeypatch):
-    """Cog's SDK turns a URL or a data URI given for a Path input into a URLPath (cog.types.Path.validate),
-    and its server asks that for its file (convert); installed, that fetch is ours."""
-    from cog.types import Path as CogPath
+@pytest.fixture
+def installed(monkeypatch):
+    """Downloads.install's convert in place of Cog's SDK's own, for this test only."""
     from cog.types import URLPath
 
     monkeypatch.setattr(URLPath, "convert", URLPath.convert)  # the SDK's own again after this test
-    folder = tmp_path / "in"
-    folder.mkdir()
-    assert Downloads(1 << 20, 30, folder, LOOPBACK).install().folder == folder
+
+
+def given(value: str):
+    """An input as Cog's server hands it to run(): cog.types.Path.validate, then convert (installed)."""
+    from cog.types import Path as CogPath
+
+    return CogPath.validate(value).convert()
+
+
+def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_once_each(tmp_path, host, folder,
+                                                                                    installed):
+    """Cog's SDK turns a URL or a data URI given for a Path input into a URLPath and asks it for its file
+    (convert) before run(); installed, that fetches nothing and writes nothing, and run() fetches."""
+    from cog.types import Path as CogPath
+
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
     photo = (tmp_path / "photo.png").read_bytes()
-    for value in (f"{host.url}/photo.png", data_uri(tmp_path / "photo.png")):
-        given = CogPath.validate(value)
-        assert isinstance(given, URLPath)
-        fetched = given.convert()
-        assert isinstance(fetched, CogPath) and fetched.parent == folder and fetched.read_bytes() == photo
-        assert fetched.name.endswith("photo.png" if value.startswith("http") else ".png")
-        assert given.convert() == fetched and len(list(folder.iterdir())) <= 2  # fetched once
-    with pytest.raises(ValueError, match=f"^the file at {host.url}/endless.png is over the limit of 1,048,576 bytes"):
-        CogPath.validate(f"{host.url}/endless.png").convert()
-    asked = len(host.served)
-    Downloads(1 << 20, 30, folder).install()  # public addresses only: the SDK's own request is never made either
-    with pytest.raises(ValueError, match=f"^the file at {host.url}/photo.png is not fetched: 127.0.0.1 is a loopback"):
-        CogPath.validate(f"{host.url}/photo.png").convert()
-    assert len(host.served) == asked
+    inputs = [given(f"{host.url}/photo.png"), given(data_uri(tmp_path / "photo.png")), None, tmp_path / "photo.png"]
+    assert all(isinstance(path, CogPath) for path in inputs[:2]) and not any(path.exists() for path in inputs[:2])
+    assert host.served == [] and list(folder.iterdir()) == []
+    with downloads.prediction() as fetched:
+        image, mask, nothing, local = fetched.fetch(inputs, Token())
+        assert image.parent == folder == mask.parent and image.read_bytes() == photo == mask.read_bytes()
+        assert image.name.endswith("photo.png") and mask.name.endswith(".png") and host.served == ["/photo.png"]
+        assert nothing is None and local == tmp_path / "photo.png"  # a path of the caller's own, as it is
+    assert list(folder.iterdir()) == [] and local.exists()
+
+
+def test_a_predictions_files_are_removed_when_it_ends_whatever_the_outcome(tmp_path, host, folder, installed):
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
+    with pytest.raises(RuntimeError), downloads.prediction() as fetched:
+        fetched.fetch([given(f"{host.url}/photo.png")], Token())
+        assert len(list(folder.iterdir())) == 1
+        raise RuntimeError("a failed prediction")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing, message", [
+    ("missing.png", "answered HTTP 404 Not Found"), ("endless.png", "is over the limit of 1,048,576 bytes")])
+def test_the_first_input_that_fails_cuts_the_other_at_once_and_leaves_nothing(host, folder, installed, failing,
+                                                                                message):
+    """Before, the other input of a prediction whose mask failed went on to its end and stayed on disk
+    (docs/serving.md, "Input files"); the server test below sends such requests for a while."""
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=f"{failing} {message}"), downloads.prediction() as fetched:
+        fetched.fetch([given(f"{host.url}/trickle.png"), given(f"{host.url}/{failing}")], Token())
+    assert time.monotonic() - started < 2  # not the trickle's 30 s deadline
+    assert list(folder.iterdir()) == []
+
+
+def test_a_cancel_cuts_the_fetches_and_leaves_nothing(host, folder, installed):
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
+    started = time.monotonic()
+    with pytest.raises(ValueError), downloads.prediction() as fetched:
+        fetched.fetch([given(f"{host.url}/trickle.png"), given(f"{host.url}/slow-headers.png")], Token(after=0.3))
+    assert time.monotonic() - started < 1.5
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -361,7 +394,21 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
             status, response = server.predict({"image": url, "mask": data_uri(mask), **small})
             assert response["status"] == "failed" and f"the file at {url} {expected}" in response["error"], response.get("error")
             assert time.monotonic() - started < 15
-        assert sum(path.stat().st_size for path in folder.iterdir()) < 1 << 20  # at most the masks of those two
+            assert list(folder.iterdir()) == []
+        # A prediction whose mask fails while its image arrives: before, the image stayed on disk for good
+        # (docs/serving.md, "Input files"). Three clients at once, for a few seconds.
+        def abandon() -> int:
+            count, end = 0, time.monotonic() + 5
+            while time.monotonic() < end:
+                status, response = server.predict({"image": f"{host.url}/photo.png", "mask": f"{host.url}/missing.png",
+                                                   **small})
+                assert response["status"] == "failed" and "missing.png answered HTTP 404 Not Found" in response["error"]
+                count += 1
+            return count
+
+        with ThreadPoolExecutor(3) as clients:
+            assert sum(clients.map(lambda _: abandon(), range(3))) > 10
+        assert list(folder.iterdir()) == []
         status, response = server.predict({"image": data_uri(photo), "mask": data_uri(mask), **small})
         assert response["status"] == "succeeded"
     # Nothing where Cog's SDK would have left its copies of the inputs (the outputs' folders are inpaint-*).
