@@ -159,9 +159,11 @@ class Guard:
                 if conn.source_address:
                     sock.bind(conn.source_address)
                 sock.connect(sockaddr)
+                if self.expired:  # cut while connecting: a shutdown does not reach a connect under way
+                    raise TimeoutError("the fetch was cut")
                 return sock
             except TimeoutError:
-                failure = Late("the deadline passed") if time.monotonic() >= self.deadline else FetchError(
+                failure = Late("the deadline passed") if self.expired or time.monotonic() >= self.deadline else FetchError(
                     f"no answer from {_at(host, address)}")
             except OSError as error:
                 failure = FetchError(f"could not connect to {_at(host, address)}: {error.strerror or error}")
