@@ -4,7 +4,7 @@ Modules, one concern each:
   config       deployment settings (environment variables, read in one place)
   inputs       the request: bounds, defaults and validation of every input
   codec        decoding uploaded files into arrays, encoding output files
-  urlinputs    a photo or mask Cog's server fetches (URL, data URI): held to the upload limits, then removed
+  urlinputs    a photo or mask given as a URL or data URI: fetched inside run(), held to the limits, then removed
   egress       the HTTP of a URL a request names: to public addresses (or listed networks) only, one deadline
   geometry     sizes: working size, mapping back to the input's size
   compositing  masks and pixels: clean-up, feather, paste the result over the original

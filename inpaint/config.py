@@ -45,10 +45,11 @@ class Settings:
     # Largest input image, in pixels; checked from the header, before any pixel is decoded (Pillow's own
     # decompression-bomb limit is set to it too).
     max_input_pixels: int = 4096 * 4096
-    # Largest uploaded file (image or mask), in bytes; checked before the file is opened, and while Cog's server
-    # fetches one given as a URL (inpaint/urlinputs.py).
+    # Largest uploaded file (image or mask), in bytes; checked before the file is opened, and while one given as
+    # a URL is fetched (inpaint/urlinputs.py).
     max_upload_bytes: int = 128 << 20
-    # Most seconds Cog's server may take to fetch an image or mask given as a URL, before the prediction starts.
+    # Most seconds a prediction may take to fetch an image or mask given as a URL, from its first connection to
+    # its last byte (inpaint/urlinputs.py).
     max_download_seconds: float = 60.0
     # Networks, besides public addresses, that an image or mask given as a URL may be fetched from: CIDRs
     # separated by commas, such as the cluster's own (10.0.0.0/8) for an image store inside it. Empty: public
