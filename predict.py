@@ -102,9 +102,10 @@ class Predictor(BaseRunner):
         # Every input but the two files goes, by name, to the one function that validates them all.
         settings = {name: value for name, value in locals().items() if name not in ("self", "image", "mask")}
         request = inputs.check_inputs(**settings)
-        # Each call below runs in a thread of its own, the cancel token its last argument.
+        # Each call below runs in a thread of its own, the cancel token its last argument; the first fetches
+        # the inputs given as URLs or data URIs.
         with self.downloads.prediction() as fetched, self.outputs.folder() as folder:
-            image, mask = await run_cancellable(functools.partial(fetched.fetch, (image, mask)))  # URLs, data URIs
+            image, mask = await run_cancellable(functools.partial(fetched.fetch, {"image": image, "mask": mask}))
             inpaint = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
             prediction = await run_cancellable(inpaint)
         for key, value in prediction.metrics.items():

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,17 +153,18 @@ class Inputs:
         self._lock = threading.Lock()
         self._cut = False
 
-    def fetch(self, paths: Sequence[Path | None], token: Cancellable) -> list[Path | None]:
-        """Each path as a file: a Pending one fetched into the folder (all at once), any other as it is.
-        The first failure cuts the other fetches and is raised; so does a cancel of `token` (polled)."""
-        pending = [getattr(path, PENDING, None) for path in paths]
-        found = list(paths)
-        jobs = {index: item for index, item in enumerate(pending) if item is not None}
+    def fetch(self, named: Mapping[str, Path | None], token: Cancellable) -> list[Path | None]:
+        """Each input (by its name) as a file, in the order given: a Pending one fetched into the folder (all
+        at once), any other as it is. The first failure cuts the other fetches and is raised, naming its
+        input; a cancel of `token` (polled) cuts them all."""
+        found = list(named.values())
+        jobs = {index: (name, getattr(path, PENDING)) for index, (name, path) in enumerate(named.items())
+                if hasattr(path, PENDING)}
         if not jobs:
             return found
         first: BaseException | None = None
         with ThreadPoolExecutor(len(jobs), thread_name_prefix="inpaint-fetch") as pool:
-            futures = {pool.submit(self._one, item): index for index, item in jobs.items()}
+            futures = {pool.submit(self._one, *job): index for index, job in jobs.items()}
             undone = set(futures)
             while undone:
                 done, undone = wait(undone, timeout=CANCEL_CHECK_SECONDS, return_when=FIRST_EXCEPTION)
@@ -179,17 +180,20 @@ class Inputs:
             raise first
         return found
 
-    def _one(self, pending: Pending) -> Path:
+    def _one(self, name: str, pending: Pending) -> Path:
         downloads = self.downloads
-        if not pending.is_url:  # a data URI: its bytes are here already
-            path = downloads.fetch(pending.opened(), pending.source, pending.filename)
-        else:
-            guard = egress.Guard(time.monotonic() + downloads.max_seconds, downloads.networks)
-            with self._lock:
-                self._guards.append(guard)
-                if self._cut:
-                    guard.cut()
-            path = downloads.fetch_url(pending.source, pending.filename, guard)
+        try:
+            if not pending.is_url:  # a data URI: its bytes are here already
+                path = downloads.fetch(pending.opened(), pending.source, pending.filename)
+            else:
+                guard = egress.Guard(time.monotonic() + downloads.max_seconds, downloads.networks)
+                with self._lock:
+                    self._guards.append(guard)
+                    if self._cut:
+                        guard.cut()
+                path = downloads.fetch_url(pending.source, pending.filename, guard)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
         with self._lock:
             self.files.append(path)
         return path

@@ -327,7 +327,7 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
     assert all(isinstance(path, CogPath) for path in inputs[:2]) and not any(path.exists() for path in inputs[:2])
     assert host.served == [] and list(folder.iterdir()) == []
     with downloads.prediction() as fetched:
-        image, mask, nothing, local = fetched.fetch(inputs, Token())
+        image, mask, nothing, local = fetched.fetch(dict(zip(("image", "mask", "none", "local"), inputs)), Token())
         assert image.parent == folder == mask.parent and image.read_bytes() == photo == mask.read_bytes()
         assert image.name.endswith("photo.png") and mask.name.endswith(".png") and host.served == ["/photo.png"]
         assert nothing is None and local == tmp_path / "photo.png"  # a path of the caller's own, as it is
@@ -337,7 +337,7 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
 def test_a_predictions_files_are_removed_when_it_ends_whatever_the_outcome(tmp_path, host, folder, installed):
     downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
     with pytest.raises(RuntimeError), downloads.prediction() as fetched:
-        fetched.fetch([given(f"{host.url}/photo.png")], Token())
+        fetched.fetch({"image": given(f"{host.url}/photo.png")}, Token())
         assert len(list(folder.iterdir())) == 1
         raise RuntimeError("a failed prediction")
     assert list(folder.iterdir()) == []
@@ -351,8 +351,9 @@ def test_the_first_input_that_fails_cuts_the_other_at_once_and_leaves_nothing(ho
     (docs/serving.md, "Input files"); the server test below sends such requests for a while."""
     downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
     started = time.monotonic()
-    with pytest.raises(ValueError, match=f"{failing} {message}"), downloads.prediction() as fetched:
-        fetched.fetch([given(f"{host.url}/trickle.png"), given(f"{host.url}/{failing}")], Token())
+    with pytest.raises(ValueError, match=f"^mask: the file at {host.url}/{failing} {message}"), \
+            downloads.prediction() as fetched:
+        fetched.fetch({"image": given(f"{host.url}/trickle.png"), "mask": given(f"{host.url}/{failing}")}, Token())
     assert time.monotonic() - started < 2  # not the trickle's 30 s deadline
     assert list(folder.iterdir()) == []
 
@@ -361,7 +362,8 @@ def test_a_cancel_cuts_the_fetches_and_leaves_nothing(host, folder, installed):
     downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
     started = time.monotonic()
     with pytest.raises(ValueError), downloads.prediction() as fetched:
-        fetched.fetch([given(f"{host.url}/trickle.png"), given(f"{host.url}/slow-headers.png")], Token(after=0.3))
+        fetched.fetch({"image": given(f"{host.url}/trickle.png"), "mask": given(f"{host.url}/slow-headers.png")},
+                      Token(after=0.3))
     assert time.monotonic() - started < 1.5
     assert list(folder.iterdir()) == []
 
@@ -392,7 +394,8 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
                               (f"http://127.0.0.2:{port}/photo.png", "is not fetched: 127.0.0.2 is a loopback address")):
             started = time.monotonic()
             status, response = server.predict({"image": url, "mask": data_uri(mask), **small})
-            assert response["status"] == "failed" and f"the file at {url} {expected}" in response["error"], response.get("error")
+            assert response["status"] == "failed" and f"image: the file at {url} {expected}" in response["error"], \
+                response.get("error")
             assert time.monotonic() - started < 15
             assert list(folder.iterdir()) == []
         # A prediction whose mask fails while its image arrives: before, the image stayed on disk for good
@@ -402,7 +405,8 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
             while time.monotonic() < end:
                 status, response = server.predict({"image": f"{host.url}/photo.png", "mask": f"{host.url}/missing.png",
                                                    **small})
-                assert response["status"] == "failed" and "missing.png answered HTTP 404 Not Found" in response["error"]
+                assert response["status"] == "failed" and "mask: the file at" in response["error"]
+                assert "missing.png answered HTTP 404 Not Found" in response["error"]
                 count += 1
             return count
 
