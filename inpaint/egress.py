@@ -17,7 +17,6 @@ whatever it waits for; only the name lookup (the resolver's own timeouts) is out
 from __future__ import annotations
 
 import ipaddress
-import math
 import socket
 import threading
 import time
@@ -34,6 +33,14 @@ from urllib3.exceptions import HTTPError
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: an IPv4 address in the last 32 bits, reached through a translator
+# Blocks of IANA's special-purpose registries that are not globally reachable, which Python's own table
+# (ipaddress' is_global) lacks before 3.12.4: so that every 3.12 judges them alike.
+NOT_GLOBAL = tuple(ipaddress.ip_network(block) for block in (
+    "192.0.0.0/24",  # IETF protocol assignments (RFC 6890)
+    "64:ff9b:1::/48",  # local-use IPv4/IPv6 translation (RFC 8215): it reaches the local network's IPv4
+    "3fff::/20",  # documentation (RFC 9637)
+    "5f00::/16",  # segment routing SIDs (RFC 9602)
+))
 
 
 class FetchError(Exception):
@@ -41,7 +48,7 @@ class FetchError(Exception):
 
 
 class Late(FetchError):
-    """The deadline passed first."""
+    """The deadline passed first, or the fetch was cut (Guard.cut); the caller says which it was."""
 
 
 class Status(FetchError):
@@ -87,7 +94,8 @@ def allowed(address: Address, networks: Sequence[Network]) -> bool:
     inner = _embedded(address)
     if inner is not None:
         return allowed(inner, networks) or any(address in network for network in networks)
-    return (address.is_global and not address.is_multicast) or any(address in network for network in networks)
+    public = address.is_global and not address.is_multicast and not any(address in block for block in NOT_GLOBAL)
+    return public or any(address in network for network in networks)
 
 
 def _embedded(address: Address) -> ipaddress.IPv4Address | None:
@@ -134,51 +142,50 @@ class Guard:
                     pass
 
     def connect(self, conn: HTTPConnection) -> socket.socket:
-        """urllib3's HTTPConnection._new_conn, to an allowed address only, and within the deadline."""
-        host, to_proxy = conn.host, conn.proxy is not None
+        """urllib3's HTTPConnection._new_conn: the host's name resolved once, and a connection made to the
+        first of its addresses allowed (any, to a proxy) that answers, within the deadline."""
+        host = conn.host
         try:
             found = socket.getaddrinfo(host, conn.port, 0, socket.SOCK_STREAM)
         except socket.gaierror:
             raise FetchError("its host name was not found") from None
-        refused, failure = [], None
-        for family, kind_, proto, _, sockaddr in found:
-            address = ipaddress.ip_address(sockaddr[0])
-            if not (to_proxy or allowed(address, self.networks)):
-                refused.append(address)
-                continue
+        addresses = [(entry, ipaddress.ip_address(entry[4][0])) for entry in found]
+        usable = [(entry, address) for entry, address in addresses
+                  if conn.proxy is not None or allowed(address, self.networks)]
+        if not usable:
+            raise RefusedAddress(host, [address for _, address in addresses])
+        for (family, kind_, proto, _, sockaddr), address in usable:
+            try:
+                return self._connect(socket.socket(family, kind_, proto), sockaddr, conn)
+            except OSError as error:
+                if self.expired or time.monotonic() >= self.deadline:  # a cut resets a connect under way
+                    raise Late() from None
+                failure = FetchError(f"no answer from {_at(host, address)}" if isinstance(error, TimeoutError) else
+                                     f"could not connect to {_at(host, address)}: {error.strerror or error}")
+        raise failure
+
+    def _connect(self, sock: socket.socket, sockaddr: tuple, conn: HTTPConnection) -> socket.socket:
+        try:
+            self._hold(sock)
+            for option in conn.socket_options or ():  # urllib3's TCP_NODELAY
+                sock.setsockopt(*option)
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                break
-            sock = socket.socket(family, kind_, proto)
-            try:
-                self._hold(sock)
-                for option in conn.socket_options or ():
-                    sock.setsockopt(*option)
-                timeout = conn.timeout if isinstance(conn.timeout, (int, float)) else math.inf
-                sock.settimeout(min(timeout, remaining))
-                if conn.source_address:
-                    sock.bind(conn.source_address)
-                sock.connect(sockaddr)
-                if self.expired:  # cut while connecting: a shutdown does not reach a connect under way
-                    raise TimeoutError("the fetch was cut")
-                return sock
-            except TimeoutError:
-                failure = Late("the deadline passed") if self.expired or time.monotonic() >= self.deadline else FetchError(
-                    f"no answer from {_at(host, address)}")
-            except OSError as error:
-                failure = FetchError(f"could not connect to {_at(host, address)}: {error.strerror or error}")
+                raise TimeoutError
+            sock.settimeout(min(conn.timeout, remaining) if isinstance(conn.timeout, (int, float)) else remaining)
+            sock.connect(sockaddr)
+            if self.expired:  # cut just as it connected
+                raise TimeoutError
+            return sock
+        except BaseException:
             sock.close()
-        if failure is not None:
-            raise failure
-        if refused:
-            raise RefusedAddress(host, refused)
-        raise Late("the deadline passed")
+            raise
 
     def failure(self, error: BaseException) -> FetchError:
         """The FetchError for an error of requests or urllib3: Late once the deadline has passed, else the
         innermost cause in a few words."""
         if self.expired:
-            return Late("the deadline passed")
+            return Late()
         while error.__cause__ is not None or error.__context__ is not None:
             error = error.__cause__ or error.__context__
         if isinstance(error, FetchError):
@@ -190,7 +197,7 @@ class Guard:
     def _hold(self, sock: socket.socket) -> None:
         with self._lock:
             if self.expired:
-                raise TimeoutError("the fetch's deadline passed")
+                raise TimeoutError
             self._sockets.append(sock.dup())
 
     def session(self) -> requests.Session:
@@ -204,8 +211,8 @@ class Guard:
 
 
 class _Adapter(HTTPAdapter):
-    """requests' adapter with the guard's connections, direct or through an HTTP proxy (a SOCKS proxy keeps
-    its own, unguarded: the proxy makes the connection)."""
+    """requests' adapter with the guard's connections, direct or through an HTTP(S) proxy. (A SOCKS proxy
+    needs PySocks, which the image does not hold: requests refuses it.)"""
 
     def __init__(self, guard: Guard) -> None:
         self.pools = _pool_classes(guard)
@@ -217,8 +224,7 @@ class _Adapter(HTTPAdapter):
 
     def proxy_manager_for(self, proxy: str, **kwargs):
         manager = super().proxy_manager_for(proxy, **kwargs)
-        if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = self.pools
+        manager.pool_classes_by_scheme = self.pools
         return manager
 
 
@@ -273,7 +279,7 @@ class Body:
         except _TRANSPORT as error:
             raise self.guard.failure(error) from None
         if not chunk and self.guard.expired:  # the guard shut the socket: an end of file, but not of the file
-            raise Late("the deadline passed")
+            raise Late()
         return chunk
 
 

@@ -102,7 +102,7 @@ class Downloads:
         agent = os.environ.get("COG_USER_AGENT")  # the SDK sends it when set
         try:
             with guard, egress.get(url, guard, {"User-Agent": agent} if agent else None) as body:
-                return self.fetch(body, url, filename, guard.deadline)
+                return self.fetch(body, url, filename)  # the guard cuts it at its deadline
         except egress.Late:
             raise self._late(url) from None
         except egress.RefusedAddress as refused:
@@ -119,11 +119,11 @@ class Downloads:
         return ValueError(f"{_named(source)} did not arrive within {self.max_seconds:g} s "
                           "(INPAINT_MAX_DOWNLOAD_SECONDS); send it from a faster host, or upload it")
 
-    def fetch(self, source_file: BinaryIO, source: str, filename: str, deadline: float | None = None) -> Path:
+    def fetch(self, source_file: BinaryIO, source: str, filename: str) -> Path:
         """Copy `source_file` (an HTTP response's body or the bytes of a data URI, from `source`) into a new
         file in the folder whose name ends in `filename`, within the byte limit and the deadline; a copy
         that fails leaves nothing."""
-        deadline = time.monotonic() + self.max_seconds if deadline is None else deadline
+        deadline = time.monotonic() + self.max_seconds
         # What has arrived (read1): a trickle meets the deadline. A raw file has read() alone.
         read = source_file.read1 if hasattr(source_file, "read1") else source_file.read
         with tempfile.NamedTemporaryFile(dir=self.folder, suffix=filename, delete=False) as dest:

@@ -9,6 +9,7 @@ import io
 import ipaddress
 import math
 import re
+import socket
 import stat
 import tempfile
 import threading
@@ -19,9 +20,11 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from urllib3.connection import HTTPConnection
 
 from cogserver import CogServer, data_uri
 from conftest import make_mask, make_photo
+
 from inpaint import egress
 from inpaint.config import Settings
 from inpaint.urlinputs import Downloads
@@ -37,16 +40,17 @@ class Host:
     256 MiB, so that a regression cannot fill the disk, as Cog's own fetch did); /trickle.png (a byte every
     0.2 s); /slow-headers.png (a header line every 0.2 s, for 8 s, before any body); /stall.png (a length of
     1,000 bytes, 10 of them sent, then nothing for 30 s); /bomb.png (Content-Encoding: gzip, 64 KiB that
-    inflate to 64 MiB of zeros); /missing.png (404); /moved.png?to=URL (302 to URL). `served` lists the
-    paths asked for."""
+    inflate to 64 MiB of zeros); /missing.png (404); /moved.png?to=URL (302 to URL); /hangup.png (the
+    connection closed, no answer). `served` lists the paths asked for, `agents` their User-Agent headers."""
 
     def __init__(self, photo: bytes, address: str = "127.0.0.1") -> None:
-        served = self.served = []
+        served, agents = self.served, self.agents = [], []
         bomb = gzip.compress(bytes(64 << 20), compresslevel=9)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 served.append(self.path)
+                agents.append(self.headers.get("User-Agent"))
                 target = urllib.parse.urlsplit(self.path)  # a proxy is sent the absolute URL
                 try:
                     self._answer(target.path, urllib.parse.parse_qs(target.query))
@@ -54,6 +58,9 @@ class Host:
                     pass
 
             def _answer(self, path, query):
+                if path == "/hangup.png":  # closes the connection without a word
+                    self.close_connection = True
+                    return
                 if path == "/missing.png":
                     self.send_error(404)
                     return
@@ -181,6 +188,80 @@ def test_an_error_status_or_an_unknown_host_is_named_without_the_query(host, fol
     assert list(folder.iterdir()) == []
 
 
+def test_a_host_that_hangs_up_or_whose_certificate_is_not_trusted_is_named_with_the_reason(host, https, folder):
+    """The innermost cause of requests' and urllib3's wrappers, in a few words: what the user can act on."""
+    downloads = Downloads(10 << 20, 5, folder, LOOPBACK)
+    with pytest.raises(ValueError) as hung_up:
+        downloads.fetch_url(f"{host.url}/hangup.png?token=secret", "hangup.png")
+    assert str(hung_up.value) == (f"the file at {host.url}/hangup.png (query hidden) could not be fetched "
+                                  "(RemoteDisconnected: Remote end closed connection without response); check the URL, "
+                                  "or upload the file itself")
+    https.routes["/photo.png"] = (200, {}, b"\x89PNG")  # its certificate is not requests' to trust (no REQUESTS_CA_BUNDLE)
+    with pytest.raises(ValueError, match=r"^the file at https://127.0.0.1:\d+/photo.png could not be fetched "
+                                         r"\(SSLCertVerificationError: .*certificate verify failed: self.signed certificate"):
+        downloads.fetch_url(f"{https.url}/photo.png", "photo.png")
+    assert https.requests == [] and list(folder.iterdir()) == []
+
+
+@pytest.fixture
+def silent():
+    """A port that never answers a connection: a listening socket whose one-place queue (backlog 0) is held
+    full, so that Linux drops every further SYN and a connect waits out its timeout."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server, socket.create_connection(server.getsockname()):
+        yield server.getsockname()[1]  # the connection above fills the queue
+
+
+def test_a_host_that_never_answers_the_connection_is_cut_at_the_deadline_or_named_at_the_connect_timeout(silent, folder):
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"silent.png did not arrive within 1 s"):
+        Downloads(1 << 20, 1, folder, LOOPBACK).fetch_url(f"http://127.0.0.1:{silent}/silent.png", "silent.png")
+    assert 0.9 < time.monotonic() - started < 2
+    guard = egress.Guard(time.monotonic() + 30, LOOPBACK)  # requests' connect timeout comes first
+    with pytest.raises(egress.FetchError, match=r"^no answer from 127.0.0.1$"):
+        guard.connect(HTTPConnection("127.0.0.1", silent, timeout=0.3))
+    assert list(folder.iterdir()) == []
+
+
+def test_a_connection_is_made_as_urllib3_makes_it_within_the_deadline(host):
+    """TCP_NODELAY, urllib3's socket option, set; a guard past its deadline connects to nothing."""
+    port = int(host.url.rsplit(":", 1)[1])
+    with closing(egress.Guard(time.monotonic() + 5, LOOPBACK).connect(HTTPConnection("127.0.0.1", port))) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) and sock.getpeername() == ("127.0.0.1", port)
+    with pytest.raises(egress.Late):
+        egress.Guard(time.monotonic() - 1, LOOPBACK).connect(HTTPConnection("127.0.0.1", port))
+    with pytest.raises(egress.FetchError, match=r"^could not connect to 127.0.0.1: Connection refused$"):
+        egress.Guard(time.monotonic() + 5, LOOPBACK).connect(HTTPConnection("127.0.0.1", 9))  # the discard port
+
+
+def resolver(answers: dict[str, list[str]]):
+    """socket.getaddrinfo for the names in `answers`, in the 5-tuples Python documents for it (family, type,
+    proto, canonname, sockaddr), as a DNS server that holds those records would have it answered."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        if host not in answers:
+            return real(host, port, family, type, proto, flags)
+        return [(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (address, port, 0, 0) if ":" in address else (address, port)) for address in answers[host]]
+
+    return getaddrinfo
+
+
+def test_a_name_with_several_addresses_is_fetched_from_an_allowed_one_and_refused_when_none_is(host, folder, monkeypatch):
+    """A name whose records hold the metadata service first and the image host second: the connection goes to
+    the second, the first never tried; with no address allowed, every one is named."""
+    monkeypatch.setattr(socket, "getaddrinfo", resolver({"images.example.test": ["169.254.169.254", "127.0.0.1"],
+                                                         "internal.example.test": ["169.254.169.254", "10.0.0.1"]}))
+    port = host.url.rsplit(":", 1)[1]
+    fetched = Downloads(10 << 20, 5, folder, LOOPBACK).fetch_url(f"http://images.example.test:{port}/photo.png", "photo.png")
+    assert fetched.stat().st_size > 0 and host.served == ["/photo.png"]
+    with pytest.raises(ValueError, match=r"is not fetched: internal.example.test resolves to 169.254.169.254 "
+                                         r"\(link-local\), 10.0.0.1 \(private\), and this deployment"):
+        Downloads(10 << 20, 5, folder).fetch_url(f"http://internal.example.test:{port}/photo.png", "photo.png")
+    with pytest.raises(ValueError, match=r"could not connect to images.example.test at 127.0.0.1: Connection refused"):
+        Downloads(10 << 20, 5, folder, LOOPBACK).fetch_url("http://images.example.test:9/photo.png", "photo.png")
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/photo.png", "http://localhost:{port}/photo.png",
                                  "http://[::ffff:127.0.0.1]:{port}/photo.png", "http://0.0.0.0:{port}/photo.png",
                                  "HTTP://127.1:{port}/photo.png", "http://2130706433:{port}/photo.png"])
@@ -230,6 +311,14 @@ def test_addresses_that_are_not_public_in_ianas_registries_are_refused(address, 
     assert not egress.allowed(parsed, ()) and egress.kind(parsed) == kind
 
 
+@pytest.mark.parametrize("address", ["192.0.0.8", "192.0.0.170", "64:ff9b:1::a9fe:a9fe", "3fff::1", "5f00::1"])
+def test_blocks_newer_than_pythons_own_table_are_refused_on_every_python(address):
+    """Not globally reachable in IANA's registries: IPv4 dummy and NAT64 discovery addresses (RFC 7600, 7050),
+    local-use NAT64 (RFC 8215; it reaches the local network's IPv4), IPv6 documentation (RFC 9637) and SRv6
+    SIDs (RFC 9602). Python 3.12.1's ipaddress calls them global; 3.12.4 learnt most of them."""
+    assert not egress.allowed(ipaddress.ip_address(address), ())
+
+
 @pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "::ffff:8.8.8.8", "64:ff9b::808:808"])
 def test_public_addresses_are_allowed(address):
     assert egress.allowed(ipaddress.ip_address(address), ())
@@ -239,7 +328,7 @@ def test_the_listed_networks_are_allowed_and_nothing_else_of_them():
     networks = Settings(url_allow_networks="10.0.0.0/8, fd00:ec2::/32").url_networks
     for address in ("10.1.2.3", "::ffff:10.1.2.3", "fd00:ec2::1"):
         assert egress.allowed(ipaddress.ip_address(address), networks), address
-    for address in ("11.0.0.0", "192.168.1.1", "169.254.169.254", "fd00:ec3::1"):
+    for address in ("11.0.0.0", "192.168.1.1", "169.254.169.254", "fd00:ec3::1", "::ffff:192.168.1.1"):
         assert egress.allowed(ipaddress.ip_address(address), networks) == ipaddress.ip_address(address).is_global
 
 
@@ -332,6 +421,29 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
         assert image.name.endswith("photo.png") and mask.name.endswith(".png") and host.served == ["/photo.png"]
         assert nothing is None and local == tmp_path / "photo.png"  # a path of the caller's own, as it is
     assert list(folder.iterdir()) == [] and local.exists()
+
+
+def test_the_user_agent_is_cogs_when_the_deployment_sets_one(host, folder, monkeypatch):
+    """COG_USER_AGENT, which Cog's SDK sends when it is set (cog.types.URLFile); else requests' own."""
+    downloads = Downloads(10 << 20, 5, folder, LOOPBACK)
+    downloads.fetch_url(f"{host.url}/photo.png", "photo.png")
+    monkeypatch.setenv("COG_USER_AGENT", "cog-worker/0.23.1 (inpainting)")
+    downloads.fetch_url(f"{host.url}/photo.png", "photo.png")
+    assert host.agents[0].startswith("python-requests/") and host.agents[1] == "cog-worker/0.23.1 (inpainting)"
+
+
+def test_an_input_fetched_once_its_prediction_was_cut_ends_at_once_naming_it(host, folder, installed):
+    """A fetch whose thread starts only after the other input failed is cut as it starts."""
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"^image: the file at .*/trickle.png did not arrive within 30 s"), \
+            downloads.prediction() as fetched:
+        fetched.cut()
+        fetched.fetch({"image": given(f"{host.url}/trickle.png")}, Token())
+    assert time.monotonic() - started < 1 and list(folder.iterdir()) == []
+    with pytest.raises(ValueError, match=r"^mask: a data URI is over the limit of 10 bytes"), \
+            Downloads(10, 30, folder).install().prediction() as fetched:
+        fetched.fetch({"image": None, "mask": given("data:image/png;base64," + "eA" * 8)}, Token())
 
 
 def test_a_predictions_files_are_removed_when_it_ends_whatever_the_outcome(tmp_path, host, folder, installed):
