@@ -33,6 +33,7 @@ from urllib3.exceptions import HTTPError
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: an IPv4 address in the last 32 bits, reached through a translator
+READ_TIMEOUT_SECONDS = 10.0  # each connect and read, as Cog's SDK has them (cog.types.URLFile)
 # Blocks of IANA's special-purpose registries that are not globally reachable, which Python's own table
 # (ipaddress' is_global) lacks before 3.12.4: so that every 3.12 judges them alike.
 NOT_GLOBAL = tuple(ipaddress.ip_network(block) for block in (
@@ -192,7 +193,7 @@ class Guard:
             return error
         if isinstance(error, (TimeoutError, urllib3.exceptions.TimeoutError)):  # a read or connect, short of the deadline
             return FetchError("its host stopped answering")
-        return FetchError(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+        return FetchError(f"{type(error).__name__}: {error}".removesuffix(": "))
 
     def _hold(self, sock: socket.socket) -> None:
         with self._lock:
@@ -250,12 +251,13 @@ def _pool_classes(guard: Guard) -> dict[str, type]:
 
 
 @contextmanager
-def get(url: str, guard: Guard, headers: dict | None = None) -> Iterator[Body]:
+def get(url: str, guard: Guard, headers: dict | None = None, timeout: float = READ_TIMEOUT_SECONDS) -> Iterator[Body]:
     """GET `url` as Cog's SDK does (requests, streamed, a compressed transfer decoded), every connection
-    through `guard`: the body to read, or a FetchError. Everything is closed when the block ends."""
+    through `guard`: the body to read, or a FetchError. `timeout` bounds each connect and read (short of
+    the guard's deadline, a host that stops answering is named so). Everything is closed when the block ends."""
     with guard.session() as session:
         try:
-            response = session.get(url, stream=True, timeout=min(10.0, max(guard.deadline - time.monotonic(), 0.001)),
+            response = session.get(url, stream=True, timeout=min(timeout, max(guard.deadline - time.monotonic(), 0.001)),
                                    headers=headers)
         except _TRANSPORT as error:
             raise guard.failure(error) from None

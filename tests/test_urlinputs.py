@@ -40,7 +40,7 @@ class Host:
     256 MiB, so that a regression cannot fill the disk, as Cog's own fetch did); /trickle.png (a byte every
     0.2 s); /slow-headers.png (a header line every 0.2 s, for 8 s, before any body); /stall.png (a length of
     1,000 bytes, 10 of them sent, then nothing for 30 s); /bomb.png (Content-Encoding: gzip, 64 KiB that
-    inflate to 64 MiB of zeros); /missing.png (404); /moved.png?to=URL (302 to URL); /hangup.png (the
+    inflate to 64 MiB of zeros); /missing.png (404); /moved.png?to=URL (302 to URL); /loop.png (302 to itself); /hangup.png (the
     connection closed, no answer). `served` lists the paths asked for, `agents` their User-Agent headers."""
 
     def __init__(self, photo: bytes, address: str = "127.0.0.1") -> None:
@@ -64,9 +64,9 @@ class Host:
                 if path == "/missing.png":
                     self.send_error(404)
                     return
-                if path == "/moved.png":
+                if path in ("/moved.png", "/loop.png"):
                     self.send_response(302)
-                    self.send_header("Location", query["to"][0])
+                    self.send_header("Location", query["to"][0] if path == "/moved.png" else "/loop.png")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -222,6 +222,17 @@ def test_a_host_that_never_answers_the_connection_is_cut_at_the_deadline_or_name
     assert list(folder.iterdir()) == []
 
 
+def test_a_host_that_stops_answering_short_of_the_deadline_is_named_so(host):
+    """A read timeout (requests', Cog's SDK's 10 s; here shorter) that comes before the deadline."""
+    guard = egress.Guard(time.monotonic() + 30, LOOPBACK)
+    started = time.monotonic()
+    with pytest.raises(egress.FetchError, match=r"^its host stopped answering$"), guard, \
+            egress.get(f"{host.url}/stall.png", guard, timeout=0.3) as body:
+        while body.read1(1 << 20):
+            pass
+    assert time.monotonic() - started < 2 and not guard.expired
+
+
 def test_a_connection_is_made_as_urllib3_makes_it_within_the_deadline(host):
     """TCP_NODELAY, urllib3's socket option, set; a guard past its deadline connects to nothing."""
     port = int(host.url.rsplit(":", 1)[1])
@@ -293,6 +304,16 @@ def test_a_redirect_to_an_address_not_allowed_is_refused_before_a_byte_is_sent_t
         assert allowed.served == [f"/moved.png?to={target}"] and other.served == []
         other_allowed = Downloads(10 << 20, 5, folder, Settings(url_allow_networks="127.0.0.1,127.0.0.2").url_networks)
         assert other_allowed.fetch_url(f"{allowed.url}/moved.png?to={target}", "photo.png").read_bytes() == photo
+
+
+def test_a_redirect_loop_or_a_redirect_to_a_local_file_is_refused_by_name(host, folder):
+    downloads = Downloads(10 << 20, 5, folder, LOOPBACK)
+    with pytest.raises(ValueError, match=r"could not be fetched \(TooManyRedirects: Exceeded 30 redirects.\)"):
+        downloads.fetch_url(f"{host.url}/loop.png", "loop.png")
+    local = f"{host.url}/moved.png?to=" + urllib.parse.quote("file:///etc/passwd", safe="")
+    with pytest.raises(ValueError, match=r"could not be fetched \(InvalidSchema: No connection adapters were found"):
+        downloads.fetch_url(local, "moved.png")
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("address, kind", [
