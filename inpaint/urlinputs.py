@@ -120,11 +120,10 @@ class Downloads:
                           "(INPAINT_MAX_DOWNLOAD_SECONDS); send it from a faster host, or upload it")
 
     def fetch(self, source_file: BinaryIO, source: str, filename: str) -> Path:
-        """Copy `source_file` (an HTTP response's body or the bytes of a data URI, from `source`) into a new
-        file in the folder whose name ends in `filename`, within the byte limit and the deadline; a copy
-        that fails leaves nothing."""
-        deadline = time.monotonic() + self.max_seconds
-        # What has arrived (read1): a trickle meets the deadline. A raw file has read() alone.
+        """Copy `source_file` (an HTTP response's body, which its guard cuts at the deadline, or the bytes of
+        a data URI, from `source`) into a new file in the folder whose name ends in `filename`, within the
+        byte limit; a copy that fails leaves nothing."""
+        # What has arrived (read1): a trickle is counted as it comes. A raw file has read() alone.
         read = source_file.read1 if hasattr(source_file, "read1") else source_file.read
         with tempfile.NamedTemporaryFile(dir=self.folder, suffix=filename, delete=False) as dest:
             try:
@@ -134,8 +133,6 @@ class Downloads:
                     if copied > self.max_bytes:
                         raise ValueError(f"{_named(source)} is over the limit of {self.max_bytes:,} bytes "
                                          "(INPAINT_MAX_UPLOAD_BYTES); send a smaller or compressed image")
-                    if time.monotonic() > deadline:
-                        raise self._late(source)
                     dest.write(chunk)
             except BaseException:
                 Path(dest.name).unlink(missing_ok=True)
