@@ -20,6 +20,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+import requests
 from urllib3.connection import HTTPConnection
 
 from cogserver import CogServer, data_uri
@@ -231,6 +232,20 @@ def test_a_host_that_stops_answering_short_of_the_deadline_is_named_so(host):
         while body.read1(1 << 20):
             pass
     assert time.monotonic() - started < 2 and not guard.expired
+
+
+def test_a_failure_is_named_by_its_innermost_cause():
+    guard = egress.Guard(time.monotonic() + 30, ())
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except OSError as cause:
+            raise requests.ConnectionError("HTTPConnectionPool(host=...): Max retries exceeded") from cause
+    except requests.ConnectionError as wrapped:
+        assert str(guard.failure(wrapped)) == "ConnectionResetError: [Errno 104] Connection reset by peer"
+    assert str(guard.failure(ConnectionAbortedError())) == "ConnectionAbortedError"  # no message: the type alone
+    guard.cut()
+    assert isinstance(guard.failure(ConnectionAbortedError()), egress.Late)  # once cut, whatever broke
 
 
 def test_a_connection_is_made_as_urllib3_makes_it_within_the_deadline(host):
