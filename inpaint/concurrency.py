@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -131,6 +132,8 @@ class OutputFolders:
         self.grace_seconds = grace_seconds
         self._lock = threading.Lock()
         self._returned: deque[tuple[float, Path]] = deque()
+        # Those still in their grace go when the process exits (or this object does): nothing reads them then.
+        weakref.finalize(self, _remove_all, self._returned)
 
     @contextmanager
     def folder(self) -> Iterator[Path]:
@@ -150,3 +153,8 @@ class OutputFolders:
                 expired.append(self._returned.popleft()[1])
         for path in expired:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_all(returned: deque[tuple[float, Path]]) -> None:
+    for _, path in returned:
+        shutil.rmtree(path, ignore_errors=True)

@@ -18,10 +18,12 @@ names the input, and cancelling the prediction cuts its fetches.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -65,7 +67,10 @@ class Downloads:
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
         self.networks = tuple(networks)  # besides public addresses, those an input's URL may reach (egress.py)
-        self.folder = folder or Path(tempfile.mkdtemp(prefix="inpaint-inputs-"))
+        if folder is None:  # a folder of its own, removed with whatever is in it when the process exits
+            folder = Path(tempfile.mkdtemp(prefix="inpaint-inputs-"))
+            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        self.folder = folder
 
     def install(self) -> Downloads:
         """From now on, Cog's SDK hands run() each URL or data URI input of this process as a Pending path,

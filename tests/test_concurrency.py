@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +25,8 @@ from inpaint import pipeline
 from inpaint.concurrency import Cancelled, CancelToken, DeviceQueue, OutputFolders, run_cancellable
 from inpaint.inputs import check_inputs
 from inpaint.service import DeviceFailed, GPUOutOfMemory, Inpainter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------- the parts
 
@@ -134,6 +138,20 @@ def test_output_folders_outlive_their_run_by_the_grace_period():
     time.sleep(0.35)
     with folders.folder() as third:
         assert not first.exists() and not second.exists() and third.exists()
+
+
+def test_output_folders_still_in_their_grace_go_when_the_process_ends():
+    """Before, a server stopped after a busy minute left that minute's outputs in /tmp for good."""
+    script = ("from inpaint.concurrency import OutputFolders\n"
+              "folders = OutputFolders()\n"
+              "for _ in range(3):\n"
+              "    with folders.folder() as path:\n"
+              "        (path / 'out-0.png').write_bytes(b'x')\n"
+              "        print(path)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr
+    made = [Path(line) for line in run.stdout.split()]
+    assert len(made) == 3 and not any(path.exists() for path in made)
 
 
 def test_an_output_folder_removed_by_someone_else_does_not_fail_the_next_prediction(tmp_path):
