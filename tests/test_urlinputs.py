@@ -550,8 +550,8 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
                 response.get("error")
             assert time.monotonic() - started < 15
             assert list(folder.iterdir()) == []
-        # A prediction whose mask fails while its image arrives: before, the image stayed on disk until a later fetch swept it, two minutes on
-        # (docs/serving.md, "Input files"). Three clients at once, for a few seconds.
+        # A prediction whose mask fails while its image arrives: before, the image stayed on disk until a later
+        # fetch swept it, two minutes on (docs/serving.md, "Input files"). Three clients at once, for a few seconds.
         def abandon() -> int:
             count, end = 0, time.monotonic() + 5
             while time.monotonic() < end:
