@@ -107,7 +107,7 @@ class Downloads:
         agent = os.environ.get("COG_USER_AGENT")  # the SDK sends it when set
         try:
             with guard, egress.get(url, guard, {"User-Agent": agent} if agent else None) as body:
-                return self.fetch(body, url, filename)  # the guard cuts it at its deadline
+                return self.copy(body, url, filename)  # the guard cuts it at its deadline
         except egress.Late:
             raise self._late(url) from None
         except egress.RefusedAddress as refused:
@@ -124,7 +124,7 @@ class Downloads:
         return ValueError(f"{_named(source)} did not arrive within {self.max_seconds:g} s "
                           "(INPAINT_MAX_DOWNLOAD_SECONDS); send it from a faster host, or upload it")
 
-    def fetch(self, source_file: BinaryIO, source: str, filename: str) -> Path:
+    def copy(self, source_file: BinaryIO, source: str, filename: str) -> Path:
         """Copy `source_file` (an HTTP response's body, which its guard cuts at the deadline, or the bytes of
         a data URI, from `source`) into a new file in the folder whose name ends in `filename`, within the
         byte limit; a copy that fails leaves nothing."""
@@ -186,7 +186,7 @@ class Inputs:
         downloads = self.downloads
         try:
             if not pending.is_url:  # a data URI: its bytes are here already
-                path = downloads.fetch(pending.opened(), pending.source, pending.filename)
+                path = downloads.copy(pending.opened(), pending.source, pending.filename)
             else:
                 guard = egress.Guard(time.monotonic() + downloads.max_seconds, downloads.networks)
                 with self._lock:

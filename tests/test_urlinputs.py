@@ -8,7 +8,6 @@ import gzip
 import http.server
 import io
 import ipaddress
-import math
 import re
 import socket
 import stat
@@ -28,6 +27,7 @@ from cogserver import CogServer, data_uri
 from conftest import make_mask, make_photo
 
 from inpaint import egress
+from inpaint.concurrency import CancelToken
 from inpaint.config import Settings
 from inpaint.urlinputs import Downloads
 
@@ -394,9 +394,9 @@ def test_a_file_of_exactly_the_limit_is_fetched_and_one_byte_more_is_not(tmp_pat
     (tmp_path / "over").write_bytes(b"x" * 1001)
     downloads = Downloads(1000, 30, folder)
     with open(tmp_path / "exact", "rb", buffering=0) as raw:  # a raw file has read() alone, no read1()
-        assert downloads.fetch(raw, "https://example.com/exact.png", "exact.png").read_bytes() == b"x" * 1000
+        assert downloads.copy(raw, "https://example.com/exact.png", "exact.png").read_bytes() == b"x" * 1000
     with open(tmp_path / "over", "rb") as over, pytest.raises(ValueError, match="is over the limit of 1,000 bytes"):
-        downloads.fetch(over, "https://example.com/over.png", "over.png")
+        downloads.copy(over, "https://example.com/over.png", "over.png")
 
 
 def test_by_default_the_files_go_to_a_private_folder_of_their_own_in_the_temporary_folder_which_goes_with_them():
@@ -413,19 +413,7 @@ def test_by_default_the_files_go_to_a_private_folder_of_their_own_in_the_tempora
 def test_a_data_uri_over_the_limit_is_named_without_its_data(tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(ValueError, match="^a data URI is over the limit of 10 bytes"):
-        Downloads(10, 30, tmp_path / "in").fetch(io.BytesIO(b"x" * 11), "data:image/png;base64," + "eA" * 8, "file.png")
-
-
-class Token:
-    """A prediction's cancel token as run_cancellable hands it over (concurrency.CancelToken's `cancelled`),
-    set `after` seconds."""
-
-    def __init__(self, after: float = math.inf) -> None:
-        self.at = time.monotonic() + after
-
-    @property
-    def cancelled(self) -> bool:
-        return time.monotonic() >= self.at
+        Downloads(10, 30, tmp_path / "in").copy(io.BytesIO(b"x" * 11), "data:image/png;base64," + "eA" * 8, "file.png")
 
 
 @pytest.fixture
@@ -455,7 +443,7 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
     assert all(isinstance(path, CogPath) for path in inputs[:2]) and not any(path.exists() for path in inputs[:2])
     assert host.served == [] and list(folder.iterdir()) == []
     with downloads.prediction() as fetched:
-        image, mask, nothing, local = fetched.fetch(dict(zip(("image", "mask", "none", "local"), inputs)), Token())
+        image, mask, nothing, local = fetched.fetch(dict(zip(("image", "mask", "none", "local"), inputs)), CancelToken())
         assert image.parent == folder == mask.parent and image.read_bytes() == photo == mask.read_bytes()
         assert image.name.endswith("photo.png") and mask.name.endswith(".png") and host.served == ["/photo.png"]
         assert nothing is None and local == tmp_path / "photo.png"  # a path of the caller's own, as it is
@@ -478,17 +466,17 @@ def test_an_input_fetched_once_its_prediction_was_cut_ends_at_once_naming_it(hos
     with pytest.raises(ValueError, match=r"^image: the file at .*/trickle.png did not arrive within 30 s"), \
             downloads.prediction() as fetched:
         fetched.cut()
-        fetched.fetch({"image": given(f"{host.url}/trickle.png")}, Token())
+        fetched.fetch({"image": given(f"{host.url}/trickle.png")}, CancelToken())
     assert time.monotonic() - started < 1 and list(folder.iterdir()) == []
     with pytest.raises(ValueError, match=r"^mask: a data URI is over the limit of 10 bytes"), \
             Downloads(10, 30, folder).install().prediction() as fetched:
-        fetched.fetch({"image": None, "mask": given("data:image/png;base64," + "eA" * 8)}, Token())
+        fetched.fetch({"image": None, "mask": given("data:image/png;base64," + "eA" * 8)}, CancelToken())
 
 
 def test_a_predictions_files_are_removed_when_it_ends_whatever_the_outcome(tmp_path, host, folder, installed):
     downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
     with pytest.raises(RuntimeError), downloads.prediction() as fetched:
-        fetched.fetch({"image": given(f"{host.url}/photo.png")}, Token())
+        fetched.fetch({"image": given(f"{host.url}/photo.png")}, CancelToken())
         assert len(list(folder.iterdir())) == 1
         raise RuntimeError("a failed prediction")
     assert list(folder.iterdir()) == []
@@ -504,7 +492,7 @@ def test_the_first_input_that_fails_cuts_the_other_at_once_and_leaves_nothing(ho
     started = time.monotonic()
     with pytest.raises(ValueError, match=f"^mask: the file at {host.url}/{failing} {message}"), \
             downloads.prediction() as fetched:
-        fetched.fetch({"image": given(f"{host.url}/trickle.png"), "mask": given(f"{host.url}/{failing}")}, Token())
+        fetched.fetch({"image": given(f"{host.url}/trickle.png"), "mask": given(f"{host.url}/{failing}")}, CancelToken())
     assert time.monotonic() - started < 2  # not the trickle's 30 s deadline
     assert list(folder.iterdir()) == []
 
@@ -513,8 +501,9 @@ def test_a_cancel_cuts_the_fetches_and_leaves_nothing(host, folder, installed):
     downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
     started = time.monotonic()
     with pytest.raises(ValueError), downloads.prediction() as fetched:
-        fetched.fetch({"image": given(f"{host.url}/trickle.png"), "mask": given(f"{host.url}/slow-headers.png")},
-                      Token(after=0.3))
+        token = CancelToken()
+        threading.Timer(0.3, token.cancel).start()  # as run_cancellable sets it when Cog cancels the prediction
+        fetched.fetch({"image": given(f"{host.url}/trickle.png"), "mask": given(f"{host.url}/slow-headers.png")}, token)
     assert time.monotonic() - started < 1.5
     assert list(folder.iterdir()) == []
 
