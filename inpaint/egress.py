@@ -11,7 +11,9 @@ the connection goes to the proxy, and the proxy's rules apply instead.
 
 requests bounds each read of a socket, not a fetch: a host that sends a header byte every few
 seconds held the fetch for as long as it liked. Each connection is therefore shut down at the deadline,
-whatever it waits for; only the name lookup (the resolver's own timeouts) is outside it.
+whatever it waits for. A name lookup cannot be interrupted (getaddrinfo blocks for the resolver's own
+timeouts, resolv.conf(5)), so it runs in a thread of its own that the fetch stops waiting for at the
+deadline or a cut, and that ends when the resolver gives up.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class Guard:
         self.deadline, self.networks = deadline, tuple(networks)
         self.expired = False
         self._sockets: list[socket.socket] = []  # duplicates of the connections' sockets: shut down, they end both
+        self._lookups: list[threading.Event] = []  # name lookups waited for: set, they stop the wait
         self._lock = threading.Lock()
         self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self.cut)
         self._timer.daemon = True
@@ -141,15 +144,14 @@ class Guard:
                     duplicate.shutdown(socket.SHUT_RDWR)  # wakes a read blocked on it, TLS or not, with an end of file
                 except OSError:  # not connected yet, or closed
                     pass
+            for waited in self._lookups:
+                waited.set()
 
     def connect(self, conn: HTTPConnection) -> socket.socket:
         """urllib3's HTTPConnection._new_conn: the host's name resolved once, and a connection made to the
         first of its addresses allowed (any, to a proxy) that answers, within the deadline."""
         host = conn.host
-        try:
-            found = socket.getaddrinfo(host, conn.port, 0, socket.SOCK_STREAM)
-        except socket.gaierror:
-            raise FetchError("its host name was not found") from None
+        found = self._resolve(host, conn.port)
         addresses = [(entry, ipaddress.ip_address(entry[4][0])) for entry in found]
         usable = [(entry, address) for entry, address in addresses
                   if conn.proxy is not None or allowed(address, self.networks)]
@@ -164,6 +166,38 @@ class Guard:
                 failure = FetchError(f"no answer from {_at(host, address)}" if isinstance(error, TimeoutError) else
                                      f"could not connect to {_at(host, address)}: {error.strerror or error}")
         raise failure
+
+    def _resolve(self, host: str, port: int) -> list[tuple]:
+        """getaddrinfo's answer for `host`, waited for until the deadline or a cut (then Late). The lookup
+        runs in a daemon thread, left to end when the resolver gives up, since nothing can interrupt it."""
+        answer: list = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                answer.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+            except OSError as error:  # socket.gaierror, or the rare OSError of EAI_SYSTEM
+                answer.append(error)
+            finally:
+                done.set()
+
+        with self._lock:
+            if self.expired:
+                raise Late()
+            self._lookups.append(done)
+        try:
+            threading.Thread(target=lookup, name="inpaint-resolve", daemon=True).start()
+            done.wait(max(0.0, self.deadline - time.monotonic()))
+        finally:
+            with self._lock:
+                self._lookups.remove(done)
+        if self.expired or not answer:
+            raise Late()
+        if isinstance(answer[0], socket.gaierror) and answer[0].errno == socket.EAI_AGAIN:
+            raise FetchError("the DNS did not answer for its host name")
+        if isinstance(answer[0], OSError):
+            raise FetchError("its host name was not found")
+        return answer[0]
 
     def _connect(self, sock: socket.socket, sockaddr: tuple, conn: HTTPConnection) -> socket.socket:
         try:

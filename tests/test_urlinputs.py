@@ -289,6 +289,41 @@ def test_a_name_with_several_addresses_is_fetched_from_an_allowed_one_and_refuse
         Downloads(10 << 20, 5, folder, LOOPBACK).fetch_url("http://images.example.test:9/photo.png", "photo.png")
 
 
+@pytest.fixture
+def unanswered(monkeypatch):
+    """socket.getaddrinfo for a name whose DNS server does not answer: it blocks (glibc's for `timeout` times
+    `attempts` for each server resolv.conf(5) lists; here until `release` is set, or the test ends), then
+    fails with EAI_AGAIN ("Temporary failure in name resolution"). Other names are the real one's."""
+    real, release = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(host, port, *args):
+        if host != "unanswered.example.test":
+            return real(host, port, *args)
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield release
+    release.set()
+
+
+def test_a_name_lookup_that_gets_no_answer_is_cut_at_the_deadline_and_named_when_it_fails_short_of_it(folder,
+                                                                                                      unanswered):
+    """getaddrinfo cannot be interrupted: before, a lookup held the fetch for the resolver's timeouts,
+    past the deadline (docs/serving.md, "Input files")."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"^the file at http://unanswered.example.test/photo.png did not arrive "
+                                         r"within 1 s \(INPAINT_MAX_DOWNLOAD_SECONDS\)"):
+        Downloads(1 << 20, 1, folder).fetch_url("http://unanswered.example.test/photo.png", "photo.png")
+    assert 0.9 < time.monotonic() - started < 2
+    threading.Timer(0.2, unanswered.set).start()  # the resolver gives up first
+    with pytest.raises(ValueError) as failed:
+        Downloads(1 << 20, 30, folder).fetch_url("http://unanswered.example.test/photo.png", "photo.png")
+    assert str(failed.value) == ("the file at http://unanswered.example.test/photo.png could not be fetched (the DNS "
+                                 "did not answer for its host name); check the URL, or upload the file itself")
+    assert list(folder.iterdir()) == []
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/photo.png", "http://localhost:{port}/photo.png",
                                  "http://[::ffff:127.0.0.1]:{port}/photo.png", "http://0.0.0.0:{port}/photo.png",
                                  "HTTP://127.1:{port}/photo.png", "http://2130706433:{port}/photo.png"])
@@ -506,6 +541,18 @@ def test_a_cancel_cuts_the_fetches_and_leaves_nothing(host, folder, installed):
         fetched.fetch({"image": given(f"{host.url}/trickle.png"), "mask": given(f"{host.url}/slow-headers.png")}, token)
     assert time.monotonic() - started < 1.5
     assert list(folder.iterdir()) == []
+
+
+def test_a_cancel_cuts_a_name_lookup_that_gets_no_answer(host, folder, installed, unanswered):
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"^(image|mask): .* did not arrive within 30 s"), \
+            downloads.prediction() as fetched:
+        token = CancelToken()
+        threading.Timer(0.3, token.cancel).start()
+        fetched.fetch({"image": given(f"{host.url}/trickle.png"),
+                       "mask": given("http://unanswered.example.test/mask.png")}, token)
+    assert time.monotonic() - started < 1.5 and list(folder.iterdir()) == []
 
 
 @pytest.mark.slow
