@@ -327,21 +327,28 @@ def redact(url: str) -> str:
 
 class _Budget:
     """A file-like view of a download that stops it past a byte cap or an overall deadline (the
-    socket's own timeout bounds each read, this bounds them all)."""
+    socket's own timeout bounds each read, this bounds them all). It reads what has arrived (read1) and
+    looks at the clock between reads: a response's read(size) waits for all `size` bytes, and a host that
+    trickled them held it for as long as it liked."""
 
     def __init__(self, response, max_bytes: int, deadline: float, url: str) -> None:
         self.response, self.max_bytes, self.deadline, self.url, self.read_bytes = response, max_bytes, deadline, url, 0
 
-    def read(self, size: int) -> bytes:  # tarfile always asks for a size
-        if time.monotonic() > self.deadline:
-            raise WeightsError(f"the weights archive {self.url} took longer than INPAINT_WEIGHTS_ARCHIVE_TIMEOUT allows")
-        data = self.response.read(size)
-        self.read_bytes += len(data)
-        if self.read_bytes > self.max_bytes:
-            raise WeightsError(
-                f"the weights archive {self.url} is over {self.max_bytes:,} bytes (INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES)"
-            )
-        return data
+    def read(self, size: int) -> bytes:  # tarfile always asks for a size, and looks for a compression's magic in it
+        data = bytearray()
+        while len(data) < size:
+            if time.monotonic() > self.deadline:
+                raise WeightsError(f"the weights archive {self.url} took longer than INPAINT_WEIGHTS_ARCHIVE_TIMEOUT allows")
+            chunk = self.response.read1(size - len(data))
+            if not chunk:
+                break
+            data += chunk
+            self.read_bytes += len(chunk)
+            if self.read_bytes > self.max_bytes:
+                raise WeightsError(
+                    f"the weights archive {self.url} is over {self.max_bytes:,} bytes (INPAINT_WEIGHTS_ARCHIVE_MAX_BYTES)"
+                )
+        return bytes(data)
 
 
 def archive_cap(settings: Settings) -> int:
