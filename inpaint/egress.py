@@ -13,7 +13,10 @@ requests bounds each read of a socket, not a fetch: a host that sends a header b
 seconds held the fetch for as long as it liked. Each connection is therefore shut down at the deadline,
 whatever it waits for. A name lookup cannot be interrupted (getaddrinfo blocks for the resolver's own
 timeouts, resolv.conf(5)), so it runs in a thread of its own that the fetch stops waiting for at the
-deadline or a cut, and that ends when the resolver gives up.
+deadline or a cut, and that ends when the resolver gives up. A cancelled prediction no longer waits for
+its lookup, so a client that sent and cancelled requests for names that never resolve could leave a
+thread each: the lookups under way at once are bounded (`Guard`'s `lookups`), and a fetch waits for a
+free one within its deadline.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import requests
@@ -35,6 +38,8 @@ from urllib3.exceptions import HTTPError
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: an IPv4 address in the last 32 bits, reached through a translator
+LOOKUPS_AT_ONCE = 16  # name lookups under way in a process at once (a thread each), where a Downloads bounds them
+LOOKUP_WAIT_SECONDS = 0.05  # how often a fetch waiting for a free lookup looks whether it was cut
 READ_TIMEOUT_SECONDS = 10.0  # each connect and read, as Cog's SDK has them (cog.types.URLFile)
 # Blocks of IANA's special-purpose registries that are not globally reachable, which Python's own table
 # (ipaddress' is_global) lacks before 3.12.4: so that every 3.12 judges them alike.
@@ -113,10 +118,13 @@ def _embedded(address: Address) -> ipaddress.IPv4Address | None:
 class Guard:
     """One fetch's connections: each made to an allowed address (unless it goes to a proxy), and every one
     shut down at the deadline, or when `cut` is called (the prediction was cancelled, or its other input
-    failed). Use it as a context manager around the fetch."""
+    failed). `lookups`, shared by the guards of a process, bounds the name lookups under way at once.
+    Use it as a context manager around the fetch."""
 
-    def __init__(self, deadline: float, networks: Sequence[Network]) -> None:
+    def __init__(self, deadline: float, networks: Sequence[Network],
+                 lookups: threading.Semaphore | None = None) -> None:
         self.deadline, self.networks = deadline, tuple(networks)
+        self.lookups = lookups or threading.Semaphore(1)  # a guard's own: its connections look up one at a time
         self.expired = False
         self._sockets: list[socket.socket] = []  # duplicates of the connections' sockets: shut down, they end both
         self._lookups: list[threading.Event] = []  # name lookups waited for: set, they stop the wait
@@ -179,15 +187,17 @@ class Guard:
             except OSError as error:  # socket.gaierror, or the rare OSError of EAI_SYSTEM
                 answer.append(error)
             finally:
+                self.lookups.release()
                 done.set()
 
         with self._lock:
+            self._lookups.append(done)  # from here a cut ends the wait
             if self.expired:
-                raise Late()
-            self._lookups.append(done)
+                done.set()
         try:
-            threading.Thread(target=lookup, name="inpaint-resolve", daemon=True).start()
-            done.wait(max(0.0, self.deadline - time.monotonic()))
+            if not done.is_set():
+                self._start(lookup)
+                done.wait(max(0.0, self.deadline - time.monotonic()))
         finally:
             with self._lock:
                 self._lookups.remove(done)
@@ -198,6 +208,17 @@ class Guard:
         if isinstance(answer[0], OSError):
             raise FetchError("its host name was not found")
         return answer[0]
+
+    def _start(self, lookup: Callable[[], None]) -> None:
+        """Start `lookup` in a thread once one of `lookups` is free (the lookup frees it as it ends)."""
+        while not self.lookups.acquire(timeout=LOOKUP_WAIT_SECONDS):  # all taken: one frees as its resolver answers
+            if self.expired or time.monotonic() >= self.deadline:
+                raise Late()
+        try:
+            threading.Thread(target=lookup, name="inpaint-resolve", daemon=True).start()
+        except BaseException:
+            self.lookups.release()
+            raise
 
     def _connect(self, sock: socket.socket, sockaddr: tuple, conn: HTTPConnection) -> socket.socket:
         try:

@@ -67,6 +67,7 @@ class Downloads:
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
         self.networks = tuple(networks)  # besides public addresses, those an input's URL may reach (egress.py)
+        self.lookups = threading.Semaphore(egress.LOOKUPS_AT_ONCE)  # the name lookups of all its fetches
         if folder is None:  # a folder of its own, removed with whatever is in it when the process exits
             folder = Path(tempfile.mkdtemp(prefix="inpaint-inputs-"))
             weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
@@ -103,7 +104,7 @@ class Downloads:
     def fetch_url(self, url: str, filename: str, guard: egress.Guard | None = None) -> Path:
         """GET `url` as Cog's SDK would, through egress's guard (a new one by default): allowed addresses
         only, and one deadline for the connections, the headers and the body."""
-        guard = guard or egress.Guard(time.monotonic() + self.max_seconds, self.networks)
+        guard = guard or self.guard()
         agent = os.environ.get("COG_USER_AGENT")  # the SDK sends it when set
         try:
             with guard, egress.get(url, guard, {"User-Agent": agent} if agent else None) as body:
@@ -119,6 +120,10 @@ class Downloads:
         except egress.FetchError as error:
             raise ValueError(f"{_named(url)} could not be fetched ({error}); check the URL, or upload the file "
                              "itself") from None
+
+    def guard(self) -> egress.Guard:
+        """A new fetch's guard: its deadline starts now."""
+        return egress.Guard(time.monotonic() + self.max_seconds, self.networks, self.lookups)
 
     def _late(self, source: str) -> ValueError:
         return ValueError(f"{_named(source)} did not arrive within {self.max_seconds:g} s "
@@ -188,7 +193,7 @@ class Inputs:
             if not pending.is_url:  # a data URI: its bytes are here already
                 path = downloads.copy(pending.opened(), pending.source, pending.filename)
             else:
-                guard = egress.Guard(time.monotonic() + downloads.max_seconds, downloads.networks)
+                guard = downloads.guard()
                 with self._lock:
                     self._guards.append(guard)
                     if self._cut:

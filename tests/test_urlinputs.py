@@ -324,6 +324,34 @@ def test_a_name_lookup_that_gets_no_answer_is_cut_at_the_deadline_and_named_when
     assert list(folder.iterdir()) == []
 
 
+def test_lookups_left_to_a_resolver_that_does_not_answer_are_bounded_and_a_fetch_waits_for_one_within_its_deadline(
+        host, folder, unanswered):
+    """A cut fetch leaves its lookup to the resolver: a client that sent and cancelled requests for names
+    that never resolve would leave a thread each. At most LOOKUPS_AT_ONCE are under way in a Downloads."""
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK)
+
+    def resolving() -> int:
+        return sum(thread.name == "inpaint-resolve" for thread in threading.enumerate())
+
+    before = resolving()
+    for _ in range(egress.LOOKUPS_AT_ONCE + 8):
+        guard = downloads.guard()
+        threading.Timer(0.05, guard.cut).start()  # as a cancel cuts it
+        with pytest.raises(ValueError, match="did not arrive within 30 s"):
+            downloads.fetch_url("http://unanswered.example.test/photo.png", "photo.png", guard)
+    assert resolving() - before == egress.LOOKUPS_AT_ONCE
+    started = time.monotonic()
+    with pytest.raises(egress.Late):  # all taken: it waits, then its deadline passes
+        egress.Guard(time.monotonic() + 0.5, LOOPBACK, downloads.lookups).connect(HTTPConnection("localhost", 80))
+    assert 0.4 < time.monotonic() - started < 1.5
+    unanswered.set()  # the resolver gives up on them: each frees its place
+    while resolving() > before and time.monotonic() - started < 10:
+        time.sleep(0.01)
+    assert resolving() == before
+    port = host.url.rsplit(":", 1)[1]
+    assert downloads.fetch_url(f"http://localhost:{port}/photo.png", "photo.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/photo.png", "http://localhost:{port}/photo.png",
                                  "http://[::ffff:127.0.0.1]:{port}/photo.png", "http://0.0.0.0:{port}/photo.png",
                                  "HTTP://127.1:{port}/photo.png", "http://2130706433:{port}/photo.png"])
