@@ -316,6 +316,10 @@ def test_a_name_lookup_that_gets_no_answer_is_cut_at_the_deadline_and_named_when
                                          r"within 1 s \(INPAINT_MAX_DOWNLOAD_SECONDS\)"):
         Downloads(1 << 20, 1, folder).fetch_url("http://unanswered.example.test/photo.png", "photo.png")
     assert 0.9 < time.monotonic() - started < 2
+    started = time.monotonic()
+    with pytest.raises(egress.Late):  # a guard outside a with block (no timer to cut it) still keeps its deadline
+        egress.Guard(time.monotonic() + 0.3, ()).connect(HTTPConnection("unanswered.example.test", 80))
+    assert time.monotonic() - started < 0.9
     threading.Timer(0.2, unanswered.set).start()  # the resolver gives up first
     with pytest.raises(ValueError) as failed:
         Downloads(1 << 20, 30, folder).fetch_url("http://unanswered.example.test/photo.png", "photo.png")
@@ -330,8 +334,8 @@ def test_lookups_left_to_a_resolver_that_does_not_answer_are_bounded_and_a_fetch
     that never resolve would leave a thread each. At most LOOKUPS_AT_ONCE are under way in a Downloads."""
     downloads = Downloads(1 << 20, 30, folder, LOOPBACK)
 
-    def resolving() -> int:
-        return sum(thread.name == "inpaint-resolve" for thread in threading.enumerate())
+    def resolving() -> int:  # (daemon threads: one the resolver holds does not hold up the process's exit)
+        return sum(thread.name == "inpaint-resolve" and thread.daemon for thread in threading.enumerate())
 
     before = resolving()
     for _ in range(egress.LOOKUPS_AT_ONCE + 8):
