@@ -6,11 +6,12 @@ import functools
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,40 @@ def https(tmp_path, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(server.cert))
     yield server
     server.close()
+
+
+@pytest.fixture
+def host(tmp_path):
+    """A real HTTP host on loopback (tests/webhost.py) serving a photo, and the routes of hostile hosts."""
+    from webhost import Host
+
+    with closing(Host(make_photo(tmp_path / "photo.png").read_bytes())) as running:
+        yield running
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """The folder fetched inputs go to."""
+    (tmp_path / "in").mkdir()
+    return tmp_path / "in"
+
+
+@pytest.fixture
+def unanswered(monkeypatch):
+    """socket.getaddrinfo for a name whose DNS server does not answer: it blocks (glibc's for `timeout` times
+    `attempts` for each server resolv.conf(5) lists; here until `release` is set, or the test ends), then
+    fails with EAI_AGAIN ("Temporary failure in name resolution"). Other names are the real one's."""
+    real, release = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(host, port, *args):
+        if host != "unanswered.example.test":
+            return real(host, port, *args)
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield release
+    release.set()
 
 
 class Counting:
