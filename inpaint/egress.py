@@ -13,10 +13,10 @@ requests bounds each read of a socket, not a fetch: a host that sends a header b
 seconds held the fetch for as long as it liked. Each connection is therefore shut down at the deadline,
 whatever it waits for. A name lookup cannot be interrupted (getaddrinfo blocks for the resolver's own
 timeouts, resolv.conf(5)), so it runs in a thread of its own that the fetch stops waiting for at the
-deadline or a cut, and that ends when the resolver gives up. A cancelled prediction no longer waits for
-its lookup, so a client that sent and cancelled requests for names that never resolve could leave a
-thread each: the lookups under way at once are bounded (`Guard`'s `lookups`), and a fetch waits for a
-free one within its deadline.
+deadline or a cut, and that ends when the resolver gives up. Since a cut fetch leaves its lookup behind,
+a client that sent and cancelled requests for names that never resolve could leave a thread each: the
+lookups under way at once are bounded (`Guard`'s `lookups`), and a fetch waits for a free one within
+its deadline.
 """
 
 from __future__ import annotations
