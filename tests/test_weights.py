@@ -413,6 +413,23 @@ def test_an_archive_that_trickles_is_stopped_at_the_deadline(tiny_settings, http
     assert not any((Path(os.environ["XDG_CACHE_HOME"]) / "inpaint").glob("weights-*"))  # nothing half-unpacked is left
 
 
+def test_an_archive_read_in_pieces_gives_tarfile_exactly_the_bytes_it_asks_for():
+    """A response hands over what has arrived (read1), often less than asked: the reads are joined up to
+    the size asked, never past it, and the last one is what was left."""
+
+    class Arriving:  # a response whose bytes arrive three at a time
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def read1(self, size: int) -> bytes:
+            piece, self.data = self.data[:min(size, 3)], self.data[min(size, 3):]
+            return piece
+
+    budget = weights_module._Budget(Arriving(bytes(range(20))), 1 << 20, time.monotonic() + 60, "https://example.test/w.tar")
+    assert budget.read(10) == bytes(range(10)) and budget.read(16) == bytes(range(10, 20)) and budget.read(4) == b""
+    assert budget.read_bytes == 20
+
+
 @pytest.mark.slow
 def test_the_signed_url_stays_out_of_the_setup_logs_that_the_server_hands_out(weights_copy, https, tmp_path):
     """Cog's server returns setup logs from GET /health-check: a signed COG_WEIGHTS must not be in them."""
