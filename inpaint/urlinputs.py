@@ -12,11 +12,17 @@ a path that says what to fetch (`Pending`). `run()` fetches its inputs once it h
 once, through `Downloads.prediction` (URLs through egress.py: allowed addresses only, one deadline,
 headers included), and every file it fetched is removed when it ends, whatever the outcome: nothing
 is written that no `run()` holds. A refused or failed fetch fails the prediction with a message that
-names the input, and cancelling the prediction cuts its fetches.
+names the input, and cancelling the prediction cuts its fetches. It replaces `Path.validate` for data
+URIs too, which the SDK decoded there, before `run()`: a damaged one failed with base64's bare words and
+no input named.
 """
 
 from __future__ import annotations
 
+import base64
+import email.message
+import io
+import mimetypes
 import os
 import shutil
 import tempfile
@@ -24,7 +30,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,12 +53,11 @@ class Cancellable(Protocol):
 
 @dataclass(frozen=True)
 class Pending:
-    """An input Cog's server was given as `source` (an http(s) URL, or a data URI whose bytes `opened`
-    returns, decoded already) and has not fetched."""
+    """An input Cog's server was given as `source` (an http(s) URL, or a data URI) and has neither fetched
+    nor decoded."""
 
     source: str
     filename: str
-    opened: Callable[[], BinaryIO]
 
     @property
     def is_url(self) -> bool:
@@ -80,15 +85,24 @@ class Downloads:
         from cog.types import URLPath
 
         folder = self.folder
+        cog_validate = CogPath.validate.__func__
+
+        def validate(cls: type[CogPath], value: object) -> Path:
+            """Cog's, but a data URI is not decoded here (Cog's decodes it twice, and a damaged one failed
+            with base64's bare words and no input named): run() decodes it."""
+            if isinstance(value, str) and urllib.parse.urlparse(value).scheme == "data":
+                return URLPath(source=value, filename=data_filename(value), fileobj=io.BytesIO())  # (never read)
+            return cog_validate(cls, value)
 
         def convert(self: URLPath) -> CogPath:
             """A path for run() that says what to fetch (nothing is fetched here; the path names no file)."""
             if self._path is None:
                 path = CogPath(folder / f"not-fetched-{self.filename}")
-                setattr(path, PENDING, Pending(self.source, self.filename, lambda: self.fileobj))
+                setattr(path, PENDING, Pending(self.source, self.filename))
                 self._path = path
             return self._path
 
+        CogPath.validate = classmethod(validate)
         URLPath.convert = convert
         return self
 
@@ -190,8 +204,9 @@ class Inputs:
     def _one(self, name: str, pending: Pending) -> Path:
         downloads = self.downloads
         try:
-            if not pending.is_url:  # a data URI: its bytes are here already
-                path = downloads.copy(pending.opened(), pending.source, pending.filename)
+            if not pending.is_url:  # a data URI: its bytes are in the request
+                with _decoded(pending.source) as data:
+                    path = downloads.copy(data, pending.source, pending.filename)
             else:
                 guard = downloads.guard()
                 with self._lock:
@@ -219,6 +234,31 @@ class Inputs:
             files, self.files = self.files, []
         for path in files:
             path.unlink(missing_ok=True)
+
+
+def data_filename(uri: str) -> str:
+    """The name Cog's SDK gives a data URI's file ("file" and its media type's extension, cog.types.get_filename),
+    read from the URI's header alone."""
+    media_type = uri.partition(":")[2].partition(",")[0].removesuffix(";base64")
+    header = email.message.Message()
+    header["Content-Type"] = media_type or "text/plain;charset=US-ASCII"  # RFC 2397's default, as urllib has it
+    return "file" + (mimetypes.guess_extension(header.get_content_type()) or "")
+
+
+def _decoded(uri: str) -> BinaryIO:
+    """A data URI's bytes, decoded as Cog's SDK decodes them (urllib.request's data: handler, whose four steps
+    these are); a damaged one is a ValueError that says what is wrong with it."""
+    remedy = "send the whole file in base64, as data:image/png;base64,<data>"
+    media_type, comma, data = uri.partition(":")[2].partition(",")
+    if not comma:
+        raise ValueError(f"a data URI has no comma before its data; {remedy}")
+    decoded = urllib.parse.unquote_to_bytes(data)  # even base64 may be percent-encoded
+    if media_type.endswith(";base64"):
+        try:
+            decoded = base64.decodebytes(decoded)
+        except ValueError as error:  # binascii.Error: the base64 is cut short or damaged
+            raise ValueError(f"a data URI could not be decoded ({error}); {remedy}") from None
+    return io.BytesIO(decoded)
 
 
 def _named(source: str) -> str:

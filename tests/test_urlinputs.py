@@ -10,6 +10,7 @@ import stat
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from conftest import make_mask, make_photo
 from webhost import LOOPBACK
 
 from inpaint.concurrency import CancelToken
-from inpaint.urlinputs import Downloads
+from inpaint.urlinputs import Downloads, data_filename
 
 
 def test_a_fetch_copies_the_whole_file_into_the_folder(tmp_path, host, folder):
@@ -93,10 +94,12 @@ def test_a_data_uri_over_the_limit_is_named_without_its_data(tmp_path):
 
 @pytest.fixture
 def installed(monkeypatch):
-    """Downloads.install's convert in place of Cog's SDK's own, for this test only."""
+    """Downloads.install's validate and convert in place of Cog's SDK's own, for this test only."""
+    from cog.types import Path as CogPath
     from cog.types import URLPath
 
     monkeypatch.setattr(URLPath, "convert", URLPath.convert)  # the SDK's own again after this test
+    monkeypatch.setattr(CogPath, "validate", CogPath.__dict__["validate"])  # (the classmethod itself)
 
 
 def given(value: str):
@@ -123,6 +126,48 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
         assert image.name.endswith("photo.png") and mask.name.endswith(".png") and host.served == ["/photo.png"]
         assert nothing is None and local == tmp_path / "photo.png"  # a path of the caller's own, as it is
     assert list(folder.iterdir()) == [] and local.exists()
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAA", "could not be decoded (Incorrect padding)"),  # cut short
+    ("data:image/png;base64", "has no comma before its data")])
+def test_a_damaged_data_uri_fails_its_prediction_naming_the_input_and_what_to_send(folder, installed, value, reason):
+    """Cog's SDK decoded a data URI before run(), and a damaged one failed with base64's bare words and no input
+    named ("Input validation error: Incorrect padding", through Cog's server): it is decoded in run() now."""
+    downloads = Downloads(1 << 20, 30, folder).install()
+    mask = given(value)  # Cog's validate and convert: nothing decoded yet, so nothing refused
+    with pytest.raises(ValueError) as failed, downloads.prediction() as fetched:
+        fetched.fetch({"image": None, "mask": mask}, CancelToken())
+    assert str(failed.value) == f"mask: a data URI {reason}; send the whole file in base64, as data:image/png;base64,<data>"
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("uri", ["data:image/png;base64,iVBO", "data:image/jpeg;base64,/9j/", "data:image/webp;base64,UklG",
+                                 "data:IMAGE/PNG;base64,iVBO", "data:image/tiff;name=photo.tif;base64,SUkq", "data:,hello",
+                                 "data:;base64,QUJD", "data:text/plain;charset=utf-8,hi", "data:application/x-unknown,1"])
+def test_a_data_uris_file_is_named_as_cogs_sdk_names_it_without_decoding_it(uri):
+    from cog.types import get_filename
+
+    assert data_filename(uri) == get_filename(uri)
+
+
+@pytest.mark.parametrize("uri", ["data:image/png;base64,iVBORw0KGgo=", "data:,hello%20world", "data:;base64,QUJD",
+                                 "data:image/png;base64,QU%4aD", "data:image/png;base64,!!QU JD\n", "data:text/plain,a,b",
+                                 "data:image/png;base64,QUJ"])
+def test_a_data_uri_is_decoded_as_cogs_sdk_decodes_it(folder, installed, uri):
+    """The bytes urllib.request's data: handler gives (Cog's SDK decodes with it), or its error with the
+    input named: percent-encoding, characters outside base64's alphabet skipped, a comma in the data."""
+    try:
+        with urllib.request.urlopen(uri) as response:
+            expected = response.read()
+    except ValueError as error:
+        expected = error
+    with Downloads(1 << 20, 30, folder).install().prediction() as fetched:
+        if isinstance(expected, bytes):
+            assert fetched.fetch({"image": given(uri)}, CancelToken())[0].read_bytes() == expected
+        else:
+            with pytest.raises(ValueError, match=rf"^image: a data URI could not be decoded \({expected}\)"):
+                fetched.fetch({"image": given(uri)}, CancelToken())
 
 
 def test_the_user_agent_is_cogs_when_the_deployment_sets_one(host, folder, monkeypatch):
@@ -226,6 +271,11 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
                 response.get("error")
             assert time.monotonic() - started < 15
             assert list(folder.iterdir()) == []
+        # A data URI cut short: before, Cog's SDK decoded it ahead of run() ("Input validation error: Incorrect padding").
+        status, response = server.predict({"image": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAA",
+                                           "mask": data_uri(mask), **small})
+        assert response["status"] == "failed" and ("image: a data URI could not be decoded (Incorrect padding); send the "
+                                                   "whole file in base64") in response["error"], response.get("error")
         # A prediction whose mask fails while its image arrives: before, the image stayed on disk until a later
         # fetch swept it, two minutes on (docs/serving.md, "Input files"). Three clients at once, for a few seconds.
         def abandon() -> int:
