@@ -239,9 +239,8 @@ class Inputs:
 def data_filename(uri: str) -> str:
     """The name Cog's SDK gives a data URI's file ("file" and its media type's extension, cog.types.get_filename),
     read from the URI's header alone."""
-    media_type = uri.partition(":")[2].partition(",")[0].removesuffix(";base64")
     header = email.message.Message()
-    header["Content-Type"] = media_type or "text/plain;charset=US-ASCII"  # RFC 2397's default, as urllib has it
+    header["Content-Type"] = uri.partition(":")[2].partition(",")[0]  # its parameters (";base64") aside; none: text/plain
     return "file" + (mimetypes.guess_extension(header.get_content_type()) or "")
 
 

@@ -144,7 +144,8 @@ def test_a_damaged_data_uri_fails_its_prediction_naming_the_input_and_what_to_se
 
 @pytest.mark.parametrize("uri", ["data:image/png;base64,iVBO", "data:image/jpeg;base64,/9j/", "data:image/webp;base64,UklG",
                                  "data:IMAGE/PNG;base64,iVBO", "data:image/tiff;name=photo.tif;base64,SUkq", "data:,hello",
-                                 "data:;base64,QUJD", "data:text/plain;charset=utf-8,hi", "data:application/x-unknown,1"])
+                                 "data:;base64,QUJD", "data:text/plain;charset=utf-8,hi", "data:application/x-unknown,1",
+                                 "data:image/png,a,b", "data:image/png,a:b", "data:image/png;base64;x=1,QUJD"])
 def test_a_data_uris_file_is_named_as_cogs_sdk_names_it_without_decoding_it(uri):
     from cog.types import get_filename
 
@@ -152,7 +153,7 @@ def test_a_data_uris_file_is_named_as_cogs_sdk_names_it_without_decoding_it(uri)
 
 
 @pytest.mark.parametrize("uri", ["data:image/png;base64,iVBORw0KGgo=", "data:,hello%20world", "data:;base64,QUJD",
-                                 "data:image/png;base64,QU%4aD", "data:image/png;base64,!!QU JD\n", "data:text/plain,a,b",
+                                 "data:image/png;base64,QU%4aD", "data:image/png;base64,!!QU JD\n", "data:text/plain,a,b:c",
                                  "data:image/png;base64,QUJ"])
 def test_a_data_uri_is_decoded_as_cogs_sdk_decodes_it(folder, installed, uri):
     """The bytes urllib.request's data: handler gives (Cog's SDK decodes with it), or its error with the
