@@ -14,7 +14,7 @@ headers included), and every file it fetched is removed when it ends, whatever t
 is written that no `run()` holds. A refused or failed fetch fails the prediction with a message that
 names the input, and cancelling the prediction cuts its fetches. It replaces `Path.validate` for data
 URIs too, which the SDK decoded there, before `run()`: a damaged one failed with base64's bare words and
-no input named.
+no input named. A string that is neither an http(s) URL nor a data URI is refused (`pending`).
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ class Cancellable(Protocol):
 @dataclass(frozen=True)
 class Pending:
     """An input Cog's server was given as `source` (an http(s) URL, or a data URI) and has neither fetched
-    nor decoded."""
+    nor decoded; or, where `refused` says why, one that is neither, which run() refuses naming the input."""
 
     source: str
     filename: str
+    refused: str = ""
 
     @property
     def is_url(self) -> bool:
@@ -88,10 +89,21 @@ class Downloads:
         cog_validate = CogPath.validate.__func__
 
         def validate(cls: type[CogPath], value: object) -> Path:
-            """Cog's, but a data URI is not decoded here (Cog's decodes it twice, and a damaged one failed
-            with base64's bare words and no input named): run() decodes it."""
-            if isinstance(value, str) and urllib.parse.urlparse(value).scheme == "data":
-                return URLPath(source=value, filename=data_filename(value), fileobj=io.BytesIO())  # (never read)
+            """Cog's for an http(s) URL; a data URI left undecoded (Cog's decoded it here, twice, and a damaged
+            one failed with base64's bare words, no input named); anything else refused in run(), naming the
+            input (pending)."""
+            if isinstance(value, str):
+                try:
+                    if urllib.parse.urlsplit(value).scheme in ("http", "https"):
+                        return cog_validate(cls, value)
+                except ValueError:  # a malformed URL: pending() names it
+                    pass
+                found = pending(value)
+                if not found.refused:
+                    return URLPath(source=value, filename=found.filename, fileobj=io.BytesIO())  # (never read)
+                path = CogPath(folder / "not-fetched")
+                setattr(path, PENDING, found)
+                return path
             return cog_validate(cls, value)
 
         def convert(self: URLPath) -> CogPath:
@@ -174,13 +186,13 @@ class Inputs:
         self._lock = threading.Lock()
         self._cut = False
 
-    def fetch(self, named: Mapping[str, Path | None], token: Cancellable) -> list[Path | None]:
-        """Each input (by its name) as a file, in the order given: a Pending one fetched into the folder (all
-        at once), any other as it is. The first failure cuts the other fetches and is raised, naming its
+    def fetch(self, named: Mapping[str, Path | str | None], token: Cancellable) -> list[Path | None]:
+        """Each input (by its name) as a file, in the order given: a Pending one, or a string (as Cog's server
+        hands over one it did not take for a URL), fetched into the folder (all at once), a path as it is. The first failure cuts the other fetches and is raised, naming its
         input; a cancel of `token` (polled) cuts them all."""
         found = list(named.values())
-        jobs = {index: (name, getattr(path, PENDING)) for index, (name, path) in enumerate(named.items())
-                if hasattr(path, PENDING)}
+        jobs = {index: (name, pending(path) if isinstance(path, str) else getattr(path, PENDING))
+                for index, (name, path) in enumerate(named.items()) if isinstance(path, str) or hasattr(path, PENDING)}
         if not jobs:
             return found
         first: BaseException | None = None
@@ -204,6 +216,8 @@ class Inputs:
     def _one(self, name: str, pending: Pending) -> Path:
         downloads = self.downloads
         try:
+            if pending.refused:
+                raise ValueError(pending.refused)
             if not pending.is_url:  # a data URI: its bytes are in the request
                 with _decoded(pending.source) as data:
                     path = downloads.copy(data, pending.source, pending.filename)
@@ -234,6 +248,29 @@ class Inputs:
             files, self.files = self.files, []
         for path in files:
             path.unlink(missing_ok=True)
+
+
+def pending(value: str) -> Pending:
+    """What an input given as a string asks for: an http(s) URL or a data URI to fetch, or, refused, anything
+    else. Cog's HTTP API takes files as URLs (its docs/http.md), but its server (coglet 0.23.1) hands run()
+    any other string as it is, which was then read as a path on this machine: a request could have any image
+    the server can read painted and sent back, and learn which files exist."""
+    try:
+        scheme = urllib.parse.urlsplit(value).scheme
+    except ValueError as error:  # urllib's "Invalid IPv6 URL"
+        return Pending(value, "", f"{_shown(value)} is not a valid URL ({error}); check it")
+    if scheme == "data":
+        return Pending(value, data_filename(value))
+    if scheme in ("http", "https"):  # one Cog's server did not take for a URL: its scheme in capitals
+        return Pending(value, "file")
+    return Pending(value, "", f"{_shown(value)} is neither an http(s) URL nor a data URI; send the file as one "
+                              "(data:image/png;base64,<data>): a path on the server is not read")
+
+
+def _shown(value: str) -> str:
+    """A refused input's value for its message: without a query (a signed URL's), and at most 100 characters."""
+    value = value.partition("?")[0]
+    return repr(value if len(value) <= 100 else value[:100] + "...")
 
 
 def data_filename(uri: str) -> str:

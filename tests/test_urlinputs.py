@@ -103,10 +103,13 @@ def installed(monkeypatch):
 
 
 def given(value: str):
-    """An input as Cog's server hands it to run(): cog.types.Path.validate, then convert (installed)."""
+    """An input as Cog's SDK hands it to run(): cog.types.Path.validate, then convert (installed) where that made
+    a URLPath. (Cog's server calls validate only for a value that starts with http://, https:// or data:.)"""
     from cog.types import Path as CogPath
+    from cog.types import URLPath
 
-    return CogPath.validate(value).convert()
+    path = CogPath.validate(value)
+    return path.convert() if isinstance(path, URLPath) else path
 
 
 def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_once_each(tmp_path, host, folder,
@@ -126,6 +129,34 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
         assert image.name.endswith("photo.png") and mask.name.endswith(".png") and host.served == ["/photo.png"]
         assert nothing is None and local == tmp_path / "photo.png"  # a path of the caller's own, as it is
     assert list(folder.iterdir()) == [] and local.exists()
+
+
+@pytest.mark.parametrize("value", ["{photo}", "/etc/passwd", "relative.png", "", "file://{photo}", "ftp://example.test/x.png"])
+def test_a_string_that_is_no_url_is_refused_naming_the_input_and_nothing_is_read(tmp_path, folder, installed, value):
+    """Cog's server hands run() a string it does not take for a URL as it is, and it was read as a path on the
+    server: a photo there came back painted (reproduced through Cog's server). Cog's HTTP API takes files as URLs.
+    Both ways are refused: as Cog's server hands it over (a str), and through Cog's own validate."""
+    value = value.format(photo=make_photo(tmp_path / "photo.png"))
+    downloads = Downloads(1 << 20, 30, folder).install()
+    for given_as in (value, given(value)):
+        with pytest.raises(ValueError) as refused, downloads.prediction() as fetched:
+            fetched.fetch({"image": given_as, "mask": None}, CancelToken())
+        assert str(refused.value) == (f"image: {value!r} is neither an http(s) URL nor a data URI; send the file as "
+                                      "one (data:image/png;base64,<data>): a path on the server is not read")
+    assert list(folder.iterdir()) == []
+
+
+def test_a_malformed_url_is_named_without_its_query_and_a_url_with_its_scheme_in_capitals_is_fetched(host, folder,
+                                                                                                      installed):
+    downloads = Downloads(1 << 20, 30, folder, LOOPBACK).install()
+    for given_as in ("https://[::1/photo.png?sig=secret", given("https://[::1/photo.png?sig=secret")):
+        with pytest.raises(ValueError) as refused, downloads.prediction() as fetched:
+            fetched.fetch({"mask": given_as}, CancelToken())
+        assert str(refused.value) == "mask: 'https://[::1/photo.png' is not a valid URL (Invalid IPv6 URL); check it"
+    with downloads.prediction() as fetched:  # Cog's server hands "HTTP://..." over as a string
+        (image,) = fetched.fetch({"image": host.url.replace("http://", "HTTP://") + "/photo.png"}, CancelToken())
+        assert image.parent == folder and image.stat().st_size > 0 and host.served == ["/photo.png"]
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("value, reason", [
@@ -272,6 +303,10 @@ def test_through_the_server_url_inputs_are_held_to_the_limits_and_no_input_file_
                 response.get("error")
             assert time.monotonic() - started < 15
             assert list(folder.iterdir()) == []
+        # A path on the server: before, Cog's server handed it to run() as it was, and the photo came back painted.
+        status, response = server.predict({"image": str(photo), "mask": data_uri(mask), **small})
+        assert response["status"] == "failed" and (f"image: {str(photo)!r} is neither an http(s) URL nor a data URI; "
+                                                   "send the file as one") in response["error"], response.get("error")
         # A data URI cut short: before, Cog's SDK decoded it ahead of run() ("Input validation error: Incorrect padding").
         status, response = server.predict({"image": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAA",
                                            "mask": data_uri(mask), **small})
