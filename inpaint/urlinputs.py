@@ -57,7 +57,7 @@ class Pending:
     nor decoded; or, where `refused` says why, one that is neither, which run() refuses naming the input."""
 
     source: str
-    filename: str
+    filename: str = ""
     refused: str = ""
 
     @property
@@ -89,22 +89,17 @@ class Downloads:
         cog_validate = CogPath.validate.__func__
 
         def validate(cls: type[CogPath], value: object) -> Path:
-            """Cog's for an http(s) URL; a data URI left undecoded (Cog's decoded it here, twice, and a damaged
-            one failed with base64's bare words, no input named); anything else refused in run(), naming the
-            input (pending)."""
-            if isinstance(value, str):
-                try:
-                    if urllib.parse.urlsplit(value).scheme in ("http", "https"):
-                        return cog_validate(cls, value)
-                except ValueError:  # a malformed URL: pending() names it
-                    pass
-                found = pending(value)
-                if not found.refused:
-                    return URLPath(source=value, filename=found.filename, fileobj=io.BytesIO())  # (never read)
-                path = CogPath(folder / "not-fetched")
-                setattr(path, PENDING, found)
-                return path
-            return cog_validate(cls, value)
+            """For an http(s) URL or a data URI, a URLPath that convert hands on unfetched (Cog's decoded a data
+            URI here, twice, and a damaged one failed with base64's bare words, no input named); for any other
+            string, a path that run() refuses, naming the input (pending)."""
+            if not isinstance(value, str):
+                return cog_validate(cls, value)
+            found = pending(value)
+            if not found.refused:
+                return URLPath(source=value, filename=found.filename, fileobj=io.BytesIO())  # (never read)
+            path = CogPath(folder / "not-fetched")
+            setattr(path, PENDING, found)
+            return path
 
         def convert(self: URLPath) -> CogPath:
             """A path for run() that says what to fetch (nothing is fetched here; the path names no file)."""
@@ -258,13 +253,13 @@ def pending(value: str) -> Pending:
     try:
         scheme = urllib.parse.urlsplit(value).scheme
     except ValueError as error:  # urllib's "Invalid IPv6 URL"
-        return Pending(value, "", f"{_shown(value)} is not a valid URL ({error}); check it")
+        return Pending(value, refused=f"{_shown(value)} is not a valid URL ({error}); check it")
     if scheme == "data":
         return Pending(value, data_filename(value))
-    if scheme in ("http", "https"):  # one Cog's server did not take for a URL: its scheme in capitals
-        return Pending(value, "file")
-    return Pending(value, "", f"{_shown(value)} is neither an http(s) URL nor a data URI; send the file as one "
-                              "(data:image/png;base64,<data>): a path on the server is not read")
+    if scheme in ("http", "https"):
+        return Pending(value, "file")  # (Cog's SDK names it after the URL's path: the name is only a suffix here)
+    return Pending(value, refused=f"{_shown(value)} is neither an http(s) URL nor a data URI; send the file as one "
+                                  "(data:image/png;base64,<data>): a path on the server is not read")
 
 
 def _shown(value: str) -> str:

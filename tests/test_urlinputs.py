@@ -21,7 +21,7 @@ from conftest import make_mask, make_photo
 from webhost import LOOPBACK
 
 from inpaint.concurrency import CancelToken
-from inpaint.urlinputs import Downloads, data_filename
+from inpaint.urlinputs import Downloads, Pending, data_filename, pending
 
 
 def test_a_fetch_copies_the_whole_file_into_the_folder(tmp_path, host, folder):
@@ -126,7 +126,7 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
     with downloads.prediction() as fetched:
         image, mask, nothing, local = fetched.fetch(dict(zip(("image", "mask", "none", "local"), inputs)), CancelToken())
         assert image.parent == folder == mask.parent and image.read_bytes() == photo == mask.read_bytes()
-        assert image.name.endswith("photo.png") and mask.name.endswith(".png") and host.served == ["/photo.png"]
+        assert image.name.endswith("file") and mask.name.endswith("file.png") and host.served == ["/photo.png"]
         assert nothing is None and local == tmp_path / "photo.png"  # a path of the caller's own, as it is
     assert list(folder.iterdir()) == [] and local.exists()
 
@@ -144,6 +144,32 @@ def test_a_string_that_is_no_url_is_refused_naming_the_input_and_nothing_is_read
         assert str(refused.value) == (f"image: {value!r} is neither an http(s) URL nor a data URI; send the file as "
                                       "one (data:image/png;base64,<data>): a path on the server is not read")
     assert list(folder.iterdir()) == []
+
+
+def test_a_refused_value_is_shown_whole_up_to_100_characters_and_cut_short_past_them():
+    for value, shown in (("a" * 100, "a" * 100), ("b" * 101, "b" * 100 + "..."), ("/x.png?token=secret", "/x.png")):
+        assert pending(value).refused.startswith(f"{shown!r} is neither an http(s) URL nor a data URI")
+
+
+def test_what_a_string_asks_for_is_read_from_its_scheme_in_either_case():
+    assert pending("HTTPS://example.test/photo.png") == Pending("HTTPS://example.test/photo.png", "file")
+    assert pending("http://example.test/photo.png") == Pending("http://example.test/photo.png", "file")
+    assert pending("DATA:image/png;base64,QUJD") == Pending("DATA:image/png;base64,QUJD", "file.png")
+    assert pending("/srv/photo.png").refused and pending("https://[::1").refused
+
+
+def test_a_data_uri_handed_over_as_a_string_is_decoded(folder):
+    """Cog's server hands "DATA:..." (its scheme in capitals) over as a string, as it does "HTTP://..."."""
+    with Downloads(1 << 20, 30, folder).prediction() as fetched:
+        (image,) = fetched.fetch({"image": "DATA:image/png;base64,QUJD"}, CancelToken())
+        assert image.read_bytes() == b"ABC" and image.name.endswith("file.png")
+
+
+def test_cogs_validate_once_installed_hands_a_path_given_in_process_back_as_it_is(tmp_path, folder, installed):
+    from cog.types import Path as CogPath
+
+    Downloads(1 << 20, 30, folder).install()
+    assert CogPath.validate(tmp_path) is tmp_path
 
 
 def test_a_malformed_url_is_named_without_its_query_and_a_url_with_its_scheme_in_capitals_is_fetched(host, folder,
