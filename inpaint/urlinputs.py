@@ -14,7 +14,7 @@ headers included), and every file it fetched is removed when it ends, whatever t
 is written that no `run()` holds. A refused or failed fetch fails the prediction with a message that
 names the input, and cancelling the prediction cuts its fetches. It replaces `Path.validate` for data
 URIs too, which the SDK decoded there, before `run()`: a damaged one failed with base64's bare words and
-no input named. A string that is neither an http(s) URL nor a data URI is refused (`pending`).
+no input named. A string that is neither an http(s) URL nor a data URI is refused (`parse_input`).
 """
 
 from __future__ import annotations
@@ -91,10 +91,10 @@ class Downloads:
         def validate(cls: type[CogPath], value: object) -> Path:
             """For an http(s) URL or a data URI, a URLPath that convert hands on unfetched (Cog's decoded a data
             URI here, twice, and a damaged one failed with base64's bare words, no input named); for any other
-            string, a path that run() refuses, naming the input (pending)."""
+            string, a path that run() refuses, naming the input (parse_input)."""
             if not isinstance(value, str):
                 return cog_validate(cls, value)
-            found = pending(value)
+            found = parse_input(value)
             if not found.refused:
                 return URLPath(source=value, filename=found.filename, fileobj=io.BytesIO())  # (never read)
             path = CogPath(folder / "not-fetched")
@@ -183,10 +183,11 @@ class Inputs:
 
     def fetch(self, named: Mapping[str, Path | str | None], token: Cancellable) -> list[Path | None]:
         """Each input (by its name) as a file, in the order given: a Pending one, or a string (as Cog's server
-        hands over one it did not take for a URL), fetched into the folder (all at once), a path as it is. The first failure cuts the other fetches and is raised, naming its
-        input; a cancel of `token` (polled) cuts them all."""
+        hands over one it did not take for a URL), fetched into the folder (all at once); a path as it is. The
+        first failure cuts the other fetches and is raised, naming its input; a cancel of `token` (polled) cuts
+        them all."""
         found = list(named.values())
-        jobs = {index: (name, pending(path) if isinstance(path, str) else getattr(path, PENDING))
+        jobs = {index: (name, parse_input(path) if isinstance(path, str) else getattr(path, PENDING))
                 for index, (name, path) in enumerate(named.items()) if isinstance(path, str) or hasattr(path, PENDING)}
         if not jobs:
             return found
@@ -245,7 +246,7 @@ class Inputs:
             path.unlink(missing_ok=True)
 
 
-def pending(value: str) -> Pending:
+def parse_input(value: str) -> Pending:
     """What an input given as a string asks for: an http(s) URL or a data URI to fetch, or, refused, anything
     else. Cog's HTTP API takes files as URLs (its docs/http.md), but its server (coglet 0.23.1) hands run()
     any other string as it is, which was then read as a path on this machine: a request could have any image

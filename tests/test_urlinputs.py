@@ -21,7 +21,7 @@ from conftest import make_mask, make_photo
 from webhost import LOOPBACK
 
 from inpaint.concurrency import CancelToken
-from inpaint.urlinputs import Downloads, Pending, data_filename, pending
+from inpaint.urlinputs import Downloads, Pending, data_filename, parse_input
 
 
 def test_a_fetch_copies_the_whole_file_into_the_folder(tmp_path, host, folder):
@@ -148,14 +148,14 @@ def test_a_string_that_is_no_url_is_refused_naming_the_input_and_nothing_is_read
 
 def test_a_refused_value_is_shown_whole_up_to_100_characters_and_cut_short_past_them():
     for value, shown in (("a" * 100, "a" * 100), ("b" * 101, "b" * 100 + "..."), ("/x.png?token=secret", "/x.png")):
-        assert pending(value).refused.startswith(f"{shown!r} is neither an http(s) URL nor a data URI")
+        assert parse_input(value).refused.startswith(f"{shown!r} is neither an http(s) URL nor a data URI")
 
 
 def test_what_a_string_asks_for_is_read_from_its_scheme_in_either_case():
-    assert pending("HTTPS://example.test/photo.png") == Pending("HTTPS://example.test/photo.png", "file")
-    assert pending("http://example.test/photo.png") == Pending("http://example.test/photo.png", "file")
-    assert pending("DATA:image/png;base64,QUJD") == Pending("DATA:image/png;base64,QUJD", "file.png")
-    assert pending("/srv/photo.png").refused and pending("https://[::1").refused
+    assert parse_input("HTTPS://example.test/photo.png") == Pending("HTTPS://example.test/photo.png", "file")
+    assert parse_input("http://example.test/photo.png") == Pending("http://example.test/photo.png", "file")
+    assert parse_input("DATA:image/png;base64,QUJD") == Pending("DATA:image/png;base64,QUJD", "file.png")
+    assert parse_input("/srv/photo.png").refused and parse_input("https://[::1").refused
 
 
 def test_a_data_uri_handed_over_as_a_string_is_decoded(folder):
