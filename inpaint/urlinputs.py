@@ -295,5 +295,8 @@ def _decoded(uri: str) -> BinaryIO:
 
 def _named(source: str) -> str:
     """The input as an error names it: a URL without its query (a signed URL's token stays out of the
-    response), a data URI without its data."""
-    return "a data URI" if source.startswith("data:") else f"the file at {redact(source)}"
+    response), and at most 200 characters of it; a data URI without its data."""
+    if source[:5].lower() == "data:":  # (a scheme in capitals comes as a string: parse_input)
+        return "a data URI"
+    shown = redact(source)
+    return f"the file at {shown if len(shown) <= 200 else shown[:200] + '...'}"

@@ -165,6 +165,17 @@ def test_a_data_uri_handed_over_as_a_string_is_decoded(folder):
         assert image.read_bytes() == b"ABC" and image.name.endswith("file.png")
 
 
+def test_an_input_is_named_in_at_most_200_characters_and_a_data_uri_without_its_data_in_either_case(folder):
+    """A message echoed a URL whole (a path can be as long as the request), and a data URI whose scheme was
+    in capitals with all its data."""
+    long = "http://169.254.169.254/" + "a" * 1000 + ".png"
+    with pytest.raises(ValueError, match=rf"^the file at {long[:200]}\.\.\. is not fetched: 169.254.169.254 is a "):
+        Downloads(1 << 20, 30, folder).fetch_url(long, "file")
+    with pytest.raises(ValueError) as over, Downloads(10, 30, folder).prediction() as fetched:
+        fetched.fetch({"mask": "DATA:image/png;base64," + "eA" * 8}, CancelToken())
+    assert str(over.value).startswith("mask: a data URI is over the limit of 10 bytes")
+
+
 def test_cogs_validate_once_installed_hands_a_path_given_in_process_back_as_it_is(tmp_path, folder, installed):
     from cog.types import Path as CogPath
 
