@@ -273,18 +273,26 @@ def data_filename(uri: str) -> str:
     """The name Cog's SDK gives a data URI's file ("file" and its media type's extension, cog.types.get_filename),
     read from the URI's header alone."""
     header = email.message.Message()
-    header["Content-Type"] = uri.partition(":")[2].partition(",")[0]  # its parameters (";base64") aside; none: text/plain
+    header["Content-Type"] = _split_data_uri(uri)[0]  # its parameters (";base64") aside; none: text/plain
     return "file" + (mimetypes.guess_extension(header.get_content_type()) or "")
+
+
+def _split_data_uri(uri: str) -> tuple[str, int]:
+    """A data URI's media type ("image/png;base64") and where its data starts (-1: no comma), found without
+    copying the data: str.partition copied all of it, megabytes, only to read the header."""
+    start = uri.find(":") + 1
+    comma = uri.find(",", start)
+    return uri[start:comma if comma >= 0 else len(uri)], comma + 1 if comma >= 0 else -1
 
 
 def _decoded(uri: str) -> BinaryIO:
     """A data URI's bytes, decoded as Cog's SDK decodes them (urllib.request's data: handler, whose four steps
     these are); a damaged one is a ValueError that says what is wrong with it."""
     remedy = "send the whole file in base64, as data:image/png;base64,<data>"
-    media_type, comma, data = uri.partition(":")[2].partition(",")
-    if not comma:
+    media_type, data_start = _split_data_uri(uri)
+    if data_start < 0:
         raise ValueError(f"a data URI has no comma before its data; {remedy}")
-    decoded = urllib.parse.unquote_to_bytes(data)  # even base64 may be percent-encoded
+    decoded = urllib.parse.unquote_to_bytes(uri[data_start:])  # even base64 may be percent-encoded
     if media_type.endswith(";base64"):
         try:
             decoded = base64.decodebytes(decoded)
