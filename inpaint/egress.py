@@ -177,7 +177,12 @@ class Guard:
 
     def _resolve(self, host: str, port: int) -> list[tuple]:
         """getaddrinfo's answer for `host`, waited for until the deadline or a cut (then Late). The lookup
-        runs in a daemon thread, left to end when the resolver gives up, since nothing can interrupt it."""
+        runs in a daemon thread, left to end when the resolver gives up, since nothing can interrupt it. An
+        address needs no lookup, nor a thread: it is read as it is (AI_NUMERICHOST)."""
+        if _literal(host) is not None:
+            if self.expired:
+                raise Late()
+            return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
         answer: list = []
         done = threading.Event()
 

@@ -42,6 +42,8 @@ from .weights import redact
 
 PENDING = "inpaint_pending"  # the attribute of a path handed to run() that says what to fetch into it
 CANCEL_CHECK_SECONDS = 0.05  # how often a prediction's fetches look whether it was cancelled
+MAX_URL_CHARACTERS = 65536  # a longer input string is refused unless it is a data URI (parse_input)
+_LEADING = "".join(map(chr, range(33)))  # what urlsplit strips from a URL's start: C0 controls and space (WHATWG)
 
 
 class Cancellable(Protocol):
@@ -62,7 +64,8 @@ class Pending:
 
     @property
     def is_url(self) -> bool:
-        return urllib.parse.urlsplit(self.source).scheme in ("http", "https")  # as cog.types.Path.validate tells
+        """An http(s) URL; else a data URI (for one that is not refused)."""
+        return not is_data_uri(self.source)
 
 
 class Downloads:
@@ -250,22 +253,37 @@ def parse_input(value: str) -> Pending:
     """What an input given as a string asks for: an http(s) URL or a data URI to fetch, or, refused, anything
     else. Cog's HTTP API takes files as URLs (its docs/http.md), but its server (coglet 0.23.1) hands run()
     any other string as it is, which was then read as a path on this machine: a request could have any image
-    the server can read painted and sent back, and learn which files exist."""
+    the server can read painted and sent back, and learn which files exist.
+
+    A data URI is told by its start alone, and nothing longer than a URL may be reaches urlsplit: urlsplit
+    keeps the strings it splits, and what it made of them, in a cache of 128 (functools.lru_cache), so each
+    data URI it saw stayed in memory twice over, megabytes a prediction, long after it ended."""
+    if is_data_uri(value):
+        return Pending(value, data_filename(value))
+    if len(value) > MAX_URL_CHARACTERS:
+        return Pending(value, refused=f"{_shown(value)} is {len(value):,} characters long, over the "
+                                      f"{MAX_URL_CHARACTERS:,} a URL may have here; send the file itself as a data URI "
+                                      "(data:image/png;base64,<data>)")
     try:
         scheme = urllib.parse.urlsplit(value).scheme
     except ValueError as error:  # urllib's "Invalid IPv6 URL"
         return Pending(value, refused=f"{_shown(value)} is not a valid URL ({error}); check it")
-    if scheme == "data":
-        return Pending(value, data_filename(value))
     if scheme in ("http", "https"):
         return Pending(value, "file")  # (Cog's SDK names it after the URL's path: the name is only a suffix here)
     return Pending(value, refused=f"{_shown(value)} is neither an http(s) URL nor a data URI; send the file as one "
                                   "(data:image/png;base64,<data>): a path on the server is not read")
 
 
+def is_data_uri(value: str) -> bool:
+    """Whether `value` starts as a data URI, its scheme in either case, after the blanks and control characters
+    urlsplit strips (read from the start alone: no copy of the data)."""
+    return value.lstrip(_LEADING)[:5].lower() == "data:"
+
+
 def _shown(value: str) -> str:
-    """A refused input's value for its message: without a query (a signed URL's), and at most 100 characters."""
-    value = value.partition("?")[0]
+    """A refused input's value for its message: without a query (a signed URL's), and at most 100 characters
+    (read from the start alone: the value may be megabytes)."""
+    value = value[:101].partition("?")[0]
     return repr(value if len(value) <= 100 else value[:100] + "...")
 
 
@@ -304,7 +322,7 @@ def _decoded(uri: str) -> BinaryIO:
 def _named(source: str) -> str:
     """The input as an error names it: a URL without its query (a signed URL's token stays out of the
     response), and at most 200 characters of it; a data URI without its data."""
-    if source[:5].lower() == "data:":  # (a scheme in capitals comes as a string: parse_input)
+    if is_data_uri(source):  # (a scheme in capitals comes as a string: parse_input)
         return "a data URI"
     shown = redact(source)
     return f"the file at {shown if len(shown) <= 200 else shown[:200] + '...'}"

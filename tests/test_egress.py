@@ -177,7 +177,8 @@ def test_a_name_lookup_that_gets_no_answer_is_cut_at_the_deadline_and_named_when
 def test_lookups_left_to_a_resolver_that_does_not_answer_are_bounded_and_a_fetch_waits_for_one_within_its_deadline(
         host, folder, unanswered):
     """A cut fetch leaves its lookup to the resolver: a client that sent and cancelled requests for names
-    that never resolve would leave a thread each. At most LOOKUPS_AT_ONCE are under way in a Downloads."""
+    that never resolve would leave a thread each. At most LOOKUPS_AT_ONCE are under way in a Downloads; a URL
+    whose host is an address needs none, and is fetched while they are all taken."""
     downloads = Downloads(1 << 20, 30, folder, LOOPBACK)
 
     def resolving() -> int:  # (daemon threads: one the resolver holds does not hold up the process's exit)
@@ -194,6 +195,8 @@ def test_lookups_left_to_a_resolver_that_does_not_answer_are_bounded_and_a_fetch
     with pytest.raises(egress.Late):  # all taken: it waits, then its deadline passes
         egress.Guard(time.monotonic() + 0.5, LOOPBACK, downloads.lookups).connect(HTTPConnection("localhost", 80))
     assert 0.4 < time.monotonic() - started < 1.5
+    fetched = downloads.fetch_url(f"{host.url}/photo.png", "photo.png")  # an address: no lookup, nor a place to wait for
+    assert fetched.stat().st_size > 0 and resolving() - before == egress.LOOKUPS_AT_ONCE
     unanswered.set()  # the resolver gives up on them: each frees its place
     while resolving() > before and time.monotonic() - started < 10:
         time.sleep(0.01)
