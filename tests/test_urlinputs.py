@@ -157,6 +157,10 @@ def test_what_a_string_asks_for_is_read_from_its_scheme_in_either_case():
     assert parse_input("http://example.test/photo.png") == Pending("http://example.test/photo.png", "file")
     assert parse_input("DATA:image/png;base64,QUJD") == Pending("DATA:image/png;base64,QUJD", "file.png")
     assert parse_input("/srv/photo.png").refused and parse_input("https://[::1").refused
+    for lead in (" ", "\x00\t "):  # what urlsplit strips from a URL's start (WHATWG's C0 controls and space), and no more
+        assert parse_input(lead + "data:image/png;base64,QUJD").filename == "file.png"
+        assert parse_input(lead + "https://example.test/photo.png").filename == "file"
+    assert parse_input("\u3000data:image/png;base64,QUJD").refused  # a space, but not one urlsplit strips
 
 
 def test_a_data_uri_handed_over_as_a_string_is_decoded(folder):
