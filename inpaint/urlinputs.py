@@ -260,6 +260,9 @@ def parse_input(value: str) -> Pending:
     data URI it saw stayed in memory twice over, megabytes a prediction, long after it ended."""
     if is_data_uri(value):
         return Pending(value, data_filename(value))
+    if not value or value.isspace():  # as some clients send an input they leave blank
+        return Pending(value, refused="a blank value is no file; give the file as an http(s) URL or a data URI "
+                                      "(data:image/png;base64,<data>), or leave an optional input out")
     if len(value) > MAX_URL_CHARACTERS:
         return Pending(value, refused=f"{_shown(value)} is {len(value):,} characters long, over the "
                                       f"{MAX_URL_CHARACTERS:,} a URL may have here; send the file itself as a data URI "

@@ -132,7 +132,7 @@ def test_once_installed_cogs_inputs_reach_run_unfetched_and_are_fetched_there_on
     assert list(folder.iterdir()) == [] and local.exists()
 
 
-@pytest.mark.parametrize("value", ["{photo}", "/etc/passwd", "relative.png", "", "file://{photo}", "ftp://example.test/x.png"])
+@pytest.mark.parametrize("value", ["{photo}", "/etc/passwd", "relative.png", "file://{photo}", "ftp://example.test/x.png"])
 def test_a_string_that_is_no_url_is_refused_naming_the_input_and_nothing_is_read(tmp_path, folder, installed, value):
     """Cog's server hands run() a string it does not take for a URL as it is, and it was read as a path on the
     server: a photo there came back painted (reproduced through Cog's server). Cog's HTTP API takes files as URLs.
@@ -145,6 +145,15 @@ def test_a_string_that_is_no_url_is_refused_naming_the_input_and_nothing_is_read
         assert str(refused.value) == (f"image: {value!r} is neither an http(s) URL nor a data URI; send the file as "
                                       "one (data:image/png;base64,<data>): a path on the server is not read")
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_a_blank_value_is_refused_as_no_file_saying_an_optional_input_can_be_left_out(folder, installed, value):
+    """As some clients send an input they leave blank; Cog's server hands it over as it is."""
+    with pytest.raises(ValueError) as refused, Downloads(1 << 20, 30, folder).prediction() as fetched:
+        fetched.fetch({"image": make_photo(folder.parent / "photo.png"), "mask": value}, CancelToken())
+    assert str(refused.value) == ("mask: a blank value is no file; give the file as an http(s) URL or a data "
+                                  "URI (data:image/png;base64,<data>), or leave an optional input out")
 
 
 def test_a_refused_value_is_shown_whole_up_to_100_characters_and_cut_short_past_them():
