@@ -126,14 +126,18 @@ def test_a_connection_is_made_as_urllib3_makes_it_within_the_deadline(host):
 
 def resolver(answers: dict[str, list[str]]):
     """socket.getaddrinfo for the names in `answers`, in the 5-tuples Python documents for it (family, type,
-    proto, canonname, sockaddr), as a DNS server that holds those records would have it answered."""
+    proto, canonname, sockaddr), as a DNS server that holds those records would have it answered: for each
+    address an entry of the socket type asked for, or, asked for none (0), a stream, a datagram and a raw
+    one, as glibc's getaddrinfo(3) gives them."""
     real = socket.getaddrinfo
+    kinds = {socket.SOCK_STREAM: 6, socket.SOCK_DGRAM: 17, socket.SOCK_RAW: 0}
 
     def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
         if host not in answers:
             return real(host, port, family, type, proto, flags)
-        return [(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (address, port, 0, 0) if ":" in address else (address, port)) for address in answers[host]]
+        return [(socket.AF_INET6 if ":" in address else socket.AF_INET, kind, protocol, "",
+                 (address, port, 0, 0) if ":" in address else (address, port))
+                for address in answers[host] for kind, protocol in kinds.items() if type in (0, kind)]
 
     return getaddrinfo
 
