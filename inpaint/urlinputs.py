@@ -286,8 +286,7 @@ def is_data_uri(value: str) -> bool:
 def _shown(value: str) -> str:
     """A refused input's value for its message: without a query (a signed URL's), and at most 100 characters
     (read from the start alone: the value may be megabytes)."""
-    value = value[:101].partition("?")[0]
-    return repr(value if len(value) <= 100 else value[:100] + "...")
+    return repr(_cut(value[:101].partition("?")[0], 100))
 
 
 def data_filename(uri: str) -> str:
@@ -327,5 +326,8 @@ def _named(source: str) -> str:
     response), and at most 200 characters of it; a data URI without its data."""
     if is_data_uri(source):  # (a scheme in capitals comes as a string: parse_input)
         return "a data URI"
-    shown = redact(source)
-    return f"the file at {shown if len(shown) <= 200 else shown[:200] + '...'}"
+    return f"the file at {_cut(redact(source), 200)}"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
