@@ -7,6 +7,7 @@ import cog
 from cog import BaseRunner, Input, Path
 
 from inpaint import inputs, startup
+from inpaint.activity import Activity
 from inpaint.concurrency import OutputFolders, run_cancellable
 from inpaint.urlinputs import Downloads
 
@@ -19,6 +20,7 @@ class Predictor(BaseRunner):
         limits = self.inpainter.settings
         self.downloads = Downloads(limits.max_upload_bytes, limits.max_download_seconds,
                                    networks=limits.url_networks).install()  # URL inputs
+        self.activity = Activity()  # predictions in run(), for the probes (script/probe)
 
     def healthcheck(self) -> bool:
         """Cog's server asks this for /health-check: False (UNHEALTHY) once the GPU has failed for good."""
@@ -104,7 +106,7 @@ class Predictor(BaseRunner):
         request = inputs.check_inputs(**settings)
         # Each call below runs in a thread of its own, the cancel token its last argument; the first fetches
         # the inputs given as URLs or data URIs.
-        with self.downloads.prediction() as fetched, self.outputs.folder() as folder:
+        with self.activity.prediction(), self.downloads.prediction() as fetched, self.outputs.folder() as folder:
             image, mask = await run_cancellable(functools.partial(fetched.fetch, {"image": image, "mask": mask}))
             inpaint = functools.partial(self.inpainter.inpaint, Path(image), Path(mask) if mask else None, request, folder)
             prediction = await run_cancellable(inpaint)

@@ -21,6 +21,7 @@ Modules, one concern each:
   service      one prediction end to end: files in, files and metrics out
   concurrency  several predictions at once: a thread each, the model's turns in order, cancelling, output folders
   tracing      OpenTelemetry spans for a prediction's stages, when Cog's tracing is on
+  activity     predictions in run(), in a file the probes read: whether Cog's server has lost its slots
   environment  what the container runs on: Cog's server version, the NVIDIA driver (checked at setup)
   startup      setup's work in the quickest order: weights read while the libraries import, GC paused
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes_validate
@@ -150,11 +151,14 @@ def _probe_commands() -> dict[str, list[str]]:
     return commands
 
 
-def _run_probe(command: list[str], port: int) -> int:
+def _run_probe(command: list[str], port: int, env: dict | None = None):
     """The command as the kubelet runs it in the container: from the working directory (Cog's /src is the
-    repository root), `python` from PATH."""
-    env = {**os.environ, "PORT": str(port), "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=30).returncode
+    repository root), `python` from PATH, the container's environment (`env`: what the server was given).
+    Its exit code; with `env`, and the reason it wrote."""
+    environment = {**os.environ, **(env or {}), "PORT": str(port),
+                   "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=30)
+    return done.returncode if env is None else (done.returncode, done.stderr)
 
 
 def test_probes_pass_on_a_ready_server(server):
@@ -204,3 +208,42 @@ def test_probes_fail_once_the_gpu_failed_for_good(faulty_server, tmp_path):
     commands = _probe_commands()
     assert _run_probe(commands["live"], faulty_server.port) == 1  # the kubelet restarts the container
     assert _run_probe(commands["ready"], faulty_server.port) == 1
+
+
+@pytest.mark.slow
+def test_probes_fail_once_cogs_server_has_lost_its_slots_and_pass_while_they_are_busy(tiny_weights, tmp_path):
+    """Cog 0.23.1's server loses a prediction slot for good to a request id over 255 bytes (it cannot make its
+    output folder; tests/test_reliability.py records the bug): once all are lost it says BUSY for good. Before,
+    the probes passed on that, and the pod served 409 until someone restarted it. A pod whose slots are all
+    busy with real predictions still passes, however long they run."""
+    from cogserver import data_uri
+    from conftest import make_mask, make_photo
+
+    temporary = tmp_path / "tmp"  # the server's and its probes' own TMPDIR: no other server's record
+    temporary.mkdir()
+    env = {"TMPDIR": str(temporary)}
+    commands = _probe_commands()
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    body = {"image": data_uri(photo), "mask": data_uri(mask), "width": 64, "height": 64, "num_inference_steps": 2}
+    with CogServer(tiny_weights, log_path=tmp_path / "server.log", env=env) as server:
+        slow = {**body, "num_inference_steps": 40, "width": 256, "height": 256}
+        with ThreadPoolExecutor(concurrency_max()) as clients:
+            answers = [clients.submit(server.predict, slow) for _ in range(concurrency_max())]
+            deadline = time.monotonic() + 60
+            while server.health()["status"] != "BUSY" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # every one in run() by now
+            for check in ("ready", "live"):
+                assert _run_probe([*commands[check], "--lost-after", "0"], server.port, env) == (0, "")
+            assert all(answer.result()[1]["status"] == "succeeded" for answer in answers)
+        for index in range(concurrency_max()):  # each takes a slot for good
+            server.request("POST", "/predictions", {"id": "x" * 256 + str(index), "input": body})
+        assert server.health()["status"] == "BUSY"
+        assert server.request("POST", "/predictions", {"input": body})[0] == 409
+        assert _run_probe(commands["live"], server.port, env) == (0, "")  # within the first minute: not yet
+        time.sleep(1)
+        for check in ("ready", "live"):
+            code, reason = _run_probe([*commands[check], "--lost-after", "1"], server.port, env)
+            assert code == 1 and reason.startswith(f"{check}: status BUSY, but no prediction has been in run() for ")
+            assert reason.endswith("Cog's server has lost its prediction slots (coglet 0.23.1, a request id over 255 "
+                                   "bytes or with a NUL; docs/serving.md), and only a restart frees them\n")

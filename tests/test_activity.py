@@ -1,0 +1,75 @@
+"""inpaint/activity.py: the predictions in run() as the probes read them, and when BUSY means lost slots.
+Through Cog's real server and the manifests' probe commands: tests/test_deploy.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from inpaint.activity import Activity, activity_file, slots_lost
+
+
+def test_each_prediction_counts_itself_in_and_out_of_the_record_whatever_its_outcome(tmp_path):
+    record = tmp_path / "activity.json"
+    activity = Activity(record)
+    assert json.loads(record.read_text())["running"] == 0
+    with activity.prediction():
+        with activity.prediction():
+            assert json.loads(record.read_text())["running"] == 2
+        with pytest.raises(RuntimeError), activity.prediction():
+            raise RuntimeError("a failed prediction")
+        assert json.loads(record.read_text())["running"] == 1
+    assert json.loads(record.read_text())["running"] == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["activity.json"]  # no partial file left
+
+
+def test_predictions_on_many_threads_leave_the_last_count_in_the_record(tmp_path):
+    record = tmp_path / "activity.json"
+    activity = Activity(record)
+    inside = threading.Barrier(8)
+
+    def predict() -> None:
+        with activity.prediction():
+            inside.wait(10)  # all eight in at once
+            assert json.loads(record.read_text())["running"] == 8
+            inside.wait(10)  # and none out before each has read the record
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(predict) for _ in range(8)]:
+            future.result()
+    assert json.loads(record.read_text())["running"] == 0
+
+
+def test_the_record_is_in_the_temporary_folder_the_server_and_its_probes_share(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again, as a new process does
+    assert activity_file() == tmp_path / "inpaint-activity.json"
+    assert Activity().file == tmp_path / "inpaint-activity.json" and activity_file().exists()
+
+
+def test_slots_are_lost_only_when_busy_with_no_prediction_in_run_for_the_whole_wait(tmp_path):
+    record = tmp_path / "activity.json"
+    record.write_text(json.dumps({"running": 0, "changed": 1000.0, "pid": 1}))
+    lost = slots_lost("BUSY", record, 60, now=1060.0)
+    assert lost.startswith("status BUSY, but no prediction has been in run() for 60 s: Cog's server has lost its "
+                           "prediction slots")
+    assert slots_lost("BUSY", record, 60, now=1059.9) == ""  # not yet
+    for status in ("READY", "STARTING", "UNHEALTHY"):  # the probes judge those by the status alone
+        assert slots_lost(status, record, 60, now=5000.0) == ""
+    record.write_text(json.dumps({"running": 1, "changed": 1000.0, "pid": 1}))
+    assert slots_lost("BUSY", record, 60, now=5000.0) == ""  # busy with a long prediction: serving
+
+
+@pytest.mark.parametrize("content", [None, "", "{", "[]", '{"running": 0}', '{"running": "x", "changed": 0}'])
+def test_no_record_or_one_that_cannot_be_read_makes_no_judgement(tmp_path, content):
+    """A server without the record (an image from before it), or a file that is not one: the probes go by the
+    status alone, as before."""
+    record = tmp_path / "activity.json"
+    if content is not None:
+        record.write_text(content)
+    assert slots_lost("BUSY", record, 0, now=10**10) == ""
