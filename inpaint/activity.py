@@ -53,7 +53,7 @@ class Activity:
             self._write()
 
     def _write(self) -> None:
-        record = {"running": self._running, "changed": time.time(), "pid": os.getpid()}
+        record = {"running": self._running, "changed": time.time()}
         partial = self.file.with_name(f".{self.file.name}.{os.getpid()}")
         partial.write_text(json.dumps(record))
         os.replace(partial, self.file)  # a probe reads the old record or the new one, never half of one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,6 +25,16 @@ def test_each_prediction_counts_itself_in_and_out_of_the_record_whatever_its_out
         assert json.loads(record.read_text())["running"] == 1
     assert json.loads(record.read_text())["running"] == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["activity.json"]  # no partial file left
+
+
+def test_the_record_says_when_its_count_last_changed(tmp_path):
+    record = tmp_path / "activity.json"
+    activity = Activity(record)
+    with activity.prediction():
+        pass
+    changed = json.loads(record.read_text())["changed"]
+    assert abs(changed - time.time()) < 5
+    assert slots_lost("BUSY", record, 60, now=changed + 59) == "" and slots_lost("BUSY", record, 60, now=changed + 60)
 
 
 def test_predictions_on_many_threads_leave_the_last_count_in_the_record(tmp_path):
@@ -54,14 +65,15 @@ def test_the_record_is_in_the_temporary_folder_the_server_and_its_probes_share(t
 
 def test_slots_are_lost_only_when_busy_with_no_prediction_in_run_for_the_whole_wait(tmp_path):
     record = tmp_path / "activity.json"
-    record.write_text(json.dumps({"running": 0, "changed": 1000.0, "pid": 1}))
-    lost = slots_lost("BUSY", record, 60, now=1060.0)
-    assert lost.startswith("status BUSY, but no prediction has been in run() for 60 s: Cog's server has lost its "
-                           "prediction slots")
+    record.write_text(json.dumps({"running": 0, "changed": 1000.0}))
+    assert slots_lost("BUSY", record, 60, now=1060.0) == (
+        "status BUSY, but no prediction has been in run() for 60 s: Cog's server has lost its prediction slots "
+        "(coglet 0.23.1, a request id over 255 bytes or with a NUL; docs/serving.md), and only a restart frees them")
+    assert slots_lost("BUSY", record, 60)  # now, by the clock
     assert slots_lost("BUSY", record, 60, now=1059.9) == ""  # not yet
     for status in ("READY", "STARTING", "UNHEALTHY"):  # the probes judge those by the status alone
         assert slots_lost(status, record, 60, now=5000.0) == ""
-    record.write_text(json.dumps({"running": 1, "changed": 1000.0, "pid": 1}))
+    record.write_text(json.dumps({"running": 1, "changed": 1000.0}))
     assert slots_lost("BUSY", record, 60, now=5000.0) == ""  # busy with a long prediction: serving
 
 
