@@ -11,6 +11,7 @@ Python's lock (the photo and its mask decode side by side); Pillow decodes every
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ _ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
 # A PNG's chunks looked through for EXIF (an 8-bit 4096x4096 photo has a few hundred; a file of more is read by
 # Pillow, which finds the EXIF itself).
 _PNG_CHUNKS_WALKED = 1 << 16
+
+# Blocks Pillow reads one by one in Python before a file's pixels: a PNG's chunks, a JPEG's segments and the
+# stray bytes between them, a GIF's extension blocks and their sub-blocks. A photo has tens; a crafted file of
+# millions held Pillow's opener and the GIL, and a JPEG's took memory for each (docs/serving.md, Input files).
+MAX_BLOCKS_BEFORE_PIXELS = 1 << 16
 
 # The largest ICC profile an output carries: Pillow's cap on a PNG's, so that every input format is held to
 # the same; a photo's profile is a few hundred bytes to a few hundred KB.
@@ -67,6 +73,12 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
             f"{name} is a file of {size:,} bytes, over the limit of {limits.max_bytes:,} "
             "(INPAINT_MAX_UPLOAD_BYTES); upload a smaller or compressed image"
         )
+    blocks = _blocks_before_pixels(path)
+    if blocks > MAX_BLOCKS_BEFORE_PIXELS:
+        raise ValueError(
+            f"{name} has over {MAX_BLOCKS_BEFORE_PIXELS:,} blocks before its pixels (a PNG's chunks, a JPEG's segments, "
+            "a GIF's extension blocks), where a photo has tens; save it again as PNG or JPEG without its metadata"
+        )
     try:
         image = Image.open(path, formats=FORMATS)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -83,6 +95,75 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
         image.close()
         raise
     return image
+
+
+def _blocks_before_pixels(path: Path, limit: int = MAX_BLOCKS_BEFORE_PIXELS) -> int:
+    """The blocks of a PNG, JPEG or GIF that Pillow's opener reads one by one before the pixels, counted up to
+    `limit` + 1 (at most that many steps, whatever the file); 0 for other formats. A file cut short counts what
+    it has: Pillow names what is wrong with it."""
+    with path.open("rb") as file:
+        signature = file.read(8)
+        file.seek(0)
+        if signature == b"\x89PNG\r\n\x1a\n":
+            return _png_blocks(file, limit)
+        if signature[:2] == b"\xff\xd8":
+            return _jpeg_blocks(file, limit)
+        if signature[:6] in (b"GIF87a", b"GIF89a"):
+            return _gif_blocks(file, limit)
+    return 0
+
+
+def _png_blocks(file, limit: int) -> int:
+    """Chunks before the first IDAT (IHDR included)."""
+    file.seek(8)
+    for count in range(limit + 1):
+        head = file.read(8)
+        if len(head) < 8 or head[4:] == b"IDAT":
+            return count
+        file.seek(struct.unpack(">I", head[:4])[0] + 4, os.SEEK_CUR)  # the data and its CRC
+    return limit + 1
+
+
+def _jpeg_blocks(file, limit: int) -> int:
+    """Markers before the first start of scan, fill bytes (FF) and stray bytes between them one each."""
+    file.seek(2)  # after the start of image
+    for count in range(limit + 1):
+        byte = file.read(1)
+        if byte != b"\xff":
+            if not byte:
+                return count
+            continue  # a stray byte
+        marker = file.read(1)
+        if marker in (b"", b"\xda"):  # the end, or the start of scan: the pixels
+            return count
+        if marker == b"\xff":  # a fill byte before a marker
+            file.seek(-1, os.SEEK_CUR)
+        elif not (0xD0 <= marker[0] <= 0xD9 or marker[0] in (0x00, 0x01)):  # a segment: its length counts itself
+            length = file.read(2)
+            if len(length) < 2:
+                return count
+            file.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
+    return limit + 1
+
+
+def _gif_blocks(file, limit: int) -> int:
+    """Extension blocks before the first image, and each of their data sub-blocks."""
+    screen = file.read(13)  # signature and logical screen descriptor
+    if len(screen) < 13:
+        return 0
+    if screen[10] & 0x80:  # a global colour table
+        file.seek(3 << ((screen[10] & 7) + 1), os.SEEK_CUR)
+    count = 0
+    while count <= limit and file.read(1) == b"!":  # an extension (an image starts with ",")
+        file.read(1)  # its label
+        count += 1
+        while count <= limit:
+            size = file.read(1)
+            if size in (b"", b"\0"):
+                break
+            file.seek(size[0], os.SEEK_CUR)
+            count += 1
+    return count
 
 
 def _check_header(image: Image.Image, path: Path, name: str, limits: InputLimits) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image, PngImagePlugin
 
 from inpaint.codec import InputLimits, decode_image, decode_mask, decode_photo
 from inpaint.inputs import PROMPT_MAX_CHARS, check_inputs
@@ -70,6 +71,34 @@ def jpeg_exif_tag_flood() -> bytes:
     segment = b"Exif\0\0" + b"II*\0" + struct.pack("<IH", 8, count) + entries + struct.pack("<I", 0)
     jpeg = buffer.getvalue()
     return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment + jpeg[2:]
+
+
+def png_chunk_flood(chunks: int) -> bytes:
+    """A valid 64x64 grey PNG whose header is followed by `chunks` - 1 empty ancillary chunks of a private
+    type before its pixels: `chunks` chunks before the first IDAT in all."""
+    rows = zlib.compress((b"\0" + b"\0" * 64) * 64)
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + header + _chunk(b"prVt", b"") * (chunks - 1) + _chunk(b"IDAT", rows)
+            + _chunk(b"IEND", b""))
+
+
+def jpeg_segment_flood(comments: int, fill: int = 0) -> bytes:
+    """A valid 64x64 JPEG with `comments` empty comment segments (FF FE, its length counting itself) and `fill`
+    fill bytes (FF, allowed before any marker) right after its start of image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    return jpeg[:2] + b"\xff" * fill + b"\xff\xfe\x00\x02" * comments + jpeg[2:]
+
+
+def gif_extension_flood(blocks: int) -> bytes:
+    """A valid 64x64 GIF with a comment extension of `blocks` one-byte data sub-blocks before its image."""
+    buffer = io.BytesIO()
+    Image.new("P", (64, 64), 3).save(buffer, "GIF")
+    gif = buffer.getvalue()
+    flags = gif[10]
+    start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    return gif[:start] + b"\x21\xfe" + b"\x01x" * blocks + b"\0" + gif[start:]
 
 
 def ico_bomb(side: int = 13_000) -> bytes:
@@ -140,6 +169,56 @@ def test_an_ordinary_progressive_jpeg_still_decodes(tmp_path):
     path = tmp_path / "progressive.jpg"
     Image.new("RGB", (300, 200), (10, 200, 30)).save(path, "JPEG", progressive=True)
     assert decode_image(path, InputLimits()).shape == (200, 300, 3)
+
+
+BLOCKS_REFUSED = ("{} has over 65,536 blocks before its pixels (a PNG's chunks, a JPEG's segments, a GIF's extension "
+                  "blocks), where a photo has tens; save it again as PNG or JPEG without its metadata")
+
+
+@pytest.mark.parametrize("flood, suffix", [(lambda: png_chunk_flood(2_000_000), "png"),
+                                           (lambda: jpeg_segment_flood(5_000_000), "jpg"),
+                                           (lambda: jpeg_segment_flood(0, fill=20_000_000), "jpg"),
+                                           (lambda: gif_extension_flood(10_000_000), "gif")],
+                         ids=["PNG chunks", "JPEG segments", "JPEG fill bytes", "GIF sub-blocks"])
+def test_a_flood_of_blocks_before_the_pixels_is_refused_before_pillow_walks_it(tmp_path, flood, suffix):
+    """Pillow's openers read these one by one in Python, holding the GIL, and a JPEG's segments each take memory
+    (what they cost before the cap: README, limits table)."""
+    path = tmp_path / f"flood.{suffix}"
+    path.write_bytes(flood())
+    with Image.open(path) as image:  # each a valid file, as Pillow reads it (slowly)
+        assert image.size == (64, 64)
+    message, seconds, grown = _refused_fast_in_bounded_memory(path, "decode_mask")
+    assert message == BLOCKS_REFUSED.format("mask")
+    assert seconds < 1 and grown < 50
+
+
+def test_a_png_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path):
+    path = tmp_path / "chunks.png"
+    path.write_bytes(png_chunk_flood(65_536))
+    assert decode_image(path, InputLimits()).shape == (64, 64, 3)
+    path.write_bytes(png_chunk_flood(65_537))
+    with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
+        decode_image(path, InputLimits())
+
+
+def test_files_with_many_real_blocks_still_decode(tmp_path):
+    """A JPEG with a colour profile split over many APP2 segments, EXIF and a comment; a PNG with many text
+    chunks; an animated GIF with its loop and comment extensions."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo = Image.new("RGB", (64, 64), (90, 120, 30))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 1
+    photo.save(tmp_path / "photo.jpg", "JPEG", icc_profile=profile * 40, exif=exif, comment=b"hello")
+    text = PngImagePlugin.PngInfo()
+    for index in range(200):
+        text.add_text(f"key{index}", "value")
+    photo.save(tmp_path / "photo.png", "PNG", pnginfo=text)
+    frames = [Image.new("P", (64, 64), colour) for colour in (1, 2, 3)]
+    frames[0].save(tmp_path / "photo.gif", "GIF", save_all=True, append_images=frames[1:], loop=0, comment=b"hi")
+    for name in ("photo.jpg", "photo.png", "photo.gif"):
+        assert decode_image(tmp_path / name, InputLimits()).shape == (64, 64, 3), name
 
 
 def test_an_ico_bomb_is_refused_without_decoding(tmp_path):
@@ -256,8 +335,11 @@ def test_hostile_files_through_the_server_fail_alone_and_it_keeps_serving(server
     bomb.write_bytes(jpeg_scan_bomb())
     metadata = tmp_path / "metadata.png"
     metadata.write_bytes(png_metadata_bomb())
+    segments = tmp_path / "segments.jpg"
+    segments.write_bytes(jpeg_segment_flood(5_000_000))
     for image, expected in ((strip, "a side over the limit"), (bomb, "scans, over the limit"),
-                            (metadata, "save the image again without its metadata")):
+                            (metadata, "save the image again without its metadata"),
+                            (segments, "has over 65,536 blocks before its pixels")):
         started = time.monotonic()
         status, response = server.predict({"image": data_uri(image), "mask": data_uri(image), "num_inference_steps": 1})
         assert status == 200 and response["status"] == "failed", response
