@@ -38,10 +38,10 @@ _ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
 # Pillow, which finds the EXIF itself).
 _PNG_CHUNKS_WALKED = 1 << 16
 
-# Blocks Pillow reads one by one in Python before a file's pixels: a PNG's chunks, a JPEG's segments and the
+# Blocks Pillow reads one by one in Python around a file's pixels: a PNG's chunks, a JPEG's segments and the
 # stray bytes between them, a GIF's extension blocks and their sub-blocks. A photo has tens; a crafted file of
 # millions held Pillow's opener and the GIL, and a JPEG's took memory for each (docs/serving.md, Input files).
-MAX_BLOCKS_BEFORE_PIXELS = 1 << 16
+MAX_BLOCKS = 1 << 16
 
 # The largest ICC profile an output carries: Pillow's cap on a PNG's, so that every input format is held to
 # the same; a photo's profile is a few hundred bytes to a few hundred KB.
@@ -73,10 +73,10 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
             f"{name} is a file of {size:,} bytes, over the limit of {limits.max_bytes:,} "
             "(INPAINT_MAX_UPLOAD_BYTES); upload a smaller or compressed image"
         )
-    blocks = _blocks_before_pixels(path)
-    if blocks > MAX_BLOCKS_BEFORE_PIXELS:
+    blocks = _blocks(path)
+    if blocks > MAX_BLOCKS:
         raise ValueError(
-            f"{name} has over {MAX_BLOCKS_BEFORE_PIXELS:,} blocks before its pixels (a PNG's chunks, a JPEG's segments, "
+            f"{name} holds over {MAX_BLOCKS:,} blocks (a PNG's chunks, a JPEG's segments, "
             "a GIF's extension blocks), where a photo has tens; save it again as PNG or JPEG without its metadata"
         )
     try:
@@ -97,8 +97,8 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
     return image
 
 
-def _blocks_before_pixels(path: Path, limit: int = MAX_BLOCKS_BEFORE_PIXELS) -> int:
-    """The blocks of a PNG, JPEG or GIF that Pillow's opener reads one by one before the pixels, counted up to
+def _blocks(path: Path, limit: int = MAX_BLOCKS) -> int:
+    """The blocks of a PNG, JPEG or GIF that Pillow reads one by one around the pixels, counted up to
     `limit` + 1 (at most that many steps, whatever the file); 0 for other formats. A file cut short counts what
     it has: Pillow names what is wrong with it."""
     with path.open("rb") as file:
@@ -114,14 +114,19 @@ def _blocks_before_pixels(path: Path, limit: int = MAX_BLOCKS_BEFORE_PIXELS) -> 
 
 
 def _png_blocks(file, limit: int) -> int:
-    """Chunks before the first IDAT (IHDR included)."""
+    """Chunks before IEND, but for IDATs of at least 1 KiB: Pillow reads the others after the pixels too, and
+    each IDAT where it decodes them itself; encoders write IDATs of 8 KiB and more (the last excepted), and the
+    byte limit bounds how many of those a file holds."""
     file.seek(8)
-    for count in range(limit + 1):
+    count = 0
+    while count <= limit:
         head = file.read(8)
-        if len(head) < 8 or head[4:] == b"IDAT":
+        if len(head) < 8 or head[4:] == b"IEND":
             return count
-        file.seek(struct.unpack(">I", head[:4])[0] + 4, os.SEEK_CUR)  # the data and its CRC
-    return limit + 1
+        length = struct.unpack(">I", head[:4])[0]
+        count += head[4:] != b"IDAT" or length < 1024
+        file.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return count
 
 
 def _jpeg_blocks(file, limit: int) -> int:

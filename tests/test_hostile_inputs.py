@@ -27,6 +27,17 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def _chunk_positions(png: bytes, kind: bytes | None) -> list[int]:
+    """Where each chunk of `kind` (None: of any kind) starts, as the PNG specification lays chunks out."""
+    positions, position = [], 8
+    while position + 8 <= len(png):
+        length = struct.unpack(">I", png[position:position + 4])[0]
+        if kind is None or png[position + 4:position + 8] == kind:
+            positions.append(position)
+        position += 12 + length
+    return positions
+
+
 def png_strip(width: int, height: int) -> bytes:
     """A complete, valid grey PNG of width x height, every pixel black: rows of zeros deflate to almost nothing."""
     raw = zlib.compressobj(9)
@@ -73,13 +84,24 @@ def jpeg_exif_tag_flood() -> bytes:
     return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment + jpeg[2:]
 
 
-def png_chunk_flood(chunks: int) -> bytes:
-    """A valid 64x64 grey PNG whose header is followed by `chunks` - 1 empty ancillary chunks of a private
-    type before its pixels: `chunks` chunks before the first IDAT in all."""
-    rows = zlib.compress((b"\0" + b"\0" * 64) * 64)
-    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
-    return (b"\x89PNG\r\n\x1a\n" + header + _chunk(b"prVt", b"") * (chunks - 1) + _chunk(b"IDAT", rows)
-            + _chunk(b"IEND", b""))
+def png_chunk_flood(chunks: int, where: str = "before", mode: str = "L") -> bytes:
+    """A valid 64x64 PNG (Pillow's, in `mode`) of `chunks` chunks before its IEND: its own (IHDR, PLTE for a
+    palette, one IDAT) and empty ones of a private type `where` = "before" or "after" the pixels; or, `where` =
+    "idat", its compressed pixels split over as many IDATs as make up the count, nearly all empty."""
+    buffer = io.BytesIO()
+    Image.new(mode, (64, 64), 3).save(buffer, "PNG")
+    png = buffer.getvalue()
+    (start,) = _chunk_positions(png, b"IDAT")
+    length = struct.unpack(">I", png[start:start + 4])[0]
+    head, rows, tail = png[:start], png[start + 8:start + 8 + length], png[start + 12 + length:]
+    own = len(_chunk_positions(head, None))  # IHDR, and PLTE for a palette
+    assert tail == _chunk(b"IEND", b"") and length < 1024
+    if where == "idat":
+        pieces = [rows[:5]] + [b""] * (chunks - own - 2) + [rows[5:]]
+        return head + b"".join(_chunk(b"IDAT", piece) for piece in pieces) + tail
+    flood = _chunk(b"prVt", b"") * (chunks - own - 1)
+    idat = _chunk(b"IDAT", rows)
+    return head + (flood + idat if where == "before" else idat + flood) + tail
 
 
 def jpeg_segment_flood(comments: int, fill: int = 0) -> bytes:
@@ -171,18 +193,22 @@ def test_an_ordinary_progressive_jpeg_still_decodes(tmp_path):
     assert decode_image(path, InputLimits()).shape == (200, 300, 3)
 
 
-BLOCKS_REFUSED = ("{} has over 65,536 blocks before its pixels (a PNG's chunks, a JPEG's segments, a GIF's extension "
-                  "blocks), where a photo has tens; save it again as PNG or JPEG without its metadata")
+BLOCKS_REFUSED = ("{} holds over 65,536 blocks (a PNG's chunks, a JPEG's segments, a GIF's extension blocks), where a "
+                  "photo has tens; save it again as PNG or JPEG without its metadata")
 
 
 @pytest.mark.parametrize("flood, suffix", [(lambda: png_chunk_flood(2_000_000), "png"),
+                                           (lambda: png_chunk_flood(2_000_000, "after", "P"), "png"),
+                                           (lambda: png_chunk_flood(2_000_000, "idat", "P"), "png"),
                                            (lambda: jpeg_segment_flood(5_000_000), "jpg"),
                                            (lambda: jpeg_segment_flood(0, fill=20_000_000), "jpg"),
                                            (lambda: gif_extension_flood(10_000_000), "gif")],
-                         ids=["PNG chunks", "JPEG segments", "JPEG fill bytes", "GIF sub-blocks"])
-def test_a_flood_of_blocks_before_the_pixels_is_refused_before_pillow_walks_it(tmp_path, flood, suffix):
-    """Pillow's openers read these one by one in Python, holding the GIL, and a JPEG's segments each take memory
-    (what they cost before the cap: README, limits table)."""
+                         ids=["PNG chunks", "PNG chunks after the pixels", "PNG pixels in empty IDATs", "JPEG segments",
+                              "JPEG fill bytes", "GIF sub-blocks"])
+def test_a_flood_of_blocks_is_refused_before_pillow_walks_it(tmp_path, flood, suffix):
+    """Pillow reads these one by one in Python, holding the GIL, and a JPEG's segments each take memory (what
+    they cost before the cap: docs/serving.md, Input files). A palette PNG is decoded by Pillow itself, which
+    reads its chunks after the pixels, and each IDAT, too."""
     path = tmp_path / f"flood.{suffix}"
     path.write_bytes(flood())
     with Image.open(path) as image:  # each a valid file, as Pillow reads it (slowly)
@@ -192,13 +218,34 @@ def test_a_flood_of_blocks_before_the_pixels_is_refused_before_pillow_walks_it(t
     assert seconds < 1 and grown < 50
 
 
-def test_a_png_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path):
+@pytest.mark.parametrize("where", ["before", "after", "idat"])
+def test_a_png_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path, where):
     path = tmp_path / "chunks.png"
-    path.write_bytes(png_chunk_flood(65_536))
+    path.write_bytes(png_chunk_flood(65_536, where, "P"))
     assert decode_image(path, InputLimits()).shape == (64, 64, 3)
-    path.write_bytes(png_chunk_flood(65_537))
+    path.write_bytes(png_chunk_flood(65_537, where, "P"))
     with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
         decode_image(path, InputLimits())
+
+
+def test_idats_of_a_kilobyte_or_more_are_not_counted(tmp_path):
+    """Encoders write IDATs of 8 KiB and more (libpng's default), the last excepted, and the byte limit bounds
+    how many of those a file holds: a PNG at the cap in other chunks still decodes, its pixels in 48 IDATs."""
+    pixels = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=0)
+    png = buffer.getvalue()
+    idats = _chunk_positions(png, b"IDAT")
+    data = b"".join(png[at + 8:at + 8 + struct.unpack(">I", png[at:at + 4])[0]] for at in idats)
+    pieces = [data[offset:offset + 1024] for offset in range(0, len(data), 1024)]
+    assert len(pieces) == 49 and len(pieces[-1]) < 1024
+    # IHDR, 65,534 empty chunks and the short last IDAT: 65,536 counted
+    path = tmp_path / "idats.png"
+    path.write_bytes(png[:idats[0]] + _chunk(b"prVt", b"") * 65_534 + b"".join(_chunk(b"IDAT", piece) for piece in pieces)
+                     + _chunk(b"IEND", b""))
+    assert np.array_equal(decode_image(path, InputLimits()), pixels)
+
+
 
 
 def test_files_with_many_real_blocks_still_decode(tmp_path):
@@ -339,7 +386,7 @@ def test_hostile_files_through_the_server_fail_alone_and_it_keeps_serving(server
     segments.write_bytes(jpeg_segment_flood(5_000_000))
     for image, expected in ((strip, "a side over the limit"), (bomb, "scans, over the limit"),
                             (metadata, "save the image again without its metadata"),
-                            (segments, "has over 65,536 blocks before its pixels")):
+                            (segments, "holds over 65,536 blocks")):
         started = time.monotonic()
         status, response = server.predict({"image": data_uri(image), "mask": data_uri(image), "num_inference_steps": 1})
         assert status == 200 and response["status"] == "failed", response
