@@ -104,13 +104,16 @@ def png_chunk_flood(chunks: int, where: str = "before", mode: str = "L") -> byte
     return head + (flood + idat if where == "before" else idat + flood) + tail
 
 
-def jpeg_segment_flood(comments: int, fill: int = 0) -> bytes:
-    """A valid 64x64 JPEG with `comments` empty comment segments (FF FE, its length counting itself) and `fill`
-    fill bytes (FF, allowed before any marker) right after its start of image."""
+def jpeg_segment_flood(comments: int, fill: int = 0, stray: int = 0) -> bytes:
+    """A valid 64x64 JPEG with `comments` empty comment segments (FF FE, its length counting itself), `fill`
+    fill bytes (FF, allowed before any marker) and `stray` zero bytes (extraneous data, which decoders skip)
+    after its first segment (JFIF's APP0)."""
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 30)).save(buffer, "JPEG")
     jpeg = buffer.getvalue()
-    return jpeg[:2] + b"\xff" * fill + b"\xff\xfe\x00\x02" * comments + jpeg[2:]
+    assert jpeg[2:4] == b"\xff\xe0"
+    after = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:after] + b"\0" * stray + b"\xff" * fill + b"\xff\xfe\x00\x02" * comments + jpeg[after:]
 
 
 def gif_extension_flood(blocks: int) -> bytes:
@@ -120,6 +123,7 @@ def gif_extension_flood(blocks: int) -> bytes:
     gif = buffer.getvalue()
     flags = gif[10]
     start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    assert gif[start:start + 1] == b","  # Pillow's GIF has no extension before its image
     return gif[:start] + b"\x21\xfe" + b"\x01x" * blocks + b"\0" + gif[start:]
 
 
@@ -224,6 +228,45 @@ def test_a_png_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refus
     path.write_bytes(png_chunk_flood(65_536, where, "P"))
     assert decode_image(path, InputLimits()).shape == (64, 64, 3)
     path.write_bytes(png_chunk_flood(65_537, where, "P"))
+    with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
+        decode_image(path, InputLimits())
+
+
+def _jpeg_segments_before_scan(jpeg: bytes) -> int:
+    """The marker segments of a JPEG from its start of image to its first start of scan, as ITU T.81 (B.1.1.2)
+    lays them out: FF, the marker, and but for RSTn, SOI, EOI and TEM a length that counts itself."""
+    count, position = 0, 2
+    while jpeg[position + 1] != 0xDA:
+        assert jpeg[position] == 0xFF
+        count += 1
+        marker = jpeg[position + 1]
+        position += 2 if 0xD0 <= marker <= 0xD9 or marker == 0x01 else 2 + int.from_bytes(jpeg[position + 2:position + 4], "big")
+    return count
+
+
+@pytest.mark.parametrize("flood", ["comments", "fill", "stray"])
+def test_a_jpeg_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path, flood):
+    """Each segment before the scan counts, and each fill byte (FF) and stray byte between them."""
+    own = _jpeg_segments_before_scan(jpeg_segment_flood(0))
+    assert 5 <= own <= 12  # Pillow's: JFIF, the quantisation and Huffman tables, the frame
+    path = tmp_path / "segments.jpg"
+    for extra, refused in ((65_536 - own, False), (65_537 - own, True)):
+        data = {"comments": lambda: jpeg_segment_flood(extra), "fill": lambda: jpeg_segment_flood(0, fill=extra),
+                "stray": lambda: jpeg_segment_flood(0, stray=extra)}[flood]()
+        path.write_bytes(data)
+        if refused:
+            with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
+                decode_image(path, InputLimits())
+        else:
+            assert decode_image(path, InputLimits()).shape == (64, 64, 3)
+
+
+def test_a_gif_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path):
+    """A comment extension and each of its data sub-blocks count."""
+    path = tmp_path / "blocks.gif"
+    path.write_bytes(gif_extension_flood(65_535))  # the extension and its 65,535 sub-blocks
+    assert decode_image(path, InputLimits()).shape == (64, 64, 3)
+    path.write_bytes(gif_extension_flood(65_536))
     with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
         decode_image(path, InputLimits())
 
