@@ -143,11 +143,11 @@ def _jpeg_blocks(file, limit: int) -> int:
             return count
         if marker == b"\xff":  # a fill byte before a marker
             file.seek(-1, os.SEEK_CUR)
-        elif not (0xD0 <= marker[0] <= 0xD9 or marker[0] in (0x00, 0x01)):  # a segment: its length counts itself
-            length = file.read(2)
-            if len(length) < 2:
+        elif not (0xD0 <= marker[0] <= 0xD9 or marker[0] == 0x00):  # a segment (RSTn, SOI, EOI have no length)
+            length = int.from_bytes(file.read(2), "big")
+            if length < 2:  # the file ends, or the length is broken: Pillow names what is wrong
                 return count
-            file.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
+            file.seek(length - 2, os.SEEK_CUR)
     return limit + 1
 
 

@@ -104,27 +104,40 @@ def png_chunk_flood(chunks: int, where: str = "before", mode: str = "L") -> byte
     return head + (flood + idat if where == "before" else idat + flood) + tail
 
 
-def jpeg_segment_flood(comments: int, fill: int = 0, stray: int = 0) -> bytes:
+def jpeg_segment_flood(comments: int, fill: int = 0, stray: int = 0, bare: bytes = b"", bares: int = 0) -> bytes:
     """A valid 64x64 JPEG with `comments` empty comment segments (FF FE, its length counting itself), `fill`
-    fill bytes (FF, allowed before any marker) and `stray` zero bytes (extraneous data, which decoders skip)
-    after its first segment (JFIF's APP0)."""
+    fill bytes (FF, allowed before any marker), `stray` zero bytes (extraneous data, which decoders skip) and
+    `bares` markers `bare` without parameters (RSTn, TEM) after its first segment (JFIF's APP0)."""
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 30)).save(buffer, "JPEG")
     jpeg = buffer.getvalue()
     assert jpeg[2:4] == b"\xff\xe0"
     after = 4 + int.from_bytes(jpeg[4:6], "big")
-    return jpeg[:after] + b"\0" * stray + b"\xff" * fill + b"\xff\xfe\x00\x02" * comments + jpeg[after:]
+    flood = b"\0" * stray + b"\xff" * fill + b"\xff\xfe\x00\x02" * comments + bare * bares
+    return jpeg[:after] + flood + jpeg[after:]
 
 
-def gif_extension_flood(blocks: int) -> bytes:
-    """A valid 64x64 GIF with a comment extension of `blocks` one-byte data sub-blocks before its image."""
+def gif_extension_flood(*blocks: int, version: bytes = b"87a", table: str = "global") -> bytes:
+    """A valid 64x64 GIF (of 256 colours) with a comment extension of each count of one-byte data sub-blocks in
+    `blocks` before its image; its colour table `table` = "global", or "local" to the image (none global)."""
+    image = Image.new("P", (64, 64))
+    image.putpalette(bytes(range(256)) * 3)
+    image.putdata([index % 256 for index in range(64 * 64)])
     buffer = io.BytesIO()
-    Image.new("P", (64, 64), 3).save(buffer, "GIF")
+    image.save(buffer, "GIF", optimize=False)
     gif = buffer.getvalue()
     flags = gif[10]
-    start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    assert flags & 0x80 and flags & 7 == 7  # a global table of 256 colours
+    start = 13 + 768
     assert gif[start:start + 1] == b","  # Pillow's GIF has no extension before its image
-    return gif[:start] + b"\x21\xfe" + b"\x01x" * blocks + b"\0" + gif[start:]
+    descriptor, rest = gif[start:start + 10], gif[start + 10:]
+    if table == "local":  # the table moved after the image's descriptor, its flag and size there
+        descriptor = descriptor[:9] + bytes([descriptor[9] | 0x80 | 7])
+        rest = gif[13:start] + rest
+        gif = gif[:10] + bytes([flags & 0x7F & ~7]) + gif[11:13]
+        start = 13
+    extensions = b"".join(b"\x21\xfe" + b"\x01x" * count + b"\0" for count in blocks)
+    return b"GIF" + version + gif[6:start] + extensions + descriptor + rest
 
 
 def ico_bomb(side: int = 13_000) -> bytes:
@@ -244,15 +257,17 @@ def _jpeg_segments_before_scan(jpeg: bytes) -> int:
     return count
 
 
-@pytest.mark.parametrize("flood", ["comments", "fill", "stray"])
+@pytest.mark.parametrize("flood", ["comments", "fill", "stray", "RST0"])
 def test_a_jpeg_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path, flood):
-    """Each segment before the scan counts, and each fill byte (FF) and stray byte between them."""
+    """Each segment before the scan counts, each marker without parameters (RSTn: libjpeg passes over them),
+    and each fill byte (FF) and stray byte between them."""
     own = _jpeg_segments_before_scan(jpeg_segment_flood(0))
     assert 5 <= own <= 12  # Pillow's: JFIF, the quantisation and Huffman tables, the frame
     path = tmp_path / "segments.jpg"
     for extra, refused in ((65_536 - own, False), (65_537 - own, True)):
         data = {"comments": lambda: jpeg_segment_flood(extra), "fill": lambda: jpeg_segment_flood(0, fill=extra),
-                "stray": lambda: jpeg_segment_flood(0, stray=extra)}[flood]()
+                "stray": lambda: jpeg_segment_flood(0, stray=extra),
+                "RST0": lambda: jpeg_segment_flood(0, bare=b"\xff\xd0", bares=extra)}[flood]()
         path.write_bytes(data)
         if refused:
             with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
@@ -261,14 +276,37 @@ def test_a_jpeg_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refu
             assert decode_image(path, InputLimits()).shape == (64, 64, 3)
 
 
-def test_a_gif_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path):
-    """A comment extension and each of its data sub-blocks count."""
+@pytest.mark.parametrize("version, table", [(b"87a", "global"), (b"89a", "global"), (b"89a", "local")])
+@pytest.mark.parametrize("allowed, refused", [((65_535,), (65_536,)), ((0,) * 65_536, (0,) * 65_537),
+                                              ((65_534, 0), (65_534, 0, 0))],
+                         ids=["sub-blocks", "extensions", "an extension past the cap"])
+def test_a_gif_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path, version, table, allowed,
+                                                                                  refused):
+    """Each extension before the image counts, and each of its data sub-blocks."""
     path = tmp_path / "blocks.gif"
-    path.write_bytes(gif_extension_flood(65_535))  # the extension and its 65,535 sub-blocks
+    path.write_bytes(gif_extension_flood(*allowed, version=version, table=table))
+    with Image.open(path) as image:
+        assert image.info["version"] == b"GIF" + version
     assert decode_image(path, InputLimits()).shape == (64, 64, 3)
-    path.write_bytes(gif_extension_flood(65_536))
+    path.write_bytes(gif_extension_flood(*refused, version=version, table=table))
     with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
         decode_image(path, InputLimits())
+
+
+@pytest.mark.parametrize("name, cut", [("jpeg", lambda data: data[:data.index(b"\xff\xdb") + 1]),  # at a marker's FF
+                                       ("jpeg", lambda data: data.replace(b"\xff\xfe\x00\x02", b"\xff\xfe\x00\x00")),
+                                       ("gif", lambda data: data[:13 + 768 + 2 + 6])],  # inside a sub-block
+                         ids=["JPEG cut at a marker", "JPEG segments of length 0", "GIF cut in an extension"])
+def test_a_file_cut_short_or_broken_among_its_blocks_is_left_to_the_decoders(tmp_path, name, cut):
+    """The count stops where the file does, or at a length that cannot be: the decoders say what is wrong, if
+    anything (libjpeg passes over empty comments whose length is 0)."""
+    data = jpeg_segment_flood(3) if name == "jpeg" else gif_extension_flood(5)
+    path = tmp_path / f"broken.{name}"
+    path.write_bytes(cut(data))
+    try:
+        assert decode_image(path, InputLimits()).shape == (64, 64, 3)
+    except ValueError as refused:
+        assert "could not be" in str(refused) and "blocks" not in str(refused)
 
 
 def test_idats_of_a_kilobyte_or_more_are_not_counted(tmp_path):
