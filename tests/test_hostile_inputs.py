@@ -134,7 +134,7 @@ def gif_extension_flood(*blocks: int, version: bytes = b"87a", table: str = "glo
     if table == "local":  # the table moved after the image's descriptor, its flag and size there
         descriptor = descriptor[:9] + bytes([descriptor[9] | 0x80 | 7])
         rest = gif[13:start] + rest
-        gif = gif[:10] + bytes([flags & 0x7F & ~7]) + gif[11:13]
+        gif = gif[:10] + bytes([flags & 0x7F]) + gif[11:13]  # (the size bits kept: decoders read them only with the flag)
         start = 13
     extensions = b"".join(b"\x21\xfe" + b"\x01x" * count + b"\0" for count in blocks)
     return b"GIF" + version + gif[6:start] + extensions + descriptor + rest
@@ -257,17 +257,18 @@ def _jpeg_segments_before_scan(jpeg: bytes) -> int:
     return count
 
 
-@pytest.mark.parametrize("flood", ["comments", "fill", "stray", "RST0"])
+@pytest.mark.parametrize("flood", ["comments", "fill", "stray", "RST0", "FF00"])
 def test_a_jpeg_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refused(tmp_path, flood):
     """Each segment before the scan counts, each marker without parameters (RSTn: libjpeg passes over them),
-    and each fill byte (FF) and stray byte between them."""
+    and each fill byte (FF), stray byte and escaped FF (FF 00) between them."""
     own = _jpeg_segments_before_scan(jpeg_segment_flood(0))
     assert 5 <= own <= 12  # Pillow's: JFIF, the quantisation and Huffman tables, the frame
     path = tmp_path / "segments.jpg"
     for extra, refused in ((65_536 - own, False), (65_537 - own, True)):
         data = {"comments": lambda: jpeg_segment_flood(extra), "fill": lambda: jpeg_segment_flood(0, fill=extra),
                 "stray": lambda: jpeg_segment_flood(0, stray=extra),
-                "RST0": lambda: jpeg_segment_flood(0, bare=b"\xff\xd0", bares=extra)}[flood]()
+                "RST0": lambda: jpeg_segment_flood(0, bare=b"\xff\xd0", bares=extra),
+                "FF00": lambda: jpeg_segment_flood(0, bare=b"\xff\x00", bares=extra)}[flood]()
         path.write_bytes(data)
         if refused:
             with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
@@ -295,12 +296,16 @@ def test_a_gif_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refus
 
 @pytest.mark.parametrize("name, cut", [("jpeg", lambda data: data[:data.index(b"\xff\xdb") + 1]),  # at a marker's FF
                                        ("jpeg", lambda data: data.replace(b"\xff\xfe\x00\x02", b"\xff\xfe\x00\x00")),
-                                       ("gif", lambda data: data[:13 + 768 + 2 + 6])],  # inside a sub-block
-                         ids=["JPEG cut at a marker", "JPEG segments of length 0", "GIF cut in an extension"])
+                                       ("gif", lambda data: data[:13 + 768 + 2 + 6]),  # inside a sub-block
+                                       ("png", lambda data: data[:-12] + _chunk(b"prVt", b"")[:4].replace(
+                                           b"\0\0\0\0", b"\x80\0\0\0") + b"prVt" + data[-12:])],
+                         ids=["JPEG cut at a marker", "JPEG segments of length 0", "GIF cut in an extension",
+                              "PNG chunk claiming 2 GiB"])
 def test_a_file_cut_short_or_broken_among_its_blocks_is_left_to_the_decoders(tmp_path, name, cut):
     """The count stops where the file does, or at a length that cannot be: the decoders say what is wrong, if
     anything (libjpeg passes over empty comments whose length is 0)."""
-    data = jpeg_segment_flood(3) if name == "jpeg" else gif_extension_flood(5)
+    data = {"jpeg": lambda: jpeg_segment_flood(3), "gif": lambda: gif_extension_flood(5),
+            "png": lambda: png_chunk_flood(3, "after", "P")}[name]()
     path = tmp_path / f"broken.{name}"
     path.write_bytes(cut(data))
     try:
