@@ -39,7 +39,7 @@ _ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
 _PNG_CHUNKS_WALKED = 1 << 16
 
 # Blocks Pillow reads one by one in Python around a file's pixels: a PNG's chunks, a JPEG's segments and the
-# stray bytes between them, a GIF's extension blocks and their sub-blocks. A photo has tens; a crafted file of
+# stray bytes between them, a GIF's extension blocks and their sub-blocks, a BigTIFF's directory entries. A photo has tens; a crafted file of
 # millions held Pillow's opener and the GIL, and a JPEG's took memory for each (docs/serving.md, Input files).
 MAX_BLOCKS = 1 << 16
 
@@ -76,8 +76,8 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
     blocks = _blocks(path)
     if blocks > MAX_BLOCKS:
         raise ValueError(
-            f"{name} holds over {MAX_BLOCKS:,} blocks (a PNG's chunks, a JPEG's segments, "
-            "a GIF's extension blocks), where a photo has tens; save it again as PNG or JPEG without its metadata"
+            f"{name} holds over {MAX_BLOCKS:,} blocks (a PNG's chunks, a JPEG's segments, a GIF's extension blocks, "
+            "a TIFF's tags), where a photo has tens; save it again as PNG or JPEG without its metadata"
         )
     try:
         image = Image.open(path, formats=FORMATS)
@@ -98,7 +98,7 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
 
 
 def _blocks(path: Path, limit: int = MAX_BLOCKS) -> int:
-    """The blocks of a PNG, JPEG or GIF that Pillow reads one by one around the pixels, counted up to
+    """The blocks of a PNG, JPEG, GIF or BigTIFF that Pillow reads one by one around the pixels, counted up to
     `limit` + 1 (at most that many steps, whatever the file); 0 for other formats. A file cut short counts what
     it has: Pillow names what is wrong with it."""
     with path.open("rb") as file:
@@ -110,7 +110,20 @@ def _blocks(path: Path, limit: int = MAX_BLOCKS) -> int:
             return _jpeg_blocks(file, limit)
         if signature[:6] in (b"GIF87a", b"GIF89a"):
             return _gif_blocks(file, limit)
+        if signature[:4] == b"II+\0":
+            return _bigtiff_blocks(file, limit)
     return 0
+
+
+def _bigtiff_blocks(file, limit: int) -> int:
+    """The entries of a little-endian BigTIFF's first directory, which Pillow reads one by one when it opens
+    the file (a classic TIFF counts them in 16 bits, under the cap; Pillow 13 reads no big-endian BigTIFF)."""
+    header = file.read(16)  # byte order, 43, offset size, 0, the first directory's offset
+    if len(header) < 16:
+        return 0
+    file.seek(struct.unpack("<Q", header[8:])[0])
+    count = file.read(8)
+    return min(struct.unpack("<Q", count)[0], limit + 1) if len(count) == 8 else 0
 
 
 def _png_blocks(file, limit: int) -> int:

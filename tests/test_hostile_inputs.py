@@ -140,6 +140,20 @@ def gif_extension_flood(*blocks: int, version: bytes = b"87a", table: str = "glo
     return b"GIF" + version + gif[6:start] + extensions + descriptor + rest
 
 
+def bigtiff_tag_flood(tags: int) -> bytes:
+    """A valid 64x64 grey little-endian BigTIFF (version 43, 8-byte offsets, as the BigTIFF design lays it out)
+    whose one directory holds `tags` entries: the nine an image needs, then a private tag repeated."""
+    side, pixels, order = 64, bytes(64 * 64), "<"
+
+    def entry(tag: int, kind: int, value: int) -> bytes:  # one SHORT (3) or LONG8 (16), in the entry itself
+        return struct.pack(order + "HHQ", tag, kind, 1) + struct.pack(order + ("H" if kind == 3 else "Q"), value).ljust(8, b"\0")
+
+    needed = [entry(256, 3, side), entry(257, 3, side), entry(258, 3, 8), entry(259, 3, 1), entry(262, 3, 1),
+              entry(273, 16, 16), entry(277, 3, 1), entry(278, 3, side), entry(279, 16, len(pixels))]
+    directory = struct.pack(order + "Q", tags) + b"".join(needed) + entry(65_000, 3, 0) * (tags - len(needed))
+    return b"II" + struct.pack(order + "HHHQ", 43, 8, 0, 16 + len(pixels)) + pixels + directory + struct.pack(order + "Q", 0)
+
+
 def ico_bomb(side: int = 13_000) -> bytes:
     """An ICO whose one entry is a PNG of side x side: Pillow's ICO plugin decodes it whole, before
     any size check, since the ICO directory says 256x256 (0)."""
@@ -210,8 +224,8 @@ def test_an_ordinary_progressive_jpeg_still_decodes(tmp_path):
     assert decode_image(path, InputLimits()).shape == (200, 300, 3)
 
 
-BLOCKS_REFUSED = ("{} holds over 65,536 blocks (a PNG's chunks, a JPEG's segments, a GIF's extension blocks), where a "
-                  "photo has tens; save it again as PNG or JPEG without its metadata")
+BLOCKS_REFUSED = ("{} holds over 65,536 blocks (a PNG's chunks, a JPEG's segments, a GIF's extension blocks, a TIFF's "
+                  "tags), where a photo has tens; save it again as PNG or JPEG without its metadata")
 
 
 @pytest.mark.parametrize("flood, suffix", [(lambda: png_chunk_flood(2_000_000), "png"),
@@ -219,9 +233,10 @@ BLOCKS_REFUSED = ("{} holds over 65,536 blocks (a PNG's chunks, a JPEG's segment
                                            (lambda: png_chunk_flood(2_000_000, "idat", "P"), "png"),
                                            (lambda: jpeg_segment_flood(5_000_000), "jpg"),
                                            (lambda: jpeg_segment_flood(0, fill=20_000_000), "jpg"),
-                                           (lambda: gif_extension_flood(10_000_000), "gif")],
+                                           (lambda: gif_extension_flood(10_000_000), "gif"),
+                                           (lambda: bigtiff_tag_flood(2_000_000), "tif")],
                          ids=["PNG chunks", "PNG chunks after the pixels", "PNG pixels in empty IDATs", "JPEG segments",
-                              "JPEG fill bytes", "GIF sub-blocks"])
+                              "JPEG fill bytes", "GIF sub-blocks", "BigTIFF tags"])
 def test_a_flood_of_blocks_is_refused_before_pillow_walks_it(tmp_path, flood, suffix):
     """Pillow reads these one by one in Python, holding the GIL, and a JPEG's segments each take memory (what
     they cost before the cap: docs/serving.md, Input files). A palette PNG is decoded by Pillow itself, which
@@ -290,6 +305,16 @@ def test_a_gif_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refus
         assert image.info["version"] == b"GIF" + version
     assert decode_image(path, InputLimits()).shape == (64, 64, 3)
     path.write_bytes(gif_extension_flood(*refused, version=version, table=table))
+    with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
+        decode_image(path, InputLimits())
+
+
+def test_a_bigtiff_of_exactly_the_tags_allowed_still_decodes_and_one_more_is_refused(tmp_path):
+    """A classic TIFF counts its tags in 16 bits (65,535 at most); a BigTIFF in 64."""
+    path = tmp_path / "tags.tif"
+    path.write_bytes(bigtiff_tag_flood(65_536))
+    assert decode_image(path, InputLimits()).shape == (64, 64, 3)
+    path.write_bytes(bigtiff_tag_flood(65_537))
     with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
         decode_image(path, InputLimits())
 
