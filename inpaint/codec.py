@@ -39,8 +39,9 @@ _ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
 _PNG_CHUNKS_WALKED = 1 << 16
 
 # Blocks Pillow reads one by one in Python around a file's pixels: a PNG's chunks, a JPEG's segments and the
-# stray bytes between them, a GIF's extension blocks and their sub-blocks, a BigTIFF's directory entries. A photo has tens; a crafted file of
-# millions held Pillow's opener and the GIL, and a JPEG's took memory for each (docs/serving.md, Input files).
+# stray bytes between them, a GIF's extension blocks and their sub-blocks, a BigTIFF's directory entries. A
+# photo has tens; a crafted file of millions held Pillow and the GIL, and a JPEG's took memory for each
+# (docs/serving.md, Input files).
 MAX_BLOCKS = 1 << 16
 
 # The largest ICC profile an output carries: Pillow's cap on a PNG's, so that every input format is held to
