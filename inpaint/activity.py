@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ class Activity:
         self._lock = threading.Lock()
         self._running = 0
         self._write()
+        weakref.finalize(self, self.file.unlink, missing_ok=True)  # removed when the process exits: nothing left behind
 
     @contextmanager
     def prediction(self) -> Iterator[None]:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,18 @@ def test_the_record_says_when_its_count_last_changed(tmp_path):
     changed = json.loads(record.read_text())["changed"]
     assert abs(changed - time.time()) < 5
     assert slots_lost("BUSY", record, 60, now=changed + 59) == "" and slots_lost("BUSY", record, 60, now=changed + 60)
+
+
+def test_the_record_goes_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    record = tmp_path / "activity.json"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); from pathlib import Path; "
+            f"from inpaint.activity import Activity; activity = Activity(Path({str(record)!r})); "
+            "assert activity.file.exists()")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert not record.exists()
 
 
 def test_predictions_on_many_threads_leave_the_last_count_in_the_record(tmp_path):
