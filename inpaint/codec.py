@@ -10,9 +10,12 @@ Python's lock (the photo and its mask decode side by side); Pillow decodes every
 
 from __future__ import annotations
 
+import io
+import itertools
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,19 +130,26 @@ def _bigtiff_blocks(file, limit: int) -> int:
     return min(struct.unpack("<Q", count)[0], limit + 1) if len(count) == 8 else 0
 
 
+def _png_chunks(file) -> Iterator[tuple[bytes, int, int]]:
+    """Each chunk of a PNG file as its type, its length and where its data starts, until the file ends."""
+    file.seek(8)  # after the signature: each chunk is its length, type, data and CRC
+    while len(head := file.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", head)
+        yield kind, length, file.tell()
+        file.seek(length + 4, os.SEEK_CUR)
+
+
 def _png_blocks(file, limit: int) -> int:
     """Chunks before IEND, but for IDATs of at least 1 KiB: Pillow reads the others after the pixels too, and
     each IDAT where it decodes them itself; encoders write IDATs of 8 KiB and more (the last excepted), and the
     byte limit bounds how many of those a file holds."""
-    file.seek(8)
     count = 0
-    while count <= limit:
-        head = file.read(8)
-        if len(head) < 8 or head[4:] == b"IEND":
-            return count
-        length = struct.unpack(">I", head[:4])[0]
-        count += head[4:] != b"IDAT" or length < 1024
-        file.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    for kind, length, _ in _png_chunks(file):
+        if kind == b"IEND":
+            break
+        count += kind != b"IDAT" or length < 1024
+        if count > limit:
+            break
     return count
 
 
@@ -348,15 +358,12 @@ def _png_has_exif(data: bytes) -> bool:
     match is checked chunk by chunk; a file of more than _PNG_CHUNKS_WALKED chunks is taken to hold EXIF."""
     if b"eXIf" not in data and b"Raw profile type exif" not in data:
         return False
-    position = 8  # after the signature: each chunk is its length, type, data and CRC
-    for _ in range(_PNG_CHUNKS_WALKED):
-        if position + 8 > len(data):
-            return False
-        length, kind = struct.unpack_from(">I4s", data, position)
-        if kind == b"eXIf" or kind in (b"tEXt", b"zTXt", b"iTXt") and data.startswith(b"Raw profile type exif", position + 8):
+    walked = 0
+    for kind, _, start in itertools.islice(_png_chunks(io.BytesIO(data)), _PNG_CHUNKS_WALKED):
+        if kind == b"eXIf" or kind in (b"tEXt", b"zTXt", b"iTXt") and data.startswith(b"Raw profile type exif", start):
             return True
-        position += 12 + length
-    return True
+        walked += 1
+    return walked == _PNG_CHUNKS_WALKED
 
 
 def _decode_deep_tiff(image: Image.Image, path: Path) -> np.ndarray | None:
