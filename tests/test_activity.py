@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from inpaint.activity import Activity, activity_file, slots_lost
+from inpaint.activity import QUIET_SECONDS, Activity, activity_file, in_progress, slots_lost
 
 
 def test_each_prediction_counts_itself_in_and_out_of_the_record_whatever_its_outcome(tmp_path):
@@ -98,3 +98,39 @@ def test_no_record_or_one_that_cannot_be_read_makes_no_judgement(tmp_path, conte
     if content is not None:
         record.write_text(content)
     assert slots_lost("BUSY", record, 0, now=10**10) == ""
+
+
+def test_a_stopping_server_has_left_what_is_in_run_and_what_ended_a_moment_ago(tmp_path):
+    """The preStop hook's question (script/probe drain): is anything left that SIGTERM would drop?"""
+    record = tmp_path / "activity.json"
+    record.write_text(json.dumps({"running": 2, "changed": 1000.0}))
+    for status in ("READY", "BUSY"):
+        assert in_progress(status, record, 2, now=9000.0) == "2 predictions in run()"
+    record.write_text(json.dumps({"running": 1, "changed": 1000.0}))
+    assert in_progress("READY", record, 2, now=9000.0) == "1 prediction in run()"
+    record.write_text(json.dumps({"running": 0, "changed": 1000.0}))
+    assert in_progress("READY", record, 2, now=1001.5) == (
+        "no prediction in run() for only 1.5 s: the last one's output and webhook may be on their way")
+    assert in_progress("READY", record, 2, now=999.0).startswith("no prediction in run() for only 0.0 s:")  # clock skew
+    assert in_progress("READY", record, 2, now=1002.0) == ""
+    assert in_progress("BUSY", record, 2, now=1002.0) == ""  # BUSY with nothing in run(): lost slots, nothing to finish
+    record.write_text(json.dumps({"running": 0, "changed": time.time()}))
+    assert in_progress("READY", record)  # now, by the clock: a record written just now is within the default quiet
+    record.write_text(json.dumps({"running": 0, "changed": time.time() - 2 * QUIET_SECONDS}))
+    assert in_progress("READY", record) == ""
+
+
+@pytest.mark.parametrize("status", ["STARTING", "SETUP_FAILED", "DEFUNCT", "UNHEALTHY", ""])
+def test_a_server_not_serving_has_nothing_to_finish(tmp_path, status):
+    """A stale count (a worker that died in run()) holds nothing up: no prediction of it can end now."""
+    record = tmp_path / "activity.json"
+    record.write_text(json.dumps({"running": 3, "changed": time.time()}))
+    assert in_progress(status, record, 2) == ""
+
+
+@pytest.mark.parametrize("content", [None, "{", '{"changed": 0}', '{"running": 1, "changed": "soon"}'])
+def test_no_record_that_can_be_read_holds_a_stop_up(tmp_path, content):
+    record = tmp_path / "activity.json"
+    if content is not None:
+        record.write_text(content)
+    assert in_progress("READY", record, 2, now=10.0) == ""

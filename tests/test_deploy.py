@@ -23,8 +23,7 @@ from inpaint import egress
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
-# The oldest Kubernetes the manifests are for (preStop's sleep action is on by default from 1.30), and the
-# newest kubernetes-validate knows.
+# The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
 VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 KNATIVE = "serving.knative.dev/v1"
 # Fields of Knative's RevisionSpec beside the PodSpec it inlines (Knative Serving API, RevisionSpec).
@@ -129,10 +128,13 @@ def test_the_manifests_agree_with_the_container():
             spec, annotations = document["spec"]["template"]["spec"], document["spec"]["template"]["metadata"]["annotations"]
             assert spec["containerConcurrency"] == slots  # the queue-proxy never sends more than Cog takes
             assert int(annotations["autoscaling.knative.dev/target"]) <= slots
+            # Knative's API takes no lifecycle hooks (knative/serving, pkg/apis/serving/fieldmask.go: ContainerMask)
+            assert "lifecycle" not in spec["containers"][0]
         if document["kind"] == "Deployment":
             spec = document["spec"]["template"]["spec"]
-            pre_stop = spec["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
-            assert spec["terminationGracePeriodSeconds"] > pre_stop + 60
+            assert _pre_stop_command() == ["python", "script/probe", "drain"]
+            # The grace period counts from the hook's start: its settle, then a long prediction, then SIGTERM.
+            assert spec["terminationGracePeriodSeconds"] > _probe_script().SETTLE_SECONDS + 60
     claims = {document["metadata"]["name"] for _, document in documents() if document["kind"] == "PersistentVolumeClaim"}
     for name, document in documents():
         for volume in document.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
@@ -151,14 +153,33 @@ def _probe_commands() -> dict[str, list[str]]:
     return commands
 
 
+def _probe_script():
+    """script/probe as a module, for its defaults."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("probe", str(ROOT / "script" / "probe"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("probe", loader))
+    loader.exec_module(module)
+    return module
+
+
+def _pre_stop_command() -> list[str]:
+    (deployment,) = [document for _, document in documents() if document["kind"] == "Deployment"]
+    return deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+
+
 def _run_probe(command: list[str], port: int, env: dict | None = None):
     """The command as the kubelet runs it in the container: from the working directory (Cog's /src is the
     repository root), `python` from PATH, the container's environment (`env`: what the server was given).
     Its exit code; with `env`, and the reason it wrote."""
-    environment = {**os.environ, **(env or {}), "PORT": str(port),
-                   "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
-    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(command, cwd=ROOT, env=_environment(port, env), capture_output=True, text=True, timeout=30)
     return done.returncode if env is None else (done.returncode, done.stderr)
+
+
+def _environment(port: int, env: dict | None) -> dict:
+    return {**os.environ, **(env or {}), "PORT": str(port),
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
 
 
 def test_probes_pass_on_a_ready_server(server):
@@ -185,12 +206,14 @@ def test_probes_during_setup_and_with_no_server(tiny_weights, tmp_path):
             pytest.skip(f"setup was over before the first health check ({state})")
         assert _run_probe(commands["ready"], starting.port) == 1  # not ready: no traffic yet
         assert _run_probe(commands["live"], starting.port) == 0  # but not restarted during setup
+        assert _run_probe([*_pre_stop_command(), "--settle", "0"], starting.port) == 0  # no prediction to finish
         starting.wait_ready(120)
         assert _run_probe(commands["ready"], starting.port) == 0
     finally:
         starting.stop()
     assert _run_probe(commands["ready"], starting.port) == 1  # nothing listening
     assert _run_probe(commands["live"], starting.port) == 1
+    assert _run_probe([*_pre_stop_command(), "--settle", "0"], starting.port) == 0  # nor anything to finish
 
 
 def test_probes_fail_once_the_gpu_failed_for_good(faulty_server, tmp_path):
@@ -247,3 +270,46 @@ def test_probes_fail_once_cogs_server_has_lost_its_slots_and_pass_while_they_are
             assert code == 1 and reason.startswith(f"{check}: status BUSY, but no prediction has been in run() for ")
             assert reason.endswith("Cog's server has lost its prediction slots (coglet 0.23.1, a request id over 255 "
                                    "bytes or with a NUL; docs/serving.md), and only a restart frees them\n")
+
+
+@pytest.mark.slow
+def test_the_pre_stop_hook_holds_sigterm_until_async_predictions_have_ended_and_sent_their_webhooks(
+        tiny_weights, tmp_path, webhook):
+    """On SIGTERM Cog's server (coglet 0.23.1) drops an async prediction still running, with no final webhook
+    (tests/test_reliability.py records it). The Deployment's preStop hook runs before the kubelet sends
+    SIGTERM: it waits out its settle, in which the Service may still send a request, then until no
+    prediction has been in run() for a moment. Then SIGTERM loses nothing."""
+    from cogserver import data_uri
+    from conftest import make_mask, make_photo
+
+    temporary = tmp_path / "tmp"  # the server's and its hook's own TMPDIR: no other server's record
+    temporary.mkdir()
+    env = {"TMPDIR": str(temporary)}
+    photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
+    body = {"image": data_uri(photo), "mask": data_uri(mask), "width": 256, "height": 256, "num_inference_steps": 60}
+    hook = [*_pre_stop_command(), "--settle", "1"]
+    terminal = ("succeeded", "failed", "canceled")
+
+    def post(prediction_id: str) -> None:
+        request = {"id": prediction_id, "input": body, "webhook": webhook.url}
+        assert server.request("POST", "/predictions", request, {"Prefer": "respond-async"})[0] == 202
+
+    server = CogServer(tiny_weights, log_path=tmp_path / "server.log", env=env).start()
+    try:
+        started = time.monotonic()
+        code, said = _run_probe(hook, server.port, env)  # an idle server: its settle and a moment
+        assert code == 0 and said == "" and time.monotonic() - started < 10
+        post("first")
+        webhook.wait_for(lambda event: event.get("id") == "first" and "denoising" in (event.get("logs") or ""), 60)
+        code, said = _run_probe([*hook[:3], "--settle", "0", "--timeout", "0.5"], server.port, env)
+        assert code == 1 and said == "drain: gave up after 0 + 0.5 s: 1 prediction in run()\n"
+        draining = subprocess.Popen(hook, cwd=ROOT, env=_environment(server.port, env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        post("second")  # within the settle
+        out, err = draining.communicate(timeout=120)
+        ended = {event["id"]: event["status"] for event in list(webhook.events) if event.get("status") in terminal}
+        assert draining.returncode == 0 and err == "" and out.startswith("drain: nothing left to finish after 1 + ")
+        assert ended == {"first": "succeeded", "second": "succeeded"}  # before SIGTERM
+        assert server.stop(timeout=60) == 0
+    finally:
+        server.stop()

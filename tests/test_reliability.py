@@ -355,7 +355,8 @@ def test_sigterm_during_an_async_prediction_still_ends_it_with_a_webhook(tiny_we
     """Cog's server finishes a sync prediction before it exits (the test above), but an async one is
     dropped: it logs "Slot dropped while InUse with non-terminal prediction" and sends no final
     webhook (replicate/cog#896 leaves that to the orchestrator). The model's code never sees the
-    shutdown, so it cannot help. When Cog fixes it, strict xfail turns this into a failure."""
+    shutdown; the container's preStop hook holds SIGTERM off instead (tests/test_deploy.py). When Cog
+    fixes it, strict xfail turns this into a failure."""
     running = CogServer(tiny_weights, log_path=tmp_path / "server.log").start()
     body = {**_base(), "num_inference_steps": 60, "width": 256, "height": 256}
     status, _ = running.request(
