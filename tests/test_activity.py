@@ -38,16 +38,35 @@ def test_the_record_says_when_its_count_last_changed(tmp_path):
     assert slots_lost("BUSY", record, 60, now=changed + 59) == "" and slots_lost("BUSY", record, 60, now=changed + 60)
 
 
-def test_the_record_goes_with_its_process(tmp_path):
+@pytest.mark.parametrize("removed_before", [False, True])
+def test_the_record_goes_with_its_process(tmp_path, removed_before):
+    """Also quietly when something else removed it first (a cleaned temporary folder)."""
     import subprocess
     import sys
 
     record = tmp_path / "activity.json"
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); from pathlib import Path; "
             f"from inpaint.activity import Activity; activity = Activity(Path({str(record)!r})); "
-            "assert activity.file.exists()")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    assert not record.exists()
+            f"assert activity.file.exists(); {'activity.file.unlink()' if removed_before else ''}")
+    done = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
+    assert not record.exists() and done.stderr == ""
+
+
+@pytest.mark.parametrize("removed_before", [False, True])
+def test_the_record_goes_with_its_activity(tmp_path, monkeypatch, removed_before):
+    """In process, as above at exit (mutation testing sees only this one)."""
+    import gc
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # where an error of a finalizer goes
+    record = tmp_path / "activity.json"
+    activity = Activity(record)
+    if removed_before:
+        record.unlink()
+    del activity
+    gc.collect()
+    assert not record.exists() and unraisable == []
 
 
 def test_predictions_on_many_threads_leave_the_last_count_in_the_record(tmp_path):
