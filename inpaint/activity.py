@@ -109,5 +109,6 @@ def in_progress(status: str, file: Path, quiet: float = QUIET_SECONDS, now: floa
         return f"{running} prediction{'s' if running > 1 else ''} in run()"
     idle = (time.time() if now is None else now) - changed
     if idle < quiet:
-        return f"no prediction in run() for only {max(idle, 0.0):.1f} s: the last one's output and webhook may be on their way"
+        return (f"no prediction in run() for only {max(idle, 0.0):.1f} s: the last one's output and webhook may be "
+                "on their way")
     return ""

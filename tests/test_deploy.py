@@ -293,7 +293,8 @@ def test_the_pre_stop_hook_holds_sigterm_until_async_predictions_have_ended_and_
     temporary.mkdir()
     env = {"TMPDIR": str(temporary)}
     photo, mask = make_photo(tmp_path / "photo.png"), make_mask(tmp_path / "mask.png")
-    body = {"image": data_uri(photo), "mask": data_uri(mask), "width": 256, "height": 256, "num_inference_steps": 60}
+    # Long enough to be in run() still when the first check below has started its Python, on a loaded CI machine.
+    body = {"image": data_uri(photo), "mask": data_uri(mask), "width": 256, "height": 256, "num_inference_steps": 200}
     hook = [*_pre_stop_command(), "--settle", "1"]
     terminal = ("succeeded", "failed", "canceled")
 
