@@ -125,7 +125,10 @@ def _bigtiff_blocks(file, limit: int) -> int:
     header = file.read(16)  # byte order, 43, offset size, 0, the first directory's offset
     if len(header) < 16:
         return 0
-    file.seek(struct.unpack("<Q", header[8:])[0])
+    offset = struct.unpack("<Q", header[8:])[0]
+    if offset > os.fstat(file.fileno()).st_size:  # past the end (far past it, seek fails): Pillow names the damage
+        return 0
+    file.seek(offset)
     count = file.read(8)
     return min(struct.unpack("<Q", count)[0], limit + 1) if len(count) == 8 else 0
 
@@ -377,7 +380,7 @@ def _decode_deep_tiff(image: Image.Image, path: Path) -> np.ndarray | None:
         return None
     try:
         pixels = imagecodecs.tiff_decode(path.read_bytes(), index=0)
-    except (imagecodecs.TiffError, ValueError):
+    except (imagecodecs.TiffError, ValueError, IndexError):  # IndexError: libtiff read no directory where Pillow did
         return None
     if tags.get(TiffImagePlugin.PLANAR_CONFIGURATION) == 2 and pixels.ndim == 3:  # (C, H, W): one plane a sample
         pixels = np.ascontiguousarray(np.moveaxis(pixels, 0, 2))
