@@ -47,6 +47,11 @@ _PNG_CHUNKS_WALKED = 1 << 16
 # (docs/serving.md, Input files).
 MAX_BLOCKS = 1 << 16
 
+# The largest tile a TIFF may have, in pixels, unless its image is larger: libtiff decodes each tile whole, into
+# a buffer of the tile's size, which the header sets apart from the image's (docs/serving.md, Input files).
+# Encoders tile in 128 to 1024 pixels a side.
+MAX_TILE_PIXELS = 1024 * 1024
+
 # The largest ICC profile an output carries: Pillow's cap on a PNG's, so that every input format is held to
 # the same; a photo's profile is a few hundred bytes to a few hundred KB.
 MAX_PROFILE_BYTES = PngImagePlugin.MAX_TEXT_CHUNK
@@ -212,6 +217,21 @@ def _check_header(image: Image.Image, path: Path, name: str, limits: InputLimits
                 f"{name} is a JPEG of {scans:,} scans, over the limit of {limits.max_jpeg_scans} "
                 "(INPAINT_MAX_JPEG_SCANS); save it again as a baseline JPEG or a PNG"
             )
+    if image.format == "TIFF":
+        _check_tiles(image, name)
+
+
+def _check_tiles(image: Image.Image, name: str) -> None:
+    """A tiled TIFF's tiles are no larger than its image, or than MAX_TILE_PIXELS where that is more."""
+    tile = [image.tag_v2.get(tag) for tag in (TiffImagePlugin.TILEWIDTH, TiffImagePlugin.TILELENGTH)]
+    if None in tile:
+        return  # in strips, which libtiff clips to the image
+    width, height = (max(value) if isinstance(value, tuple) else value for value in tile)  # a forged count: the most
+    if width * height > max(image.width * image.height, MAX_TILE_PIXELS):
+        raise ValueError(
+            f"{name} is a TIFF in tiles of {width}x{height} pixels, each decoded whole: larger than the image itself "
+            f"({image.width}x{image.height}) and than {MAX_TILE_PIXELS:,} pixels; save it again without tiles, or as PNG"
+        )
 
 
 def _check_size(size: tuple[int, int], limits: InputLimits, subject: str, remedies: tuple[str, str, str]) -> None:

@@ -516,9 +516,23 @@ def _intact_files() -> dict[str, bytes]:
         "GIF": _encoded(photo.convert("P"), "GIF"), "TIFF": _encoded(photo, "TIFF"),
         "LZW TIFF": _encoded(photo, "TIFF", compression="tiff_lzw"),
     }
-    for name, options in (("16-bit TIFF", {}), ("16-bit deflated TIFF", {"compression": "zlib"})):
+    turned = photo.rotate(90)
+    files.update({
+        "animated GIF": _encoded(photo.convert("P"), "GIF", save_all=True, append_images=[turned.convert("P")]),
+        "APNG": _encoded(photo, "PNG", save_all=True, append_images=[turned]),
+        "MPO": _encoded(photo, "MPO", save_all=True, append_images=[turned]),
+        "animated WebP": _encoded(photo, "WEBP", save_all=True, append_images=[turned]),
+        "JPEG-compressed TIFF": _encoded(photo, "TIFF", compression="jpeg"),
+        "fax TIFF": _encoded(photo.convert("1"), "TIFF", compression="group4"),
+    })
+    alpha = np.dstack([deep, deep[..., :1]])
+    for name, pixels, options in (("16-bit TIFF", deep, {}), ("16-bit deflated TIFF", deep, {"compression": "zlib"}),
+                                  ("16-bit tiled TIFF", deep, {"tile": (16, 16)}),
+                                  ("16-bit TIFF in planes", deep, {"planarconfig": "separate"}),
+                                  ("16-bit RGBA TIFF", alpha, {"extrasamples": ["unassalpha"]}),
+                                  ("16-bit TIFF of two pages", np.stack([deep, deep]), {})):
         encoded = io.BytesIO()
-        tifffile.imwrite(encoded, deep, **options)
+        tifffile.imwrite(encoded, pixels, **options)
         files[name] = encoded.getvalue()
     return files
 
@@ -605,6 +619,52 @@ def test_a_16bit_tiff_whose_strip_sizes_lie_past_its_end_is_left_to_pillow(tmp_p
         pixels = decode_photo(path, InputLimits()).pixels
     assert "Tag data larger than file. Skipping tag 279" in [str(warning.message) for warning in skipped]
     assert pixels.shape == (48, 64, 3) and pixels.dtype == np.uint8
+
+
+def _tiff_in_tiles(pixels: np.ndarray, tile: tuple[int, int], forged: tuple[int, int] | None = None, **options) -> bytes:
+    """`pixels` as tifffile writes them in tiles of `tile` (length, width); with `forged`, the directory's
+    TileLength and TileWidth then say that instead (TIFF 6.0: tags 323 and 322, SHORT or LONG)."""
+    import tifffile
+
+    encoded = io.BytesIO()
+    tifffile.imwrite(encoded, pixels, tile=tile, **options)
+    data = bytearray(encoded.getvalue())
+    directory = struct.unpack("<I", data[4:8])[0]
+    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
+        tag, kind = struct.unpack("<HH", data[entry:entry + 4])
+        if forged and tag in (322, 323):
+            value = forged[1] if tag == 322 else forged[0]
+            data[entry + 8:entry + 12] = struct.pack("<I" if kind == 4 else "<HH", value, *(() if kind == 4 else (0,)))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("bits, forged, options", [(16, (67_108_880, 16), {}), (8, (16_384, 16_384), {"compression": "zlib"})],
+                         ids=["16-bit, a tile 67 million rows long", "8-bit deflated, 16384x16384 tiles"])
+def test_a_tiff_whose_tiles_are_far_larger_than_its_image_is_refused_before_decoding(tmp_path, bits, forged, options):
+    """libtiff decodes a tile whole, into a buffer of the tile's size, which a 20 KB file of 64x48 pixels can
+    set to gigabytes (docs/serving.md, Input files)."""
+    pixels = np.full((48, 64, 3), 200, np.uint16 if bits == 16 else np.uint8)
+    path = tmp_path / "tiles.tif"
+    path.write_bytes(_tiff_in_tiles(pixels, (16, 16), forged, **options))
+    message, seconds, grown = _refused_fast_in_bounded_memory(path, "decode_photo")
+    assert message == (f"image is a TIFF in tiles of {forged[1]}x{forged[0]} pixels, each decoded whole: larger than the "
+                       "image itself (64x48) and than 1,048,576 pixels; save it again without tiles, or as PNG")
+    assert seconds < 1 and grown < 50
+
+
+@pytest.mark.parametrize("size, tile, decodes", [
+    ((48, 64), (1024, 1024), True), ((48, 64), (1040, 1024), False),  # a megapixel whatever the image
+    ((1008, 1104), (1008, 1104), True), ((1008, 1104), (1024, 1104), False),  # the image's own size, where more
+])
+def test_tiles_up_to_the_image_or_a_megapixel_decode_and_larger_ones_are_refused(tmp_path, size, tile, decodes):
+    pixels = np.random.default_rng(1).integers(0, 65536, (*size, 3), dtype=np.uint16)
+    path = tmp_path / "tiles.tif"
+    path.write_bytes(_tiff_in_tiles(pixels, tile, compression="zlib"))
+    if decodes:
+        assert np.array_equal(decode_photo(path, InputLimits()).pixels, pixels)
+    else:
+        with pytest.raises(ValueError, match=f"^image is a TIFF in tiles of {tile[1]}x{tile[0]} pixels, each decoded whole"):
+            decode_photo(path, InputLimits())
 
 
 @pytest.mark.parametrize("fmt", ["ICO", "JPEG2000", "BMP", "PPM", "AVIF"])
