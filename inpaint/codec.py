@@ -42,9 +42,9 @@ _ACCEPTED = "PNG, JPEG, WebP, GIF or TIFF"
 _PNG_CHUNKS_WALKED = 1 << 16
 
 # Blocks Pillow reads one by one in Python around a file's pixels: a PNG's chunks, a JPEG's segments and the
-# stray bytes between them, a GIF's extension blocks and their sub-blocks, a BigTIFF's directory entries. A
-# photo has tens; a crafted file of millions held Pillow and the GIL, and a JPEG's took memory for each
-# (docs/serving.md, Input files).
+# stray bytes between them, a GIF's extension blocks and their sub-blocks, a TIFF's directory entries and the
+# strips or tiles it lists. A photo has tens to thousands; a crafted file of millions held Pillow and the GIL,
+# and took memory for each (docs/serving.md, Input files).
 MAX_BLOCKS = 1 << 16
 
 # The largest tile a TIFF may have, in pixels, unless its image is larger: libtiff decodes each tile whole, into
@@ -86,7 +86,8 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
     if blocks > MAX_BLOCKS:
         raise ValueError(
             f"{name} holds over {MAX_BLOCKS:,} blocks (a PNG's chunks, a JPEG's segments, a GIF's extension blocks, "
-            "a TIFF's tags), where a photo has tens; save it again as PNG or JPEG without its metadata"
+            "a TIFF's tags and strips or tiles), where a photo has far fewer; save it again as PNG or JPEG without its "
+            "metadata"
         )
     try:
         image = Image.open(path, formats=FORMATS)
@@ -107,7 +108,7 @@ def _open(path: Path, name: str, limits: InputLimits) -> Image.Image:
 
 
 def _blocks(path: Path, limit: int = MAX_BLOCKS) -> int:
-    """The blocks of a PNG, JPEG, GIF or BigTIFF that Pillow reads one by one around the pixels, counted up to
+    """The blocks of a PNG, JPEG, GIF or TIFF that Pillow reads one by one around the pixels, counted up to
     `limit` + 1 (at most that many steps, whatever the file); 0 for other formats. A file cut short counts what
     it has: Pillow names what is wrong with it."""
     with path.open("rb") as file:
@@ -119,23 +120,44 @@ def _blocks(path: Path, limit: int = MAX_BLOCKS) -> int:
             return _jpeg_blocks(file, limit)
         if signature[:6] in (b"GIF87a", b"GIF89a"):
             return _gif_blocks(file, limit)
-        if signature[:4] == b"II+\0":
-            return _bigtiff_blocks(file, limit)
+        if signature[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            return _tiff_blocks(file, limit)
     return 0
 
 
-def _bigtiff_blocks(file, limit: int) -> int:
-    """The entries of a little-endian BigTIFF's first directory, which Pillow reads one by one when it opens
-    the file (a classic TIFF counts them in 16 bits, under the cap; Pillow 13 reads no big-endian BigTIFF)."""
-    header = file.read(16)  # byte order, 43, offset size, 0, the first directory's offset
-    if len(header) < 16:
+# A TIFF directory's layout, by its version: the first directory's offset, and the struct formats of an
+# entry count, an entry's count field, and where it sits in an entry of what length (TIFF 6.0; BigTIFF).
+_TIFF_LAYOUTS = {42: (4, "I", "H", "I", 12), 43: (8, "Q", "Q", "Q", 20)}
+_TIFF_PIECES = (TiffImagePlugin.STRIPOFFSETS, TiffImagePlugin.STRIPBYTECOUNTS, TiffImagePlugin.TILEOFFSETS,
+                TiffImagePlugin.TILEBYTECOUNTS)
+
+
+def _tiff_blocks(file, limit: int) -> int:
+    """The entries of a TIFF's first directory, which Pillow reads one by one when it opens the file (a
+    BigTIFF counts them in 64 bits), and the strips or tiles that directory lists, which Pillow lays out one
+    by one (a TIFF may list any number of them)."""
+    header = file.read(16)  # byte order, version, then the first directory's offset (BigTIFF: after 4 bytes more)
+    order = "<" if header[:2] == b"II" else ">"
+    version = struct.unpack(order + "H", header[2:4])[0]
+    offset_at, offset_format, count_format, entry_count_format, entry_size = _TIFF_LAYOUTS[version]
+    if len(header) < offset_at + struct.calcsize(offset_format):
         return 0
-    offset = struct.unpack("<Q", header[8:])[0]
+    offset = struct.unpack_from(order + offset_format, header, offset_at)[0]
     if offset > os.fstat(file.fileno()).st_size:  # past the end (far past it, seek fails): Pillow names the damage
         return 0
     file.seek(offset)
-    count = file.read(8)
-    return min(struct.unpack("<Q", count)[0], limit + 1) if len(count) == 8 else 0
+    head = file.read(struct.calcsize(count_format))
+    if len(head) < struct.calcsize(count_format):
+        return 0
+    entries = struct.unpack(order + count_format, head)[0]
+    if entries > limit:
+        return limit + 1
+    table = file.read(entries * entry_size)
+    pieces = 0
+    for start in range(0, len(table) - entry_size + 1, entry_size):
+        if struct.unpack_from(order + "H", table, start)[0] in _TIFF_PIECES:
+            pieces = max(pieces, struct.unpack_from(order + entry_count_format, table, start + 4)[0])
+    return min(entries + pieces, limit + 1)
 
 
 def _png_chunks(file) -> Iterator[tuple[bytes, int, int]]:

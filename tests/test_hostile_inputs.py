@@ -154,6 +154,32 @@ def bigtiff_tag_flood(tags: int) -> bytes:
     return b"II" + struct.pack(order + "HHHQ", 43, 8, 0, 16 + len(pixels)) + pixels + directory + struct.pack(order + "Q", 0)
 
 
+def tiff_strip_flood(strips: int, version: int = 42, order: str = "<") -> bytes:
+    """A valid 64x64 grey TIFF (classic, version 42, or BigTIFF, 43, in either byte order, as TIFF 6.0 and the
+    BigTIFF design lay them out) in strips of one row, whose directory lists `strips` strips: the 64 the image
+    has, then the last row again."""
+    side, big = 64, version == 43
+    long_kind, long_format = (16, "Q") if big else (4, "I")
+    start = 16 if big else 8
+    pixels = bytes(range(side)) * side
+    offsets = [start + row * side for row in range(side)] + [start + (side - 1) * side] * (strips - side)
+    arrays = struct.pack(f"{order}{strips}{long_format}", *offsets) + struct.pack(f"{order}{strips}{long_format}", *[side] * strips)
+    arrays_at = start + len(pixels)
+
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:  # the value in the entry, or where it is
+        inline = struct.pack(order + ("H" if kind == 3 else long_format), value)
+        return struct.pack(order + ("HHQ" if big else "HHI"), tag, kind, count) + inline.ljust(8 if big else 4, b"\0")
+
+    entries = [entry(256, 3, 1, side), entry(257, 3, 1, side), entry(258, 3, 1, 8), entry(259, 3, 1, 1),
+               entry(262, 3, 1, 1), entry(273, long_kind, strips, arrays_at), entry(277, 3, 1, 1), entry(278, 3, 1, 1),
+               entry(279, long_kind, strips, arrays_at + len(arrays) // 2)]
+    directory = struct.pack(order + ("Q" if big else "H"), len(entries)) + b"".join(entries) + struct.pack(order + long_format, 0)
+    directory_at = arrays_at + len(arrays)
+    header = (b"II" if order == "<" else b"MM") + (struct.pack(order + "HHHQ", 43, 8, 0, directory_at) if big
+                                                   else struct.pack(order + "HI", 42, directory_at))
+    return header + pixels + arrays + directory
+
+
 def ico_bomb(side: int = 13_000) -> bytes:
     """An ICO whose one entry is a PNG of side x side: Pillow's ICO plugin decodes it whole, before
     any size check, since the ICO directory says 256x256 (0)."""
@@ -225,7 +251,7 @@ def test_an_ordinary_progressive_jpeg_still_decodes(tmp_path):
 
 
 BLOCKS_REFUSED = ("{} holds over 65,536 blocks (a PNG's chunks, a JPEG's segments, a GIF's extension blocks, a TIFF's "
-                  "tags), where a photo has tens; save it again as PNG or JPEG without its metadata")
+                  "tags and strips or tiles), where a photo has far fewer; save it again as PNG or JPEG without its metadata")
 
 
 @pytest.mark.parametrize("flood, suffix", [(lambda: png_chunk_flood(2_000_000), "png"),
@@ -234,13 +260,16 @@ BLOCKS_REFUSED = ("{} holds over 65,536 blocks (a PNG's chunks, a JPEG's segment
                                            (lambda: jpeg_segment_flood(5_000_000), "jpg"),
                                            (lambda: jpeg_segment_flood(0, fill=20_000_000), "jpg"),
                                            (lambda: gif_extension_flood(10_000_000), "gif"),
-                                           (lambda: bigtiff_tag_flood(2_000_000), "tif")],
+                                           (lambda: bigtiff_tag_flood(2_000_000), "tif"),
+                                           (lambda: tiff_strip_flood(1_000_000), "tif"),
+                                           (lambda: tiff_strip_flood(1_000_000, 43), "tif")],
                          ids=["PNG chunks", "PNG chunks after the pixels", "PNG pixels in empty IDATs", "JPEG segments",
-                              "JPEG fill bytes", "GIF sub-blocks", "BigTIFF tags"])
+                              "JPEG fill bytes", "GIF sub-blocks", "BigTIFF tags", "TIFF strips", "BigTIFF strips"])
 def test_a_flood_of_blocks_is_refused_before_pillow_walks_it(tmp_path, flood, suffix):
     """Pillow reads these one by one in Python, holding the GIL, and a JPEG's segments each take memory (what
     they cost before the cap: docs/serving.md, Input files). A palette PNG is decoded by Pillow itself, which
-    reads its chunks after the pixels, and each IDAT, too."""
+    reads its chunks after the pixels, and each IDAT, too. An uncompressed TIFF's strips Pillow decodes one
+    by one, however many the directory lists."""
     path = tmp_path / f"flood.{suffix}"
     path.write_bytes(flood())
     with Image.open(path) as image:  # each a valid file, as Pillow reads it (slowly)
@@ -310,11 +339,23 @@ def test_a_gif_of_exactly_the_blocks_allowed_still_decodes_and_one_more_is_refus
 
 
 def test_a_bigtiff_of_exactly_the_tags_allowed_still_decodes_and_one_more_is_refused(tmp_path):
-    """A classic TIFF counts its tags in 16 bits (65,535 at most); a BigTIFF in 64."""
+    """A classic TIFF counts its tags in 16 bits (65,535 at most); a BigTIFF in 64. The one strip counts too."""
     path = tmp_path / "tags.tif"
-    path.write_bytes(bigtiff_tag_flood(65_536))
+    path.write_bytes(bigtiff_tag_flood(65_535))
     assert decode_image(path, InputLimits()).shape == (64, 64, 3)
-    path.write_bytes(bigtiff_tag_flood(65_537))
+    path.write_bytes(bigtiff_tag_flood(65_536))
+    with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
+        decode_image(path, InputLimits())
+
+
+@pytest.mark.parametrize("version, order", [(42, "<"), (42, ">"), (43, "<")],
+                         ids=["classic, little-endian", "classic, big-endian", "BigTIFF"])
+def test_a_tiff_of_exactly_the_strips_allowed_still_decodes_and_one_more_is_refused(tmp_path, version, order):
+    """Its nine tags and the strips they list: 65,527 strips make 65,536 blocks."""
+    path = tmp_path / "strips.tif"
+    path.write_bytes(tiff_strip_flood(65_527, version, order))
+    assert decode_image(path, InputLimits()).shape == (64, 64, 3)
+    path.write_bytes(tiff_strip_flood(65_528, version, order))
     with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
         decode_image(path, InputLimits())
 
@@ -611,8 +652,8 @@ def test_a_16bit_tiff_whose_strip_sizes_lie_past_its_end_is_left_to_pillow(tmp_p
     data = bytearray(encoded.getvalue())
     directory = struct.unpack("<I", data[4:8])[0]
     for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
-        if struct.unpack("<H", data[entry:entry + 2])[0] == 279:  # StripByteCounts: a million of them, far off
-            data[entry + 4:entry + 12] = struct.pack("<II", 1_000_000, 0x7FFF0000)
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 279:  # StripByteCounts: ten thousand of them, far off
+            data[entry + 4:entry + 12] = struct.pack("<II", 10_000, 0x7FFF0000)
     path = tmp_path / "strips.tif"
     path.write_bytes(bytes(data))
     with pytest.warns(UserWarning) as skipped:  # each tag Pillow skips
