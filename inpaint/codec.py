@@ -320,7 +320,9 @@ def _decode(path: Path, name: str, limits: InputLimits, deep: bool = False) -> t
         image.seek(0)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    # A damaged TIFF can make Pillow seek to a strip offset of another type (TypeError), or read up to one far
+    # past the file's end (MemoryError); tests/test_hostile_inputs.py damages files of every format at random.
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as error:
         _check_metadata(error, name)
         raise ValueError(
             f"{name} could not be decoded ({_reason(error)}); the file may be truncated or damaged, upload it again"

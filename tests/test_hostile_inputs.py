@@ -708,6 +708,29 @@ def test_tiles_up_to_the_image_or_a_megapixel_decode_and_larger_ones_are_refused
             decode_photo(path, InputLimits())
 
 
+@pytest.mark.parametrize("tag, kind", [(273, 2), (273, 5), (273, 7), (273, 11), (324, 16)],
+                         ids=["strip offsets as text", "as fractions", "as bytes", "as floats",
+                              "tile offsets as 64-bit numbers in a classic TIFF"])
+def test_a_tiff_whose_offsets_are_of_another_type_is_refused_naming_the_input(tmp_path, tag, kind):
+    """Pillow seeks to such an offset as it is (TypeError), or reads up to the next one, far past the file's
+    end (MemoryError); TIFF 6.0 allows SHORT or LONG."""
+    import tifffile
+
+    encoded = io.BytesIO()
+    tiles = {"tile": (16, 16)} if tag == 324 else {}
+    tifffile.imwrite(encoded, np.full((48, 64, 3), 40000 if tiles else 100, np.uint16 if tiles else np.uint8), **tiles)
+    data = bytearray(encoded.getvalue())
+    directory = struct.unpack("<I", data[4:8])[0]
+    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
+        if struct.unpack("<H", data[entry:entry + 2])[0] == tag:
+            data[entry + 2:entry + 4] = struct.pack("<H", kind)
+    path = tmp_path / "offsets.tif"
+    path.write_bytes(bytes(data))
+    for decode, name in ((decode_photo, "image"), (decode_mask, "mask")):
+        with pytest.raises(ValueError, match=f"^{name} could not be decoded"):
+            decode(path, InputLimits())
+
+
 @pytest.mark.parametrize("fmt", ["ICO", "JPEG2000", "BMP", "PPM", "AVIF"])
 def test_formats_outside_the_promised_list_are_refused(tmp_path, fmt):
     path = tmp_path / f"small.{fmt.lower()}"
