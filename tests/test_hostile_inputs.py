@@ -708,12 +708,9 @@ def test_tiles_up_to_the_image_or_a_megapixel_decode_and_larger_ones_are_refused
             decode_photo(path, InputLimits())
 
 
-@pytest.mark.parametrize("tag, kind", [(273, 2), (273, 5), (273, 7), (273, 11), (324, 16)],
-                         ids=["strip offsets as text", "as fractions", "as bytes", "as floats",
-                              "tile offsets as 64-bit numbers in a classic TIFF"])
-def test_a_tiff_whose_offsets_are_of_another_type_is_refused_naming_the_input(tmp_path, tag, kind):
-    """Pillow seeks to such an offset as it is (TypeError), or reads up to the next one, far past the file's
-    end (MemoryError); TIFF 6.0 allows SHORT or LONG."""
+def tiff_offsets_of_type(tag: int, kind: int) -> bytes:
+    """An uncompressed TIFF (8-bit in strips, or 16-bit in tiles for the tile offsets, 324) whose offsets
+    entry `tag` says type `kind` (TIFF 6.0's field types) instead of LONG."""
     import tifffile
 
     encoded = io.BytesIO()
@@ -724,8 +721,17 @@ def test_a_tiff_whose_offsets_are_of_another_type_is_refused_naming_the_input(tm
     for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
         if struct.unpack("<H", data[entry:entry + 2])[0] == tag:
             data[entry + 2:entry + 4] = struct.pack("<H", kind)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("tag, kind", [(273, 2), (273, 5), (273, 7), (273, 11), (324, 16)],
+                         ids=["strip offsets as text", "as fractions", "as bytes", "as floats",
+                              "tile offsets as 64-bit numbers in a classic TIFF"])
+def test_a_tiff_whose_offsets_are_of_another_type_is_refused_naming_the_input(tmp_path, tag, kind):
+    """Pillow seeks to such an offset as it is (TypeError), or reads up to the next one, far past the file's
+    end (MemoryError); TIFF 6.0 allows SHORT or LONG."""
     path = tmp_path / "offsets.tif"
-    path.write_bytes(bytes(data))
+    path.write_bytes(tiff_offsets_of_type(tag, kind))
     for decode, name in ((decode_photo, "image"), (decode_mask, "mask")):
         with pytest.raises(ValueError, match=f"^{name} could not be decoded"):
             decode(path, InputLimits())
@@ -782,9 +788,16 @@ def test_hostile_files_through_the_server_fail_alone_and_it_keeps_serving(server
     metadata.write_bytes(png_metadata_bomb())
     segments = tmp_path / "segments.jpg"
     segments.write_bytes(jpeg_segment_flood(5_000_000))
+    strips = tmp_path / "strips.tif"
+    strips.write_bytes(tiff_strip_flood(200_000))
+    tiles = tmp_path / "tiles.tif"
+    tiles.write_bytes(_tiff_in_tiles(np.full((48, 64, 3), 200, np.uint16), (16, 16), (67_108_880, 16)))
+    offsets = tmp_path / "offsets.tif"
+    offsets.write_bytes(tiff_offsets_of_type(273, 2))
     for image, expected in ((strip, "a side over the limit"), (bomb, "scans, over the limit"),
                             (metadata, "save the image again without its metadata"),
-                            (segments, "holds over 65,536 blocks")):
+                            (segments, "holds over 65,536 blocks"), (strips, "holds over 65,536 blocks"),
+                            (tiles, "each decoded whole"), (offsets, "image could not be decoded")):
         started = time.monotonic()
         status, response = server.predict({"image": data_uri(image), "mask": data_uri(image), "num_inference_steps": 1})
         assert status == 200 and response["status"] == "failed", response
