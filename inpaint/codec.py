@@ -120,8 +120,8 @@ def _blocks(path: Path, limit: int = MAX_BLOCKS) -> int:
             return _jpeg_blocks(file, limit)
         if signature[:6] in (b"GIF87a", b"GIF89a"):
             return _gif_blocks(file, limit)
-        if signature[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
-            return _tiff_blocks(file, limit)
+        if signature[:4] in (b"II*\0", b"MM\0*", b"II+\0"):  # TIFF, either byte order; BigTIFF (Pillow reads no
+            return _tiff_blocks(file, limit)                     # big-endian one)
     return 0
 
 
@@ -245,10 +245,11 @@ def _check_header(image: Image.Image, path: Path, name: str, limits: InputLimits
 
 def _check_tiles(image: Image.Image, name: str) -> None:
     """A tiled TIFF's tiles are no larger than its image, or than MAX_TILE_PIXELS where that is more."""
-    tile = [image.tag_v2.get(tag) for tag in (TiffImagePlugin.TILEWIDTH, TiffImagePlugin.TILELENGTH)]
-    if None in tile:
-        return  # in strips, which libtiff clips to the image
-    width, height = (max(value) if isinstance(value, tuple) else value for value in tile)  # a forged count: the most
+    width, height = tile = [image.tag_v2.get(tag) for tag in (TiffImagePlugin.TILEWIDTH, TiffImagePlugin.TILELENGTH)]
+    # None: in strips, which libtiff clips to the image. Pillow keeps the first of several values; libtiff reads
+    # a tile size only as a whole number (a byte's is small), and refuses one of another type.
+    if not all(isinstance(value, int) for value in tile):
+        return
     if width * height > max(image.width * image.height, MAX_TILE_PIXELS):
         raise ValueError(
             f"{name} is a TIFF in tiles of {width}x{height} pixels, each decoded whole: larger than the image itself "

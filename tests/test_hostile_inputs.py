@@ -154,16 +154,17 @@ def bigtiff_tag_flood(tags: int) -> bytes:
     return b"II" + struct.pack(order + "HHHQ", 43, 8, 0, 16 + len(pixels)) + pixels + directory + struct.pack(order + "Q", 0)
 
 
-def tiff_strip_flood(strips: int, version: int = 42, order: str = "<") -> bytes:
+def tiff_strip_flood(strips: int, version: int = 42, order: str = "<", byte_counts: int | None = None) -> bytes:
     """A valid 64x64 grey TIFF (classic, version 42, or BigTIFF, 43, in either byte order, as TIFF 6.0 and the
     BigTIFF design lay them out) in strips of one row, whose directory lists `strips` strips: the 64 the image
-    has, then the last row again."""
+    has, then the last row again; and as many strip sizes, or `byte_counts`."""
     side, big = 64, version == 43
     long_kind, long_format = (16, "Q") if big else (4, "I")
     start = 16 if big else 8
     pixels = bytes(range(side)) * side
     offsets = [start + row * side for row in range(side)] + [start + (side - 1) * side] * (strips - side)
-    arrays = struct.pack(f"{order}{strips}{long_format}", *offsets) + struct.pack(f"{order}{strips}{long_format}", *[side] * strips)
+    counts = strips if byte_counts is None else byte_counts
+    arrays = struct.pack(f"{order}{strips}{long_format}", *offsets) + struct.pack(f"{order}{counts}{long_format}", *[side] * counts)
     arrays_at = start + len(pixels)
 
     def entry(tag: int, kind: int, count: int, value: int) -> bytes:  # the value in the entry, or where it is
@@ -172,7 +173,7 @@ def tiff_strip_flood(strips: int, version: int = 42, order: str = "<") -> bytes:
 
     entries = [entry(256, 3, 1, side), entry(257, 3, 1, side), entry(258, 3, 1, 8), entry(259, 3, 1, 1),
                entry(262, 3, 1, 1), entry(273, long_kind, strips, arrays_at), entry(277, 3, 1, 1), entry(278, 3, 1, 1),
-               entry(279, long_kind, strips, arrays_at + len(arrays) // 2)]
+               entry(279, long_kind, counts, arrays_at + strips * struct.calcsize(long_format))]
     directory = struct.pack(order + ("Q" if big else "H"), len(entries)) + b"".join(entries) + struct.pack(order + long_format, 0)
     directory_at = arrays_at + len(arrays)
     header = (b"II" if order == "<" else b"MM") + (struct.pack(order + "HHHQ", 43, 8, 0, directory_at) if big
@@ -343,9 +344,10 @@ def test_a_bigtiff_of_exactly_the_tags_allowed_still_decodes_and_one_more_is_ref
     path = tmp_path / "tags.tif"
     path.write_bytes(bigtiff_tag_flood(65_535))
     assert decode_image(path, InputLimits()).shape == (64, 64, 3)
-    path.write_bytes(bigtiff_tag_flood(65_536))
-    with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
-        decode_image(path, InputLimits())
+    for tags in (65_536, 65_537):  # with its strip one over, and over on its own
+        path.write_bytes(bigtiff_tag_flood(tags))
+        with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
+            decode_image(path, InputLimits())
 
 
 @pytest.mark.parametrize("version, order", [(42, "<"), (42, ">"), (43, "<")],
@@ -356,6 +358,9 @@ def test_a_tiff_of_exactly_the_strips_allowed_still_decodes_and_one_more_is_refu
     path.write_bytes(tiff_strip_flood(65_527, version, order))
     assert decode_image(path, InputLimits()).shape == (64, 64, 3)
     path.write_bytes(tiff_strip_flood(65_528, version, order))
+    with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
+        decode_image(path, InputLimits())
+    path.write_bytes(tiff_strip_flood(64, version, order, byte_counts=65_528))  # the sizes, its last entry, alone
     with pytest.raises(ValueError, match=re.escape(BLOCKS_REFUSED.format("image"))):
         decode_image(path, InputLimits())
 
@@ -691,6 +696,24 @@ def test_a_tiff_whose_tiles_are_far_larger_than_its_image_is_refused_before_deco
     assert message == (f"image is a TIFF in tiles of {forged[1]}x{forged[0]} pixels, each decoded whole: larger than the "
                        "image itself (64x48) and than 1,048,576 pixels; save it again without tiles, or as PNG")
     assert seconds < 1 and grown < 50
+
+
+@pytest.mark.parametrize("kind", range(1, 19))
+def test_tile_sizes_of_any_type_decode_small_or_are_refused(tmp_path, kind):
+    """TIFF 6.0 gives TileWidth and TileLength as SHORT or LONG. Of any field type (BigTIFF's too), a large
+    size in a compressed file (where Pillow does not look at it) is refused, by the tile check where Pillow
+    reads a whole number, else by libtiff: never decoded at that size."""
+    data = bytearray(_tiff_in_tiles(np.full((48, 64, 3), 200, np.uint8), (16, 16), compression="zlib"))
+    directory = struct.unpack("<I", data[4:8])[0]
+    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
+        if struct.unpack("<H", data[entry:entry + 2])[0] in (322, 323):
+            data[entry + 2:entry + 12] = struct.pack("<HII", kind, 1, 16_384)
+    path = tmp_path / "tiles.tif"
+    path.write_bytes(bytes(data))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="^image (is a TIFF in tiles of 16384x16384 pixels|could not be decoded)"):
+        decode_image(path, InputLimits())
+    assert time.perf_counter() - started < 1
 
 
 @pytest.mark.parametrize("size, tile, decodes", [
