@@ -125,8 +125,9 @@ def _blocks(path: Path, limit: int = MAX_BLOCKS) -> int:
     return 0
 
 
-# A TIFF directory's layout, by its version: the first directory's offset, and the struct formats of an
-# entry count, an entry's count field, and where it sits in an entry of what length (TIFF 6.0; BigTIFF).
+# A TIFF's layout by its version (TIFF 6.0: 42; BigTIFF: 43): where the header holds the first directory's
+# offset, and the struct formats of that offset, of the directory's entry count and of an entry's value count
+# (at byte 4 of each entry); then an entry's length.
 _TIFF_LAYOUTS = {42: (4, "I", "H", "I", 12), 43: (8, "Q", "Q", "Q", 20)}
 _TIFF_PIECES = (TiffImagePlugin.STRIPOFFSETS, TiffImagePlugin.STRIPBYTECOUNTS, TiffImagePlugin.TILEOFFSETS,
                 TiffImagePlugin.TILEBYTECOUNTS)
