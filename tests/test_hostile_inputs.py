@@ -698,8 +698,9 @@ def test_a_tiff_whose_tiles_are_far_larger_than_its_image_is_refused_before_deco
     assert seconds < 1 and grown < 50
 
 
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # Pillow's, for a tag of a type longer than its entry
 @pytest.mark.parametrize("kind", range(1, 19))
-def test_tile_sizes_of_any_type_decode_small_or_are_refused(tmp_path, kind):
+def test_large_tile_sizes_of_any_type_are_refused(tmp_path, kind):
     """TIFF 6.0 gives TileWidth and TileLength as SHORT or LONG. Of any field type (BigTIFF's too), a large
     size in a compressed file (where Pillow does not look at it) is refused, by the tile check where Pillow
     reads a whole number, else by libtiff: never decoded at that size."""
