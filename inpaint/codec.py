@@ -323,8 +323,9 @@ def _decode(path: Path, name: str, limits: InputLimits, deep: bool = False) -> t
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to turn
     # A damaged TIFF can make Pillow seek to a strip offset of another type (TypeError), or read up to one far
-    # past the file's end (MemoryError); tests/test_hostile_inputs.py damages files of every format at random.
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as error:
+    # past the file's end (MemoryError); a PNG's colour profile cut short after its pixels, read past its end
+    # (IndexError). tests/test_hostile_inputs.py damages files of every format at random.
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError, IndexError) as error:
         _check_metadata(error, name)
         raise ValueError(
             f"{name} could not be decoded ({_reason(error)}); the file may be truncated or damaged, upload it again"
@@ -343,7 +344,7 @@ def _decode_fast(image: Image.Image, path: Path) -> np.ndarray | None:
         return None
     orientation = 1
     if image.format == "PNG":
-        if image.tile[0].args != image.mode or getattr(image, "n_frames", 1) != 1:  # 16-bit, or APNG
+        if not image.tile or image.tile[0].args != image.mode or getattr(image, "n_frames", 1) != 1:  # 16-bit, APNG
             return None
         data = path.read_bytes()
         if _png_has_exif(data):
@@ -384,8 +385,8 @@ def _decode_deep(image: Image.Image, path: Path) -> np.ndarray | None:
 
 def _decode_deep_png(image: Image.Image, path: Path) -> np.ndarray | None:
     """Not an APNG (Pillow takes its first frame); a transparent colour key (tRNS) is left out, as in 8 bits."""
-    if not image.tile[0].args.endswith(";16B") or image.n_frames != 1:  # Pillow's raw mode of 16-bit samples
-        return None
+    if not image.tile or not image.tile[0].args.endswith(";16B") or image.n_frames != 1:  # 16-bit samples, as
+        return None                                                         # Pillow reads them (none: no pixels)
     data = path.read_bytes()  # only now: an 8-bit PNG is read once, by _decode_fast
     try:
         pixels = imagecodecs.png_decode(data)
@@ -393,8 +394,8 @@ def _decode_deep_png(image: Image.Image, path: Path) -> np.ndarray | None:
         return None
     if pixels.dtype != np.uint16 or pixels.shape[:2] != (image.height, image.width):
         return None
-    if "transparency" in image.info:  # libpng made the colour key (of grey or RGB) an alpha channel
-        pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]
+    if "transparency" in image.info and pixels.ndim == 3:  # libpng made the colour key an alpha channel (unless
+        pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]  # it found the key damaged)
     # Pillow reads a PNG's EXIF only by decoding it all (damage or a metadata bomb there: _decode reports it).
     orientation = image.getexif().get(ExifTags.Base.Orientation) if _png_has_exif(data) else None  # None: as it is
     image.close()
