@@ -711,6 +711,13 @@ def test_a_bigtiff_whose_directory_lies_far_past_its_end_is_refused_naming_the_i
         decode_image(path, InputLimits())
 
 
+def _tiff_entries(data: bytes) -> range:
+    """Where each 12-byte entry of a little-endian classic TIFF's first directory starts (TIFF 6.0: the header's
+    offset to the directory, then its entry count)."""
+    directory = struct.unpack("<I", data[4:8])[0]
+    return range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12)
+
+
 def test_a_16bit_tiff_whose_strip_sizes_lie_past_its_end_is_left_to_pillow(tmp_path):
     """Pillow skips the tag, opens it and decodes it in 8 bits; libtiff reads no directory at all (imagecodecs'
     IndexError), so the 16-bit decoder leaves it to Pillow."""
@@ -719,8 +726,7 @@ def test_a_16bit_tiff_whose_strip_sizes_lie_past_its_end_is_left_to_pillow(tmp_p
     encoded = io.BytesIO()
     tifffile.imwrite(encoded, np.full((48, 64, 3), 40000, np.uint16), rowsperstrip=48)
     data = bytearray(encoded.getvalue())
-    directory = struct.unpack("<I", data[4:8])[0]
-    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
+    for entry in _tiff_entries(data):
         if struct.unpack("<H", data[entry:entry + 2])[0] == 279:  # StripByteCounts: ten thousand of them, far off
             data[entry + 4:entry + 12] = struct.pack("<II", 10_000, 0x7FFF0000)
     path = tmp_path / "strips.tif"
@@ -739,8 +745,7 @@ def _tiff_in_tiles(pixels: np.ndarray, tile: tuple[int, int], forged: tuple[int,
     encoded = io.BytesIO()
     tifffile.imwrite(encoded, pixels, tile=tile, **options)
     data = bytearray(encoded.getvalue())
-    directory = struct.unpack("<I", data[4:8])[0]
-    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
+    for entry in _tiff_entries(data):
         tag, kind = struct.unpack("<HH", data[entry:entry + 4])
         if forged and tag in (322, 323):
             value = forged[1] if tag == 322 else forged[0]
@@ -769,8 +774,7 @@ def test_large_tile_sizes_of_any_type_are_refused(tmp_path, kind):
     size in a compressed file (where Pillow does not look at it) is refused, by the tile check where Pillow
     reads a whole number, else by libtiff: never decoded at that size."""
     data = bytearray(_tiff_in_tiles(np.full((48, 64, 3), 200, np.uint8), (16, 16), compression="zlib"))
-    directory = struct.unpack("<I", data[4:8])[0]
-    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
+    for entry in _tiff_entries(data):
         if struct.unpack("<H", data[entry:entry + 2])[0] in (322, 323):
             data[entry + 2:entry + 12] = struct.pack("<HII", kind, 1, 16_384)
     path = tmp_path / "tiles.tif"
@@ -805,8 +809,7 @@ def tiff_offsets_of_type(tag: int, kind: int) -> bytes:
     tiles = {"tile": (16, 16)} if tag == 324 else {}
     tifffile.imwrite(encoded, np.full((48, 64, 3), 40000 if tiles else 100, np.uint16 if tiles else np.uint8), **tiles)
     data = bytearray(encoded.getvalue())
-    directory = struct.unpack("<I", data[4:8])[0]
-    for entry in range(directory + 2, directory + 2 + 12 * struct.unpack("<H", data[directory:directory + 2])[0], 12):
+    for entry in _tiff_entries(data):
         if struct.unpack("<H", data[entry:entry + 2])[0] == tag:
             data[entry + 2:entry + 4] = struct.pack("<H", kind)
     return bytes(data)
