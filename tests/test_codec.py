@@ -332,6 +332,24 @@ def test_the_bytes_exif_in_a_pngs_pixel_data_are_no_exif_and_pillow_does_not_dec
     assert decoded.shape == (4, len(samples), 3) and (decoded[..., 0] == samples).all()
 
 
+@pytest.mark.parametrize("walked", [4, 64], ids=["past the chunks walked", "within them"])
+def test_a_png_of_more_chunks_than_are_walked_is_taken_to_hold_exif_so_its_orientation_is_kept(tmp_path, monkeypatch,
+                                                                                                walked):
+    """Encoders may split the pixels into many IDATs, and an eXIf chunk may follow them. Past the chunks walked,
+    the file is taken to hold EXIF and Pillow reads it: an orientation after them is still applied."""
+    monkeypatch.setattr(codec, "_PNG_CHUNKS_WALKED", walked)
+    photo = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    pixels = zlib.compress(b"".join(b"\0" + row.tobytes() for row in photo))
+    idats = b"".join(_chunk(b"IDAT", pixels[start:start + 16]) for start in range(0, len(pixels), 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show it upright
+    path = tmp_path / "split.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 20, 12, 8, 2, 0, 0, 0)) + idats
+                     + _chunk(b"eXIf", exif.tobytes()) + _chunk(b"IEND", b""))
+    assert idats.count(b"IDAT") > 4
+    assert np.array_equal(decode_photo(path, LIMIT).pixels, np.rot90(photo, -1))
+
+
 def test_a_16bit_animated_png_is_read_in_8_bits_first_frame_as_pillow_reads_it(tmp_path):
     first, second = Image.new("I;16", (8, 6), 1000), Image.new("I;16", (8, 6), 40000)
     first.save(tmp_path / "anim.png", save_all=True, append_images=[second])
@@ -618,14 +636,21 @@ def test_the_fast_formats_are_decoded_by_imagecodecs_and_never_by_pillow(tmp_pat
     assert decoded.shape[:2] == (120, 200)
 
 
-def test_a_png_whose_orientation_is_in_imagemagicks_raw_exif_text_is_turned_upright(tmp_path):
+@pytest.mark.parametrize("chunk", ["tEXt", "zTXt", "iTXt"])
+def test_a_png_whose_orientation_is_in_imagemagicks_raw_exif_text_is_turned_upright(tmp_path, chunk):
+    """In any of the PNG specification's three text chunks: plain, compressed or international."""
     from PIL import ExifTags, PngImagePlugin
 
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6
     data = exif.tobytes()
     info = PngImagePlugin.PngInfo()  # ImageMagick's "Raw profile type exif": a header, the length, then hex
-    info.add_text("Raw profile type exif", f"\nexif\n{len(data):8d}\n{data.hex()}\n", zip=True)
+    text = f"\nexif\n{len(data):8d}\n{data.hex()}\n"
+    if chunk == "iTXt":
+        info.add_itxt("Raw profile type exif", text)
+    else:
+        info.add_text("Raw profile type exif", text, zip=chunk == "zTXt")
+    assert [kind for kind, *_ in info.chunks] == [chunk.encode()]
     path = tmp_path / "phone.png"
     Image.open(make_photo(tmp_path / "p.png")).save(path, pnginfo=info)
     decoded = decode_image(path, LIMIT)

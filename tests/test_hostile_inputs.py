@@ -488,6 +488,9 @@ def test_text_chunks_past_pillows_total_are_refused_with_what_to_do(tmp_path):
     path.write_bytes(png[:33] + lines + png[33:])  # after the signature and IHDR
     message, seconds, _ = _refused_fast_in_bounded_memory(path)
     assert message == METADATA_REFUSED.format("image") and seconds < 1
+    with pytest.raises(ValueError) as refused:  # the same in this process
+        decode_image(path, InputLimits())
+    assert str(refused.value) == message
 
 
 def _webp_in_a_smaller_canvas(lossless: bool) -> bytes:
