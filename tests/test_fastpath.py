@@ -429,6 +429,33 @@ def test_a_rejected_compiled_shape_runs_uncompiled_for_a_while_then_the_next_pre
     assert eager["unet"] == 4
 
 
+def test_a_request_the_service_serves_takes_up_the_compiled_parts_that_are_ready(saved, tiny_weights, tiny_settings,
+                                                                                 tmp_path, caplog):
+    """The service hands its fast path to each generation: a request at the shapes the parts were saved for
+    (run_pipeline's: a 64x64 photo, two outputs) takes them up, and no part runs its own forward."""
+    from inpaint.inputs import check_inputs
+    from inpaint.service import Inpainter
+
+    from conftest import pipeline_inputs
+
+    cache, keys, *_ = saved
+    pipe, fast = _installed(tiny_weights, cache)
+    try:
+        _load(fast, keys)  # ready, not yet taken up
+        eager = _eager_runs(pipe)
+        for picture, name in zip(pipeline_inputs(), ("photo.png", "mask.png")):
+            picture.save(tmp_path / name)
+        request = check_inputs(num_outputs=2, num_inference_steps=2, width=64, height=64, seed=3)
+        with caplog.at_level(logging.INFO, logger="inpaint.fastpath"):
+            Inpainter(pipe, tiny_settings, None, fast).inpaint(tmp_path / "photo.png", tmp_path / "mask.png", request,
+                                                               tmp_path)
+        assert eager == Counter()
+        taken = [record.getMessage() for record in caplog.records if record.name == "inpaint.fastpath"]
+        assert sorted(taken) == sorted(f"{fastpath.TAKE_UP}{describe(name, key)}" for name in PARTS for key in keys[name])
+    finally:
+        fast.stop()
+
+
 def test_a_shape_rejected_before_a_prediction_took_it_up_waits_out_its_calls_too(saved, tiny_weights):
     cache, keys, *_ = saved
     pipe, fast = _installed(tiny_weights, cache)
