@@ -154,6 +154,24 @@ def test_output_folders_still_in_their_grace_go_when_the_process_ends():
     assert len(made) == 3 and not any(path.exists() for path in made)
 
 
+def test_output_folders_still_in_their_grace_go_with_their_owner_quietly_even_one_already_gone(monkeypatch):
+    """In process, as above at exit (mutation testing sees only this one)."""
+    import gc
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # where an error of a finalizer goes
+    folders = OutputFolders()
+    made = []
+    for _ in range(3):
+        with folders.folder() as path:
+            (path / "out-0.png").write_bytes(b"x")
+            made.append(path)
+    shutil.rmtree(made[1])  # a cleaner of /tmp, an operator
+    del folders
+    gc.collect()
+    assert not any(path.exists() for path in made) and unraisable == []
+
+
 def test_an_output_folder_removed_by_someone_else_does_not_fail_the_next_prediction(tmp_path):
     """A folder gone before its grace ends (a cleaner of /tmp, an operator) is not an error when it expires."""
     folders = OutputFolders(grace_seconds=0)

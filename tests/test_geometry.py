@@ -25,18 +25,23 @@ def test_explicit_sides_are_kept():
     assert fit_working_size(2.0, height=256) == (512, 256)
 
 
-AUTOMATIC = geometry.automatic_working_sizes()
-
-
 def test_the_automatic_working_sizes_are_listed_in_order():
-    assert len(AUTOMATIC) == 31 and AUTOMATIC == sorted(set(AUTOMATIC))
-    assert {(512, 512), (576, 448), (448, 576), (1024, 64), (64, 1024)} <= set(AUTOMATIC)
-    assert all(width % 64 == height % 64 == 0 for width, height in AUTOMATIC)
+    automatic = geometry.automatic_working_sizes()  # called in the test, so that a mutation run sees the mutant
+    assert len(automatic) == 31 and automatic == sorted(set(automatic))
+    assert {(512, 512), (576, 448), (448, 576), (1024, 64), (64, 1024)} <= set(automatic)
+    assert all(width % 64 == height % 64 == 0 for width, height in automatic)
+
+
+def test_the_automatic_working_sizes_are_those_a_sweep_of_aspects_finer_than_their_steps_gives():
+    """Each side is a step function of the aspect; the closest two steps of either side are 0.8% apart, and the
+    sweep's aspects 0.07%, so it meets every size between them."""
+    swept = {fit_working_size(float(aspect)) for aspect in np.geomspace(1e-3, 1e3, 20_001)}
+    assert geometry.automatic_working_sizes() == sorted(swept)
 
 
 @given(st.floats(min_value=1e-3, max_value=1e3))
 def test_every_aspect_gets_a_listed_automatic_working_size(aspect):
-    assert fit_working_size(aspect) in AUTOMATIC
+    assert fit_working_size(aspect) in geometry.automatic_working_sizes()
 
 
 def test_fit_box_to_aspect_grows_the_short_side_inside_the_image():

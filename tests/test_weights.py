@@ -341,6 +341,15 @@ def test_a_body_that_is_not_an_archive_is_refused_from_its_first_bytes(tiny_sett
     assert https.sent < 16 << 20
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:secret@example.com/w.tar?X-Amz-Signature=abc#part", "https://example.com/w.tar (query hidden)"),
+    ("https://[2001:db8::1]:8443/w.tar?token=abc", "https://[2001:db8::1]:8443/w.tar (query hidden)"),
+    ("https://[2001:db8::1]/w.tar", "https://[2001:db8::1]/w.tar"),
+])
+def test_a_url_in_logs_and_messages_has_no_userinfo_query_or_fragment_and_an_ipv6_host_keeps_its_brackets(url, shown):
+    assert weights_module.redact(url) == shown
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/weights.tar", "file:///etc/passwd"])
 def test_plain_http_and_local_file_urls_are_refused(tiny_settings, url):
     with pytest.raises(WeightsError) as error:
