@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import re
 import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
-from PIL import ExifTags, Image, PngImagePlugin
+import tifffile
+from PIL import ExifTags, Image, ImageCms, PngImagePlugin
 
 from inpaint.codec import InputLimits, decode_image, decode_mask, decode_photo
 from inpaint.inputs import PROMPT_MAX_CHARS, check_inputs
@@ -403,13 +407,9 @@ def test_idats_of_a_kilobyte_or_more_are_not_counted(tmp_path):
     assert np.array_equal(decode_image(path, InputLimits()), pixels)
 
 
-
-
 def test_files_with_many_real_blocks_still_decode(tmp_path):
     """A JPEG with a colour profile split over many APP2 segments, EXIF and a comment; a PNG with many text
     chunks; an animated GIF with its loop and comment extensions."""
-    from PIL import ImageCms
-
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     photo = Image.new("RGB", (64, 64), (90, 120, 30))
     exif = Image.Exif()
@@ -547,9 +547,6 @@ def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 def _intact_files() -> dict[str, bytes]:
     """A small file of each accepted format, in the layouts the decoders tell apart."""
-    import tifffile
-    from PIL import ImageCms
-
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     exif = Image.Exif()
@@ -623,9 +620,6 @@ def test_damaged_files_of_every_accepted_format_decode_or_are_refused_naming_the
 def _escaped_from_decoding(path: Path, intact: dict, damage) -> dict[str, str]:
     """Decode 6,000 files damaged by `damage` from those `intact` (a fixed seed) as a photo and as a mask: each
     failure that is no ValueError naming the input, by its words, with the kind of file it came from."""
-    import random
-    import warnings
-
     rng = random.Random(20261206)
     escaped: dict[str, str] = {}
     with warnings.catch_warnings():
@@ -696,8 +690,6 @@ def test_pngs_damaged_chunk_by_chunk_decode_or_are_refused_naming_the_input(tmp_
     """As above, for PNGs damaged with their checksums made good (Pillow and libpng refuse a chunk whose
     checksum is wrong, so random bytes seldom get past them). It found the three that
     test_a_damaged_png_decodes_or_is_refused_naming_the_input keeps."""
-    import imagecodecs
-
     deep = np.random.default_rng(0).integers(0, 65536, (48, 64, 4), dtype=np.uint16)
     intact = {name: _png_chunks_of(data) for name, data in _intact_files().items() if data.startswith(b"\x89PNG")}
     intact["16-bit RGBA PNG"] = _png_chunks_of(imagecodecs.png_encode(deep))
@@ -724,8 +716,6 @@ def _tiff_entries(data: bytes) -> range:
 def test_a_16bit_tiff_whose_strip_sizes_lie_past_its_end_is_left_to_pillow(tmp_path):
     """Pillow skips the tag, opens it and decodes it in 8 bits; libtiff reads no directory at all (imagecodecs'
     IndexError), so the 16-bit decoder leaves it to Pillow."""
-    import tifffile
-
     encoded = io.BytesIO()
     tifffile.imwrite(encoded, np.full((48, 64, 3), 40000, np.uint16), rowsperstrip=48)
     data = bytearray(encoded.getvalue())
@@ -743,8 +733,6 @@ def test_a_16bit_tiff_whose_strip_sizes_lie_past_its_end_is_left_to_pillow(tmp_p
 def _tiff_in_tiles(pixels: np.ndarray, tile: tuple[int, int], forged: tuple[int, int] | None = None, **options) -> bytes:
     """`pixels` as tifffile writes them in tiles of `tile` (length, width); with `forged`, the directory's
     TileLength and TileWidth then say that instead (TIFF 6.0: tags 323 and 322, SHORT or LONG)."""
-    import tifffile
-
     encoded = io.BytesIO()
     tifffile.imwrite(encoded, pixels, tile=tile, **options)
     data = bytearray(encoded.getvalue())
@@ -806,8 +794,6 @@ def test_tiles_up_to_the_image_or_a_megapixel_decode_and_larger_ones_are_refused
 def tiff_offsets_of_type(tag: int, kind: int) -> bytes:
     """An uncompressed TIFF (8-bit in strips, or 16-bit in tiles for the tile offsets, 324) whose offsets
     entry `tag` says type `kind` (TIFF 6.0's field types) instead of LONG."""
-    import tifffile
-
     encoded = io.BytesIO()
     tiles = {"tile": (16, 16)} if tag == 324 else {}
     tifffile.imwrite(encoded, np.full((48, 64, 3), 40000 if tiles else 100, np.uint16 if tiles else np.uint8), **tiles)
@@ -832,8 +818,6 @@ def test_a_tiff_whose_offsets_are_of_another_type_is_refused_naming_the_input(tm
 
 
 def _png(pixels: np.ndarray) -> bytes:
-    import imagecodecs
-
     return imagecodecs.png_encode(pixels)  # libpng: the signature, then IHDR (33 bytes in all), ..., IEND (12)
 
 
