@@ -266,6 +266,9 @@ def test_probes_fail_once_cogs_server_has_lost_its_slots_and_pass_while_they_are
             for check in ("ready", "live"):
                 assert _run_probe([*commands[check], "--lost-after", "0"], server.port, env) == (0, "")
             assert all(answer.result()[1]["status"] == "succeeded" for answer in answers)
+        deadline = time.monotonic() + 10  # moments after a sync answer its slot is still being freed (docs/serving.md)
+        while server.health()["status"] != "READY" and time.monotonic() < deadline:
+            time.sleep(0.05)
         for index in range(concurrency_max()):  # each takes a slot for good
             server.request("POST", "/predictions", {"id": "x" * 256 + str(index), "input": body})
         assert server.health()["status"] == "BUSY"
